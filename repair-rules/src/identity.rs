@@ -1,0 +1,135 @@
+//! Identities: the lineage id, message keys, and the subjects of the NATS layout (SPEC §2, §3).
+
+use std::fmt;
+use std::str::FromStr;
+
+/// The lineage id of a message: the stream and sequence of the original. It stays the same through
+/// every repair, resubmission and redelivery (`Mend-Id`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LineageId {
+    pub stream: String,
+    pub seq: u64,
+}
+
+impl LineageId {
+    pub fn new(stream: impl Into<String>, seq: u64) -> Self {
+        Self {
+            stream: stream.into(),
+            seq,
+        }
+    }
+
+    /// The `Nats-Msg-Id` of a message mend publishes for this lineage: the same lineage, attempt and
+    /// purpose always give the same id, so a publish repeated after a crash is de-duplicated.
+    pub fn msg_id(&self, attempt: u32, purpose: &str) -> String {
+        format!("{self}:{attempt}:{purpose}")
+    }
+}
+
+impl fmt::Display for LineageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.stream, self.seq)
+    }
+}
+
+/// Why a text is not a lineage id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseLineageError(pub String);
+
+impl fmt::Display for ParseLineageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "`{}` is not a lineage id of the form <stream>:<sequence>",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for ParseLineageError {}
+
+impl FromStr for LineageId {
+    type Err = ParseLineageError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ParseLineageError(s.to_owned());
+        let (stream, seq) = s.rsplit_once(':').ok_or_else(bad)?;
+        if stream.is_empty() {
+            return Err(bad());
+        }
+        let seq = seq.parse::<u64>().map_err(|_| bad())?;
+        Ok(Self::new(stream, seq))
+    }
+}
+
+/// The business key of a message (an account, an order): messages of one key keep their order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageKey(pub String);
+
+impl MessageKey {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for MessageKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Subjects of the NATS layout (SPEC §2). `service` must be a single subject token.
+pub mod subjects {
+    /// Where a sidecar delegates failures of `service`.
+    pub fn failed(service: &str) -> String {
+        format!("mend.failed.{service}")
+    }
+    /// Where repaired and resubmitted messages of `service` go back to its sidecar.
+    pub fn retry(service: &str) -> String {
+        format!("mend.retry.{service}")
+    }
+    /// Where unrepairable failures of `service` wait for a person.
+    pub fn parked(service: &str) -> String {
+        format!("mend.parked.{service}")
+    }
+    /// Commands from the dashboard to the sidecar of `service`.
+    pub fn control(service: &str) -> String {
+        format!("mend.control.{service}")
+    }
+    /// Announcements of `kind` about `service`.
+    pub fn event(service: &str, kind: &str) -> String {
+        format!("mend.events.{service}.{kind}")
+    }
+}
+
+/// Whether `token` can stand as one NATS subject token (a service or binding name).
+pub fn is_subject_token(token: &str) -> bool {
+    !token.is_empty()
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lineage_round_trips_and_rejects_garbage() {
+        let id: LineageId = "ORDERS:1042".parse().unwrap();
+        assert_eq!(id, LineageId::new("ORDERS", 1042));
+        assert_eq!(id.to_string(), "ORDERS:1042");
+        assert_eq!(id.msg_id(1, "failed"), "ORDERS:1042:1:failed");
+        for bad in ["", "ORDERS", ":12", "ORDERS:x", "ORDERS:-1"] {
+            assert!(bad.parse::<LineageId>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn subject_tokens() {
+        assert!(is_subject_token("orders-v2_eu"));
+        for bad in ["", "a.b", "a b", "a*", "a>", "ü"] {
+            assert!(!is_subject_token(bad), "{bad}");
+        }
+    }
+}

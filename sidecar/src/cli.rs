@@ -1,0 +1,102 @@
+//! The `mend` command line: one binary, one subcommand per role.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::SidecarConfig;
+use crate::sidecar::{self, SidecarError};
+use crate::telemetry::{self, LogFormat};
+
+/// Exit status for a bad command line or config (EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+/// Exit status when a needed service is unavailable at start-up (EX_UNAVAILABLE).
+const EXIT_UNAVAILABLE: u8 = 69;
+
+/// mend: reactive error handling for NATS JetStream consumers.
+#[derive(Debug, Parser)]
+#[command(name = "mend", version, about)]
+pub struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        env = "MEND_LOG_FORMAT",
+        value_enum,
+        default_value = "pretty"
+    )]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Consume a service's stream, deliver to the app over HTTP, delegate what it fails on.
+    Sidecar {
+        /// The sidecar's TOML config.
+        #[arg(long, short, env = "MEND_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+/// Runs the command line; returns the process exit status.
+pub async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init_logging(cli.log_format);
+    match cli.command {
+        Command::Sidecar { config } => {
+            let config = match SidecarConfig::load(&config, std::env::vars()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("mend sidecar: bad config: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            let shutdown = CancellationToken::new();
+            tokio::spawn(on_signal(shutdown.clone()));
+            match sidecar::run(config, shutdown).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(SidecarError::Startup(e)) => {
+                    tracing::error!(error = format!("{e:#}"), "Cannot start.");
+                    eprintln!("mend sidecar: cannot start: {e:#}");
+                    ExitCode::from(EXIT_UNAVAILABLE)
+                }
+                Err(SidecarError::Runtime(e)) => {
+                    eprintln!("mend sidecar: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+/// Cancels `shutdown` on SIGTERM or SIGINT; a second signal exits at once.
+async fn on_signal(shutdown: CancellationToken) {
+    wait_for_signal().await;
+    tracing::info!("Signal received: shutting down gracefully (again to exit at once).");
+    shutdown.cancel();
+    wait_for_signal().await;
+    tracing::warn!("Second signal: exiting now.");
+    std::process::exit(130);
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,481 @@
+//! Sidecar configuration (SPEC §10): `sidecar.toml` with `MEND_*` environment overrides, parsed once
+//! into typed values. Every error names the file, line and key (or the environment variable).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use repair_rules::identity::is_subject_token;
+use serde::Deserialize;
+
+use crate::envcfg::{self, ConfigError};
+
+/// The whole `sidecar.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SidecarConfig {
+    /// The service name: one subject token; names the mend subjects of this service.
+    #[serde(deserialize_with = "token")]
+    pub service: String,
+    /// The NATS server(s), comma-separated.
+    #[serde(default = "default_nats_url")]
+    pub nats_url: String,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// How long a graceful shutdown waits for in-flight deliveries before handing them back.
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// NATS authentication, TLS and the layout of mend's streams.
+    #[serde(default)]
+    pub nats: NatsConfig,
+    /// The app streams this sidecar consumes and where it delivers them.
+    #[serde(rename = "binding")]
+    pub bindings: Vec<BindingConfig>,
+}
+
+/// Connection options shared by every role, and how mend's streams are created.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    /// A `.creds` file (JWT + NKey seed).
+    pub creds: Option<PathBuf>,
+    /// A file holding an NKey seed.
+    pub nkey_seed_file: Option<PathBuf>,
+    pub token: Option<String>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// PEM file of root certificates to trust.
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate and key for mutual TLS.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Refuse a connection that is not TLS.
+    #[serde(default)]
+    pub tls_required: bool,
+    /// How long the first connection may take before start-up fails.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Replicas of the streams and bucket mend creates (1, 3 or 5).
+    #[serde(default = "default_replicas", deserialize_with = "replicas")]
+    pub replicas: usize,
+    /// How long MEND_EVENTS keeps announcements.
+    #[serde(default = "default_events_max_age", with = "humantime_serde")]
+    pub events_max_age: Duration,
+}
+
+/// One app stream consumed by the sidecar and the endpoint it is delivered to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BindingConfig {
+    /// Names the durable consumer `mend-<service>-<name>`.
+    #[serde(deserialize_with = "token")]
+    pub name: String,
+    /// The app's stream; it must exist (mend never creates or changes it).
+    pub stream: String,
+    /// Filter subjects of the consumer.
+    #[serde(deserialize_with = "subject_filters")]
+    pub subjects: Vec<String>,
+    /// Where the business key comes from; without one, messages are delivered fully concurrently.
+    pub key: Option<KeySource>,
+    /// The app's HTTP endpoint.
+    #[serde(deserialize_with = "endpoint")]
+    pub endpoint: reqwest::Url,
+    /// Keys (or, without a key, messages) in flight at once.
+    #[serde(default = "default_concurrency", deserialize_with = "concurrency")]
+    pub concurrency: usize,
+    /// Per app call.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// The consumer's ack wait; mend keeps waiting messages alive with in-progress acks.
+    #[serde(default = "default_ack_wait", with = "humantime_serde")]
+    pub ack_wait: Duration,
+    /// Transient answers to one message (while the app answers others) before it is delegated as
+    /// `transient_exhausted`.
+    #[serde(default = "default_transient_tries", deserialize_with = "positive_u32")]
+    pub transient_tries: u32,
+    /// First delay of the exponential backoff between transient tries.
+    #[serde(default = "default_backoff_initial", with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    /// Longest delay between transient tries (and the cap on an app's `Retry-After`).
+    #[serde(default = "default_backoff_max", with = "humantime_serde")]
+    pub backoff_max: Duration,
+}
+
+/// Where a binding's business key comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "lowercase")]
+pub enum KeySource {
+    /// A NATS header of the message.
+    Header(String),
+    /// A JSON Pointer into the payload.
+    Json(#[serde(deserialize_with = "json_pointer")] String),
+}
+
+impl SidecarConfig {
+    /// Reads `path`, applies overrides from `env` (the process environment in production) and checks
+    /// what no single key can: unique bindings, an ack wait longer than a call.
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let config: Self = envcfg::load(path, env, &["binding"])?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            message,
+        };
+        if self.bindings.is_empty() {
+            return Err(invalid(
+                "binding".into(),
+                "at least one [[binding]] is required".into(),
+            ));
+        }
+        for (i, b) in self.bindings.iter().enumerate() {
+            if self.bindings[..i].iter().any(|o| o.name == b.name) {
+                return Err(invalid(
+                    format!("binding.name = {:?}", b.name),
+                    "binding names must be unique".into(),
+                ));
+            }
+            if b.ack_wait < b.timeout + Duration::from_secs(1) {
+                return Err(invalid(
+                    format!("binding {:?} ack_wait", b.name),
+                    format!(
+                        "ack_wait ({}) must exceed timeout ({}) by at least 1s",
+                        humantime::format_duration(b.ack_wait),
+                        humantime::format_duration(b.timeout)
+                    ),
+                ));
+            }
+            if b.backoff_initial > b.backoff_max || b.backoff_initial.is_zero() {
+                return Err(invalid(
+                    format!("binding {:?} backoff_initial", b.name),
+                    "backoff_initial must be above zero and at most backoff_max".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            creds: None,
+            nkey_seed_file: None,
+            token: None,
+            user: None,
+            password: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_required: false,
+            connect_timeout: default_connect_timeout(),
+            replicas: default_replicas(),
+            events_max_age: default_events_max_age(),
+        }
+    }
+}
+
+impl BindingConfig {
+    /// The durable consumer of this binding.
+    pub fn consumer_name(&self, service: &str) -> String {
+        format!("mend-{service}-{}", self.name)
+    }
+}
+
+fn default_nats_url() -> String {
+    "nats://127.0.0.1:4222".into()
+}
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
+}
+const fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(20)
+}
+const fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+const fn default_replicas() -> usize {
+    1
+}
+const fn default_events_max_age() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+const fn default_concurrency() -> usize {
+    64
+}
+const fn default_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+const fn default_ack_wait() -> Duration {
+    Duration::from_secs(30)
+}
+const fn default_transient_tries() -> u32 {
+    10
+}
+const fn default_backoff_initial() -> Duration {
+    Duration::from_millis(100)
+}
+const fn default_backoff_max() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn token<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    if is_subject_token(&s) {
+        Ok(s)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "{s:?} must be one subject token: letters, digits, '-' and '_' only"
+        )))
+    }
+}
+
+fn subject_filters<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let subjects = Vec::<String>::deserialize(d)?;
+    if subjects.is_empty() {
+        return Err(serde::de::Error::custom("at least one subject is required"));
+    }
+    for s in &subjects {
+        let tokens: Vec<&str> = s.split('.').collect();
+        let bad_token = tokens.iter().enumerate().any(|(i, t)| {
+            t.is_empty()
+                || t.chars().any(|c| c.is_whitespace())
+                || (t.contains('*') && *t != "*")
+                || (t.contains('>') && (*t != ">" || i + 1 != tokens.len()))
+        });
+        if bad_token {
+            return Err(serde::de::Error::custom(format!(
+                "{s:?} is not a valid NATS subject filter"
+            )));
+        }
+    }
+    Ok(subjects)
+}
+
+fn endpoint<'de, D: serde::Deserializer<'de>>(d: D) -> Result<reqwest::Url, D::Error> {
+    let s = String::deserialize(d)?;
+    let url = reqwest::Url::parse(&s)
+        .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a URL: {e}")))?;
+    if url.scheme() != "http" {
+        return Err(serde::de::Error::custom(format!(
+            "{s:?}: only http:// endpoints are supported (the app runs beside the sidecar)"
+        )));
+    }
+    Ok(url)
+}
+
+fn concurrency<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = usize::deserialize(d)?;
+    if (1..=10_000).contains(&n) {
+        Ok(n)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "{n} is out of range 1..=10000"
+        )))
+    }
+}
+
+fn positive_u32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let n = u32::deserialize(d)?;
+    if n == 0 {
+        return Err(serde::de::Error::custom("must be at least 1"));
+    }
+    Ok(n)
+}
+
+fn replicas<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = usize::deserialize(d)?;
+    if (1..=5).contains(&n) {
+        Ok(n)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "{n} replicas: must be 1 to 5"
+        )))
+    }
+}
+
+fn json_pointer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.starts_with('/') {
+        Ok(s)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "{s:?} is not a JSON Pointer (it must start with '/')"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    const GOOD: &str = r#"
+service  = "orders"
+nats_url = "nats://127.0.0.1:4222"
+listen   = "127.0.0.1:9464"
+
+[[binding]]
+name        = "orders"
+stream      = "ORDERS"
+subjects    = ["orders.>"]
+key         = { header = "Account-Id" }
+endpoint    = "http://127.0.0.1:8080/events"
+concurrency = 64
+timeout     = "10s"
+"#;
+
+    #[test]
+    fn spec_example_loads_with_defaults() {
+        let f = write(GOOD);
+        let c = SidecarConfig::load(f.path(), []).unwrap();
+        assert_eq!(c.service, "orders");
+        let b = &c.bindings[0];
+        assert_eq!(b.key, Some(KeySource::Header("Account-Id".into())));
+        assert_eq!(b.timeout, Duration::from_secs(10));
+        assert_eq!(b.ack_wait, Duration::from_secs(30));
+        assert_eq!(b.consumer_name(&c.service), "mend-orders-orders");
+        assert_eq!(c.nats.replicas, 1);
+    }
+
+    #[test]
+    fn env_overrides_top_level_nested_and_binding_keys() {
+        let f = write(GOOD);
+        let env = [
+            ("MEND_NATS_URL", "nats://10.0.0.1:4222"),
+            ("MEND_NATS_REPLICAS", "3"),
+            ("MEND_NATS_TOKEN", "s3cret"),
+            ("MEND_BINDING_ORDERS_CONCURRENCY", "8"),
+            ("MEND_BINDING_ORDERS_TIMEOUT", "2s"),
+            ("MEND_UNRELATED", "x"),
+            ("PATH", "/bin"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let c = SidecarConfig::load(f.path(), env).unwrap();
+        assert_eq!(c.nats_url, "nats://10.0.0.1:4222");
+        assert_eq!(c.nats.replicas, 3);
+        assert_eq!(c.nats.token.as_deref(), Some("s3cret"));
+        assert_eq!(c.bindings[0].concurrency, 8);
+        assert_eq!(c.bindings[0].timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn bad_env_value_names_the_variable() {
+        let f = write(GOOD);
+        let env = [(
+            "MEND_BINDING_ORDERS_CONCURRENCY".to_string(),
+            "lots".to_string(),
+        )];
+        let e = SidecarConfig::load(f.path(), env).unwrap_err().to_string();
+        assert!(e.contains("MEND_BINDING_ORDERS_CONCURRENCY"), "{e}");
+    }
+
+    fn error_of(text: &str) -> String {
+        let f = write(text);
+        let e = SidecarConfig::load(f.path(), []).unwrap_err().to_string();
+        assert!(
+            e.contains(&f.path().display().to_string()),
+            "no file name in {e}"
+        );
+        e
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let e = error_of(&GOOD.replace("concurrency = 64", "concurency = 64"));
+        assert!(e.contains(":12:"), "{e}");
+        assert!(e.contains("concurency"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_line_and_key() {
+        for (from, to, line, key) in [
+            (
+                "timeout     = \"10s\"",
+                "timeout     = \"ten\"",
+                ":13:",
+                "timeout",
+            ),
+            ("concurrency = 64", "concurrency = 0", ":12:", "concurrency"),
+            (
+                "concurrency = 64",
+                "concurrency = \"x\"",
+                ":12:",
+                "concurrency",
+            ),
+            (
+                "http://127.0.0.1:8080/events",
+                "ftp://x/events",
+                ":11:",
+                "endpoint",
+            ),
+            ("[\"orders.>\"]", "[\"orders.>.x\"]", ":9:", "subjects"),
+            (
+                "{ header = \"Account-Id\" }",
+                "{ json = \"account\" }",
+                ":10:",
+                "key",
+            ),
+            (
+                "service  = \"orders\"",
+                "service  = \"or.ders\"",
+                ":2:",
+                "service",
+            ),
+            (
+                "listen   = \"127.0.0.1:9464\"",
+                "listen   = \"nowhere\"",
+                ":4:",
+                "listen",
+            ),
+        ] {
+            let text = GOOD.replace(from, to);
+            assert_ne!(text, GOOD, "{from}");
+            let e = error_of(&text);
+            assert!(e.contains(line) && e.contains(key), "{to}: {e}");
+        }
+    }
+
+    #[test]
+    fn syntax_error_is_located() {
+        let e = error_of(&GOOD.replace("name        = \"orders\"", "name = orders"));
+        assert!(e.contains(":7:"), "{e}");
+    }
+
+    #[test]
+    fn cross_key_checks() {
+        let e = error_of(&format!("{GOOD}ack_wait = \"5s\"\n"));
+        assert!(e.contains("ack_wait"), "{e}");
+        let e = error_of(&format!(
+            "{GOOD}\n[[binding]]\nname = \"orders\"\nstream = \"X\"\nsubjects = [\"x\"]\nendpoint = \"http://a/\"\n"
+        ));
+        assert!(e.contains("unique"), "{e}");
+        let e = error_of("service = \"orders\"\nbinding = []\n");
+        assert!(e.contains("at least one"), "{e}");
+        let f = write("");
+        let e = SidecarConfig::load(f.path(), []).unwrap_err().to_string();
+        assert!(e.contains("service"), "{e}");
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let e = SidecarConfig::load(Path::new("/nonexistent/sidecar.toml"), [])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/sidecar.toml"), "{e}");
+    }
+}

@@ -1,0 +1,27 @@
+//! The `mend` binary's library: every role's runtime, NATS and HTTP plumbing.
+//!
+//! # Layout
+//! Modules follow a message through the sidecar:
+//! - [`cli`] parses the command line; [`config`] and [`envcfg`] read the TOML config and `MEND_*`
+//!   overrides into typed values.
+//! - [`nats`] connects and creates mend's streams; [`sidecar`] binds the consumers and starts one
+//!   dispatcher per binding.
+//! - [`consume`] pulls, puts each message in its key's lane ([`lanes`]), and drives it through
+//!   [`deliver`] (the app call and its classification, with [`headers`]) to one ending: [`ack`],
+//!   [`delegate`] (failure envelope, events), drop or park. [`circuit`] notices an app that is down.
+//! - [`health`] serves `/healthz`, `/readyz`, `/metrics`; [`telemetry`] sets up logs and metrics.
+
+pub mod ack;
+pub mod circuit;
+pub mod cli;
+pub mod config;
+pub mod consume;
+pub mod delegate;
+pub mod deliver;
+pub mod envcfg;
+pub mod headers;
+pub mod health;
+pub mod lanes;
+pub mod nats;
+pub mod sidecar;
+pub mod telemetry;

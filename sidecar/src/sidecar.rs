@@ -1,0 +1,178 @@
+//! `mend sidecar`: start-up (connect, create mend's layout, bind one durable consumer per binding),
+//! the operations endpoint, the dispatchers, and graceful shutdown.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::Context as _;
+use async_nats::connection::State;
+use async_nats::jetstream::{self, consumer, stream};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{BindingConfig, SidecarConfig};
+use crate::consume::{self, BindingMetrics, BindingRuntime};
+use crate::deliver::App;
+use crate::{circuit::Circuit, health, nats, telemetry};
+
+/// How `run` ended badly.
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    /// Could not start: NATS unreachable or too old, the app stream missing, the port taken.
+    #[error("{0:#}")]
+    Startup(anyhow::Error),
+    /// Failed while running.
+    #[error("{0:#}")]
+    Runtime(anyhow::Error),
+}
+
+/// Runs the sidecar until `shutdown` is cancelled, then shuts down gracefully.
+pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(), SidecarError> {
+    let metrics = telemetry::metrics().map_err(SidecarError::Startup)?;
+    let client = nats::connect(
+        &config.nats_url,
+        &config.nats,
+        &format!("mend-sidecar-{}", config.service),
+    )
+    .await
+    .map_err(|e| SidecarError::Startup(e.into()))?;
+    let js = jetstream::new(client.clone());
+    nats::ensure_layout(&js, &config.nats)
+        .await
+        .map_err(|e| SidecarError::Startup(e.into()))?;
+
+    let mut consumers = Vec::new();
+    for binding in &config.bindings {
+        let consumer = bind(&js, &config.service, binding)
+            .await
+            .map_err(SidecarError::Startup)?;
+        consumers.push(consumer);
+    }
+
+    let bound = Arc::new(AtomicUsize::new(0));
+    let ready: health::ReadyCheck = {
+        let client = client.clone();
+        let bound = bound.clone();
+        let total = config.bindings.len();
+        Arc::new(move || {
+            if client.connection_state() != State::Connected {
+                return Err("NATS is not connected".into());
+            }
+            let n = bound.load(Ordering::Acquire);
+            if n < total {
+                return Err(format!("{n} of {total} bindings consuming"));
+            }
+            Ok(())
+        })
+    };
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))
+        .map_err(SidecarError::Startup)?;
+    let ops = tokio::spawn({
+        let shutdown = shutdown.clone();
+        let router = health::router(ready, metrics);
+        async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
+        }
+    });
+
+    let mut dispatchers = tokio::task::JoinSet::new();
+    for (binding, consumer) in config.bindings.iter().zip(consumers) {
+        let metrics = BindingMetrics::new(&config.service, &binding.name);
+        let circuit = Circuit::new(metrics.circuit.clone());
+        let rt = Arc::new(BindingRuntime {
+            service: config.service.clone(),
+            cfg: binding.clone(),
+            app: App::new(binding)
+                .context("cannot build the HTTP client")
+                .map_err(SidecarError::Startup)?,
+            client: client.clone(),
+            js: js.clone(),
+            circuit,
+            shutdown: shutdown.clone(),
+            shutdown_timeout: config.shutdown_timeout,
+            metrics,
+        });
+        tokio::spawn(consume::watch_consumer(rt.clone(), consumer.clone()));
+        let name = binding.name.clone();
+        dispatchers.spawn(async move {
+            consume::run(rt, consumer)
+                .await
+                .with_context(|| format!("binding {name}"))
+        });
+        bound.fetch_add(1, Ordering::AcqRel);
+    }
+    tracing::info!(service = %config.service, listen = %config.listen,
+        bindings = config.bindings.len(), "Sidecar consuming.");
+
+    let mut failure = None;
+    while let Some(result) = dispatchers.join_next().await {
+        let error = match result {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => e,
+            Err(e) => anyhow::Error::new(e).context("dispatcher panicked"),
+        };
+        tracing::error!(
+            error = format!("{error:#}"),
+            "Binding stopped; shutting down."
+        );
+        bound.fetch_sub(1, Ordering::AcqRel);
+        shutdown.cancel();
+        failure.get_or_insert(error);
+    }
+    shutdown.cancel();
+    if let Err(error) = client.flush().await {
+        tracing::warn!(%error, "Final flush failed; unsent acks lead to redeliveries.");
+    }
+    match ops.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "Operations endpoint failed."),
+        Err(e) => tracing::warn!(error = %e, "Operations endpoint task failed."),
+    }
+    tracing::info!("Sidecar stopped.");
+    failure.map_or(Ok(()), |e| Err(SidecarError::Runtime(e)))
+}
+
+/// Creates or updates the binding's durable pull consumer on the app's stream.
+async fn bind(
+    js: &jetstream::Context,
+    service: &str,
+    b: &BindingConfig,
+) -> anyhow::Result<consumer::PullConsumer> {
+    let app_stream: stream::Stream = js.get_stream(&b.stream).await.with_context(|| {
+        format!(
+            "binding {}: the app stream {} does not exist or cannot be read (mend never creates the app's streams)",
+            b.name, b.stream
+        )
+    })?;
+    let name = b.consumer_name(service);
+    let config = consumer::pull::Config {
+        durable_name: Some(name.clone()),
+        description: Some(format!("mend sidecar of {service}, binding {}", b.name)),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: b.ack_wait,
+        max_ack_pending: BindingRuntime::max_ack_pending(b) as i64,
+        filter_subjects: if b.subjects.len() > 1 {
+            b.subjects.clone()
+        } else {
+            Vec::new()
+        },
+        filter_subject: if b.subjects.len() == 1 {
+            b.subjects[0].clone()
+        } else {
+            String::new()
+        },
+        deliver_policy: consumer::DeliverPolicy::All,
+        ..Default::default()
+    };
+    let consumer = app_stream.create_consumer(config).await.with_context(|| {
+        format!(
+            "binding {}: cannot create consumer {name} on {}",
+            b.name, b.stream
+        )
+    })?;
+    Ok(consumer)
+}

@@ -1,0 +1,78 @@
+//! Logs (`tracing`, pretty or JSON) and metrics (Prometheus text from the `metrics` facade).
+//!
+//! Metric names are declared here once; every role records through these constants.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+/// Messages the app processed (2xx), by service and binding.
+pub const DELIVERED: &str = "mend_delivered_total";
+/// Failed app calls by `kind`: `transient`, `message`, `transient_exhausted`.
+pub const FAILED: &str = "mend_failed_total";
+/// Failures delegated to MEND_FAILED.
+pub const DELEGATED: &str = "mend_delegated_total";
+/// Messages the app asked to drop (`Mend-Action: drop`).
+pub const DROPPED: &str = "mend_dropped_total";
+/// Messages the app sent straight to the dashboard (`Mend-Action: park`).
+pub const PARKED_BY_APP: &str = "mend_parked_by_app_total";
+/// App calls under way.
+pub const IN_FLIGHT: &str = "mend_in_flight";
+/// Messages pulled and waiting for their key's turn or a free slot.
+pub const QUEUED: &str = "mend_queued";
+/// Seconds per app call, whatever the answer.
+pub const APP_LATENCY: &str = "mend_app_latency_seconds";
+/// Messages of the consumer not yet delivered to mend (consumer lag).
+pub const CONSUMER_PENDING: &str = "mend_consumer_pending";
+/// Messages delivered to mend and not yet acknowledged.
+pub const CONSUMER_ACK_PENDING: &str = "mend_consumer_ack_pending";
+/// 1 while the app looks down and the sidecar has stopped pulling.
+pub const CIRCUIT_OPEN: &str = "mend_circuit_open";
+/// Redeliveries of a message that was still waiting in the sidecar (ignored).
+pub const REDELIVERED_WHILE_BUFFERED: &str = "mend_redelivered_while_buffered_total";
+/// Confirmed acks that could not be confirmed (the message will be redelivered).
+pub const ACK_UNCONFIRMED: &str = "mend_ack_unconfirmed_total";
+
+/// App-latency histogram buckets, in seconds.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide metrics recorder once and returns the handle that renders it.
+pub fn metrics() -> anyhow::Result<PrometheusHandle> {
+    if let Some(handle) = PROMETHEUS.get() {
+        return Ok(handle.clone());
+    }
+    let recorder = PrometheusBuilder::new()
+        .set_buckets(LATENCY_BUCKETS)?
+        .build_recorder();
+    let handle = recorder.handle();
+    if metrics::set_global_recorder(recorder).is_ok() {
+        let _ = PROMETHEUS.set(handle.clone());
+    }
+    Ok(PROMETHEUS.get().cloned().unwrap_or(handle))
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Starts logging to stderr; the filter comes from `MEND_LOG` (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("MEND_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Pretty => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
