@@ -1,1 +1,34 @@
+//! The shared test harness of mend's end-to-end suites (and the benchmark).
+//!
+//! - [`nats::NatsServer`]: a real nats-server with JetStream on a free loopback port and a temp store,
+//!   ready when it says so, restartable on the same port and store, killed on drop.
+//! - [`app::FakeApp`]: a programmable HTTP app that records every delivery and answers per message.
+//! - [`mend::MendProcess`]: the built `mend` binary run with a config, killable and restartable.
+//! - [`js`]: publishing, reading mend's streams, and consumer state.
+//! - [`wait`]: waiting for conditions with a deadline (never sleeping and hoping).
 
+pub mod app;
+pub mod js;
+pub mod mend;
+pub mod nats;
+pub mod wait;
+
+use std::path::PathBuf;
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
+/// Starts test logging once (`RUST_LOG` filters; quiet by default).
+pub fn init() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing::subscriber::set_global_default(tracing::subscriber::NoSubscriber::new());
+    });
+}
+
+pub mod world;

@@ -1,0 +1,238 @@
+//! A programmable HTTP app standing in for the user's service: records every delivery with its
+//! headers, and answers each one as the test's script says. It can go down and come back on the
+//! same port.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde_json::Value;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+/// What the app answers to one delivery.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// 200.
+    Ok,
+    /// This status with an empty body.
+    Status(u16),
+    /// `application/problem+json` with this status and body.
+    Problem(u16, Value),
+    /// `text/plain` with this status and body.
+    Text(u16, String),
+    /// This status with `Retry-After: secs`.
+    RetryAfter(u16, u64),
+    /// Wait this long, then 200 (longer than the sidecar's timeout makes a timeout).
+    Slow(Duration),
+    /// This status with `Mend-Action: action`.
+    Action(u16, &'static str),
+}
+
+/// One request the app received.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// The body as JSON, when it is.
+    pub json: Option<Value>,
+    /// The status the app answered.
+    pub status: u16,
+    /// How many times this `Mend-Id` had been delivered before (0 for the first).
+    pub seen_before: usize,
+    pub at: Instant,
+}
+
+impl Delivery {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    pub fn mend_id(&self) -> &str {
+        self.header("mend-id").unwrap_or("")
+    }
+    pub fn ok(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+    /// A field of the JSON body.
+    pub fn field(&self, name: &str) -> Option<&Value> {
+        self.json.as_ref()?.get(name)
+    }
+}
+
+type Script = dyn Fn(&Delivery) -> Reply + Send + Sync;
+
+struct Shared {
+    log: Mutex<Vec<Delivery>>,
+    seen: Mutex<HashMap<String, usize>>,
+    script: Mutex<Arc<Script>>,
+    changed: watch::Sender<usize>,
+}
+
+pub struct FakeApp {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    server: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
+}
+
+impl FakeApp {
+    /// Starts an app that answers 200 to everything.
+    pub async fn start() -> anyhow::Result<Self> {
+        let shared = Arc::new(Shared {
+            log: Mutex::new(Vec::new()),
+            seen: Mutex::new(HashMap::new()),
+            script: Mutex::new(Arc::new(|_: &Delivery| Reply::Ok)),
+            changed: watch::channel(0).0,
+        });
+        let mut app = Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            shared,
+            server: None,
+        };
+        app.up().await?;
+        Ok(app)
+    }
+
+    /// Replaces how the app answers.
+    pub fn script(&self, f: impl Fn(&Delivery) -> Reply + Send + Sync + 'static) {
+        *self.shared.script.lock().unwrap() = Arc::new(f);
+    }
+
+    /// The endpoint URL for a binding.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}/events", self.addr)
+    }
+
+    /// Every request so far.
+    pub fn log(&self) -> Vec<Delivery> {
+        self.shared.log.lock().unwrap().clone()
+    }
+
+    /// Waits until `check` holds on the log, re-checking on every new delivery.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        limit: Duration,
+        check: impl Fn(&[Delivery]) -> bool,
+    ) -> anyhow::Result<Vec<Delivery>> {
+        let mut rx = self.shared.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            {
+                let log = self.shared.log.lock().unwrap();
+                if check(&log) {
+                    return Ok(log.clone());
+                }
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                _ => {
+                    let n = self.shared.log.lock().unwrap().len();
+                    anyhow::bail!(
+                        "timed out after {limit:?} waiting for {what} ({n} requests so far)"
+                    )
+                }
+            }
+        }
+    }
+
+    /// Stops answering: the port refuses connections until [`FakeApp::up`].
+    pub async fn down(&mut self) -> anyhow::Result<()> {
+        if let Some((stop, task)) = self.server.take() {
+            let _ = stop.send(());
+            task.await?;
+        }
+        Ok(())
+    }
+
+    /// Starts answering again on the same port.
+    pub async fn up(&mut self) -> anyhow::Result<()> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_reuseaddr(true)?;
+        socket.bind(self.addr)?;
+        let listener = socket.listen(1024).context("app listen")?;
+        self.addr = listener.local_addr()?;
+        let router = Router::new()
+            .route("/events", post(handle))
+            .with_state(self.shared.clone());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        self.server = Some((stop, task));
+        Ok(())
+    }
+}
+
+async fn handle(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    let id = headers
+        .get("mend-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let seen_before = {
+        let mut seen = shared.seen.lock().unwrap();
+        let n = seen.entry(id).or_insert(0);
+        *n += 1;
+        *n - 1
+    };
+    let mut delivery = Delivery {
+        json: serde_json::from_slice(&body).ok(),
+        headers,
+        body,
+        status: 0,
+        seen_before,
+        at: Instant::now(),
+    };
+    let script = shared.script.lock().unwrap().clone();
+    let reply = script(&delivery);
+    if let Reply::Slow(d) = &reply {
+        tokio::time::sleep(*d).await;
+    }
+    let response = match reply {
+        Reply::Ok | Reply::Slow(_) => StatusCode::OK.into_response(),
+        Reply::Status(s) => status(s).into_response(),
+        Reply::Problem(s, body) => (
+            status(s),
+            [("content-type", "application/problem+json")],
+            body.to_string(),
+        )
+            .into_response(),
+        Reply::Text(s, body) => (status(s), [("content-type", "text/plain")], body).into_response(),
+        Reply::RetryAfter(s, secs) => {
+            let mut r = status(s).into_response();
+            r.headers_mut()
+                .insert("retry-after", HeaderValue::from(secs));
+            r
+        }
+        Reply::Action(s, action) => {
+            let mut r = status(s).into_response();
+            r.headers_mut()
+                .insert("mend-action", HeaderValue::from_static(action));
+            r
+        }
+    };
+    delivery.status = response.status().as_u16();
+    let n = {
+        let mut log = shared.log.lock().unwrap();
+        log.push(delivery);
+        log.len()
+    };
+    shared.changed.send_replace(n);
+    response
+}
+
+fn status(s: u16) -> StatusCode {
+    StatusCode::from_u16(s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}

@@ -1,0 +1,243 @@
+//! Running the built `mend` binary: write its config, spawn it, read its log, wait for it to be
+//! consuming, stop it gracefully or kill it, start it again.
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+/// The `mend` binary: `$MEND_BIN`, else the one cargo built next to this test executable.
+pub fn mend_bin() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("MEND_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("cannot find the target dir")?;
+    let bin = profile_dir.join("mend");
+    if !bin.exists() {
+        bail!(
+            "{} is missing: run `cargo build --bin mend` first (make test does)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// A free loopback port for a listener of the process under test.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// One `mend` process (any role) and everything it logged.
+pub struct MendProcess {
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+    log: Arc<Mutex<Vec<String>>>,
+    changed: watch::Sender<usize>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl MendProcess {
+    /// Writes `config` to a temp file and runs `mend <role> --config <file>`.
+    pub async fn start(role: &str, config: &str) -> anyhow::Result<Self> {
+        Self::start_with_env(role, config, &[]).await
+    }
+
+    pub async fn start_with_env(
+        role: &str,
+        config: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join(format!("{role}.toml"));
+        std::fs::write(&path, config)?;
+        let mut p = Self {
+            args: vec![
+                role.to_owned(),
+                "--config".to_owned(),
+                path.display().to_string(),
+            ],
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            child: None,
+            log: Arc::new(Mutex::new(Vec::new())),
+            changed: watch::channel(0).0,
+            _dir: Some(dir),
+        };
+        p.spawn()?;
+        Ok(p)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let mut cmd = Command::new(mend_bin()?);
+        cmd.args(&self.args)
+            .env(
+                "MEND_LOG",
+                std::env::var("MEND_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env_remove("MEND_NATS_URL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().context("cannot start mend")?;
+        for pipe in [
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let log = self.log.clone();
+            let changed = self.changed.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(pipe).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if std::env::var_os("MEND_TEST_ECHO").is_some() {
+                        eprintln!("[mend] {line}");
+                    }
+                    let n = {
+                        let mut log = log.lock().unwrap();
+                        log.push(line);
+                        log.len()
+                    };
+                    changed.send_replace(n);
+                }
+            });
+        }
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Everything logged so far, one line each.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Waits until a log line contains `text`.
+    pub async fn wait_log(&self, text: &str, limit: Duration) -> anyhow::Result<()> {
+        let mut rx = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if self.log.lock().unwrap().iter().any(|l| l.contains(text)) {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                bail!(
+                    "timed out waiting for mend to log {text:?}; log:\n{}",
+                    self.log()
+                );
+            }
+        }
+    }
+
+    /// Waits until the sidecar consumes.
+    pub async fn ready(&self) -> anyhow::Result<()> {
+        self.wait_log("Sidecar consuming", Duration::from_secs(30))
+            .await
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub async fn terminate(&mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
+        let child = self.child.as_mut().context("not running")?;
+        let pid = child.id().context("no pid")?;
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -TERM failed");
+        }
+        self.wait_exit(limit).await
+    }
+
+    /// Waits for the process to exit by itself.
+    pub async fn wait_exit(&mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
+        let child = self.child.as_mut().context("not running")?;
+        let status = tokio::time::timeout(limit, child.wait())
+            .await
+            .with_context(|| {
+                format!("mend did not exit within {limit:?}; log:\n{}", self.log())
+            })??;
+        self.child = None;
+        // Let the log readers catch the last lines.
+        let _ = tokio::time::timeout(Duration::from_millis(200), async {
+            let mut rx = self.changed.subscribe();
+            while tokio::time::timeout(Duration::from_millis(50), rx.changed())
+                .await
+                .is_ok()
+            {}
+        })
+        .await;
+        Ok(status)
+    }
+
+    /// Starts the same command again (after a kill or an exit).
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill().await?;
+        self.log.lock().unwrap().push("---- restart ----".into());
+        self.spawn()
+    }
+}
+
+/// A sidecar config for one binding to `endpoint`, with test-friendly timings; `extra` is appended
+/// to the binding table.
+pub fn sidecar_config(
+    service: &str,
+    nats_url: &str,
+    stream: &str,
+    subjects: &[&str],
+    endpoint: &str,
+    extra: &str,
+) -> String {
+    let subjects: Vec<String> = subjects.iter().map(|s| format!("{s:?}")).collect();
+    format!(
+        r#"service = "{service}"
+nats_url = "{nats_url}"
+listen = "127.0.0.1:{port}"
+shutdown_timeout = "10s"
+
+[[binding]]
+name = "{service}"
+stream = "{stream}"
+subjects = [{subjects}]
+endpoint = "{endpoint}"
+{extra}
+"#,
+        port = free_port(),
+        subjects = subjects.join(", "),
+    )
+}

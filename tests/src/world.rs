@@ -1,0 +1,109 @@
+//! A test's world: its own nats-server, the app's stream `APP` on `app.>`, and a [`FakeApp`].
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use serde_json::json;
+
+use crate::app::FakeApp;
+use crate::js::{self, Out};
+use crate::mend::{MendProcess, sidecar_config};
+use crate::nats::NatsServer;
+
+/// The app's stream in every world.
+pub const STREAM: &str = "APP";
+/// The key header of keyed messages.
+pub const KEY_HEADER: &str = "Account-Id";
+/// Every test gets this long to reach its end state.
+pub const TEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub struct World {
+    pub nats: NatsServer,
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub app: FakeApp,
+}
+
+impl World {
+    pub async fn new() -> anyhow::Result<Self> {
+        Self::with_server(NatsServer::start().await?).await
+    }
+
+    pub async fn with_server(nats: NatsServer) -> anyhow::Result<Self> {
+        crate::init();
+        let client = nats.client().await?;
+        let js = jetstream::new(client.clone());
+        js::app_stream(&js, STREAM, &["app.>"]).await?;
+        let app = FakeApp::start().await?;
+        Ok(Self {
+            nats,
+            client,
+            js,
+            app,
+        })
+    }
+
+    /// The config of a sidecar for service `svc` keyed by [`KEY_HEADER`], plus `extra` binding keys.
+    pub fn keyed_config(&self, svc: &str, extra: &str) -> String {
+        sidecar_config(
+            svc,
+            &self.nats.url(),
+            STREAM,
+            &["app.>"],
+            &self.app.endpoint(),
+            &format!("key = {{ header = \"{KEY_HEADER}\" }}\n{extra}"),
+        )
+    }
+
+    /// Starts a sidecar with `config` and waits until it consumes.
+    pub async fn sidecar(&self, config: &str) -> anyhow::Result<MendProcess> {
+        let p = MendProcess::start("sidecar", config).await?;
+        p.ready().await?;
+        Ok(p)
+    }
+
+    /// Publishes `n` messages `{"key": "k<i % keys>", "n": i}` on `app.created`, keyed by header.
+    pub async fn publish_keyed(&self, n: usize, keys: usize) -> anyhow::Result<Vec<u64>> {
+        let msgs = (0..n)
+            .map(|i| {
+                let key = format!("k{}", i % keys);
+                Out::keyed("app.created", KEY_HEADER, &key, json!({"key": key, "n": i}))
+            })
+            .collect();
+        js::publish_all(&self.js, msgs).await
+    }
+
+    /// Waits until the sidecar's consumer for `svc` has nothing pending or unacked.
+    pub async fn drained(&self, svc: &str) -> anyhow::Result<()> {
+        js::consumer_drained(&self.js, STREAM, &format!("mend-{svc}-{svc}"), TEST_TIMEOUT).await
+    }
+}
+
+/// The `n` of each successful delivery, per key, in the order the app saw them.
+pub fn successes_by_key(
+    log: &[crate::app::Delivery],
+) -> std::collections::BTreeMap<String, Vec<u64>> {
+    let mut out: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    for d in log.iter().filter(|d| d.ok()) {
+        let key = d
+            .field("key")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_owned();
+        let n = d.field("n").and_then(|v| v.as_u64()).unwrap_or(u64::MAX);
+        out.entry(key).or_default().push(n);
+    }
+    out
+}
+
+/// Whether every key's successful deliveries are in increasing order of `n`, first deliveries only.
+pub fn first_successes_in_order(log: &[crate::app::Delivery]) -> Result<(), String> {
+    for (key, ns) in successes_by_key(log) {
+        let mut seen = std::collections::HashSet::new();
+        let firsts: Vec<u64> = ns.into_iter().filter(|n| seen.insert(*n)).collect();
+        if firsts.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(format!("key {key} out of order: {firsts:?}"));
+        }
+    }
+    Ok(())
+}
