@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::consumer::pull::Stream as PullStream;
 use async_nats::jetstream::{self, Message};
-use async_nats::{Client, Subject};
+use async_nats::Client;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use metrics::{Counter, Gauge, Histogram};
@@ -110,13 +110,24 @@ impl BindingRuntime {
 pub struct Delivery {
     pub msg: Message,
     pub meta: DeliveryMeta,
-    reply: Subject,
+    reply: ack::Reply,
 }
 
 /// A message the dispatcher holds, and when it last told the server so.
 struct Held {
-    reply: Subject,
+    reply: ack::Reply,
     touched: Instant,
+}
+
+/// After a crash, the previous instance's unacked messages come back only when their ack wait runs
+/// out, while newer messages would be delivered at once: that would break per-key order. So on start,
+/// while the consumer has unacked messages, newly pulled messages are held back until as many
+/// redeliveries have arrived (or one ack wait has passed), then released in stream order.
+struct Quarantine {
+    until: Instant,
+    expected: u64,
+    redelivered: u64,
+    held_back: Vec<(Option<MessageKey>, Delivery)>,
 }
 
 /// A finished delivery: its key may take its next message.
@@ -137,6 +148,7 @@ pub async fn run(rt: Arc<BindingRuntime>, consumer: PullConsumer) -> anyhow::Res
     let keepalive_every = rt.cfg.ack_wait / 4;
     let mut keepalive = tokio::time::interval(keepalive_every);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut quarantine = quarantine_on_start(&rt, &consumer).await;
     let mut messages = Some(open(&consumer, max_held).await?);
     let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
 
@@ -149,6 +161,7 @@ pub async fn run(rt: Arc<BindingRuntime>, consumer: PullConsumer) -> anyhow::Res
             }
             _ = rt.shutdown.cancelled(), if messages.is_some() => {
                 messages = None;
+                release(&mut quarantine, &mut lanes);
                 for d in lanes.drain_queued() {
                     held.remove(&d.meta.lineage.seq);
                     ack::hand_back(&rt.client, &d.reply).await;
@@ -158,7 +171,7 @@ pub async fn run(rt: Arc<BindingRuntime>, consumer: PullConsumer) -> anyhow::Res
                 deadline = Some(Box::pin(tokio::time::sleep(rt.shutdown_timeout)));
             }
             next = next_message(&mut messages), if pulling => match next {
-                Some(Ok(msg)) => admit(&rt, msg, &mut lanes, &mut held),
+                Some(Ok(msg)) => admit(&rt, msg, &mut lanes, &mut held, &mut quarantine),
                 Some(Err(error)) => {
                     tracing::warn!(%error, binding = %rt.cfg.name, "Pull failed; continuing.");
                 }
@@ -173,6 +186,10 @@ pub async fn run(rt: Arc<BindingRuntime>, consumer: PullConsumer) -> anyhow::Res
                     ack::progress(&rt.client, &h.reply).await;
                     h.touched = Instant::now();
                 }
+            }
+            _ = async { if let Some(q) = &quarantine { tokio::time::sleep_until(q.until.into()).await } },
+                if quarantine.is_some() => {
+                release(&mut quarantine, &mut lanes);
             }
             _ = async { if let Some(d) = deadline.as_mut() { d.await } }, if deadline.is_some() => {
                 tracing::warn!(in_flight = running.len(), "Shutdown deadline reached; handing back in-flight messages.");
@@ -192,6 +209,46 @@ pub async fn run(rt: Arc<BindingRuntime>, consumer: PullConsumer) -> anyhow::Res
         if messages.is_none() && running.is_empty() {
             return Ok(());
         }
+    }
+}
+
+async fn quarantine_on_start(rt: &BindingRuntime, consumer: &PullConsumer) -> Option<Quarantine> {
+    let mut consumer = consumer.clone();
+    let unacked = match consumer.info().await {
+        Ok(info) => info.num_ack_pending as u64,
+        Err(error) => {
+            tracing::warn!(%error, "Consumer state unknown; holding back new messages for one ack wait.");
+            u64::MAX
+        }
+    };
+    if unacked == 0 {
+        return None;
+    }
+    tracing::info!(
+        unacked,
+        "Unacked messages of a previous run: they come first, then newer ones, in stream order."
+    );
+    Some(Quarantine {
+        until: Instant::now() + rt.cfg.ack_wait + Duration::from_secs(1),
+        expected: unacked,
+        redelivered: 0,
+        held_back: Vec::new(),
+    })
+}
+
+/// Ends the start-up quarantine: everything held back enters its lane in stream order.
+fn release(quarantine: &mut Option<Quarantine>, lanes: &mut crate::lanes::Lanes<Delivery>) {
+    let Some(mut q) = quarantine.take() else {
+        return;
+    };
+    q.held_back.sort_by_key(|(_, d)| d.meta.lineage.seq);
+    tracing::info!(
+        released = q.held_back.len(),
+        redelivered = q.redelivered,
+        "Start-up hold-back over."
+    );
+    for (key, d) in q.held_back {
+        lanes.push(key, d);
     }
 }
 
@@ -220,22 +277,29 @@ fn admit(
     msg: Message,
     lanes: &mut crate::lanes::Lanes<Delivery>,
     held: &mut HashMap<u64, Held>,
+    quarantine: &mut Option<Quarantine>,
 ) {
-    let (seq, published) = match msg.info() {
-        Ok(info) => (info.stream_sequence, SystemTime::from(info.published)),
+    let (seq, published, delivered) = match msg.info() {
+        Ok(info) => (
+            info.stream_sequence,
+            SystemTime::from(info.published),
+            info.delivered,
+        ),
         Err(error) => {
             tracing::error!(%error, subject = %msg.subject, "Not a JetStream message; ignored.");
             return;
         }
     };
-    let Some(reply) = msg.reply.clone() else {
+    let Some(subject) = msg.reply.clone() else {
         return;
     };
     if let Some(h) = held.get_mut(&seq) {
         rt.metrics.redelivered.increment(1);
+        h.reply.redelivered(subject);
         h.touched = Instant::now();
         return;
     }
+    let reply = ack::Reply::new(subject);
     let key = rt.cfg.key.as_ref().and_then(|source| key_of(source, &msg));
     let meta = DeliveryMeta {
         service: rt.service.clone(),
@@ -254,7 +318,19 @@ fn admit(
             touched: Instant::now(),
         },
     );
-    lanes.push(key, Delivery { msg, meta, reply });
+    let d = Delivery { msg, meta, reply };
+    match quarantine {
+        Some(q) => {
+            if delivered > 1 {
+                q.redelivered += 1;
+            }
+            q.held_back.push((key, d));
+            if q.redelivered >= q.expected {
+                release(quarantine, lanes);
+            }
+        }
+        None => lanes.push(key, d),
+    }
 }
 
 /// The key of `msg` per the binding's key source; a message without one is delivered unordered.
@@ -382,7 +458,7 @@ async fn finish(rt: &BindingRuntime, d: &Delivery, answer: Answer) {
     };
     match finished {
         Ok(()) => {
-            ack::confirm(&rt.client, &d.reply).await;
+            ack::confirm(&rt.client, &d.reply, rt.cfg.ack_wait * 2).await;
         }
         Err(stopped) => {
             tracing::warn!(%stopped, "Not finished; handing the message back for redelivery.");
