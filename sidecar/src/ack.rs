@@ -65,7 +65,10 @@ pub async fn confirm(client: &Client, reply: &Reply, budget: Duration) -> bool {
         tokio::time::sleep(CONFIRM_PAUSE).await;
     }
     metrics::counter!(telemetry::ACK_UNCONFIRMED).increment(1);
-    tracing::warn!(attempt, "Ack could not be confirmed; the message will be redelivered.");
+    tracing::warn!(
+        attempt,
+        "Ack could not be confirmed; the message will be redelivered."
+    );
     false
 }
 

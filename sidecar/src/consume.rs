@@ -11,10 +11,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use async_nats::Client;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::consumer::pull::Stream as PullStream;
 use async_nats::jetstream::{self, Message};
-use async_nats::Client;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use metrics::{Counter, Gauge, Histogram};

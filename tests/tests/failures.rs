@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use mend_e2e::app::Reply;
 use mend_e2e::js::{self, Out};
-use mend_e2e::world::{first_successes_in_order, World, KEY_HEADER, TEST_TIMEOUT};
+use mend_e2e::world::{KEY_HEADER, TEST_TIMEOUT, World, first_successes_in_order};
 use repair_rules::ErrorKind;
 use serde_json::json;
 
@@ -29,17 +29,31 @@ async fn message_errors_are_delegated_with_complete_envelopes() -> anyhow::Resul
     });
     let mut msgs: Vec<Out> = (0..200)
         .map(|i| {
-            let key = if i == 3 || i == 7 { "bad".to_string() } else { format!("k{}", i % 10) };
-            Out::keyed("app.created", KEY_HEADER, &key, json!({"key": key, "n": i, "amount": "12.50"}))
+            let key = if i == 3 || i == 7 {
+                "bad".to_string()
+            } else {
+                format!("k{}", i % 10)
+            };
+            Out::keyed(
+                "app.created",
+                KEY_HEADER,
+                &key,
+                json!({"key": key, "n": i, "amount": "12.50"}),
+            )
         })
         .collect();
-    msgs[3].headers.insert("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+    msgs[3].headers.insert(
+        "traceparent",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    );
     let seqs = js::publish_all(&w.js, msgs).await?;
     let _sidecar = w.sidecar(&w.keyed_config("errs", "")).await?;
 
     let log = w
         .app
-        .wait_for("198 successes", TEST_TIMEOUT, |log| log.iter().filter(|d| d.ok()).count() >= 198)
+        .wait_for("198 successes", TEST_TIMEOUT, |log| {
+            log.iter().filter(|d| d.ok()).count() >= 198
+        })
         .await?;
     w.drained("errs").await?;
     first_successes_in_order(&log).map_err(anyhow::Error::msg)?;
@@ -66,11 +80,17 @@ async fn message_errors_are_delegated_with_complete_envelopes() -> anyhow::Resul
     assert_eq!(e.field.as_deref(), Some("/amount"));
     assert_eq!(e.title.as_deref(), Some("amount must be a number"));
     assert_eq!(e.detail.as_deref(), Some("amount was \"12.50\""));
-    assert_eq!(e.type_uri.as_deref(), Some("https://example.com/probs/bad-type"));
+    assert_eq!(
+        e.type_uri.as_deref(),
+        Some("https://example.com/probs/bad-type")
+    );
     assert_eq!(e.body, None);
     assert!(!p.first_failed_at.is_empty() && p.failed_at == p.first_failed_at);
     assert_eq!(p.history.len(), 1);
-    assert_eq!((p.history[0].what.as_str(), p.history[0].by.as_str()), ("delegated", "sidecar"));
+    assert_eq!(
+        (p.history[0].what.as_str(), p.history[0].by.as_str()),
+        ("delegated", "sidecar")
+    );
 
     let t = &failed[1];
     assert_eq!(t.seq, seqs[7]);
@@ -97,24 +117,38 @@ async fn failing_message_does_not_block_other_keys() -> anyhow::Result<()> {
     });
     let msgs = (0..50)
         .map(|i| {
-            let key = if i == 0 { "slow".to_string() } else { format!("k{}", i % 5) };
+            let key = if i == 0 {
+                "slow".to_string()
+            } else {
+                format!("k{}", i % 5)
+            };
             Out::keyed("app.created", KEY_HEADER, &key, json!({"key": key, "n": i}))
         })
         .collect();
     js::publish_all(&w.js, msgs).await?;
     let _sidecar = w
-        .sidecar(&w.keyed_config("resp", "timeout = \"1s\"\nack_wait = \"3s\"\ntransient_tries = 2"))
+        .sidecar(&w.keyed_config(
+            "resp",
+            "timeout = \"1s\"\nack_wait = \"3s\"\ntransient_tries = 2",
+        ))
         .await?;
     w.app
-        .wait_for("49 successes", TEST_TIMEOUT, |log| log.iter().filter(|d| d.ok()).count() >= 49)
+        .wait_for("49 successes", TEST_TIMEOUT, |log| {
+            log.iter().filter(|d| d.ok()).count() >= 49
+        })
         .await?;
     let log = w
         .app
-        .wait_for("key `slow` rejected", TEST_TIMEOUT, |log| log.iter().any(|d| d.status == 422))
+        .wait_for("key `slow` rejected", TEST_TIMEOUT, |log| {
+            log.iter().any(|d| d.status == 422)
+        })
         .await?;
     let rejected = log.iter().find(|d| d.status == 422).unwrap().at;
     let last_ok = log.iter().filter(|d| d.ok()).map(|d| d.at).max().unwrap();
-    assert!(last_ok < rejected, "every other key was delivered while key `slow` was stuck");
+    assert!(
+        last_ok < rejected,
+        "every other key was delivered while key `slow` was stuck"
+    );
     mend_e2e::wait::until("the delegation", TEST_TIMEOUT, || async {
         Ok((js::failed(&w.js, "resp").await?.len() == 1).then_some(()))
     })
@@ -132,19 +166,33 @@ async fn transient_twice_then_ok_is_delivered_in_order_not_delegated() -> anyhow
         _ => Reply::Ok,
     });
     let msgs = (0..20)
-        .map(|i| Out::keyed("app.created", KEY_HEADER, "one", json!({"key": "one", "n": i})))
+        .map(|i| {
+            Out::keyed(
+                "app.created",
+                KEY_HEADER,
+                "one",
+                json!({"key": "one", "n": i}),
+            )
+        })
         .collect();
     js::publish_all(&w.js, msgs).await?;
-    let _sidecar = w.sidecar(&w.keyed_config("flaky", "backoff_initial = \"20ms\"")).await?;
+    let _sidecar = w
+        .sidecar(&w.keyed_config("flaky", "backoff_initial = \"20ms\""))
+        .await?;
     let log = w
         .app
-        .wait_for("20 successes", TEST_TIMEOUT, |log| log.iter().filter(|d| d.ok()).count() >= 20)
+        .wait_for("20 successes", TEST_TIMEOUT, |log| {
+            log.iter().filter(|d| d.ok()).count() >= 20
+        })
         .await?;
     w.drained("flaky").await?;
     let statuses: Vec<(u64, u16)> = log.iter().map(|d| (n_of(d), d.status)).collect();
     assert_eq!(&statuses[3..7], &[(3, 200), (4, 503), (4, 503), (4, 200)]);
     first_successes_in_order(&log).map_err(anyhow::Error::msg)?;
-    assert!(js::failed(&w.js, "flaky").await?.is_empty(), "nothing delegated");
+    assert!(
+        js::failed(&w.js, "flaky").await?.is_empty(),
+        "nothing delegated"
+    );
     Ok(())
 }
 
@@ -160,17 +208,29 @@ async fn timeout_is_transient() -> anyhow::Result<()> {
         .collect();
     js::publish_all(&w.js, msgs).await?;
     let _sidecar = w
-        .sidecar(&w.keyed_config("slow", "timeout = \"500ms\"\nack_wait = \"2s\"\nbackoff_initial = \"20ms\""))
+        .sidecar(&w.keyed_config(
+            "slow",
+            "timeout = \"500ms\"\nack_wait = \"2s\"\nbackoff_initial = \"20ms\"",
+        ))
         .await?;
     let log = w
         .app
         .wait_for("3 successes after a timeout", TEST_TIMEOUT, |log| {
-            log.iter().filter(|d| d.ok() && d.seen_before == 0 || n_of(d) == 1 && d.seen_before == 1).count() >= 3
+            log.iter()
+                .filter(|d| d.ok() && d.seen_before == 0 || n_of(d) == 1 && d.seen_before == 1)
+                .count()
+                >= 3
         })
         .await?;
     w.drained("slow").await?;
-    assert!(js::failed(&w.js, "slow").await?.is_empty(), "a timeout is not delegated");
-    let retried = log.iter().find(|d| n_of(d) == 1 && d.seen_before == 1).unwrap();
+    assert!(
+        js::failed(&w.js, "slow").await?.is_empty(),
+        "a timeout is not delegated"
+    );
+    let retried = log
+        .iter()
+        .find(|d| n_of(d) == 1 && d.seen_before == 1)
+        .unwrap();
     let third = log.iter().find(|d| n_of(d) == 2).unwrap();
     assert!(retried.at < third.at, "key order kept across the timeout");
     Ok(())
@@ -179,7 +239,13 @@ async fn timeout_is_transient() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_limit_turns_into_transient_exhausted() -> anyhow::Result<()> {
     let w = World::new().await?;
-    w.app.script(|d| if n_of(d) == 0 { Reply::Status(429) } else { Reply::Ok });
+    w.app.script(|d| {
+        if n_of(d) == 0 {
+            Reply::Status(429)
+        } else {
+            Reply::Ok
+        }
+    });
     let msgs = (0..2)
         .map(|i| Out::keyed("app.created", KEY_HEADER, "x", json!({"key": "x", "n": i})))
         .collect();
@@ -188,7 +254,9 @@ async fn transient_limit_turns_into_transient_exhausted() -> anyhow::Result<()> 
         .sidecar(&w.keyed_config("exh", "transient_tries = 3\nbackoff_initial = \"10ms\""))
         .await?;
     w.app
-        .wait_for("message 1 delivered", TEST_TIMEOUT, |log| log.iter().any(|d| n_of(d) == 1 && d.ok()))
+        .wait_for("message 1 delivered", TEST_TIMEOUT, |log| {
+            log.iter().any(|d| n_of(d) == 1 && d.ok())
+        })
         .await?;
     w.drained("exh").await?;
     let failed = js::failed(&w.js, "exh").await?;
@@ -204,30 +272,52 @@ async fn app_down_for_ten_seconds_delegates_nothing() -> anyhow::Result<()> {
     let mut w = World::new().await?;
     w.publish_keyed(300, 30).await?;
     w.app.down().await?;
-    let config = w.keyed_config("down", "transient_tries = 2\nbackoff_initial = \"50ms\"\nbackoff_max = \"500ms\"");
+    let config = w.keyed_config(
+        "down",
+        "transient_tries = 2\nbackoff_initial = \"50ms\"\nbackoff_max = \"500ms\"",
+    );
     let sidecar = w.sidecar(&config).await?;
     let metrics_url = format!(
         "http://{}/metrics",
-        config.lines().find_map(|l| l.strip_prefix("listen = ")).unwrap().trim_matches('"')
+        config
+            .lines()
+            .find_map(|l| l.strip_prefix("listen = "))
+            .unwrap()
+            .trim_matches('"')
     );
     let went_down = tokio::time::Instant::now();
     mend_e2e::wait::until("the circuit to open", TEST_TIMEOUT, || async {
         let text = reqwest::get(&metrics_url).await?.text().await?;
-        Ok(text.lines().any(|l| l.starts_with("mend_circuit_open{") && l.ends_with(" 1")).then_some(()))
+        Ok(text
+            .lines()
+            .any(|l| l.starts_with("mend_circuit_open{") && l.ends_with(" 1"))
+            .then_some(()))
     })
     .await?;
     // The scenario itself: the app stays down for ten seconds.
     tokio::time::sleep_until(went_down + Duration::from_secs(10)).await;
-    assert!(js::failed(&w.js, "down").await?.is_empty(), "nothing delegated while down");
+    assert!(
+        js::failed(&w.js, "down").await?.is_empty(),
+        "nothing delegated while down"
+    );
     w.app.up().await?;
     let log = w
         .app
-        .wait_for("300 successes", TEST_TIMEOUT, |log| log.iter().filter(|d| d.ok()).count() >= 300)
+        .wait_for("300 successes", TEST_TIMEOUT, |log| {
+            log.iter().filter(|d| d.ok()).count() >= 300
+        })
         .await?;
     w.drained("down").await?;
     first_successes_in_order(&log).map_err(anyhow::Error::msg)?;
-    assert!(js::failed(&w.js, "down").await?.is_empty(), "nothing delegated after");
-    assert!(sidecar.log().contains("pulling resumed"), "{}", sidecar.log());
+    assert!(
+        js::failed(&w.js, "down").await?.is_empty(),
+        "nothing delegated after"
+    );
+    assert!(
+        sidecar.log().contains("pulling resumed"),
+        "{}",
+        sidecar.log()
+    );
     Ok(())
 }
 
@@ -242,10 +332,15 @@ async fn mend_action_drop_and_park() -> anyhow::Result<()> {
     let seqs = w.publish_keyed(4, 1).await?;
     let _sidecar = w.sidecar(&w.keyed_config("act", "")).await?;
     w.app
-        .wait_for("the last message delivered", TEST_TIMEOUT, |log| log.iter().any(|d| n_of(d) == 3 && d.ok()))
+        .wait_for("the last message delivered", TEST_TIMEOUT, |log| {
+            log.iter().any(|d| n_of(d) == 3 && d.ok())
+        })
         .await?;
     w.drained("act").await?;
-    assert!(js::failed(&w.js, "act").await?.is_empty(), "neither goes to the rules");
+    assert!(
+        js::failed(&w.js, "act").await?.is_empty(),
+        "neither goes to the rules"
+    );
     let dropped = js::events(&w.js, "act", "dropped").await?;
     assert_eq!(dropped.len(), 1);
     assert_eq!(dropped[0]["data"]["id"], format!("APP:{}", seqs[1]));

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use mend_e2e::app::Reply;
 use mend_e2e::js;
-use mend_e2e::world::{first_successes_in_order, World, TEST_TIMEOUT};
+use mend_e2e::world::{TEST_TIMEOUT, World, first_successes_in_order};
 
 fn n_of(d: &mend_e2e::app::Delivery) -> u64 {
     d.field("n").and_then(|v| v.as_u64()).unwrap_or(u64::MAX)
@@ -22,7 +22,13 @@ const CRASHY: &str = "timeout = \"1s\"\nack_wait = \"2s\"\nconcurrency = 16";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_three_times_loses_nothing_and_delegates_once() -> anyhow::Result<()> {
     let w = World::new().await?;
-    w.app.script(|d| if failing(n_of(d)) { Reply::Status(422) } else { Reply::Ok });
+    w.app.script(|d| {
+        if failing(n_of(d)) {
+            Reply::Status(422)
+        } else {
+            Reply::Ok
+        }
+    });
     let total = 5_000u64;
     let seqs = w.publish_keyed(total as usize, 50).await?;
     let mut sidecar = w.sidecar(&w.keyed_config("crash", CRASHY)).await?;
@@ -30,9 +36,11 @@ async fn sigkill_three_times_loses_nothing_and_delegates_once() -> anyhow::Resul
     for round in 1..=3u64 {
         let reached = round * total / 5;
         w.app
-            .wait_for(&format!("{reached} requests before kill {round}"), TEST_TIMEOUT, |log| {
-                log.len() as u64 >= reached
-            })
+            .wait_for(
+                &format!("{reached} requests before kill {round}"),
+                TEST_TIMEOUT,
+                |log| log.len() as u64 >= reached,
+            )
             .await?;
         sidecar.kill().await?;
         sidecar.restart().await?;
@@ -55,8 +63,14 @@ async fn sigkill_three_times_loses_nothing_and_delegates_once() -> anyhow::Resul
     for e in &failed {
         *per_id.entry(e.id.clone()).or_default() += 1;
     }
-    assert!(per_id.values().all(|&c| c == 1), "a failure delegated twice: {per_id:?}");
-    let delegated: HashSet<u64> = failed.iter().map(|e| e.payload["n"].as_u64().unwrap()).collect();
+    assert!(
+        per_id.values().all(|&c| c == 1),
+        "a failure delegated twice: {per_id:?}"
+    );
+    let delegated: HashSet<u64> = failed
+        .iter()
+        .map(|e| e.payload["n"].as_u64().unwrap())
+        .collect();
     let expect_failed: HashSet<u64> = (0..total).filter(|n| failing(*n)).collect();
     assert_eq!(delegated, expect_failed, "every failing message delegated");
     assert_eq!(seqs.len() as u64, total);
@@ -66,22 +80,34 @@ async fn sigkill_three_times_loses_nothing_and_delegates_once() -> anyhow::Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_server_restart_mid_run_loses_nothing() -> anyhow::Result<()> {
     let mut w = World::new().await?;
-    w.app.script(|d| if failing(n_of(d)) { Reply::Status(422) } else { Reply::Ok });
+    w.app.script(|d| {
+        if failing(n_of(d)) {
+            Reply::Status(422)
+        } else {
+            Reply::Ok
+        }
+    });
     let total = 3_000u64;
     w.publish_keyed(total as usize, 30).await?;
     let sidecar = w.sidecar(&w.keyed_config("bounce", CRASHY)).await?;
     w.app
-        .wait_for("a third delivered", TEST_TIMEOUT, |log| log.len() as u64 >= total / 3)
+        .wait_for("a third delivered", TEST_TIMEOUT, |log| {
+            log.len() as u64 >= total / 3
+        })
         .await?;
     w.nats.restart().await?;
 
     let expect_ok: HashSet<u64> = (0..total).filter(|n| !failing(*n)).collect();
     let log = w
         .app
-        .wait_for("every good message delivered after the restart", TEST_TIMEOUT, |log| {
-            let ok: HashSet<u64> = log.iter().filter(|d| d.ok()).map(n_of).collect();
-            expect_ok.is_subset(&ok)
-        })
+        .wait_for(
+            "every good message delivered after the restart",
+            TEST_TIMEOUT,
+            |log| {
+                let ok: HashSet<u64> = log.iter().filter(|d| d.ok()).map(n_of).collect();
+                expect_ok.is_subset(&ok)
+            },
+        )
         .await
         .map_err(|e| anyhow::anyhow!("{e:#}\nsidecar log:\n{}", sidecar.log()))?;
     let client = w.nats.client().await?;
@@ -89,10 +115,17 @@ async fn nats_server_restart_mid_run_loses_nothing() -> anyhow::Result<()> {
     js::consumer_drained(&js2, "APP", "mend-bounce-bounce", TEST_TIMEOUT).await?;
     first_successes_in_order(&log).map_err(anyhow::Error::msg)?;
     let failed = js::failed(&js2, "bounce").await?;
-    let delegated: HashSet<u64> = failed.iter().map(|e| e.payload["n"].as_u64().unwrap()).collect();
+    let delegated: HashSet<u64> = failed
+        .iter()
+        .map(|e| e.payload["n"].as_u64().unwrap())
+        .collect();
     let expect_failed: HashSet<u64> = (0..total).filter(|n| failing(*n)).collect();
     assert_eq!(delegated, expect_failed);
-    assert_eq!(failed.len(), expect_failed.len(), "no failure delegated twice");
+    assert_eq!(
+        failed.len(),
+        expect_failed.len(),
+        "no failure delegated twice"
+    );
     Ok(())
 }
 
@@ -101,11 +134,23 @@ async fn sigterm_finishes_in_flight_and_hands_back_the_rest() -> anyhow::Result<
     let w = World::new().await?;
     w.app.script(|_| Reply::Slow(Duration::from_millis(300)));
     w.publish_keyed(200, 4).await?;
-    let mut sidecar = w.sidecar(&w.keyed_config("term", "ack_wait = \"60s\"")).await?;
-    w.app.wait_for("some deliveries", TEST_TIMEOUT, |log| log.len() >= 4).await?;
+    let mut sidecar = w
+        .sidecar(&w.keyed_config("term", "ack_wait = \"60s\""))
+        .await?;
+    w.app
+        .wait_for("some deliveries", TEST_TIMEOUT, |log| log.len() >= 4)
+        .await?;
     let status = sidecar.terminate(Duration::from_secs(15)).await?;
-    assert!(status.success(), "graceful exit: {status:?}\n{}", sidecar.log());
-    assert!(sidecar.log().contains("Sidecar stopped"), "{}", sidecar.log());
+    assert!(
+        status.success(),
+        "graceful exit: {status:?}\n{}",
+        sidecar.log()
+    );
+    assert!(
+        sidecar.log().contains("Sidecar stopped"),
+        "{}",
+        sidecar.log()
+    );
     let delivered_before = w.app.log().len();
     assert!(delivered_before < 200, "it stopped before the end");
 
@@ -117,7 +162,12 @@ async fn sigterm_finishes_in_flight_and_hands_back_the_rest() -> anyhow::Result<
     let log = w
         .app
         .wait_for("the rest delivered", Duration::from_secs(30), |log| {
-            log.iter().filter(|d| d.ok()).map(n_of).collect::<HashSet<_>>().len() >= 200
+            log.iter()
+                .filter(|d| d.ok())
+                .map(n_of)
+                .collect::<HashSet<_>>()
+                .len()
+                >= 200
         })
         .await?;
     js::consumer_drained(&w.js, "APP", "mend-term-term", Duration::from_secs(30)).await?;
