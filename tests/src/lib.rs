@@ -7,6 +7,8 @@
 //! - [`js`]: publishing, reading mend's streams, and consumer state.
 //! - [`wait`]: waiting for conditions with a deadline (never sleeping and hoping).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test harness code
+
 pub mod app;
 pub mod js;
 pub mod mend;

@@ -132,6 +132,11 @@ impl MendProcess {
         Ok(())
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
     /// Everything logged so far, one line each.
     pub fn log(&self) -> String {
         self.log.lock().unwrap().join("\n")

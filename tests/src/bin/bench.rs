@@ -1,0 +1,338 @@
+//! `make bench`: how fast the sidecar delivers, against what this machine allows, in one run on one
+//! nats-server.
+//!
+//! (a) a raw async-nats pull consumer that acks each message with no work (the broker's limit here);
+//! (b) a minimal hand-written loop doing the sidecar's essential work: pull, POST to a no-op HTTP app
+//!     with 64 keys in flight, per-key order, confirmed ack (the limit for this work on this machine);
+//! (c) the sidecar doing the same through its full code path;
+//! (d) the loop of (b) one message at a time (what a naive consumer does).
+//! Then the latency the sidecar adds over (b) with one message in flight, and the sidecar's peak RSS.
+//!
+//! Usage: `mend-bench [--messages N] [--keys K]` (defaults 200000, 1000).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
+use async_nats::jetstream::{self, AckKind};
+use axum::routing::post;
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use mend_e2e::js::{self, Out};
+use mend_e2e::mend::{MendProcess, sidecar_config};
+use mend_e2e::nats::NatsServer;
+use tokio::sync::mpsc;
+
+const IN_FLIGHT: usize = 64;
+const LATENCY_SAMPLES: usize = 1000;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let (mut n, mut keys) = (200_000usize, 1000usize);
+    while let Some(a) = args.next() {
+        let v = args.next().context("a value after the flag")?.parse()?;
+        match a.as_str() {
+            "--messages" => n = v,
+            "--keys" => keys = v,
+            other => anyhow::bail!("unknown argument {other}"),
+        }
+    }
+    let nats = NatsServer::start().await?;
+    let client = nats.client().await?;
+    let js = jetstream::new(client.clone());
+    let app = NoopApp::start().await?;
+
+    js::app_stream(&js, "BENCH", &["bench.>"]).await?;
+    eprintln!("publishing {n} messages of 256 bytes over {keys} keys ...");
+    js::publish_all(&js, messages("bench.m", n, keys)).await?;
+
+    let a = rate(n, raw(&js, n).await?);
+    eprintln!("(a) raw pull + ack: {a:.0} msg/s");
+    let b = rate(
+        n,
+        looped(&js, &client, &app.url, "loop64", n, IN_FLIGHT).await?,
+    );
+    eprintln!("(b) hand-written loop, 64 keys in flight: {b:.0} msg/s");
+    let n_d = n.min(20_000);
+    let d = rate(n_d, looped(&js, &client, &app.url, "loop1", n_d, 1).await?);
+    eprintln!("(d) one at a time: {d:.0} msg/s (over {n_d} messages)");
+
+    // (c) the sidecar, started once every message is waiting for it.
+    js::app_stream(&js, "LAT", &["lat.>"]).await?;
+    let config = sidecar_config(
+        "bench",
+        &nats.url(),
+        "BENCH",
+        &["bench.>"],
+        &app.url,
+        "key = { header = \"Account-Id\" }\nconcurrency = 64",
+    ) + "\n[[binding]]\nname = \"lat\"\nstream = \"LAT\"\nsubjects = [\"lat.>\"]\nkey = { header = \"Account-Id\" }\n"
+        + &format!("endpoint = \"{}\"\n", app.url);
+    let before = app.count.load(Ordering::Acquire);
+    let sidecar = MendProcess::start("sidecar", &config).await?;
+    sidecar.ready().await?;
+    let started = Instant::now();
+    while app.count.load(Ordering::Acquire) < before + n as u64 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    js::consumer_drained(&js, "BENCH", "mend-bench-bench", Duration::from_secs(600)).await?;
+    let c = rate(n, started.elapsed());
+    eprintln!("(c) mend sidecar: {c:.0} msg/s");
+
+    // Latency with one message in flight: the hand-written loop, then the sidecar.
+    js::app_stream(&js, "LATLOOP", &["latloop.>"]).await?;
+    let loop_lat = {
+        let (js2, c2, url) = (js.clone(), client.clone(), app.url.clone());
+        let task =
+            tokio::spawn(
+                async move { looped(&js2, &c2, &url, "latloop", LATENCY_SAMPLES, 1).await },
+            );
+        let lat = latency(&js, &app, "latloop.m").await?;
+        task.await??;
+        lat
+    };
+    let side_lat = latency(&js, &app, "lat.m").await?;
+    let rss = sidecar.pid().and_then(peak_rss_kib).unwrap_or(0);
+
+    let p = |v: &[Duration], q: f64| v[((v.len() - 1) as f64 * q) as usize];
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "\nmend benchmark: {n} messages, 256-byte JSON, {keys} keys, one nats-server (file storage), {} cores",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    println!("| run | msgs/s |\n|---|---|");
+    println!("| (a) raw pull consumer, ack, no work | {a:.0} |");
+    println!(
+        "| (b) hand-written loop: HTTP, 64 keys in flight, key order, confirmed ack | {b:.0} |"
+    );
+    println!("| (c) mend sidecar, full code path | {c:.0} |");
+    println!("| (d) hand-written loop, one message at a time | {d:.0} |");
+    println!(
+        "\nc/b = {:.2} (target >= 0.8)   c/d = {:.1} (target >= 3)",
+        c / b,
+        c / d
+    );
+    println!(
+        "latency publish -> app, one in flight: loop p50 {:.3} ms p99 {:.3} ms; sidecar p50 {:.3} ms p99 {:.3} ms",
+        ms(p(&loop_lat, 0.5)),
+        ms(p(&loop_lat, 0.99)),
+        ms(p(&side_lat, 0.5)),
+        ms(p(&side_lat, 0.99))
+    );
+    println!(
+        "added by the sidecar: p50 {:.3} ms, p99 {:.3} ms (target p99 <= 1 ms)",
+        ms(p(&side_lat, 0.5)) - ms(p(&loop_lat, 0.5)),
+        ms(p(&side_lat, 0.99)) - ms(p(&loop_lat, 0.99))
+    );
+    println!(
+        "sidecar peak RSS: {:.1} MiB (target <= 40 MiB)",
+        rss as f64 / 1024.0
+    );
+    Ok(())
+}
+
+fn rate(n: usize, took: Duration) -> f64 {
+    n as f64 / took.as_secs_f64()
+}
+
+fn messages(subject: &str, n: usize, keys: usize) -> Vec<Out> {
+    (0..n)
+        .map(|i| {
+            let key = format!("k{}", i % keys.max(1));
+            let mut body = serde_json::json!({"key": key, "n": i, "pad": ""}).to_string();
+            let pad = 256usize.saturating_sub(body.len());
+            body = serde_json::json!({"key": key, "n": i, "pad": "x".repeat(pad)}).to_string();
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Account-Id", key.as_str());
+            Out {
+                subject: subject.to_owned(),
+                headers,
+                payload: Bytes::from(body),
+            }
+        })
+        .collect()
+}
+
+async fn consumer(
+    js: &jetstream::Context,
+    stream: &str,
+    name: &str,
+) -> anyhow::Result<PullConsumer> {
+    let s = js.get_stream(stream).await?;
+    Ok(s.create_consumer(pull::Config {
+        durable_name: Some(name.to_owned()),
+        ack_policy: AckPolicy::Explicit,
+        max_ack_pending: 1024,
+        ..Default::default()
+    })
+    .await?)
+}
+
+/// (a): pull and ack, nothing else.
+async fn raw(js: &jetstream::Context, n: usize) -> anyhow::Result<Duration> {
+    let c = consumer(js, "BENCH", "raw").await?;
+    let started = Instant::now();
+    let mut msgs = c.stream().max_messages_per_batch(500).messages().await?;
+    for _ in 0..n {
+        let m = msgs
+            .next()
+            .await
+            .context("stream ended")?
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    Ok(started.elapsed())
+}
+
+/// (b) and (d): pull, POST, per-key order, confirmed ack, `in_flight` keys at once.
+async fn looped(
+    js: &jetstream::Context,
+    client: &async_nats::Client,
+    url: &str,
+    name: &str,
+    n: usize,
+    in_flight: usize,
+) -> anyhow::Result<Duration> {
+    let stream = if name == "latloop" {
+        "LATLOOP"
+    } else {
+        "BENCH"
+    };
+    let c = consumer(js, stream, name).await?;
+    let http = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(in_flight)
+        .build()?;
+    let started = Instant::now();
+    let mut msgs = c.stream().max_messages_per_batch(256).messages().await?;
+    let mut lanes: HashMap<String, VecDeque<jetstream::Message>> = HashMap::new();
+    let mut ready: VecDeque<String> = VecDeque::new();
+    let mut busy: HashSet<String> = HashSet::new();
+    let mut running = FuturesUnordered::new();
+    let mut buffered = 0usize;
+    let mut done = 0usize;
+    let deliver = |key: String, m: jetstream::Message| {
+        let (http, client, url) = (http.clone(), client.clone(), url.to_owned());
+        async move {
+            let mut req = http.post(url).body(m.payload.clone());
+            if let Some(h) = &m.headers {
+                for (k, vs) in h.iter() {
+                    req = req.header(k.to_string(), vs[0].as_str());
+                }
+            }
+            let ok = req
+                .send()
+                .await
+                .map(|r| r.status().is_success())
+                .unwrap_or(false);
+            if let Some(reply) = m.reply.clone() {
+                let _ = client.request(reply, Bytes::from(AckKind::Ack)).await;
+            }
+            (key, ok)
+        }
+    };
+    while done < n {
+        tokio::select! {
+            Some((key, _ok)) = running.next(), if !running.is_empty() => {
+                done += 1;
+                buffered -= 1;
+                busy.remove(&key);
+                let lane: &mut VecDeque<_> = lanes.get_mut(&key).context("lane")?;
+                if lane.is_empty() { lanes.remove(&key); } else { ready.push_back(key); }
+            }
+            m = msgs.next(), if buffered < 1024 => {
+                let m = m.context("stream ended")?.map_err(|e| anyhow::anyhow!("{e}"))?;
+                let key = m.headers.as_ref().and_then(|h| h.get("Account-Id")).map(|v| v.to_string()).unwrap_or_default();
+                buffered += 1;
+                let lane = lanes.entry(key.clone()).or_default();
+                lane.push_back(m);
+                if lane.len() == 1 && !busy.contains(&key) { ready.push_back(key); }
+            }
+        }
+        while running.len() < in_flight {
+            let Some(key) = ready.pop_front() else { break };
+            let Some(m) = lanes.get_mut(&key).and_then(|l| l.pop_front()) else {
+                continue;
+            };
+            busy.insert(key.clone());
+            running.push(deliver(key, m));
+        }
+    }
+    Ok(started.elapsed())
+}
+
+/// Publishes one message at a time on `subject` and measures publish → app receipt.
+async fn latency(
+    js: &jetstream::Context,
+    app: &NoopApp,
+    subject: &str,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut rx = app.lat.lock().await;
+    let mut out = Vec::with_capacity(LATENCY_SAMPLES);
+    for i in 0..LATENCY_SAMPLES {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Account-Id", format!("k{}", i % 10).as_str());
+        headers.insert("Lat", "1");
+        let sent = Instant::now();
+        js.publish_with_headers(subject.to_owned(), headers, Bytes::from_static(b"{}"))
+            .await?
+            .await?;
+        let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await?
+            .context("app gone")?;
+        out.push(got.saturating_duration_since(sent));
+    }
+    out.sort();
+    Ok(out)
+}
+
+struct NoopApp {
+    url: String,
+    count: Arc<AtomicU64>,
+    lat: tokio::sync::Mutex<mpsc::UnboundedReceiver<Instant>>,
+}
+
+impl NoopApp {
+    async fn start() -> anyhow::Result<Self> {
+        let count = Arc::new(AtomicU64::new(0));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let c = count.clone();
+        let router = axum::Router::new().route(
+            "/events",
+            post(move |headers: axum::http::HeaderMap| {
+                let (c, tx) = (c.clone(), tx.clone());
+                async move {
+                    if headers.contains_key("lat") {
+                        let _ = tx.send(Instant::now());
+                    } else {
+                        c.fetch_add(1, Ordering::AcqRel);
+                    }
+                    ""
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}/events", listener.local_addr()?);
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        Ok(Self {
+            url,
+            count,
+            lat: tokio::sync::Mutex::new(rx),
+        })
+    }
+}
+
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
