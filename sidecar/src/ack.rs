@@ -1,9 +1,12 @@
 //! Acknowledgements: the only module that talks to a message's reply subject.
 //!
-//! A confirmed ack is a request on the client's shared inbox (the server answers once the ack is
-//! stored); it is retried briefly across a reconnect. When it cannot be confirmed the message will be
-//! redelivered, which at-least-once delivery allows.
+//! A confirmed ack is a request on the client's shared inbox: the server answers once the ack is
+//! stored. Two cases get a plain ack instead, because no answer will come: a delivery made before
+//! the client reconnected (a restarted server applies such acks but does not confirm them), and a
+//! request the server received without answering. Unconfirmed, a message may be redelivered, which
+//! at-least-once delivery allows; it never holds its key's lane for longer than one timeout.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,23 +17,39 @@ use tokio::time::Instant;
 
 use crate::telemetry;
 
-/// Longest wait for one confirmation.
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
-/// Pause between confirmation attempts.
+/// Longest wait for one confirmation. The server answers in well under a millisecond when it answers
+/// at all; when it does not, waiting longer does not help.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(1);
+/// Pause between attempts while the client cannot reach the server.
 const CONFIRM_PAUSE: Duration = Duration::from_millis(100);
 
-/// The reply subject of a message's latest delivery. A redelivery (after a server restart, say)
-/// replaces it: the server may no longer answer acks sent to an older delivery's subject.
-#[derive(Debug, Clone)]
-pub struct Reply(Arc<Mutex<Subject>>);
+/// Counts the client's (re)connections.
+#[derive(Debug, Clone, Default)]
+pub struct Epoch(Arc<AtomicU64>);
 
-impl Reply {
-    pub fn new(subject: Subject) -> Self {
-        Self(Arc::new(Mutex::new(subject)))
+impl Epoch {
+    pub fn current(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
     }
 
-    /// The subject to ack on now.
-    pub fn current(&self) -> Subject {
+    /// The client connected (again).
+    pub fn connected(&self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// The reply subject of a message's latest delivery and the connection epoch it came on. A
+/// redelivery replaces both: the server may no longer answer acks sent to an older delivery's subject.
+#[derive(Debug, Clone)]
+pub struct Reply(Arc<Mutex<(Subject, u64)>>);
+
+impl Reply {
+    pub fn new(subject: Subject, epoch: u64) -> Self {
+        Self(Arc::new(Mutex::new((subject, epoch))))
+    }
+
+    /// The subject to ack on now, and the epoch of that delivery.
+    pub fn current(&self) -> (Subject, u64) {
         match self.0.lock() {
             Ok(s) => s.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
@@ -38,26 +57,34 @@ impl Reply {
     }
 
     /// A newer delivery of the same message arrived.
-    pub fn redelivered(&self, subject: Subject) {
+    pub fn redelivered(&self, subject: Subject, epoch: u64) {
         match self.0.lock() {
-            Ok(mut s) => *s = subject,
-            Err(poisoned) => *poisoned.into_inner() = subject,
+            Ok(mut s) => *s = (subject, epoch),
+            Err(poisoned) => *poisoned.into_inner() = (subject, epoch),
         }
     }
 }
 
-/// Acks and waits until the server has stored the ack, retrying (on the latest delivery's subject)
-/// for up to `budget`; after that the message will be redelivered, which at-least-once allows.
-pub async fn confirm(client: &Client, reply: &Reply, budget: Duration) -> bool {
+/// Acks and waits until the server has stored the ack; while the client cannot reach the server it
+/// retries for up to `budget`. Returns whether the ack was confirmed.
+pub async fn confirm(client: &Client, reply: &Reply, epoch: &Epoch, budget: Duration) -> bool {
     let give_up = Instant::now() + budget;
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        let request = client.request(reply.current(), Bytes::from(AckKind::Ack));
+        let (subject, delivered_on) = reply.current();
+        if delivered_on != epoch.current() {
+            tracing::debug!("Delivered before a reconnect: plain ack.");
+            return plain(client, subject).await;
+        }
+        let request = client.request(subject.clone(), Bytes::from(AckKind::Ack));
         match tokio::time::timeout(CONFIRM_TIMEOUT, request).await {
             Ok(Ok(_)) => return true,
             Ok(Err(error)) => tracing::debug!(%error, attempt, "Ack not confirmed; retrying."),
-            Err(_) => tracing::debug!(attempt, "Ack confirmation timed out; retrying."),
+            Err(_) => {
+                tracing::warn!("Ack confirmation not answered; acked without waiting.");
+                return plain(client, subject).await;
+            }
         }
         if Instant::now() + CONFIRM_PAUSE >= give_up {
             break;
@@ -67,15 +94,23 @@ pub async fn confirm(client: &Client, reply: &Reply, budget: Duration) -> bool {
     metrics::counter!(telemetry::ACK_UNCONFIRMED).increment(1);
     tracing::warn!(
         attempt,
-        "Ack could not be confirmed; the message will be redelivered."
+        "Ack could not be sent; the message will be redelivered."
     );
+    false
+}
+
+async fn plain(client: &Client, subject: Subject) -> bool {
+    metrics::counter!(telemetry::ACK_UNCONFIRMED).increment(1);
+    if let Err(error) = client.publish(subject, Bytes::from(AckKind::Ack)).await {
+        tracing::warn!(%error, "Ack not sent; the message will be redelivered.");
+    }
     false
 }
 
 /// Tells the server the message is still being worked on (resets its ack wait).
 pub async fn progress(client: &Client, reply: &Reply) {
     if let Err(error) = client
-        .publish(reply.current(), Bytes::from(AckKind::Progress))
+        .publish(reply.current().0, Bytes::from(AckKind::Progress))
         .await
     {
         tracing::debug!(%error, "In-progress ack not sent.");
@@ -85,7 +120,7 @@ pub async fn progress(client: &Client, reply: &Reply) {
 /// Hands the message back for immediate redelivery (shutdown, not started).
 pub async fn hand_back(client: &Client, reply: &Reply) {
     if let Err(error) = client
-        .publish(reply.current(), Bytes::from(AckKind::Nak(None)))
+        .publish(reply.current().0, Bytes::from(AckKind::Nak(None)))
         .await
     {
         tracing::debug!(%error, "Nak not sent; the message is redelivered after its ack wait.");

@@ -45,6 +45,8 @@ pub struct BindingRuntime {
     pub app: App,
     pub client: Client,
     pub js: jetstream::Context,
+    /// Which connection of the client deliveries came on.
+    pub epoch: ack::Epoch,
     pub circuit: Circuit,
     pub shutdown: CancellationToken,
     pub shutdown_timeout: Duration,
@@ -295,11 +297,11 @@ fn admit(
     };
     if let Some(h) = held.get_mut(&seq) {
         rt.metrics.redelivered.increment(1);
-        h.reply.redelivered(subject);
+        h.reply.redelivered(subject, rt.epoch.current());
         h.touched = Instant::now();
         return;
     }
-    let reply = ack::Reply::new(subject);
+    let reply = ack::Reply::new(subject, rt.epoch.current());
     let key = rt.cfg.key.as_ref().and_then(|source| key_of(source, &msg));
     let meta = DeliveryMeta {
         service: rt.service.clone(),
@@ -458,7 +460,7 @@ async fn finish(rt: &BindingRuntime, d: &Delivery, answer: Answer) {
     };
     match finished {
         Ok(()) => {
-            ack::confirm(&rt.client, &d.reply, rt.cfg.ack_wait * 2).await;
+            ack::confirm(&rt.client, &d.reply, &rt.epoch, rt.cfg.ack_wait).await;
         }
         Err(stopped) => {
             tracing::warn!(%stopped, "Not finished; handing the message back for redelivery.");

@@ -41,7 +41,13 @@ pub enum ConnectError {
 
 /// Connects with the configured auth and TLS; after the first connection the client reconnects by
 /// itself forever.
-pub async fn connect(url: &str, cfg: &NatsConfig, name: &str) -> Result<Client, ConnectError> {
+/// Every (re)connection bumps `epoch`.
+pub async fn connect(
+    url: &str,
+    cfg: &NatsConfig,
+    name: &str,
+    epoch: &crate::ack::Epoch,
+) -> Result<Client, ConnectError> {
     let mut opts = ConnectOptions::new()
         .name(name)
         .connection_timeout(cfg.connect_timeout)
@@ -79,11 +85,20 @@ pub async fn connect(url: &str, cfg: &NatsConfig, name: &str) -> Result<Client, 
     if cfg.tls_required {
         opts = opts.require_tls(true);
     }
-    opts = opts.event_callback(|event| async move {
-        match event {
-            async_nats::Event::Connected => info!("NATS connected"),
-            async_nats::Event::Disconnected => tracing::warn!("NATS disconnected; reconnecting"),
-            other => tracing::debug!(event = %other, "NATS event"),
+    let epoch = epoch.clone();
+    opts = opts.event_callback(move |event| {
+        let epoch = epoch.clone();
+        async move {
+            match event {
+                async_nats::Event::Connected => {
+                    epoch.connected();
+                    info!("NATS connected");
+                }
+                async_nats::Event::Disconnected => {
+                    tracing::warn!("NATS disconnected; reconnecting")
+                }
+                other => tracing::debug!(event = %other, "NATS event"),
+            }
         }
     });
     let client = opts

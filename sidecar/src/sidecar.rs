@@ -29,10 +29,12 @@ pub enum SidecarError {
 /// Runs the sidecar until `shutdown` is cancelled, then shuts down gracefully.
 pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(), SidecarError> {
     let metrics = telemetry::metrics().map_err(SidecarError::Startup)?;
+    let epoch = crate::ack::Epoch::default();
     let client = nats::connect(
         &config.nats_url,
         &config.nats,
         &format!("mend-sidecar-{}", config.service),
+        &epoch,
     )
     .await
     .map_err(|e| SidecarError::Startup(e.into()))?;
@@ -91,6 +93,7 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
                 .map_err(SidecarError::Startup)?,
             client: client.clone(),
             js: js.clone(),
+            epoch: epoch.clone(),
             circuit,
             shutdown: shutdown.clone(),
             shutdown_timeout: config.shutdown_timeout,
