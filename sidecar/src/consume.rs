@@ -43,6 +43,8 @@ pub struct BindingRuntime {
     pub service: String,
     pub cfg: BindingConfig,
     pub app: App,
+    /// Request header values shared by every message of the binding.
+    pub fixed_headers: headers::BindingHeaders,
     pub client: Client,
     pub js: jetstream::Context,
     /// Which connection of the client deliveries came on.
@@ -372,12 +374,13 @@ async fn process(rt: Arc<BindingRuntime>, key: Option<MessageKey>, d: Delivery) 
 }
 
 async fn deliver(rt: &BindingRuntime, d: &Delivery) {
-    let headers = headers::app_request(&d.meta, d.msg.headers.as_ref());
     let mut tries = 0;
     let mut pause = rt.cfg.backoff_initial;
     loop {
+        // Built per try (retries are rare): reqwest takes the map, and a clone would cost as much.
+        let headers = headers::app_request(&rt.fixed_headers, &d.meta, d.msg.headers.as_ref());
         let started = Instant::now();
-        let answer = rt.app.call(headers.clone(), d.msg.payload.clone()).await;
+        let answer = rt.app.call(headers, d.msg.payload.clone()).await;
         rt.metrics.latency.record(started.elapsed().as_secs_f64());
         let (status, retry_after, cause) = match answer {
             Answer::Transient {

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use repair_rules::headers::MEND_ACTION;
 use repair_rules::{FailureError, problem};
 use reqwest::StatusCode;
-use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, RETRY_AFTER};
 
 use crate::config::BindingConfig;
 
@@ -83,7 +83,17 @@ impl App {
             }
         };
         let status = response.status();
-        let headers = response.headers().clone();
+        // Only what classification reads, not a copy of the whole map.
+        let mut headers = HeaderMap::with_capacity(3);
+        for name in [
+            CONTENT_TYPE,
+            RETRY_AFTER,
+            HeaderName::from_static("mend-action"),
+        ] {
+            if let Some(v) = response.headers().get(&name) {
+                headers.insert(name, v.clone());
+            }
+        }
         let body = match read_capped(response, ERROR_BODY_LIMIT).await {
             Ok(body) => body,
             Err(e) if status.is_success() => {

@@ -3,7 +3,6 @@
 
 use std::time::SystemTime;
 
-use repair_rules::headers as h;
 use repair_rules::{LineageId, MessageKey};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 
@@ -34,21 +33,44 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
+/// Header values that are the same for every message of a binding, made once.
+#[derive(Debug, Clone)]
+pub struct BindingHeaders {
+    source: HeaderValue,
+    service: HeaderValue,
+}
+
+impl BindingHeaders {
+    pub fn new(service: &str, stream: &str) -> Self {
+        Self {
+            source: encode(&format!("urn:mend:{service}:{stream}")),
+            service: encode(service),
+        }
+    }
+}
+
 /// The headers of the app call for a message with `meta` and NATS headers `nats`.
-pub fn app_request(meta: &DeliveryMeta, nats: Option<&async_nats::HeaderMap>) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(16);
+pub fn app_request(
+    fixed: &BindingHeaders,
+    meta: &DeliveryMeta,
+    nats: Option<&async_nats::HeaderMap>,
+) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(32);
     let mut content_type = None;
     if let Some(nats) = nats {
         for (name, values) in nats.iter() {
-            let lower = name.to_string().to_ascii_lowercase();
-            if HOP_BY_HOP.contains(&lower.as_str())
-                || lower.starts_with("mend-")
-                || lower.starts_with("ce-")
+            let name: &str = name.as_ref();
+            if HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+                || starts_with_ignore_case(name, "mend-")
+                || starts_with_ignore_case(name, "ce-")
             {
                 continue;
             }
-            let Ok(http_name) = HeaderName::from_bytes(lower.as_bytes()) else {
-                tracing::debug!(header = %name, "NATS header is not a valid HTTP header name; not forwarded");
+            let Ok(http_name) = HeaderName::from_bytes(name.as_bytes()) else {
+                tracing::debug!(
+                    header = name,
+                    "NATS header is not a valid HTTP header name; not forwarded"
+                );
                 continue;
             };
             for value in values {
@@ -58,7 +80,10 @@ pub fn app_request(meta: &DeliveryMeta, nats: Option<&async_nats::HeaderMap>) ->
                         out.append(http_name.clone(), v);
                     }
                     Err(_) => {
-                        tracing::debug!(header = %name, "NATS header value is not valid in HTTP; not forwarded");
+                        tracing::debug!(
+                            header = name,
+                            "NATS header value is not valid in HTTP; not forwarded"
+                        );
                     }
                 }
             }
@@ -68,72 +93,68 @@ pub fn app_request(meta: &DeliveryMeta, nats: Option<&async_nats::HeaderMap>) ->
         CONTENT_TYPE,
         content_type.unwrap_or(HeaderValue::from_static("application/json")),
     );
-    let id = meta.lineage.to_string();
-    put(&mut out, "ce-specversion", "1.0");
-    put(&mut out, "ce-id", &id);
-    put(
-        &mut out,
-        "ce-source",
-        &format!("urn:mend:{}:{}", meta.service, meta.lineage.stream),
+    // Each value is made once and shared by its CloudEvents and Mend-* twin (a cheap clone).
+    let id = encode(&meta.lineage.to_string());
+    let subject = encode(&meta.subject);
+    out.insert(
+        HeaderName::from_static("ce-specversion"),
+        HeaderValue::from_static("1.0"),
     );
-    put(&mut out, "ce-type", &meta.subject);
-    put(
-        &mut out,
-        "ce-time",
-        &humantime::format_rfc3339_millis(meta.published).to_string(),
+    out.insert(HeaderName::from_static("ce-id"), id.clone());
+    out.insert(HeaderName::from_static("ce-source"), fixed.source.clone());
+    out.insert(HeaderName::from_static("ce-type"), subject.clone());
+    out.insert(
+        HeaderName::from_static("ce-time"),
+        encode(&humantime::format_rfc3339_millis(meta.published).to_string()),
     );
-    put(&mut out, h::MEND_ID, &id);
-    put(&mut out, h::MEND_SERVICE, &meta.service);
-    put(&mut out, h::MEND_ATTEMPT, &meta.attempt.to_string());
-    put(&mut out, h::MEND_ORIGINAL_SUBJECT, &meta.subject);
+    out.insert(HeaderName::from_static("mend-id"), id);
+    out.insert(
+        HeaderName::from_static("mend-service"),
+        fixed.service.clone(),
+    );
+    out.insert(
+        HeaderName::from_static("mend-attempt"),
+        HeaderValue::from(meta.attempt),
+    );
+    out.insert(HeaderName::from_static("mend-original-subject"), subject);
     if let Some(key) = &meta.key {
-        put(&mut out, "ce-subject", key.as_str());
-        put(&mut out, h::MEND_KEY, key.as_str());
+        let key = encode(key.as_str());
+        out.insert(HeaderName::from_static("ce-subject"), key.clone());
+        out.insert(HeaderName::from_static("mend-key"), key);
     }
     if let Some(rules) = &meta.repaired_by {
-        put(&mut out, h::MEND_REPAIRED_BY, rules);
+        out.insert(HeaderName::from_static("mend-repaired-by"), encode(rules));
     }
     if let Some(user) = &meta.resubmitted_by {
-        put(&mut out, h::MEND_RESUBMITTED_BY, user);
+        out.insert(HeaderName::from_static("mend-resubmitted-by"), encode(user));
     }
     out
 }
 
-/// Sets a header whose value may come from outside (a key, a subject), percent-encoded as the
-/// CloudEvents HTTP binding requires: everything outside printable ASCII, plus `"` and `%`.
-fn put(map: &mut HeaderMap, name: &'static str, value: &str) {
-    let needs = |b: u8| !(0x21..=0x7e).contains(&b) || b == b'"' || b == b'%';
-    let value = if value.bytes().any(needs) {
-        let mut encoded = String::with_capacity(value.len() + 8);
-        for b in value.bytes() {
-            if needs(b) {
-                encoded.push_str(&format!("%{b:02X}"));
-            } else {
-                encoded.push(b as char);
-            }
-        }
-        encoded
-    } else {
-        value.to_owned()
-    };
-    // Only printable ASCII is left, which is always a valid header value.
-    if let Ok(value) = HeaderValue::from_str(&value) {
-        map.insert(HeaderName::from_static(lower_static(name)), value);
-    }
+fn starts_with_ignore_case(name: &str, prefix: &str) -> bool {
+    name.len() >= prefix.len()
+        && name.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
 }
 
-/// Header names are declared in their canonical case; HTTP/1 maps want them lower-case.
-fn lower_static(name: &'static str) -> &'static str {
-    match name {
-        h::MEND_ID => "mend-id",
-        h::MEND_KEY => "mend-key",
-        h::MEND_SERVICE => "mend-service",
-        h::MEND_ATTEMPT => "mend-attempt",
-        h::MEND_REPAIRED_BY => "mend-repaired-by",
-        h::MEND_RESUBMITTED_BY => "mend-resubmitted-by",
-        h::MEND_ORIGINAL_SUBJECT => "mend-original-subject",
-        other => other,
+/// A header value from text that may come from outside (a key, a subject), percent-encoded as the
+/// CloudEvents HTTP binding requires: everything outside printable ASCII, plus `"` and `%`.
+fn encode(value: &str) -> HeaderValue {
+    let needs = |b: u8| !(0x21..=0x7e).contains(&b) || b == b'"' || b == b'%';
+    if !value.bytes().any(needs) {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            return v;
+        }
     }
+    let mut encoded = String::with_capacity(value.len() + 8);
+    for b in value.bytes() {
+        if needs(b) {
+            encoded.push_str(&format!("%{b:02X}"));
+        } else {
+            encoded.push(b as char);
+        }
+    }
+    // Only printable ASCII is left, which is always a valid header value.
+    HeaderValue::from_str(&encoded).unwrap_or(HeaderValue::from_static(""))
 }
 
 #[cfg(test)]
@@ -164,7 +185,11 @@ mod tests {
         nats.insert("Mend-Id", "FORGED:1");
         nats.insert("Content-Length", "99");
         nats.insert("Content-Type", "text/plain");
-        let out = app_request(&meta(), Some(&nats));
+        let out = app_request(
+            &BindingHeaders::new("orders", "ORDERS"),
+            &meta(),
+            Some(&nats),
+        );
         assert_eq!(out["ce-specversion"], "1.0");
         assert_eq!(out["ce-id"], "ORDERS:7");
         assert_eq!(out["ce-type"], "orders.created");
@@ -183,7 +208,7 @@ mod tests {
 
     #[test]
     fn json_is_the_default_content_type() {
-        let out = app_request(&meta(), None);
+        let out = app_request(&BindingHeaders::new("orders", "ORDERS"), &meta(), None);
         assert_eq!(out["content-type"], "application/json");
     }
 }

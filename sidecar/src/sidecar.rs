@@ -91,6 +91,7 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
             app: App::new(binding)
                 .context("cannot build the HTTP client")
                 .map_err(SidecarError::Startup)?,
+            fixed_headers: crate::headers::BindingHeaders::new(&config.service, &binding.stream),
             client: client.clone(),
             js: js.clone(),
             epoch: epoch.clone(),

@@ -1,7 +1,7 @@
 //! Running the built `mend` binary: write its config, spawn it, read its log, wait for it to be
 //! consuming, stop it gracefully or kill it, start it again.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,18 +16,15 @@ pub fn mend_bin() -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os("MEND_BIN") {
         return Ok(PathBuf::from(p));
     }
+    // Test executables live in target/<profile>/deps, other binaries in target/<profile>.
     let exe = std::env::current_exe()?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("cannot find the target dir")?;
-    let bin = profile_dir.join("mend");
-    if !bin.exists() {
+    let candidates = exe.ancestors().skip(1).take(2).map(|dir| dir.join("mend"));
+    let Some(bin) = candidates.into_iter().find(|p| p.exists()) else {
         bail!(
-            "{} is missing: run `cargo build --bin mend` first (make test does)",
-            bin.display()
+            "the mend binary is missing next to {}: run `cargo build --bin mend` first (make test does)",
+            exe.display()
         );
-    }
+    };
     Ok(bin)
 }
 

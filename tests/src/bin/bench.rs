@@ -7,13 +7,14 @@
 //! (c) the sidecar doing the same through its full code path;
 //! (d) the loop of (b) one message at a time (what a naive consumer does).
 //! Then the latency the sidecar adds over (b) with one message in flight, and the sidecar's peak RSS.
+//! The no-op app is a separate process (this binary with `--serve-app`), as a real app is, for every
+//! run alike.
 //!
 //! Usage: `mend-bench [--messages N] [--keys K]` (defaults 200000, 1000).
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
@@ -25,6 +26,7 @@ use futures::stream::FuturesUnordered;
 use mend_e2e::js::{self, Out};
 use mend_e2e::mend::{MendProcess, sidecar_config};
 use mend_e2e::nats::NatsServer;
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 
 const IN_FLIGHT: usize = 64;
@@ -32,7 +34,10 @@ const LATENCY_SAMPLES: usize = 1000;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let mut args = std::env::args().skip(1);
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().map(String::as_str) == Some("--serve-app") {
+        return serve_app().await;
+    }
     let (mut n, mut keys) = (200_000usize, 1000usize);
     while let Some(a) = args.next() {
         let v = args.next().context("a value after the flag")?.parse()?;
@@ -73,13 +78,9 @@ async fn main() -> anyhow::Result<()> {
         "key = { header = \"Account-Id\" }\nconcurrency = 64",
     ) + "\n[[binding]]\nname = \"lat\"\nstream = \"LAT\"\nsubjects = [\"lat.>\"]\nkey = { header = \"Account-Id\" }\n"
         + &format!("endpoint = \"{}\"\n", app.url);
-    let before = app.count.load(Ordering::Acquire);
     let sidecar = MendProcess::start("sidecar", &config).await?;
     sidecar.ready().await?;
     let started = Instant::now();
-    while app.count.load(Ordering::Acquire) < before + n as u64 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
     js::consumer_drained(&js, "BENCH", "mend-bench-bench", Duration::from_secs(600)).await?;
     let c = rate(n, started.elapsed());
     eprintln!("(c) mend sidecar: {c:.0} msg/s");
@@ -280,53 +281,74 @@ async fn latency(
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Account-Id", format!("k{}", i % 10).as_str());
         headers.insert("Lat", "1");
-        let sent = Instant::now();
+        let sent = SystemTime::now();
         js.publish_with_headers(subject.to_owned(), headers, Bytes::from_static(b"{}"))
             .await?
             .await?;
         let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
             .await?
             .context("app gone")?;
-        out.push(got.saturating_duration_since(sent));
+        out.push(got.duration_since(sent).unwrap_or_default());
     }
     out.sort();
     Ok(out)
 }
 
+/// The no-op app, running as a child process; receipt times of latency probes come back on its stdout.
 struct NoopApp {
     url: String,
-    count: Arc<AtomicU64>,
-    lat: tokio::sync::Mutex<mpsc::UnboundedReceiver<Instant>>,
+    lat: tokio::sync::Mutex<mpsc::UnboundedReceiver<SystemTime>>,
+    _child: tokio::process::Child,
 }
 
 impl NoopApp {
     async fn start() -> anyhow::Result<Self> {
-        let count = Arc::new(AtomicU64::new(0));
+        let mut child = tokio::process::Command::new(std::env::current_exe()?)
+            .arg("--serve-app")
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let mut lines = BufReader::new(child.stdout.take().context("app stdout")?).lines();
+        let url = lines.next_line().await?.context("app did not start")?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let c = count.clone();
-        let router = axum::Router::new().route(
-            "/events",
-            post(move |headers: axum::http::HeaderMap| {
-                let (c, tx) = (c.clone(), tx.clone());
-                async move {
-                    if headers.contains_key("lat") {
-                        let _ = tx.send(Instant::now());
-                    } else {
-                        c.fetch_add(1, Ordering::AcqRel);
-                    }
-                    ""
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(nanos) = line
+                    .strip_prefix("lat ")
+                    .and_then(|n| n.parse::<u64>().ok())
+                {
+                    let _ = tx.send(UNIX_EPOCH + Duration::from_nanos(nanos));
                 }
-            }),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}/events", listener.local_addr()?);
-        tokio::spawn(async move { axum::serve(listener, router).await });
+            }
+        });
         Ok(Self {
             url,
-            count,
             lat: tokio::sync::Mutex::new(rx),
+            _child: child,
         })
     }
+}
+
+/// `--serve-app`: answers 200 to every POST; prints its URL, then the receipt time of each request
+/// that carries a `Lat` header.
+async fn serve_app() -> anyhow::Result<()> {
+    let router = axum::Router::new().route(
+        "/events",
+        post(|headers: axum::http::HeaderMap| async move {
+            if headers.contains_key("lat") {
+                let nanos = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_nanos();
+                println!("lat {nanos}");
+            }
+            ""
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    println!("http://{}/events", listener.local_addr()?);
+    axum::serve(listener, router).await?;
+    Ok(())
 }
 
 fn peak_rss_kib(pid: u32) -> Option<u64> {
