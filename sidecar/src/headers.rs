@@ -140,10 +140,10 @@ fn starts_with_ignore_case(name: &str, prefix: &str) -> bool {
 /// CloudEvents HTTP binding requires: everything outside printable ASCII, plus `"` and `%`.
 fn encode(value: &str) -> HeaderValue {
     let needs = |b: u8| !(0x21..=0x7e).contains(&b) || b == b'"' || b == b'%';
-    if !value.bytes().any(needs) {
-        if let Ok(v) = HeaderValue::from_str(value) {
-            return v;
-        }
+    if !value.bytes().any(needs)
+        && let Ok(v) = HeaderValue::from_str(value)
+    {
+        return v;
     }
     let mut encoded = String::with_capacity(value.len() + 8);
     for b in value.bytes() {
