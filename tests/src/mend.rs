@@ -215,6 +215,16 @@ impl MendProcess {
     }
 }
 
+/// The `listen` address of a config written by [`sidecar_config`].
+pub fn listen_addr(config: &str) -> String {
+    config
+        .lines()
+        .find_map(|l| l.strip_prefix("listen = "))
+        .unwrap_or_default()
+        .trim_matches('"')
+        .to_owned()
+}
+
 /// A sidecar config for one binding to `endpoint`, with test-friendly timings; `extra` is appended
 /// to the binding table.
 pub fn sidecar_config(

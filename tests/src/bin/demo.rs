@@ -32,12 +32,7 @@ async fn main() -> anyhow::Result<()> {
         &app.endpoint(),
         "key = { json = \"/account\" }\nconcurrency = 16",
     );
-    let listen = config
-        .lines()
-        .find_map(|l| l.strip_prefix("listen = "))
-        .unwrap_or_default()
-        .trim_matches('"')
-        .to_owned();
+    let listen = mend_e2e::mend::listen_addr(&config);
     let mut sidecar = MendProcess::start("sidecar", &config).await?;
     sidecar.ready().await?;
     println!(

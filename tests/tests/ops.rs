@@ -1,0 +1,227 @@
+//! Operating the sidecar: `/healthz`, `/readyz`, `/metrics`, JSON logs with the Mend-Id in the
+//! message's span, and NATS authentication.
+
+use std::time::Duration;
+
+use mend_e2e::app::Reply;
+use mend_e2e::mend::{MendProcess, listen_addr, sidecar_config};
+use mend_e2e::nats::NatsServer;
+use mend_e2e::world::{TEST_TIMEOUT, World};
+
+async fn get(url: &str) -> anyhow::Result<(u16, String)> {
+    let r = reqwest::get(url).await?;
+    Ok((r.status().as_u16(), r.text().await?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_and_metrics() -> anyhow::Result<()> {
+    let mut w = World::new().await?;
+    w.app
+        .script(|d| match d.field("n").and_then(|v| v.as_u64()) {
+            Some(1) => Reply::Status(422),
+            Some(2) if d.seen_before == 0 => Reply::Status(503),
+            _ => Reply::Ok,
+        });
+    w.publish_keyed(10, 2).await?;
+    let config = w.keyed_config("ops", "backoff_initial = \"10ms\"");
+    let base = format!("http://{}", listen_addr(&config));
+    let _s = w.sidecar(&config).await?;
+    w.app
+        .wait_for("9 successes", TEST_TIMEOUT, |log| {
+            log.iter().filter(|d| d.ok()).count() >= 9
+        })
+        .await?;
+    w.drained("ops").await?;
+
+    assert_eq!(get(&format!("{base}/healthz")).await?.0, 200);
+    assert_eq!(get(&format!("{base}/readyz")).await?.0, 200);
+    let metrics = mend_e2e::wait::until("metrics to settle", TEST_TIMEOUT, || {
+        let url = format!("{base}/metrics");
+        async move {
+            let (_, text) = get(&url).await?;
+            Ok(text
+                .contains("mend_delegated_total{service=\"ops\",binding=\"ops\"} 1")
+                .then_some(text))
+        }
+    })
+    .await?;
+    for line in [
+        "mend_delivered_total{service=\"ops\",binding=\"ops\"} 9",
+        "mend_failed_total{service=\"ops\",binding=\"ops\",kind=\"message\"} 1",
+        "mend_failed_total{service=\"ops\",binding=\"ops\",kind=\"transient\"} 1",
+        "mend_in_flight{service=\"ops\",binding=\"ops\"} 0",
+        "mend_app_latency_seconds_count{service=\"ops\",binding=\"ops\"} 11",
+        "# TYPE mend_app_latency_seconds histogram",
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
+    }
+    assert!(metrics.contains("mend_consumer_pending{"), "{metrics}");
+
+    // NATS gone: not ready, still alive; back: ready again.
+    w.nats.stop().await?;
+    mend_e2e::wait::until("not ready", TEST_TIMEOUT, || async {
+        let (status, body) = get(&format!("{base}/readyz")).await?;
+        Ok((status == 503 && body.contains("NATS")).then_some(()))
+    })
+    .await?;
+    assert_eq!(get(&format!("{base}/healthz")).await?.0, 200);
+    w.nats.restart().await?;
+    mend_e2e::wait::until("ready again", TEST_TIMEOUT, || async {
+        Ok((get(&format!("{base}/readyz")).await?.0 == 200).then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_mend_id_of_the_message() -> anyhow::Result<()> {
+    let w = World::new().await?;
+    w.app.script(|_| Reply::Status(422));
+    let seqs = w.publish_keyed(1, 1).await?;
+    let config = w.keyed_config("logs", "");
+    let s = MendProcess::start_with_env("sidecar", &config, &[("MEND_LOG_FORMAT", "json")]).await?;
+    s.wait_log("delegating", TEST_TIMEOUT).await?;
+    let line = s
+        .log()
+        .lines()
+        .find(|l| l.contains("delegating"))
+        .unwrap()
+        .to_owned();
+    let json: serde_json::Value = serde_json::from_str(&line)?;
+    assert_eq!(
+        json["span"]["mend_id"],
+        format!("APP:{}", seqs[0]),
+        "{line}"
+    );
+    assert_eq!(json["span"]["key"], "k0", "{line}");
+    assert_eq!(json["level"], "INFO");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_token_and_user_password_auth() -> anyhow::Result<()> {
+    for (server_args, good, bad) in [
+        (
+            vec!["--auth", "s3cret"],
+            "[nats]\ntoken = \"s3cret\"\n",
+            "[nats]\ntoken = \"wrong\"\n",
+        ),
+        (
+            vec!["--user", "mend", "--pass", "pw"],
+            "[nats]\nuser = \"mend\"\npassword = \"pw\"\n",
+            "[nats]\nuser = \"mend\"\npassword = \"nope\"\n",
+        ),
+    ] {
+        let nats = NatsServer::start_with(&server_args).await?;
+        let url = nats.url();
+        let admin = match server_args[0] {
+            "--auth" => {
+                async_nats::ConnectOptions::with_token("s3cret".into())
+                    .connect(&url)
+                    .await?
+            }
+            _ => {
+                async_nats::ConnectOptions::with_user_and_password("mend".into(), "pw".into())
+                    .connect(&url)
+                    .await?
+            }
+        };
+        let js = async_nats::jetstream::new(admin);
+        mend_e2e::js::app_stream(&js, "APP", &["app.>"]).await?;
+        let base = sidecar_config("auth", &url, "APP", &["app.>"], "http://127.0.0.1:1/", "");
+        // Top-level keys must come before the binding table.
+        let with = |auth: &str| base.replacen("[[binding]]", &format!("{auth}\n[[binding]]"), 1);
+
+        let mut refused = MendProcess::start("sidecar", &with(bad)).await?;
+        let status = refused.wait_exit(Duration::from_secs(30)).await?;
+        assert_eq!(status.code(), Some(69), "{}", refused.log());
+        assert!(
+            refused.log().contains("cannot connect to NATS"),
+            "{}",
+            refused.log()
+        );
+
+        let accepted = MendProcess::start("sidecar", &with(good)).await?;
+        accepted.ready().await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_tls_and_nkey_auth() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = |name: &str| dir.path().join(name);
+
+    // A CA and a server certificate for 127.0.0.1 signed by it.
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate()?)?;
+    let leaf_key = rcgen::KeyPair::generate()?;
+    let leaf =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])?
+            .signed_by(&leaf_key, &ca)?;
+    std::fs::write(path("ca.pem"), ca.pem())?;
+    std::fs::write(path("server.pem"), leaf.pem())?;
+    std::fs::write(path("server.key"), leaf_key.serialize_pem())?;
+
+    // An NKey user.
+    let user = nkeys::KeyPair::new_user();
+    std::fs::write(path("user.nk"), user.seed()?)?;
+    std::fs::write(
+        path("server.conf"),
+        format!(
+            "authorization {{ users = [ {{ nkey: \"{}\" }} ] }}\n",
+            user.public_key()
+        ),
+    )?;
+
+    let s = |p: &str| path(p).display().to_string();
+    let nats = NatsServer::start_with(&[
+        "-c",
+        &s("server.conf"),
+        "--tls",
+        "--tlscert",
+        &s("server.pem"),
+        "--tlskey",
+        &s("server.key"),
+    ])
+    .await?;
+    let admin = async_nats::ConnectOptions::with_nkey(user.seed()?)
+        .add_root_certificates(path("ca.pem"))
+        .require_tls(true)
+        .connect(nats.url())
+        .await?;
+    mend_e2e::js::app_stream(&async_nats::jetstream::new(admin), "APP", &["app.>"]).await?;
+
+    let base = sidecar_config(
+        "tls",
+        &nats.url(),
+        "APP",
+        &["app.>"],
+        "http://127.0.0.1:1/",
+        "",
+    );
+    let with =
+        |nats_table: &str| base.replacen("[[binding]]", &format!("{nats_table}\n[[binding]]"), 1);
+    let good = format!(
+        "[nats]\nnkey_seed_file = {:?}\ntls_ca = {:?}\ntls_required = true\n",
+        s("user.nk"),
+        s("ca.pem")
+    );
+    let accepted = MendProcess::start("sidecar", &with(&good)).await?;
+    accepted.ready().await?;
+
+    // Without the CA the server is not trusted; without the NKey the user is not known.
+    for bad in [
+        format!(
+            "[nats]\nnkey_seed_file = {:?}\ntls_required = true\n",
+            s("user.nk")
+        ),
+        format!("[nats]\ntls_ca = {:?}\ntls_required = true\n", s("ca.pem")),
+    ] {
+        let mut refused = MendProcess::start("sidecar", &with(&bad)).await?;
+        let status = refused.wait_exit(Duration::from_secs(30)).await?;
+        assert_eq!(status.code(), Some(69), "{bad}\n{}", refused.log());
+    }
+    Ok(())
+}
