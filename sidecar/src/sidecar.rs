@@ -56,7 +56,11 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
         let client = client.clone();
         let bound = bound.clone();
         let total = config.bindings.len();
+        let shutdown = shutdown.clone();
         Arc::new(move || {
+            if shutdown.is_cancelled() {
+                return Err("shutting down".into());
+            }
             if client.connection_state() != State::Connected {
                 return Err("NATS is not connected".into());
             }
@@ -71,12 +75,14 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))
         .map_err(SidecarError::Startup)?;
+    // The operations endpoint outlives the dispatchers, so probes see "shutting down" while they drain.
+    let ops_stop = CancellationToken::new();
     let ops = tokio::spawn({
-        let shutdown = shutdown.clone();
+        let stop = ops_stop.clone();
         let router = health::router(ready, metrics);
         async move {
             axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .with_graceful_shutdown(stop.cancelled_owned())
                 .await
         }
     });
@@ -131,6 +137,7 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
     if let Err(error) = client.flush().await {
         tracing::warn!(%error, "Final flush failed; unsent acks lead to redeliveries.");
     }
+    ops_stop.cancel();
     match ops.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "Operations endpoint failed."),

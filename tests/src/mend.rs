@@ -173,15 +173,15 @@ impl MendProcess {
         Ok(())
     }
 
-    /// SIGTERM, then waits for the exit.
+    /// SIGTERM (unless it already exited, e.g. after a Ctrl-C to its process group), then waits
+    /// for the exit.
     pub async fn terminate(&mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
         let child = self.child.as_mut().context("not running")?;
-        let pid = child.id().context("no pid")?;
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()?;
-        if !status.success() {
-            bail!("kill -TERM failed");
+        if child.try_wait()?.is_none() {
+            let pid = child.id().context("no pid")?;
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()?;
         }
         self.wait_exit(limit).await
     }
