@@ -225,3 +225,120 @@ async fn nats_tls_and_nkey_auth() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A NATS JWT: `claims` (with `nats.type`) about `subject`, signed by `issuer`.
+fn nats_jwt(
+    issuer: &nkeys::KeyPair,
+    subject: &str,
+    name: &str,
+    nats: serde_json::Value,
+) -> anyhow::Result<String> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header = b64.encode(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let claims = serde_json::json!({
+        "jti": format!("{name}-{now}"), "iat": now, "iss": issuer.public_key(), "name": name,
+        "sub": subject, "nats": nats,
+    });
+    let body = b64.encode(serde_json::to_vec(&claims)?);
+    let signature = issuer.sign(format!("{header}.{body}").as_bytes())?;
+    Ok(format!("{header}.{body}.{}", b64.encode(signature)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_creds_file_auth() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = |name: &str| dir.path().join(name);
+    let operator = nkeys::KeyPair::new_operator();
+    let (account, system, user) = (
+        nkeys::KeyPair::new_account(),
+        nkeys::KeyPair::new_account(),
+        nkeys::KeyPair::new_user(),
+    );
+    let unlimited = serde_json::json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": true,
+        "conn": -1, "leaf": -1, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+    });
+    let op_jwt = nats_jwt(
+        &operator,
+        &operator.public_key(),
+        "op",
+        serde_json::json!({"type": "operator", "version": 2, "system_account": system.public_key()}),
+    )?;
+    let acct_jwt = nats_jwt(
+        &operator,
+        &account.public_key(),
+        "app",
+        serde_json::json!({"type": "account", "version": 2, "limits": unlimited}),
+    )?;
+    let sys_jwt = nats_jwt(
+        &operator,
+        &system.public_key(),
+        "sys",
+        serde_json::json!({"type": "account", "version": 2, "limits": {"conn": -1, "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": true, "leaf": -1}}),
+    )?;
+    let user_jwt = nats_jwt(
+        &account,
+        &user.public_key(),
+        "mend",
+        serde_json::json!({"type": "user", "version": 2, "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1}),
+    )?;
+    std::fs::write(
+        path("server.conf"),
+        format!(
+            "operator: {op_jwt}\nsystem_account: {sys}\nresolver: MEMORY\nresolver_preload: {{\n  {acct}: {acct_jwt}\n  {sys}: {sys_jwt}\n}}\n",
+            sys = system.public_key(),
+            acct = account.public_key(),
+        ),
+    )?;
+    let creds = |jwt: &str, seed: &str| {
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n-----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+        )
+    };
+    std::fs::write(path("mend.creds"), creds(&user_jwt, &user.seed()?))?;
+    let stranger = nkeys::KeyPair::new_user();
+    std::fs::write(path("stranger.creds"), creds(&user_jwt, &stranger.seed()?))?;
+
+    let conf = path("server.conf").display().to_string();
+    let nats = NatsServer::start_with(&["-c", &conf]).await?;
+    let admin = async_nats::ConnectOptions::with_credentials_file(path("mend.creds"))
+        .await?
+        .connect(nats.url())
+        .await?;
+    mend_e2e::js::app_stream(&async_nats::jetstream::new(admin), "APP", &["app.>"]).await?;
+
+    let base = sidecar_config(
+        "creds",
+        &nats.url(),
+        "APP",
+        &["app.>"],
+        "http://127.0.0.1:1/",
+        "",
+    );
+    let with = |file: &str| {
+        base.replacen(
+            "[[binding]]",
+            &format!(
+                "[nats]\ncreds = {:?}\n\n[[binding]]",
+                path(file).display().to_string()
+            ),
+            1,
+        )
+    };
+    let accepted = MendProcess::start("sidecar", &with("mend.creds")).await?;
+    accepted.ready().await?;
+    // A seed that does not match the JWT is refused.
+    let mut refused = MendProcess::start("sidecar", &with("stranger.creds")).await?;
+    let status = refused.wait_exit(Duration::from_secs(30)).await?;
+    assert_eq!(status.code(), Some(69), "{}", refused.log());
+    assert!(
+        refused.log().contains("cannot connect to NATS"),
+        "{}",
+        refused.log()
+    );
+    Ok(())
+}
