@@ -215,6 +215,19 @@ impl MendProcess {
     }
 }
 
+/// Adds top-level keys or tables (such as `[nats]`) to a config written by [`sidecar_config`].
+pub fn with_top_level(config: &str, toml: &str) -> String {
+    config.replacen("[[binding]]", &format!("{toml}\n[[binding]]"), 1)
+}
+
+/// Runs `mend sidecar` with `config` and `env` when it is expected to refuse to start; returns its
+/// exit code and its log.
+pub async fn refused(config: &str, env: &[(&str, &str)]) -> anyhow::Result<(Option<i32>, String)> {
+    let mut p = MendProcess::start_with_env("sidecar", config, env).await?;
+    let status = p.wait_exit(Duration::from_secs(30)).await?;
+    Ok((status.code(), p.log()))
+}
+
 /// The `listen` address of a config written by [`sidecar_config`].
 pub fn listen_addr(config: &str) -> String {
     config

@@ -1,15 +1,11 @@
 //! Bad input gets a clear error and loses nothing: bad config, a missing stream, unreachable NATS,
 //! non-JSON and oversize payloads.
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use mend_e2e::app::Reply;
 use mend_e2e::js::{self, Out};
-use mend_e2e::mend::{MendProcess, free_port, sidecar_config};
+use mend_e2e::mend::{free_port, refused, sidecar_config};
 use mend_e2e::world::{KEY_HEADER, TEST_TIMEOUT, World};
-
-const EXIT: Duration = Duration::from_secs(30);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_config_exits_64_naming_file_line_and_key() -> anyhow::Result<()> {
@@ -21,22 +17,15 @@ async fn bad_config_exits_64_naming_file_line_and_key() -> anyhow::Result<()> {
         "http://127.0.0.1:1/",
         "concurrency = \"many\"",
     );
-    let mut p = MendProcess::start("sidecar", &config).await?;
-    let status = p.wait_exit(EXIT).await?;
-    assert_eq!(status.code(), Some(64), "{}", p.log());
-    let log = p.log();
+    let (code, log) = refused(&config, &[]).await?;
+    assert_eq!(code, Some(64), "{log}");
     assert!(log.contains("sidecar.toml:11: key `concurrency`"), "{log}");
     assert!(!log.contains("panicked"), "{log}");
 
-    let mut p2 = MendProcess::start_with_env(
-        "sidecar",
-        &config.replace("concurrency = \"many\"", ""),
-        &[("MEND_BINDING_X_TIMEOUT", "soon")],
-    )
-    .await?;
-    let status = p2.wait_exit(EXIT).await?;
-    assert_eq!(status.code(), Some(64), "{}", p2.log());
-    assert!(p2.log().contains("MEND_BINDING_X_TIMEOUT"), "{}", p2.log());
+    let good = config.replace("concurrency = \"many\"", "");
+    let (code, log) = refused(&good, &[("MEND_BINDING_X_TIMEOUT", "soon")]).await?;
+    assert_eq!(code, Some(64), "{log}");
+    assert!(log.contains("MEND_BINDING_X_TIMEOUT"), "{log}");
     Ok(())
 }
 
@@ -51,15 +40,13 @@ async fn unreachable_nats_exits_69_with_a_clear_error() -> anyhow::Result<()> {
         "http://127.0.0.1:1/",
         "",
     );
-    let mut p = MendProcess::start("sidecar", &config).await?;
-    let status = p.wait_exit(EXIT).await?;
-    assert_eq!(status.code(), Some(69), "{}", p.log());
+    let (code, log) = refused(&config, &[]).await?;
+    assert_eq!(code, Some(69), "{log}");
     assert!(
-        p.log().contains(&format!(
+        log.contains(&format!(
             "cannot connect to NATS at nats://127.0.0.1:{port}"
         )),
-        "{}",
-        p.log()
+        "{log}"
     );
     Ok(())
 }
@@ -75,14 +62,9 @@ async fn missing_app_stream_exits_69_and_creates_nothing_of_the_app() -> anyhow:
         &w.app.endpoint(),
         "",
     );
-    let mut p = MendProcess::start("sidecar", &config).await?;
-    let status = p.wait_exit(EXIT).await?;
-    assert_eq!(status.code(), Some(69), "{}", p.log());
-    assert!(
-        p.log().contains("the app stream NOPE does not exist"),
-        "{}",
-        p.log()
-    );
+    let (code, log) = refused(&config, &[]).await?;
+    assert_eq!(code, Some(69), "{log}");
+    assert!(log.contains("the app stream NOPE does not exist"), "{log}");
     assert!(
         w.js.get_stream("NOPE").await.is_err(),
         "mend must not create the app's stream"

@@ -1,10 +1,8 @@
 //! Operating the sidecar: `/healthz`, `/readyz`, `/metrics`, JSON logs with the Mend-Id in the
 //! message's span, and NATS authentication.
 
-use std::time::Duration;
-
 use mend_e2e::app::Reply;
-use mend_e2e::mend::{MendProcess, listen_addr, sidecar_config};
+use mend_e2e::mend::{MendProcess, listen_addr, refused, sidecar_config, with_top_level};
 use mend_e2e::nats::NatsServer;
 use mend_e2e::world::{TEST_TIMEOUT, World};
 
@@ -98,59 +96,62 @@ async fn json_logs_carry_the_mend_id_of_the_message() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_token_and_user_password_auth() -> anyhow::Result<()> {
-    for (server_args, good, bad) in [
-        (
-            vec!["--auth", "s3cret"],
-            "[nats]\ntoken = \"s3cret\"\n",
-            "[nats]\ntoken = \"wrong\"\n",
-        ),
-        (
-            vec!["--user", "mend", "--pass", "pw"],
-            "[nats]\nuser = \"mend\"\npassword = \"pw\"\n",
-            "[nats]\nuser = \"mend\"\npassword = \"nope\"\n",
-        ),
-    ] {
-        let nats = NatsServer::start_with(&server_args).await?;
-        let url = nats.url();
-        let admin = match server_args[0] {
-            "--auth" => {
-                async_nats::ConnectOptions::with_token("s3cret".into())
-                    .connect(&url)
-                    .await?
-            }
-            _ => {
-                async_nats::ConnectOptions::with_user_and_password("mend".into(), "pw".into())
-                    .connect(&url)
-                    .await?
-            }
-        };
-        let js = async_nats::jetstream::new(admin);
-        mend_e2e::js::app_stream(&js, "APP", &["app.>"]).await?;
-        let base = sidecar_config("auth", &url, "APP", &["app.>"], "http://127.0.0.1:1/", "");
-        // Top-level keys must come before the binding table.
-        let with = |auth: &str| base.replacen("[[binding]]", &format!("{auth}\n[[binding]]"), 1);
-
-        let mut refused = MendProcess::start("sidecar", &with(bad)).await?;
-        let status = refused.wait_exit(Duration::from_secs(30)).await?;
-        assert_eq!(status.code(), Some(69), "{}", refused.log());
-        assert!(
-            refused.log().contains("cannot connect to NATS"),
-            "{}",
-            refused.log()
-        );
-
-        let accepted = MendProcess::start("sidecar", &with(good)).await?;
-        accepted.ready().await?;
+/// With the app stream created through `admin`: a sidecar with the `good` `[nats]` table consumes,
+/// and one with any of the `bad` tables refuses to start, saying it cannot connect.
+async fn auth_case(
+    nats: &NatsServer,
+    admin: async_nats::Client,
+    good: &str,
+    bad: &[String],
+) -> anyhow::Result<()> {
+    mend_e2e::js::app_stream(&async_nats::jetstream::new(admin), "APP", &["app.>"]).await?;
+    let base = sidecar_config(
+        "auth",
+        &nats.url(),
+        "APP",
+        &["app.>"],
+        "http://127.0.0.1:1/",
+        "",
+    );
+    for b in bad {
+        let (code, log) = refused(&with_top_level(&base, b), &[]).await?;
+        assert_eq!(code, Some(69), "{b}\n{log}");
+        assert!(log.contains("cannot connect to NATS"), "{b}\n{log}");
     }
-    Ok(())
+    let accepted = MendProcess::start("sidecar", &with_top_level(&base, good)).await?;
+    accepted.ready().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_token_auth() -> anyhow::Result<()> {
+    let nats = NatsServer::start_with(&["--auth", "s3cret"]).await?;
+    let admin = async_nats::ConnectOptions::with_token("s3cret".into())
+        .connect(nats.url())
+        .await?;
+    let bad = ["[nats]\ntoken = \"wrong\"".to_string(), String::new()];
+    auth_case(&nats, admin, "[nats]\ntoken = \"s3cret\"", &bad).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_user_password_auth() -> anyhow::Result<()> {
+    let nats = NatsServer::start_with(&["--user", "mend", "--pass", "pw"]).await?;
+    let admin = async_nats::ConnectOptions::with_user_and_password("mend".into(), "pw".into())
+        .connect(nats.url())
+        .await?;
+    let bad = ["[nats]\nuser = \"mend\"\npassword = \"nope\"".to_string()];
+    auth_case(
+        &nats,
+        admin,
+        "[nats]\nuser = \"mend\"\npassword = \"pw\"",
+        &bad,
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_tls_and_nkey_auth() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let path = |name: &str| dir.path().join(name);
+    let path = |name: &str| dir.path().join(name).display().to_string();
 
     // A CA and a server certificate for 127.0.0.1 signed by it.
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
@@ -175,58 +176,32 @@ async fn nats_tls_and_nkey_auth() -> anyhow::Result<()> {
         ),
     )?;
 
-    let s = |p: &str| path(p).display().to_string();
     let nats = NatsServer::start_with(&[
         "-c",
-        &s("server.conf"),
+        &path("server.conf"),
         "--tls",
         "--tlscert",
-        &s("server.pem"),
+        &path("server.pem"),
         "--tlskey",
-        &s("server.key"),
+        &path("server.key"),
     ])
     .await?;
     let admin = async_nats::ConnectOptions::with_nkey(user.seed()?)
-        .add_root_certificates(path("ca.pem"))
+        .add_root_certificates(path("ca.pem").into())
         .require_tls(true)
         .connect(nats.url())
         .await?;
-    mend_e2e::js::app_stream(&async_nats::jetstream::new(admin), "APP", &["app.>"]).await?;
-
-    let base = sidecar_config(
-        "tls",
-        &nats.url(),
-        "APP",
-        &["app.>"],
-        "http://127.0.0.1:1/",
-        "",
-    );
-    let with =
-        |nats_table: &str| base.replacen("[[binding]]", &format!("{nats_table}\n[[binding]]"), 1);
-    let good = format!(
-        "[nats]\nnkey_seed_file = {:?}\ntls_ca = {:?}\ntls_required = true\n",
-        s("user.nk"),
-        s("ca.pem")
-    );
-    let accepted = MendProcess::start("sidecar", &with(&good)).await?;
-    accepted.ready().await?;
-
+    let (seed, ca) = (path("user.nk"), path("ca.pem"));
+    let good = format!("[nats]\nnkey_seed_file = {seed:?}\ntls_ca = {ca:?}\ntls_required = true");
     // Without the CA the server is not trusted; without the NKey the user is not known.
-    for bad in [
-        format!(
-            "[nats]\nnkey_seed_file = {:?}\ntls_required = true\n",
-            s("user.nk")
-        ),
-        format!("[nats]\ntls_ca = {:?}\ntls_required = true\n", s("ca.pem")),
-    ] {
-        let mut refused = MendProcess::start("sidecar", &with(&bad)).await?;
-        let status = refused.wait_exit(Duration::from_secs(30)).await?;
-        assert_eq!(status.code(), Some(69), "{bad}\n{}", refused.log());
-    }
-    Ok(())
+    let bad = [
+        format!("[nats]\nnkey_seed_file = {seed:?}\ntls_required = true"),
+        format!("[nats]\ntls_ca = {ca:?}\ntls_required = true"),
+    ];
+    auth_case(&nats, admin, &good, &bad).await
 }
 
-/// A NATS JWT: `claims` (with `nats.type`) about `subject`, signed by `issuer`.
+/// A NATS JWT: claims `nats` (with its `type`) about `subject`, signed by `issuer`.
 fn nats_jwt(
     issuer: &nkeys::KeyPair,
     subject: &str,
@@ -248,20 +223,30 @@ fn nats_jwt(
     Ok(format!("{header}.{body}.{}", b64.encode(signature)))
 }
 
+/// A `.creds` file: a user JWT and the seed that proves it.
+fn creds(jwt: &str, seed: &str) -> String {
+    format!(
+        "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n-----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_creds_file_auth() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let path = |name: &str| dir.path().join(name);
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    // Operator mode: an operator signs an app account and a system account; the app account signs
+    // the user whose JWT and seed go into the creds file.
     let operator = nkeys::KeyPair::new_operator();
     let (account, system, user) = (
         nkeys::KeyPair::new_account(),
         nkeys::KeyPair::new_account(),
         nkeys::KeyPair::new_user(),
     );
-    let unlimited = serde_json::json!({
+    let limits = serde_json::json!({
         "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": true,
         "conn": -1, "leaf": -1, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
     });
+    let account_claims = |limits: serde_json::Value| serde_json::json!({"type": "account", "version": 2, "limits": limits});
     let op_jwt = nats_jwt(
         &operator,
         &operator.public_key(),
@@ -272,13 +257,13 @@ async fn nats_creds_file_auth() -> anyhow::Result<()> {
         &operator,
         &account.public_key(),
         "app",
-        serde_json::json!({"type": "account", "version": 2, "limits": unlimited}),
+        account_claims(limits),
     )?;
     let sys_jwt = nats_jwt(
         &operator,
         &system.public_key(),
         "sys",
-        serde_json::json!({"type": "account", "version": 2, "limits": {"conn": -1, "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": true, "leaf": -1}}),
+        account_claims(serde_json::json!({"conn": -1})),
     )?;
     let user_jwt = nats_jwt(
         &account,
@@ -294,51 +279,24 @@ async fn nats_creds_file_auth() -> anyhow::Result<()> {
             acct = account.public_key(),
         ),
     )?;
-    let creds = |jwt: &str, seed: &str| {
-        format!(
-            "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n-----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
-        )
-    };
     std::fs::write(path("mend.creds"), creds(&user_jwt, &user.seed()?))?;
-    let stranger = nkeys::KeyPair::new_user();
-    std::fs::write(path("stranger.creds"), creds(&user_jwt, &stranger.seed()?))?;
+    // The same JWT with a seed that does not match it.
+    std::fs::write(
+        path("stranger.creds"),
+        creds(&user_jwt, &nkeys::KeyPair::new_user().seed()?),
+    )?;
 
-    let conf = path("server.conf").display().to_string();
-    let nats = NatsServer::start_with(&["-c", &conf]).await?;
+    let nats = NatsServer::start_with(&["-c", &path("server.conf")]).await?;
     let admin = async_nats::ConnectOptions::with_credentials_file(path("mend.creds"))
         .await?
         .connect(nats.url())
         .await?;
-    mend_e2e::js::app_stream(&async_nats::jetstream::new(admin), "APP", &["app.>"]).await?;
-
-    let base = sidecar_config(
-        "creds",
-        &nats.url(),
-        "APP",
-        &["app.>"],
-        "http://127.0.0.1:1/",
-        "",
-    );
-    let with = |file: &str| {
-        base.replacen(
-            "[[binding]]",
-            &format!(
-                "[nats]\ncreds = {:?}\n\n[[binding]]",
-                path(file).display().to_string()
-            ),
-            1,
-        )
-    };
-    let accepted = MendProcess::start("sidecar", &with("mend.creds")).await?;
-    accepted.ready().await?;
-    // A seed that does not match the JWT is refused.
-    let mut refused = MendProcess::start("sidecar", &with("stranger.creds")).await?;
-    let status = refused.wait_exit(Duration::from_secs(30)).await?;
-    assert_eq!(status.code(), Some(69), "{}", refused.log());
-    assert!(
-        refused.log().contains("cannot connect to NATS"),
-        "{}",
-        refused.log()
-    );
-    Ok(())
+    let table = |file: &str| format!("[nats]\ncreds = {:?}", path(file));
+    auth_case(
+        &nats,
+        admin,
+        &table("mend.creds"),
+        &[table("stranger.creds")],
+    )
+    .await
 }
