@@ -153,17 +153,20 @@ pub async fn run(rt: Arc<BindingRuntime>, consumer: PullConsumer) -> anyhow::Res
     let mut keepalive = tokio::time::interval(keepalive_every);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut quarantine = quarantine_on_start(&rt, &consumer).await;
-    let mut messages = Some(open(&consumer, max_held).await?);
+    let mut messages = open(&rt, &consumer, max_held).await;
     let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let mut stopping = false;
 
     loop {
-        let pulling = messages.is_some() && held.len() < max_held && !rt.circuit.is_open();
+        let pulling =
+            !stopping && messages.is_some() && held.len() < max_held && !rt.circuit.is_open();
         tokio::select! {
             Some(done) = running.next(), if !running.is_empty() => {
                 held.remove(&done.seq);
                 lanes.done(done.key.as_ref());
             }
-            _ = rt.shutdown.cancelled(), if messages.is_some() => {
+            _ = rt.shutdown.cancelled(), if !stopping => {
+                stopping = true;
                 messages = None;
                 release(&mut quarantine, &mut lanes);
                 for d in lanes.drain_queued() {
@@ -181,7 +184,7 @@ pub async fn run(rt: Arc<BindingRuntime>, consumer: PullConsumer) -> anyhow::Res
                 }
                 None => {
                     tracing::warn!(binding = %rt.cfg.name, "Pull stream ended; reopening.");
-                    messages = Some(open(&consumer, max_held).await?);
+                    messages = open(&rt, &consumer, max_held).await;
                 }
             },
             _ = keepalive.tick() => {
@@ -210,7 +213,7 @@ pub async fn run(rt: Arc<BindingRuntime>, consumer: PullConsumer) -> anyhow::Res
         rt.metrics
             .queued
             .set(held.len().saturating_sub(running.len()) as f64);
-        if messages.is_none() && running.is_empty() {
+        if stopping && running.is_empty() {
             return Ok(());
         }
     }
@@ -256,13 +259,28 @@ fn release(quarantine: &mut Option<Quarantine>, lanes: &mut crate::lanes::Lanes<
     }
 }
 
-async fn open(consumer: &PullConsumer, max_held: usize) -> anyhow::Result<PullStream> {
-    Ok(consumer
-        .stream()
-        .max_messages_per_batch(max_held.min(PULL_BATCH))
-        .heartbeat(PULL_HEARTBEAT)
-        .messages()
-        .await?)
+/// Opens the pull stream, retrying (NATS may be reconnecting) until it opens or the sidecar stops.
+async fn open(rt: &BindingRuntime, consumer: &PullConsumer, max_held: usize) -> Option<PullStream> {
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let opened = consumer
+            .stream()
+            .max_messages_per_batch(max_held.min(PULL_BATCH))
+            .heartbeat(PULL_HEARTBEAT)
+            .messages()
+            .await;
+        match opened {
+            Ok(stream) => return Some(stream),
+            Err(error) => {
+                tracing::warn!(%error, binding = %rt.cfg.name, "Cannot pull yet; retrying.")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = rt.shutdown.cancelled() => return None,
+        }
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
 }
 
 async fn next_message(
@@ -465,10 +483,12 @@ async fn finish(rt: &BindingRuntime, d: &Delivery, answer: Answer) {
         Ok(()) => {
             ack::confirm(&rt.client, &d.reply, &rt.epoch, rt.cfg.ack_wait).await;
         }
-        Err(stopped) => {
-            tracing::warn!(%stopped, "Not finished; handing the message back for redelivery.");
+        Err(delegate::NotStored::Stopped) => {
+            tracing::warn!("Not finished before shutdown; handing the message back.");
             ack::hand_back(&rt.client, &d.reply).await;
         }
+        // Left unacked, not handed back: an immediate redelivery would fail the same way at once.
+        Err(delegate::NotStored::Unpublishable) => {}
     }
 }
 

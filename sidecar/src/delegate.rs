@@ -24,10 +24,18 @@ use crate::consume::{BindingRuntime, Delivery};
 const PUBLISH_RETRY_MIN: Duration = Duration::from_millis(100);
 const PUBLISH_RETRY_MAX: Duration = Duration::from_secs(5);
 
-/// The sidecar is stopping; the message stays unacked and will be redelivered.
+/// Why a failure could not be handed on; either way the original stays unacked.
 #[derive(Debug, thiserror::Error)]
-#[error("stopping before the publish was acknowledged")]
-pub struct Stopped;
+pub enum NotStored {
+    /// The sidecar is stopping before the publish was acknowledged.
+    #[error("stopping before the publish was acknowledged")]
+    Stopped,
+    /// Even without its payload the envelope exceeds the server's max_payload (the message's
+    /// headers alone are that large). It is redelivered after its ack wait and fails the same way:
+    /// an operator has to look.
+    #[error("the failure envelope is too large even without its payload")]
+    Unpublishable,
+}
 
 /// Where a failure goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +52,7 @@ pub async fn failure(
     d: &Delivery,
     error: FailureError,
     to: Destination,
-) -> Result<(), Stopped> {
+) -> Result<(), NotStored> {
     let (subject, what, reason) = match to {
         Destination::Failed => (subjects::failed(&rt.service), "delegated", None),
         Destination::Parked => (
@@ -76,8 +84,10 @@ pub async fn failure(
             if let Published::TooLarge =
                 publish(rt, &subject, &msg_id, headers, to_bytes(&envelope)).await?
             {
-                tracing::error!("Envelope too large even without its payload; left unacked.");
-                return Err(Stopped);
+                tracing::error!(
+                    "Envelope too large even without its payload; left unacked for redelivery."
+                );
+                return Err(NotStored::Unpublishable);
             }
         }
     }
@@ -97,7 +107,7 @@ pub async fn announce(
     kind: &str,
     d: &Delivery,
     extra: Value,
-) -> Result<(), Stopped> {
+) -> Result<(), NotStored> {
     let id = d.meta.lineage.msg_id(d.meta.attempt, kind);
     let mut data = json!({
         "service": rt.service,
@@ -223,7 +233,7 @@ async fn publish(
     msg_id: &str,
     headers: async_nats::HeaderMap,
     body: Bytes,
-) -> Result<Published, Stopped> {
+) -> Result<Published, NotStored> {
     let mut pause = PUBLISH_RETRY_MIN;
     loop {
         let message = PublishMessage::build()
@@ -245,7 +255,7 @@ async fn publish(
         }
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
-            _ = rt.shutdown.cancelled() => return Err(Stopped),
+            _ = rt.shutdown.cancelled() => return Err(NotStored::Stopped),
         }
         pause = (pause * 2).min(PUBLISH_RETRY_MAX);
     }
