@@ -71,6 +71,8 @@ type Script = dyn Fn(&Delivery) -> Reply + Send + Sync;
 
 struct Shared {
     log: Mutex<Vec<Delivery>>,
+    /// Requests being answered now, and the most there ever were at once.
+    in_flight: Mutex<(usize, usize)>,
     seen: Mutex<HashMap<String, usize>>,
     script: Mutex<Arc<Script>>,
     changed: watch::Sender<usize>,
@@ -87,6 +89,7 @@ impl FakeApp {
     pub async fn start() -> anyhow::Result<Self> {
         let shared = Arc::new(Shared {
             log: Mutex::new(Vec::new()),
+            in_flight: Mutex::new((0, 0)),
             seen: Mutex::new(HashMap::new()),
             script: Mutex::new(Arc::new(|_: &Delivery| Reply::Ok)),
             changed: watch::channel(0).0,
@@ -108,6 +111,11 @@ impl FakeApp {
     /// The endpoint URL for a binding.
     pub fn endpoint(&self) -> String {
         format!("http://{}/events", self.addr)
+    }
+
+    /// The most requests the app was answering at the same time.
+    pub fn max_in_flight(&self) -> usize {
+        self.shared.in_flight.lock().unwrap().1
     }
 
     /// Every request so far.
@@ -176,6 +184,11 @@ impl FakeApp {
 }
 
 async fn handle(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    {
+        let mut f = shared.in_flight.lock().unwrap();
+        f.0 += 1;
+        f.1 = f.1.max(f.0);
+    }
     let id = headers
         .get("mend-id")
         .and_then(|v| v.to_str().ok())
@@ -224,6 +237,7 @@ async fn handle(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
         }
     };
     delivery.status = response.status().as_u16();
+    shared.in_flight.lock().unwrap().0 -= 1;
     let n = {
         let mut log = shared.log.lock().unwrap();
         log.push(delivery);
