@@ -5,6 +5,7 @@
 //! - [`identity`]: the lineage id (`Mend-Id`), message keys and the subjects mend publishes on.
 //! - [`headers`]: the names of the headers of SPEC §3, declared once.
 //! - [`problem`]: turning an app's error answer (RFC 9457 problem+json or any body) into an error record.
+//! - [`rules`]: repair rules: the file format, CEL evaluation, decisions, inline tests.
 //!
 //! Architecture invariant: this crate does no I/O and depends on no async runtime, NATS client, HTTP
 //! stack or database driver; `make test` checks its dependency tree.
@@ -13,6 +14,7 @@ pub mod envelope;
 pub mod headers;
 pub mod identity;
 pub mod problem;
+pub mod rules;
 
 pub use envelope::{ENVELOPE_VERSION, ErrorKind, FailureEnvelope, FailureError, HistoryEntry};
 pub use identity::{LineageId, MessageKey};

@@ -1,0 +1,328 @@
+//! The rule file format (SPEC §10) and its compilation. Every error names the file, the line, the
+//! rule and the key.
+
+use std::fmt;
+
+use cel::Program;
+use serde::Deserialize;
+use serde_json::Value as Json;
+use toml::Spanned;
+
+use super::subject;
+
+/// The longest `when` or `set` expression accepted, in bytes: CEL has no loops, and bounding the
+/// source bounds how many comprehensions one expression can nest.
+pub const MAX_EXPRESSION: usize = 4096;
+/// Most JSON Patch operations and `set` entries per rule.
+pub const MAX_ACTIONS: usize = 64;
+
+/// A rule file that cannot be used, and where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct RuleError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub rule: Option<String>,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for RuleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(rule) = &self.rule {
+            write!(f, ": rule `{rule}`")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, ": key `{key}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// One compiled rule.
+#[derive(Debug)]
+pub struct Rule {
+    pub name: String,
+    /// The file it came from and the line of its name.
+    pub origin: (String, usize),
+    pub service: Option<String>,
+    pub subject: Option<String>,
+    pub when_source: String,
+    pub when: Program,
+    pub patch: json_patch::Patch,
+    /// JSON Pointer, CEL source and program, in file order.
+    pub set: Vec<(String, String, Program)>,
+    pub park: Option<String>,
+    pub tests: Vec<TestCase>,
+}
+
+/// An inline test of a rule (`[[rule.test]]`).
+#[derive(Debug, Clone)]
+pub struct TestCase {
+    pub line: usize,
+    /// The (partial) envelope, completed with defaults before the run.
+    pub envelope: Json,
+    pub expect_payload: Option<Json>,
+    /// `repaired`, `parked` or `not_matched`.
+    pub expect: Option<String>,
+    /// Text the park reason must contain.
+    pub expect_reason: Option<String>,
+}
+
+/// The rules of one or more files, in order: the first whose filters and `when` hold is applied.
+#[derive(Debug, Default)]
+pub struct RuleSet {
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSpec {
+    #[serde(default)]
+    rule: Vec<RuleSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleSpec {
+    name: Spanned<String>,
+    service: Option<Spanned<String>>,
+    subject: Option<Spanned<String>>,
+    when: Spanned<String>,
+    patch: Option<Spanned<Vec<Json>>>,
+    set: Option<Spanned<toml::Table>>,
+    park: Option<Spanned<String>>,
+    #[serde(default)]
+    test: Vec<Spanned<TestSpec>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestSpec {
+    envelope: Json,
+    expect_payload: Option<Json>,
+    expect: Option<String>,
+    expect_reason: Option<String>,
+}
+
+impl RuleSet {
+    /// Parses and compiles the files `(name, text)` in order. Rule names must be unique across them.
+    pub fn parse<'a>(
+        files: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, RuleError> {
+        let mut set = RuleSet::default();
+        for (file, text) in files {
+            for rule in parse_file(file, text)? {
+                if let Some(first) = set.rules.iter().find(|r| r.name == rule.name) {
+                    return Err(RuleError {
+                        file: file.to_owned(),
+                        line: Some(rule.origin.1),
+                        rule: Some(rule.name.clone()),
+                        key: Some("name".into()),
+                        message: format!(
+                            "the name is already used at {}:{}",
+                            first.origin.0, first.origin.1
+                        ),
+                    });
+                }
+                set.rules.push(rule);
+            }
+        }
+        Ok(set)
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+fn parse_file(file: &str, text: &str) -> Result<Vec<Rule>, RuleError> {
+    let spec: FileSpec = toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|s| line_of(text, s.start));
+        let key = e.span().and_then(|s| {
+            let start = text[..s.start].rfind('\n').map_or(0, |i| i + 1);
+            let end = text[s.start..]
+                .find('\n')
+                .map_or(text.len(), |i| s.start + i);
+            let line = &text[start..end];
+            if e.message().starts_with("unknown field") {
+                text.get(s.clone()).map(|k| k.trim().to_owned())
+            } else {
+                line.split_once('=').map(|(k, _)| k.trim().to_owned())
+            }
+        });
+        RuleError {
+            file: file.to_owned(),
+            line,
+            rule: None,
+            key,
+            message: e.message().trim().to_owned(),
+        }
+    })?;
+    spec.rule
+        .into_iter()
+        .map(|r| compile(file, text, r))
+        .collect()
+}
+
+fn compile(file: &str, text: &str, spec: RuleSpec) -> Result<Rule, RuleError> {
+    let name = spec.name.get_ref().clone();
+    let err = |span: std::ops::Range<usize>, key: &str, message: String| RuleError {
+        file: file.to_owned(),
+        line: Some(line_of(text, span.start)),
+        rule: Some(name.clone()),
+        key: Some(key.to_owned()),
+        message,
+    };
+    if name.trim().is_empty() {
+        return Err(err(spec.name.span(), "name", "a rule needs a name".into()));
+    }
+    if let Some(service) = &spec.service
+        && !crate::identity::is_subject_token(service.get_ref())
+    {
+        return Err(err(
+            service.span(),
+            "service",
+            "not a service name (one subject token)".into(),
+        ));
+    }
+    if let Some(s) = &spec.subject
+        && !subject::is_valid_filter(s.get_ref())
+    {
+        return Err(err(
+            s.span(),
+            "subject",
+            format!("{:?} is not a NATS subject filter", s.get_ref()),
+        ));
+    }
+    let program = |source: &Spanned<String>, key: &str| -> Result<Program, RuleError> {
+        if source.get_ref().len() > MAX_EXPRESSION {
+            return Err(err(
+                source.span(),
+                key,
+                format!("expression longer than {MAX_EXPRESSION} bytes"),
+            ));
+        }
+        Program::compile(source.get_ref()).map_err(|e| {
+            err(
+                source.span(),
+                key,
+                format!("invalid CEL: {}", e.to_string().trim()),
+            )
+        })
+    };
+    let when = program(&spec.when, "when")?;
+    let patch = match &spec.patch {
+        None => json_patch::Patch(Vec::new()),
+        Some(p) => {
+            if p.get_ref().len() > MAX_ACTIONS {
+                return Err(err(
+                    p.span(),
+                    "patch",
+                    format!("more than {MAX_ACTIONS} operations"),
+                ));
+            }
+            serde_json::from_value(Json::Array(p.get_ref().clone())).map_err(|e| {
+                err(
+                    p.span(),
+                    "patch",
+                    format!("not a JSON Patch (RFC 6902): {e}"),
+                )
+            })?
+        }
+    };
+    let mut set = Vec::new();
+    if let Some(table) = &spec.set {
+        if table.get_ref().len() > MAX_ACTIONS {
+            return Err(err(
+                table.span(),
+                "set",
+                format!("more than {MAX_ACTIONS} entries"),
+            ));
+        }
+        for (pointer, expr) in table.get_ref() {
+            let key = format!("set.{pointer:?}");
+            if !pointer.starts_with('/') {
+                return Err(err(
+                    table.span(),
+                    &key,
+                    "not a JSON Pointer (it must start with '/')".into(),
+                ));
+            }
+            let Some(source) = expr.as_str() else {
+                return Err(err(
+                    table.span(),
+                    &key,
+                    "the value must be a CEL expression in a string".into(),
+                ));
+            };
+            let spanned = Spanned::new(table.span(), source.to_owned());
+            set.push((pointer.clone(), source.to_owned(), program(&spanned, &key)?));
+        }
+    }
+    let has_repair = !patch.0.is_empty() || !set.is_empty();
+    match (&spec.park, has_repair) {
+        (Some(p), true) => {
+            return Err(err(
+                p.span(),
+                "park",
+                "a rule either repairs (patch, set) or parks, not both".into(),
+            ));
+        }
+        (None, false) => {
+            return Err(err(
+                spec.name.span(),
+                "name",
+                "the rule has no action: add patch, set or park".into(),
+            ));
+        }
+        _ => {}
+    }
+    let mut tests = Vec::new();
+    for t in spec.test {
+        let line = line_of(text, t.span().start);
+        let t = t.into_inner();
+        if let Some(expect) = &t.expect
+            && !["repaired", "parked", "not_matched"].contains(&expect.as_str())
+        {
+            return Err(RuleError {
+                file: file.to_owned(),
+                line: Some(line),
+                rule: Some(name.clone()),
+                key: Some("test.expect".into()),
+                message: format!("{expect:?}: expected one of repaired, parked, not_matched"),
+            });
+        }
+        if !t.envelope.is_object() {
+            return Err(RuleError {
+                file: file.to_owned(),
+                line: Some(line),
+                rule: Some(name.clone()),
+                key: Some("test.envelope".into()),
+                message: "the envelope must be a table".into(),
+            });
+        }
+        tests.push(TestCase {
+            line,
+            envelope: t.envelope,
+            expect_payload: t.expect_payload,
+            expect: t.expect,
+            expect_reason: t.expect_reason,
+        });
+    }
+    Ok(Rule {
+        origin: (file.to_owned(), line_of(text, spec.name.span().start)),
+        name,
+        service: spec.service.map(Spanned::into_inner),
+        subject: spec.subject.map(Spanned::into_inner),
+        when_source: spec.when.into_inner(),
+        when,
+        patch,
+        set,
+        park: spec.park.map(Spanned::into_inner),
+        tests,
+    })
+}
