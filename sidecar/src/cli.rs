@@ -34,6 +34,11 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Check and try repair rules.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
     /// Consume a service's stream, deliver to the app over HTTP, delegate what it fails on.
     Sidecar {
         /// The sidecar's TOML config.
@@ -42,11 +47,49 @@ pub enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum RulesCommand {
+    /// Parse the rule files, compile every expression and run every inline test.
+    Check {
+        /// Rule files, or directories of `*.toml` files.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Show what the rules would do to one failure envelope.
+    Try {
+        /// Rule files, or directories of `*.toml` files.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// A failure envelope (JSON), e.g. one copied from the dashboard.
+        #[arg(long)]
+        message: PathBuf,
+        /// Repairs of one lineage before it is parked.
+        #[arg(long, default_value_t = 3)]
+        max_repairs: u32,
+    },
+}
+
 /// Runs the command line; returns the process exit status.
 pub async fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init_logging(cli.log_format);
     match cli.command {
+        Command::Rules { command } => match command {
+            RulesCommand::Check { paths } => {
+                crate::rules_cli::check(&paths, &repair_rules::rules::Limits::default())
+            }
+            RulesCommand::Try {
+                paths,
+                message,
+                max_repairs,
+            } => {
+                let limits = repair_rules::rules::Limits {
+                    max_repairs,
+                    ..Default::default()
+                };
+                crate::rules_cli::try_one(&paths, &message, &limits)
+            }
+        },
         Command::Sidecar { config } => {
             let config = match SidecarConfig::load(&config, std::env::vars()) {
                 Ok(c) => c,

@@ -9,6 +9,7 @@
 //! - [`consume`] pulls, puts each message in its key's lane ([`lanes`]), and drives it through
 //!   [`deliver`] (the app call and its classification, with [`headers`]) to one ending: [`ack`],
 //!   [`delegate`] (failure envelope, events), drop or park. [`circuit`] notices an app that is down.
+//! - [`rules_cli`] is `mend rules check` and `mend rules try`.
 //! - [`health`] serves `/healthz`, `/readyz`, `/metrics`; [`telemetry`] sets up logs and metrics.
 
 pub mod ack;
@@ -23,5 +24,6 @@ pub mod headers;
 pub mod health;
 pub mod lanes;
 pub mod nats;
+pub mod rules_cli;
 pub mod sidecar;
 pub mod telemetry;
