@@ -483,12 +483,12 @@ async fn finish(rt: &BindingRuntime, d: &Delivery, answer: Answer) {
         Ok(()) => {
             ack::confirm(&rt.client, &d.reply, &rt.epoch, rt.cfg.ack_wait).await;
         }
-        Err(delegate::NotStored::Stopped) => {
+        Err(crate::publish::NotStored::Stopped) => {
             tracing::warn!("Not finished before shutdown; handing the message back.");
             ack::hand_back(&rt.client, &d.reply).await;
         }
         // Left unacked, not handed back: an immediate redelivery would fail the same way at once.
-        Err(delegate::NotStored::Unpublishable) => {}
+        Err(crate::publish::NotStored::Unpublishable) => {}
     }
 }
 

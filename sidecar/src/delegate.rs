@@ -7,35 +7,15 @@
 //! repeated publish is dropped by JetStream as a duplicate of the same lineage and attempt.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime};
 
-use async_nats::jetstream::context::PublishErrorKind;
-use async_nats::jetstream::message::PublishMessage;
 use base64::Engine;
-use bytes::Bytes;
 use repair_rules::headers as h;
 use repair_rules::identity::subjects;
 use repair_rules::{ENVELOPE_VERSION, FailureEnvelope, FailureError, HistoryEntry};
 use serde_json::{Value, json};
 
 use crate::consume::{BindingRuntime, Delivery};
-
-/// Pause before the first retry of a failed publish; doubles up to [`PUBLISH_RETRY_MAX`].
-const PUBLISH_RETRY_MIN: Duration = Duration::from_millis(100);
-const PUBLISH_RETRY_MAX: Duration = Duration::from_secs(5);
-
-/// Why a failure could not be handed on; either way the original stays unacked.
-#[derive(Debug, thiserror::Error)]
-pub enum NotStored {
-    /// The sidecar is stopping before the publish was acknowledged.
-    #[error("stopping before the publish was acknowledged")]
-    Stopped,
-    /// Even without its payload the envelope exceeds the server's max_payload (the message's
-    /// headers alone are that large). It is redelivered after its ack wait and fails the same way:
-    /// an operator has to look.
-    #[error("the failure envelope is too large even without its payload")]
-    Unpublishable,
-}
+use crate::publish::{self, NotStored, Published, to_bytes};
 
 /// Where a failure goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +45,16 @@ pub async fn failure(
     let msg_id = d.meta.lineage.msg_id(d.meta.attempt, what);
     let headers = envelope_headers(d);
     let body = to_bytes(&envelope);
-    match publish(rt, &subject, &msg_id, headers.clone(), body).await? {
+    match publish::durably(
+        &rt.js,
+        &rt.shutdown,
+        &subject,
+        &msg_id,
+        headers.clone(),
+        body,
+    )
+    .await?
+    {
         Published::Stored => {}
         Published::TooLarge => {
             // The payload does not fit in an envelope under the server's max_payload. The envelope
@@ -81,8 +70,15 @@ pub async fn failure(
                 seq: d.meta.lineage.seq,
                 size: d.msg.payload.len(),
             });
-            if let Published::TooLarge =
-                publish(rt, &subject, &msg_id, headers, to_bytes(&envelope)).await?
+            if let Published::TooLarge = publish::durably(
+                &rt.js,
+                &rt.shutdown,
+                &subject,
+                &msg_id,
+                headers,
+                to_bytes(&envelope),
+            )
+            .await?
             {
                 tracing::error!(
                     "Envelope too large even without its payload; left unacked for redelivery."
@@ -100,54 +96,30 @@ pub async fn failure(
     .await
 }
 
-/// Announces `kind` for delivery `d` on `mend.events.<service>.<kind>` as a CloudEvent (structured
-/// JSON), stored before the caller acks the original.
+/// Announces `kind` for delivery `d` (with `extra` data) before the caller acks the original.
 pub async fn announce(
     rt: &BindingRuntime,
     kind: &str,
     d: &Delivery,
     extra: Value,
 ) -> Result<(), NotStored> {
-    let id = d.meta.lineage.msg_id(d.meta.attempt, kind);
     let mut data = json!({
-        "service": rt.service,
         "binding": rt.cfg.name,
-        "id": d.meta.lineage.to_string(),
         "key": d.meta.key.as_ref().map(|k| k.as_str()),
         "subject": d.meta.subject,
-        "attempt": d.meta.attempt,
     });
     if let (Some(data), Value::Object(extra)) = (data.as_object_mut(), extra) {
         data.extend(extra);
     }
-    let event = json!({
-        "specversion": "1.0",
-        "id": id,
-        "source": format!("urn:mend:sidecar:{}:{}", rt.service, rt.cfg.name),
-        "type": format!("mend.{kind}"),
-        "subject": d.meta.lineage.to_string(),
-        "time": now(),
-        "datacontenttype": "application/json",
-        "data": data,
-    });
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Content-Type", "application/cloudevents+json");
-    headers.insert(h::MEND_ID, d.meta.lineage.to_string().as_str());
-    match publish(
-        rt,
-        &subjects::event(&rt.service, kind),
-        &id,
-        headers,
-        to_bytes(&event),
-    )
-    .await?
-    {
-        Published::Stored => Ok(()),
-        Published::TooLarge => {
-            tracing::warn!(kind, "Event too large to announce; skipped.");
-            Ok(())
-        }
-    }
+    let event = publish::Event {
+        service: &rt.service,
+        source: format!("urn:mend:sidecar:{}:{}", rt.service, rt.cfg.name),
+        kind,
+        lineage: &d.meta.lineage,
+        attempt: d.meta.attempt,
+        data,
+    };
+    publish::announce(&rt.js, &rt.shutdown, event).await
 }
 
 fn envelope(
@@ -157,7 +129,7 @@ fn envelope(
     what: &str,
     reason: Option<String>,
 ) -> FailureEnvelope {
-    let at = now();
+    let at = publish::now();
     let (payload, payload_base64) = match serde_json::from_slice::<Value>(&d.msg.payload) {
         Ok(v) => (v, None),
         Err(_) => (
@@ -218,55 +190,4 @@ fn envelope_headers(d: &Delivery) -> async_nats::HeaderMap {
         }
     }
     headers
-}
-
-enum Published {
-    Stored,
-    TooLarge,
-}
-
-/// Publishes with `msg_id` and awaits the JetStream ack, retrying with backoff (across reconnects and
-/// server restarts) until it is stored or the sidecar stops.
-async fn publish(
-    rt: &BindingRuntime,
-    subject: &str,
-    msg_id: &str,
-    headers: async_nats::HeaderMap,
-    body: Bytes,
-) -> Result<Published, NotStored> {
-    let mut pause = PUBLISH_RETRY_MIN;
-    loop {
-        let message = PublishMessage::build()
-            .payload(body.clone())
-            .headers(headers.clone())
-            .message_id(msg_id);
-        let result = match rt.js.send_publish(subject.to_owned(), message).await {
-            Ok(ack) => ack.await,
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok(_) => return Ok(Published::Stored),
-            Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
-                return Ok(Published::TooLarge);
-            }
-            Err(error) => {
-                tracing::warn!(%error, subject, "Publish not acknowledged; retrying.");
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
-            _ = rt.shutdown.cancelled() => return Err(NotStored::Stopped),
-        }
-        pause = (pause * 2).min(PUBLISH_RETRY_MAX);
-    }
-}
-
-fn to_bytes(value: &impl serde::Serialize) -> Bytes {
-    // Serializing these types cannot fail: string keys, no non-finite floats from JSON input.
-    Bytes::from(serde_json::to_vec(value).unwrap_or_default())
-}
-
-/// Now, RFC 3339 in UTC with milliseconds.
-pub fn now() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }

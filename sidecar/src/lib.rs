@@ -8,7 +8,7 @@
 //!   dispatcher per binding.
 //! - [`consume`] pulls, puts each message in its key's lane ([`lanes`]), and drives it through
 //!   [`deliver`] (the app call and its classification, with [`headers`]) to one ending: [`ack`],
-//!   [`delegate`] (failure envelope, events), drop or park. [`circuit`] notices an app that is down.
+//!   [`delegate`] (failure envelope, events, through [`publish`]), drop or park. [`circuit`] notices an app that is down.
 //! - [`rules_cli`] is `mend rules check` and `mend rules try`.
 //! - [`health`] serves `/healthz`, `/readyz`, `/metrics`; [`telemetry`] sets up logs and metrics.
 
@@ -24,6 +24,7 @@ pub mod headers;
 pub mod health;
 pub mod lanes;
 pub mod nats;
+pub mod publish;
 pub mod rules_cli;
 pub mod sidecar;
 pub mod telemetry;

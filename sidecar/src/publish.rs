@@ -1,0 +1,134 @@
+//! Publishing that survives crashes and reconnects, shared by every role: a message is published with
+//! a de-duplicating `Nats-Msg-Id` and retried until JetStream acknowledges it; announcements go to
+//! MEND_EVENTS as CloudEvents (structured JSON).
+
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream::Context;
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::PublishMessage;
+use bytes::Bytes;
+use repair_rules::LineageId;
+use repair_rules::headers as h;
+use repair_rules::identity::subjects;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// Pause before the first retry of a failed publish; doubles up to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Why something could not be handed on; either way the message being worked on stays unacked.
+#[derive(Debug, thiserror::Error)]
+pub enum NotStored {
+    /// Stopping before the publish was acknowledged.
+    #[error("stopping before the publish was acknowledged")]
+    Stopped,
+    /// The message exceeds the server's max_payload even in its smallest form. It is redelivered
+    /// after its ack wait and fails the same way: an operator has to look.
+    #[error("the message is too large to publish")]
+    Unpublishable,
+}
+
+/// The outcome of one durable publish.
+pub enum Published {
+    Stored,
+    /// Over the server's max_payload: the caller may try a smaller form.
+    TooLarge,
+}
+
+/// Publishes with `msg_id` and awaits the JetStream ack, retrying with backoff (across reconnects and
+/// server restarts) until it is stored or `shutdown` is cancelled.
+pub async fn durably(
+    js: &Context,
+    shutdown: &CancellationToken,
+    subject: &str,
+    msg_id: &str,
+    headers: async_nats::HeaderMap,
+    body: Bytes,
+) -> Result<Published, NotStored> {
+    let mut pause = RETRY_MIN;
+    loop {
+        let message = PublishMessage::build()
+            .payload(body.clone())
+            .headers(headers.clone())
+            .message_id(msg_id);
+        let result = match js.send_publish(subject.to_owned(), message).await {
+            Ok(ack) => ack.await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(_) => return Ok(Published::Stored),
+            Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                return Ok(Published::TooLarge);
+            }
+            Err(error) => tracing::warn!(%error, subject, "Publish not acknowledged; retrying."),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.cancelled() => return Err(NotStored::Stopped),
+        }
+        pause = (pause * 2).min(RETRY_MAX);
+    }
+}
+
+/// One announcement on `mend.events.<service>.<kind>`.
+pub struct Event<'a> {
+    pub service: &'a str,
+    /// Who announces, as a URI reference (`urn:mend:sidecar:orders:orders`).
+    pub source: String,
+    pub kind: &'a str,
+    pub lineage: &'a LineageId,
+    pub attempt: u32,
+    /// The event's `data`; `service`, `id` and `attempt` are added.
+    pub data: Value,
+}
+
+/// Announces `event`, stored before the caller acks what it worked on. Its CloudEvents `id` is
+/// `<lineage>:<attempt>:<kind>`, also its `Nats-Msg-Id`, so a repeat after a crash is dropped.
+pub async fn announce(
+    js: &Context,
+    shutdown: &CancellationToken,
+    event: Event<'_>,
+) -> Result<(), NotStored> {
+    let id = event.lineage.msg_id(event.attempt, event.kind);
+    let mut data = json!({
+        "service": event.service,
+        "id": event.lineage.to_string(),
+        "attempt": event.attempt,
+    });
+    if let (Some(data), Value::Object(extra)) = (data.as_object_mut(), event.data) {
+        data.extend(extra);
+    }
+    let body = json!({
+        "specversion": "1.0",
+        "id": id,
+        "source": event.source,
+        "type": format!("mend.{}", event.kind),
+        "subject": event.lineage.to_string(),
+        "time": now(),
+        "datacontenttype": "application/json",
+        "data": data,
+    });
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Content-Type", "application/cloudevents+json");
+    headers.insert(h::MEND_ID, event.lineage.to_string().as_str());
+    let subject = subjects::event(event.service, event.kind);
+    match durably(js, shutdown, &subject, &id, headers, to_bytes(&body)).await? {
+        Published::Stored => Ok(()),
+        Published::TooLarge => {
+            tracing::warn!(kind = event.kind, "Event too large to announce; skipped.");
+            Ok(())
+        }
+    }
+}
+
+/// JSON bytes of a value that always serializes (string keys, finite numbers from JSON input).
+pub fn to_bytes(value: &impl serde::Serialize) -> Bytes {
+    Bytes::from(serde_json::to_vec(value).unwrap_or_default())
+}
+
+/// Now, RFC 3339 in UTC with milliseconds.
+pub fn now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
