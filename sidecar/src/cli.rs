@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use crate::RunError;
 use crate::config::SidecarConfig;
-use crate::sidecar::{self, SidecarError};
+use crate::sidecar;
 use crate::telemetry::{self, LogFormat};
 
 /// Exit status for a bad command line or config (EX_USAGE).
@@ -34,6 +35,12 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Repair failures from MEND_FAILED by rules; send repairs back, park the rest.
+    Processor {
+        /// The processor's TOML config.
+        #[arg(long, short, env = "MEND_CONFIG")]
+        config: PathBuf,
+    },
     /// Check and try repair rules.
     Rules {
         #[command(subcommand)]
@@ -90,6 +97,18 @@ pub async fn main() -> ExitCode {
                 crate::rules_cli::try_one(&paths, &message, &limits)
             }
         },
+        Command::Processor { config } => {
+            let config = match crate::config::ProcessorConfig::load(&config, std::env::vars()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("mend processor: bad config: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            let shutdown = CancellationToken::new();
+            tokio::spawn(on_signal(shutdown.clone()));
+            exit("processor", crate::processor::run(config, shutdown).await)
+        }
         Command::Sidecar { config } => {
             let config = match SidecarConfig::load(&config, std::env::vars()) {
                 Ok(c) => c,
@@ -100,18 +119,27 @@ pub async fn main() -> ExitCode {
             };
             let shutdown = CancellationToken::new();
             tokio::spawn(on_signal(shutdown.clone()));
-            match sidecar::run(config, shutdown).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(SidecarError::Startup(e)) => {
-                    tracing::error!(error = format!("{e:#}"), "Cannot start.");
-                    eprintln!("mend sidecar: cannot start: {e:#}");
-                    ExitCode::from(EXIT_UNAVAILABLE)
-                }
-                Err(SidecarError::Runtime(e)) => {
-                    eprintln!("mend sidecar: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            exit("sidecar", sidecar::run(config, shutdown).await)
+        }
+    }
+}
+
+/// The exit status of a role that ran.
+fn exit(role: &str, result: Result<(), RunError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(RunError::Config(e)) => {
+            eprintln!("mend {role}: bad config: {e:#}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(RunError::Startup(e)) => {
+            tracing::error!(error = format!("{e:#}"), "Cannot start.");
+            eprintln!("mend {role}: cannot start: {e:#}");
+            ExitCode::from(EXIT_UNAVAILABLE)
+        }
+        Err(RunError::Runtime(e)) => {
+            eprintln!("mend {role}: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

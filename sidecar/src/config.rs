@@ -164,6 +164,79 @@ impl SidecarConfig {
     }
 }
 
+/// The whole `processor.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessorConfig {
+    #[serde(default = "default_nats_url")]
+    pub nats_url: String,
+    /// A rule file or a directory of `*.toml` rule files; relative to the config file's folder.
+    pub rules: PathBuf,
+    /// Repairs of one lineage before it is parked.
+    #[serde(default = "default_max_repairs", deserialize_with = "positive_u32")]
+    pub max_repairs: u32,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    #[serde(default = "default_processor_listen")]
+    pub listen: SocketAddr,
+    /// Failures worked on at once by this processor.
+    #[serde(
+        default = "default_processor_concurrency",
+        deserialize_with = "concurrency"
+    )]
+    pub concurrency: usize,
+    /// Longest evaluation of the rules on one failure; past it the failure is parked.
+    #[serde(default = "default_rule_timeout", with = "humantime_serde")]
+    pub rule_timeout: Duration,
+    /// Payloads larger than this (as JSON) are parked without evaluating rules.
+    #[serde(default = "default_rule_payload_limit")]
+    pub max_payload_bytes: usize,
+    /// How long a graceful shutdown waits for failures in progress.
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    #[serde(default)]
+    pub nats: NatsConfig,
+}
+
+impl ProcessorConfig {
+    /// Reads `path` with `MEND_*` overrides; a relative `rules` path is taken from the config's folder.
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut config: Self = envcfg::load(path, env, &[])?;
+        if config.rules.is_relative()
+            && let Some(dir) = path.parent()
+        {
+            config.rules = dir.join(&config.rules);
+        }
+        Ok(config)
+    }
+
+    /// The evaluation limits of this processor.
+    pub fn limits(&self) -> repair_rules::rules::Limits {
+        repair_rules::rules::Limits {
+            max_payload_bytes: self.max_payload_bytes,
+            max_repairs: self.max_repairs,
+        }
+    }
+}
+
+const fn default_max_repairs() -> u32 {
+    3
+}
+fn default_processor_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9465))
+}
+const fn default_processor_concurrency() -> usize {
+    32
+}
+const fn default_rule_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+const fn default_rule_payload_limit() -> usize {
+    256 * 1024
+}
+
 impl Default for NatsConfig {
     fn default() -> Self {
         Self {

@@ -9,7 +9,8 @@
 //! - [`consume`] pulls, puts each message in its key's lane ([`lanes`]), and drives it through
 //!   [`deliver`] (the app call and its classification, with [`headers`]) to one ending: [`ack`],
 //!   [`delegate`] (failure envelope, events, through [`publish`]), drop or park. [`circuit`] notices an app that is down.
-//! - [`rules_cli`] is `mend rules check` and `mend rules try`.
+//! - [`processor`] is `mend processor`: failures from MEND_FAILED through the rules to a retry or
+//!   the dashboard. [`rules_cli`] is `mend rules check` and `mend rules try`.
 //! - [`health`] serves `/healthz`, `/readyz`, `/metrics`; [`telemetry`] sets up logs and metrics.
 
 pub mod ack;
@@ -24,7 +25,22 @@ pub mod headers;
 pub mod health;
 pub mod lanes;
 pub mod nats;
+pub mod processor;
 pub mod publish;
 pub mod rules_cli;
 pub mod sidecar;
 pub mod telemetry;
+
+/// How a role's `run` ended badly; the command line maps each to an exit status.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The configuration or the rules cannot be used.
+    #[error("{0:#}")]
+    Config(anyhow::Error),
+    /// Could not start: NATS unreachable or too old, an app stream missing, a port taken.
+    #[error("{0:#}")]
+    Startup(anyhow::Error),
+    /// Failed while running.
+    #[error("{0:#}")]
+    Runtime(anyhow::Error),
+}

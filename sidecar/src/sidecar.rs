@@ -7,28 +7,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use anyhow::Context as _;
 use async_nats::connection::State;
 use async_nats::jetstream::{self, consumer, stream};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BindingConfig, SidecarConfig};
 use crate::consume::{self, BindingMetrics, BindingRuntime};
 use crate::deliver::App;
-use crate::{circuit::Circuit, health, nats, telemetry};
-
-/// How `run` ended badly.
-#[derive(Debug, thiserror::Error)]
-pub enum SidecarError {
-    /// Could not start: NATS unreachable or too old, the app stream missing, the port taken.
-    #[error("{0:#}")]
-    Startup(anyhow::Error),
-    /// Failed while running.
-    #[error("{0:#}")]
-    Runtime(anyhow::Error),
-}
+use crate::{RunError, circuit::Circuit, health, nats, telemetry};
 
 /// Runs the sidecar until `shutdown` is cancelled, then shuts down gracefully.
-pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(), SidecarError> {
-    let metrics = telemetry::metrics().map_err(SidecarError::Startup)?;
+pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(), RunError> {
+    let metrics = telemetry::metrics().map_err(RunError::Startup)?;
     let epoch = crate::ack::Epoch::default();
     let client = nats::connect(
         &config.nats_url,
@@ -37,17 +25,17 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
         &epoch,
     )
     .await
-    .map_err(|e| SidecarError::Startup(e.into()))?;
+    .map_err(|e| RunError::Startup(e.into()))?;
     let js = jetstream::new(client.clone());
     nats::ensure_layout(&js, &config.nats)
         .await
-        .map_err(|e| SidecarError::Startup(e.into()))?;
+        .map_err(|e| RunError::Startup(e.into()))?;
 
     let mut consumers = Vec::new();
     for binding in &config.bindings {
         let consumer = bind(&js, &config.service, binding)
             .await
-            .map_err(SidecarError::Startup)?;
+            .map_err(RunError::Startup)?;
         consumers.push(consumer);
     }
 
@@ -71,21 +59,10 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
             Ok(())
         })
     };
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))
-        .map_err(SidecarError::Startup)?;
     // The operations endpoint outlives the dispatchers, so probes see "shutting down" while they drain.
-    let ops_stop = CancellationToken::new();
-    let ops = tokio::spawn({
-        let stop = ops_stop.clone();
-        let router = health::router(ready, metrics);
-        async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        }
-    });
+    let ops = health::serve(config.listen, ready, metrics)
+        .await
+        .map_err(RunError::Startup)?;
 
     let mut dispatchers = tokio::task::JoinSet::new();
     for (binding, consumer) in config.bindings.iter().zip(consumers) {
@@ -96,7 +73,7 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
             cfg: binding.clone(),
             app: App::new(binding)
                 .context("cannot build the HTTP client")
-                .map_err(SidecarError::Startup)?,
+                .map_err(RunError::Startup)?,
             fixed_headers: crate::headers::BindingHeaders::new(&config.service, &binding.stream),
             client: client.clone(),
             js: js.clone(),
@@ -137,14 +114,9 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
     if let Err(error) = client.flush().await {
         tracing::warn!(%error, "Final flush failed; unsent acks lead to redeliveries.");
     }
-    ops_stop.cancel();
-    match ops.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "Operations endpoint failed."),
-        Err(e) => tracing::warn!(error = %e, "Operations endpoint task failed."),
-    }
+    ops.stop().await;
     tracing::info!("Sidecar stopped.");
-    failure.map_or(Ok(()), |e| Err(SidecarError::Runtime(e)))
+    failure.map_or(Ok(()), |e| Err(RunError::Runtime(e)))
 }
 
 /// Creates or updates the binding's durable pull consumer on the app's stream.

@@ -34,6 +34,19 @@ pub const REDELIVERED_WHILE_BUFFERED: &str = "mend_redelivered_while_buffered_to
 /// Confirmed acks that could not be confirmed (the message will be redelivered).
 pub const ACK_UNCONFIRMED: &str = "mend_ack_unconfirmed_total";
 
+/// Processor: failures a rule matched, by `rule`.
+pub const RULE_MATCHED: &str = "mend_rule_matched_total";
+/// Processor: failures repaired and sent back, by `rule`.
+pub const REPAIRED: &str = "mend_repaired_total";
+/// Processor: rule evaluations that failed, by `rule`.
+pub const RULE_ERRORS: &str = "mend_rule_errors_total";
+/// Processor: failures parked for a person, by `reason`.
+pub const PARKED: &str = "mend_parked_total";
+/// Processor: seconds from taking a failure to its ack.
+pub const PROCESSING_LATENCY: &str = "mend_processing_seconds";
+/// Processor: rules in force.
+pub const RULES_LOADED: &str = "mend_rules_loaded";
+
 /// App-latency histogram buckets, in seconds.
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,

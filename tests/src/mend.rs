@@ -159,10 +159,14 @@ impl MendProcess {
         }
     }
 
-    /// Waits until the sidecar consumes.
+    /// Waits until the sidecar (or processor) consumes.
     pub async fn ready(&self) -> anyhow::Result<()> {
-        self.wait_log("Sidecar consuming", Duration::from_secs(30))
-            .await
+        let text = if self.args.first().map(String::as_str) == Some("processor") {
+            "Processor consuming"
+        } else {
+            "Sidecar consuming"
+        };
+        self.wait_log(text, Duration::from_secs(30)).await
     }
 
     /// SIGKILL, no chance to clean up.
@@ -265,4 +269,18 @@ endpoint = "{endpoint}"
         port = free_port(),
         subjects = subjects.join(", "),
     )
+}
+
+/// A processor config using the rules at `rules` (a file or directory), plus `extra` top-level keys.
+pub fn processor_config(nats_url: &str, rules: &std::path::Path, extra: &str) -> String {
+    format!(
+        "nats_url = \"{nats_url}\"\nrules = {:?}\nlisten = \"127.0.0.1:{}\"\nshutdown_timeout = \"10s\"\n{extra}\n",
+        rules.display().to_string(),
+        free_port()
+    )
+}
+
+/// The example rules shipped in the repository.
+pub fn example_rules() -> PathBuf {
+    crate::workspace().join("examples/rules")
 }

@@ -1,0 +1,453 @@
+//! `mend processor` (SPEC §1, §6): competing consumers on MEND_FAILED. Each failure envelope goes
+//! through the rules: a repair is published to `mend.retry.<service>` (the service's sidecar delivers
+//! it), anything else is parked on `mend.parked.<service>` for the dashboard. The failure is acked
+//! only after that publish is stored, so a crash loses nothing; publishes carry `Nats-Msg-Id`, so a
+//! repeat after a crash is dropped.
+//!
+//! The retry message's body is exactly what the app receives (the repaired payload); the lineage
+//! travels in headers: `Mend-Id`, `Mend-Attempt`, `Mend-Repaired-By`, `Mend-Key`,
+//! `Mend-Original-Subject`, `Mend-Service`, and `Mend-History` (the envelope's history as JSON), next
+//! to the original message's own headers.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::connection::State;
+use async_nats::jetstream::consumer::{self, PullConsumer};
+use async_nats::jetstream::{self, Message};
+use base64::Engine;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use repair_rules::headers as h;
+use repair_rules::identity::subjects;
+use repair_rules::rules::{Decision, Limits, ParkReason, RuleSet, evaluate};
+use repair_rules::{ENVELOPE_VERSION, ErrorKind, FailureEnvelope, FailureError, HistoryEntry};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::ack;
+use crate::config::ProcessorConfig;
+use crate::publish::{self, NotStored, Published, to_bytes};
+use crate::{RunError, health, nats, rules_cli, telemetry};
+
+/// The durable consumer all processors share (competing consumers).
+pub const CONSUMER: &str = "mend-processor";
+/// The processor's ack wait on MEND_FAILED.
+const ACK_WAIT: Duration = Duration::from_secs(30);
+/// Header carrying a lineage's history on a retry.
+pub const MEND_HISTORY: &str = "Mend-History";
+
+struct Processor {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    epoch: ack::Epoch,
+    rules: Arc<RuleSet>,
+    limits: Limits,
+    rule_timeout: Duration,
+    shutdown: CancellationToken,
+}
+
+/// Runs the processor until `shutdown`, then finishes what is in progress.
+pub async fn run(config: ProcessorConfig, shutdown: CancellationToken) -> Result<(), RunError> {
+    let files = rules_cli::collect(std::slice::from_ref(&config.rules))
+        .map_err(|e| RunError::Config(anyhow::anyhow!("rules: {e}")))?;
+    let rules = rules_cli::load(&files).map_err(|(_, e)| RunError::Config(anyhow::anyhow!(e)))?;
+    tracing::info!(
+        rules = rules.rules.len(),
+        files = files.len(),
+        "Rules loaded."
+    );
+    metrics::gauge!(telemetry::RULES_LOADED).set(rules.rules.len() as f64);
+
+    let metrics = telemetry::metrics().map_err(RunError::Startup)?;
+    let epoch = ack::Epoch::default();
+    let client = nats::connect(&config.nats_url, &config.nats, "mend-processor", &epoch)
+        .await
+        .map_err(|e| RunError::Startup(e.into()))?;
+    let js = jetstream::new(client.clone());
+    nats::ensure_layout(&js, &config.nats)
+        .await
+        .map_err(|e| RunError::Startup(e.into()))?;
+    let consumer = bind(&js, config.concurrency)
+        .await
+        .map_err(RunError::Startup)?;
+
+    let ready: health::ReadyCheck = {
+        let (client, shutdown) = (client.clone(), shutdown.clone());
+        Arc::new(move || {
+            if shutdown.is_cancelled() {
+                Err("shutting down".into())
+            } else if client.connection_state() != State::Connected {
+                Err("NATS is not connected".into())
+            } else {
+                Ok(())
+            }
+        })
+    };
+    let ops = health::serve(config.listen, ready, metrics)
+        .await
+        .map_err(RunError::Startup)?;
+    tracing::info!(listen = %config.listen, "Processor consuming.");
+
+    let p = Arc::new(Processor {
+        client: client.clone(),
+        js,
+        epoch,
+        rules: Arc::new(rules),
+        limits: config.limits(),
+        rule_timeout: config.rule_timeout,
+        shutdown: shutdown.clone(),
+    });
+    let result = consume(p, consumer, config.concurrency, config.shutdown_timeout).await;
+    if let Err(error) = client.flush().await {
+        tracing::warn!(%error, "Final flush failed; unsent acks lead to redeliveries.");
+    }
+    ops.stop().await;
+    tracing::info!("Processor stopped.");
+    result.map_err(RunError::Runtime)
+}
+
+async fn bind(js: &jetstream::Context, concurrency: usize) -> anyhow::Result<PullConsumer> {
+    let stream = js
+        .get_stream("MEND_FAILED")
+        .await
+        .context("stream MEND_FAILED")?;
+    stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(CONSUMER.to_owned()),
+            description: Some("mend processors (competing consumers)".into()),
+            filter_subject: "mend.failed.>".into(),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: ACK_WAIT,
+            max_ack_pending: (concurrency * 4) as i64,
+            ..Default::default()
+        })
+        .await
+        .context("cannot create consumer mend-processor on MEND_FAILED")
+}
+
+async fn consume(
+    p: Arc<Processor>,
+    consumer: PullConsumer,
+    concurrency: usize,
+    shutdown_timeout: Duration,
+) -> anyhow::Result<()> {
+    let mut messages = Some(
+        consumer
+            .stream()
+            .max_messages_per_batch(concurrency.min(256))
+            .heartbeat(Duration::from_secs(5))
+            .messages()
+            .await?,
+    );
+    let mut running = FuturesUnordered::new();
+    let deadline = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(deadline);
+    loop {
+        let pulling = messages.is_some() && running.len() < concurrency;
+        tokio::select! {
+            Some(()) = running.next(), if !running.is_empty() => {}
+            _ = p.shutdown.cancelled(), if messages.is_some() => {
+                messages = None;
+                deadline.as_mut().reset(tokio::time::Instant::now() + shutdown_timeout);
+            }
+            next = async { match messages.as_mut() { Some(m) => m.next().await, None => None } }, if pulling => {
+                match next {
+                    Some(Ok(msg)) => {
+                        let p = p.clone();
+                        running.push(async move { handle(&p, msg).await });
+                    }
+                    Some(Err(error)) => tracing::warn!(%error, "Pull failed; continuing."),
+                    None => anyhow::bail!("the pull stream on MEND_FAILED ended"),
+                }
+            }
+            _ = &mut deadline, if messages.is_none() => {
+                tracing::warn!(in_flight = running.len(), "Shutdown deadline reached; the rest is redelivered.");
+                return Ok(());
+            }
+        }
+        if messages.is_none() && running.is_empty() {
+            return Ok(());
+        }
+    }
+}
+
+/// One failure: decide, publish the outcome, then ack.
+async fn handle(p: &Processor, msg: Message) {
+    let started = Instant::now();
+    let Some(subject) = msg.reply.clone() else {
+        return;
+    };
+    let reply = ack::Reply::new(subject, p.epoch.current());
+    let outcome = match serde_json::from_slice::<FailureEnvelope>(&msg.payload) {
+        Ok(envelope) => {
+            let span =
+                tracing::info_span!("failure", mend_id = %envelope.id, attempt = envelope.attempt);
+            let work = async {
+                let decision = decide(p, &envelope).await;
+                act(p, &envelope, decision).await
+            };
+            tracing::Instrument::instrument(work, span).await
+        }
+        Err(error) => park_malformed(p, &msg, &error).await,
+    };
+    match outcome {
+        Ok(()) => {
+            ack::confirm(&p.client, &reply, &p.epoch, ACK_WAIT).await;
+        }
+        Err(NotStored::Stopped) => ack::hand_back(&p.client, &reply).await,
+        Err(NotStored::Unpublishable) => {}
+    }
+    metrics::histogram!(telemetry::PROCESSING_LATENCY).record(started.elapsed().as_secs_f64());
+}
+
+/// The rules' decision, within the time limit (evaluated off the async threads).
+async fn decide(p: &Processor, envelope: &FailureEnvelope) -> Decision {
+    let (rules, limits, env) = (p.rules.clone(), p.limits, envelope.clone());
+    let work = tokio::task::spawn_blocking(move || evaluate(&rules, &env, &limits));
+    match tokio::time::timeout(p.rule_timeout, work).await {
+        Ok(Ok(decision)) => decision,
+        Ok(Err(error)) => Decision::Park {
+            rule: None,
+            reason: ParkReason::RuleError,
+            message: format!("rule evaluation failed: {error}"),
+        },
+        Err(_) => Decision::Park {
+            rule: None,
+            reason: ParkReason::RuleError,
+            message: format!(
+                "rule evaluation took longer than {}",
+                humantime::format_duration(p.rule_timeout)
+            ),
+        },
+    }
+}
+
+async fn act(
+    p: &Processor,
+    envelope: &FailureEnvelope,
+    decision: Decision,
+) -> Result<(), NotStored> {
+    match decision {
+        Decision::Repaired { rule, payload } => {
+            metrics::counter!(telemetry::RULE_MATCHED, "rule" => rule.clone()).increment(1);
+            retry(p, envelope, &rule, &payload).await?;
+            metrics::counter!(telemetry::REPAIRED, "rule" => rule.clone()).increment(1);
+            tracing::info!(rule, "Repaired; sent back to the service.");
+            Ok(())
+        }
+        Decision::Park {
+            rule,
+            reason,
+            message,
+        } => {
+            if let Some(rule) = &rule {
+                metrics::counter!(telemetry::RULE_MATCHED, "rule" => rule.clone()).increment(1);
+                if reason == ParkReason::RuleError {
+                    metrics::counter!(telemetry::RULE_ERRORS, "rule" => rule.clone()).increment(1);
+                }
+            }
+            park(p, envelope, rule.as_deref(), reason, &message).await?;
+            metrics::counter!(telemetry::PARKED, "reason" => reason.as_str()).increment(1);
+            tracing::info!(%reason, message, "Parked for a person.");
+            Ok(())
+        }
+    }
+}
+
+/// Publishes the repaired message to the service's retry subject, then announces `repaired`.
+async fn retry(
+    p: &Processor,
+    envelope: &FailureEnvelope,
+    rule: &str,
+    payload: &serde_json::Value,
+) -> Result<(), NotStored> {
+    let attempt = envelope.attempt + 1;
+    let mut history = envelope.history.clone();
+    history.push(HistoryEntry {
+        at: publish::now(),
+        what: "repaired".into(),
+        by: format!("rule:{rule}"),
+        error: None,
+        note: None,
+    });
+    let repaired_by: Vec<&str> = history
+        .iter()
+        .filter(|e| e.what == "repaired")
+        .filter_map(|e| e.by.strip_prefix("rule:"))
+        .collect();
+    let mut headers = async_nats::HeaderMap::new();
+    for (name, values) in &envelope.headers {
+        let lower = name.to_ascii_lowercase();
+        if lower.starts_with("mend-") || lower.starts_with("nats-") || lower == "content-type" {
+            continue;
+        }
+        for v in values {
+            headers.append(name.as_str(), v.as_str());
+        }
+    }
+    headers.insert("Content-Type", "application/json");
+    headers.insert(h::MEND_ID, envelope.id.as_str());
+    headers.insert(h::MEND_SERVICE, envelope.service.as_str());
+    headers.insert(h::MEND_ATTEMPT, attempt.to_string().as_str());
+    headers.insert(h::MEND_REPAIRED_BY, repaired_by.join(",").as_str());
+    headers.insert(h::MEND_ORIGINAL_SUBJECT, envelope.subject.as_str());
+    if let Some(key) = &envelope.key {
+        headers.insert(h::MEND_KEY, key.as_str());
+    }
+    headers.insert(
+        MEND_HISTORY,
+        serde_json::to_string(&history).unwrap_or_default().as_str(),
+    );
+    let lineage = envelope.lineage();
+    let msg_id = lineage.msg_id(attempt, "retry");
+    let subject = subjects::retry(&envelope.service);
+    match publish::durably(
+        &p.js,
+        &p.shutdown,
+        &subject,
+        &msg_id,
+        headers,
+        to_bytes(payload),
+    )
+    .await?
+    {
+        Published::Stored => {}
+        Published::TooLarge => {
+            // A repair that grew past max_payload cannot be sent back: a person decides.
+            return park(
+                p,
+                envelope,
+                Some(rule),
+                ParkReason::RuleError,
+                "the repaired message exceeds the server's max_payload",
+            )
+            .await;
+        }
+    }
+    announce(
+        p,
+        envelope,
+        "repaired",
+        attempt,
+        json!({ "rule": rule, "key": envelope.key, "subject": envelope.subject }),
+    )
+    .await
+}
+
+/// Publishes the envelope, with its reason and history, to the dashboard, then announces `parked`.
+async fn park(
+    p: &Processor,
+    envelope: &FailureEnvelope,
+    rule: Option<&str>,
+    reason: ParkReason,
+    message: &str,
+) -> Result<(), NotStored> {
+    let mut parked = envelope.clone();
+    parked.reason = Some(message.to_owned());
+    parked.history.push(HistoryEntry {
+        at: publish::now(),
+        what: "parked".into(),
+        by: rule.map_or_else(|| "processor".to_owned(), |r| format!("rule:{r}")),
+        error: None,
+        note: Some(format!("{reason}: {message}")),
+    });
+    let lineage = envelope.lineage();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Content-Type", "application/json");
+    headers.insert(h::MEND_ID, envelope.id.as_str());
+    headers.insert(h::MEND_ATTEMPT, envelope.attempt.to_string().as_str());
+    headers.insert(h::MEND_SERVICE, envelope.service.as_str());
+    let msg_id = lineage.msg_id(envelope.attempt, "parked");
+    let subject = subjects::parked(&envelope.service);
+    match publish::durably(
+        &p.js,
+        &p.shutdown,
+        &subject,
+        &msg_id,
+        headers,
+        to_bytes(&parked),
+    )
+    .await?
+    {
+        Published::Stored => {}
+        Published::TooLarge => return Err(NotStored::Unpublishable),
+    }
+    announce(
+        p,
+        envelope,
+        "parked",
+        envelope.attempt,
+        json!({ "reason": reason.as_str(), "rule": rule, "message": message, "key": envelope.key, "subject": envelope.subject }),
+    )
+    .await
+}
+
+async fn announce(
+    p: &Processor,
+    envelope: &FailureEnvelope,
+    kind: &str,
+    attempt: u32,
+    data: serde_json::Value,
+) -> Result<(), NotStored> {
+    let lineage = envelope.lineage();
+    let event = publish::Event {
+        service: &envelope.service,
+        source: "urn:mend:processor".into(),
+        kind,
+        lineage: &lineage,
+        attempt,
+        data,
+    };
+    publish::announce(&p.js, &p.shutdown, event).await
+}
+
+/// A message on MEND_FAILED that is not an envelope is parked as raw bytes, never dropped.
+async fn park_malformed(
+    p: &Processor,
+    msg: &Message,
+    error: &serde_json::Error,
+) -> Result<(), NotStored> {
+    let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+    let service = msg
+        .subject
+        .as_str()
+        .rsplit('.')
+        .next()
+        .unwrap_or("unknown")
+        .to_owned();
+    tracing::error!(%error, seq, service, "Not a failure envelope; parking the raw message.");
+    let mut failure = FailureError::bare(ErrorKind::Message, None);
+    failure.title = Some("malformed failure envelope".into());
+    failure.detail = Some(error.to_string());
+    let at = publish::now();
+    let envelope = FailureEnvelope {
+        version: ENVELOPE_VERSION,
+        id: format!("MEND_FAILED:{seq}"),
+        service,
+        binding: String::new(),
+        stream: "MEND_FAILED".into(),
+        seq,
+        subject: msg.subject.to_string(),
+        key: None,
+        headers: Default::default(),
+        payload: serde_json::Value::Null,
+        payload_base64: Some(base64::engine::general_purpose::STANDARD.encode(&msg.payload)),
+        payload_ref: None,
+        error: failure,
+        attempt: 1,
+        first_failed_at: at.clone(),
+        failed_at: at,
+        reason: None,
+        history: Vec::new(),
+    };
+    park(
+        p,
+        &envelope,
+        None,
+        ParkReason::RuleError,
+        "the message on MEND_FAILED is not a failure envelope",
+    )
+    .await
+}

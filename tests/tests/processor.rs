@@ -1,0 +1,173 @@
+//! `mend processor` on its own: failure envelopes in, repairs out on `mend.retry.<service>` with the
+//! lineage in headers, everything else parked with its reason (SPEC §5, §6).
+
+use bytes::Bytes;
+use mend_e2e::js::{self, Out};
+use mend_e2e::mend::{MendProcess, example_rules, processor_config};
+use mend_e2e::nats::NatsServer;
+use mend_e2e::wait;
+use mend_e2e::world::TEST_TIMEOUT;
+use repair_rules::FailureEnvelope;
+use serde_json::{Value, json};
+
+fn envelope(seq: u64, payload: Value, code: &str, field: &str) -> Value {
+    json!({
+        "version": 1, "id": format!("ORDERS:{seq}"), "service": "orders", "binding": "orders",
+        "stream": "ORDERS", "seq": seq, "subject": "orders.created", "key": "acct-7",
+        "headers": {"Account-Id": ["acct-7"], "traceparent": ["00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"]},
+        "payload": payload, "payload_base64": null,
+        "error": {"kind": "message", "status": 422, "code": code, "field": field,
+                  "title": "t", "detail": null, "body": null},
+        "attempt": 1, "first_failed_at": "2026-11-22T10:00:00Z", "failed_at": "2026-11-22T10:00:00Z",
+        "history": [{"at": "2026-11-22T10:00:00Z", "what": "delegated", "by": "sidecar",
+                     "error": {"kind": "message", "status": 422, "code": code}}],
+    })
+}
+
+fn failed(body: Bytes) -> Out {
+    Out {
+        subject: "mend.failed.orders".into(),
+        headers: Default::default(),
+        payload: body,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repairs_go_back_on_the_retry_subject_and_the_rest_is_parked() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let client = nats.client().await?;
+    let js = async_nats::jetstream::new(client);
+    let p = MendProcess::start(
+        "processor",
+        &processor_config(&nats.url(), &example_rules(), ""),
+    )
+    .await?;
+    p.ready().await?;
+
+    let inputs = vec![
+        failed(
+            envelope(
+                1,
+                json!({"account": "acct-7", "amount": "12.50"}),
+                "bad_type",
+                "/amount",
+            )
+            .to_string()
+            .into(),
+        ),
+        failed(
+            envelope(
+                2,
+                json!({"account": "nobody", "amount": 1}),
+                "unknown_account",
+                "/account",
+            )
+            .to_string()
+            .into(),
+        ),
+        failed(
+            envelope(3, json!({"amount": 1}), "something_new", "/x")
+                .to_string()
+                .into(),
+        ),
+        failed(Bytes::from_static(b"{not an envelope")),
+    ];
+    js::publish_all(&js, inputs).await?;
+
+    let retries = wait::until("one retry", TEST_TIMEOUT, || {
+        let js = js.clone();
+        async move {
+            let r = js::read_all(&js, "MEND_RETRY", "mend.retry.orders").await?;
+            Ok((!r.is_empty()).then_some(r))
+        }
+    })
+    .await?;
+    assert_eq!(retries.len(), 1);
+    let r = &retries[0];
+    let body: Value = serde_json::from_slice(&r.payload)?;
+    assert_eq!(
+        body,
+        json!({"account": "acct-7", "amount": 12.5, "currency": "USD"})
+    );
+    let header = |n: &str| r.headers.get(n).map(|v| v.as_str().to_owned());
+    assert_eq!(header("Mend-Id").as_deref(), Some("ORDERS:1"));
+    assert_eq!(header("Mend-Attempt").as_deref(), Some("2"));
+    assert_eq!(
+        header("Mend-Repaired-By").as_deref(),
+        Some("amount-as-number")
+    );
+    assert_eq!(header("Mend-Key").as_deref(), Some("acct-7"));
+    assert_eq!(
+        header("Mend-Original-Subject").as_deref(),
+        Some("orders.created")
+    );
+    assert_eq!(header("Account-Id").as_deref(), Some("acct-7"));
+    assert!(header("traceparent").is_some());
+    assert_eq!(header("Nats-Msg-Id").as_deref(), Some("ORDERS:1:2:retry"));
+    let history: Vec<repair_rules::HistoryEntry> =
+        serde_json::from_str(&header("Mend-History").unwrap())?;
+    assert_eq!(history.len(), 2);
+    assert_eq!(
+        (history[1].what.as_str(), history[1].by.as_str()),
+        ("repaired", "rule:amount-as-number")
+    );
+
+    let parked: Vec<FailureEnvelope> = wait::until("three parked", TEST_TIMEOUT, || {
+        let js = js.clone();
+        async move {
+            let p = js::parked(&js, "orders").await?;
+            Ok((p.len() >= 3).then_some(p))
+        }
+    })
+    .await?;
+    let by_seq = |s: u64| parked.iter().find(|e| e.seq == s && e.stream == "ORDERS");
+    let unknown = by_seq(2).expect("unknown account parked");
+    assert_eq!(
+        unknown.reason.as_deref(),
+        Some("account not found: needs a person")
+    );
+    assert_eq!(
+        unknown.history.last().map(|h| h.by.as_str()),
+        Some("rule:unknown-account")
+    );
+    assert_eq!(
+        by_seq(3).and_then(|e| e.reason.as_deref()),
+        Some("no rule matched")
+    );
+    let malformed = parked
+        .iter()
+        .find(|e| e.stream == "MEND_FAILED")
+        .expect("malformed kept");
+    assert_eq!(
+        malformed.payload_base64.as_deref(),
+        Some("e25vdCBhbiBlbnZlbG9wZQ==")
+    );
+
+    assert_eq!(js::events(&js, "orders", "repaired").await?.len(), 1);
+    assert_eq!(js::events(&js, "orders", "parked").await?.len(), 3);
+    js::consumer_drained(&js, "MEND_FAILED", "mend-processor", TEST_TIMEOUT).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_rules_refuse_to_start() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(
+        dir.path().join("r.toml"),
+        "[[rule]]\nname = \"a\"\nwhen = 'x ==='\npark = \"y\"\n",
+    )?;
+    let mut p = MendProcess::start(
+        "processor",
+        &processor_config("nats://127.0.0.1:1", dir.path(), ""),
+    )
+    .await?;
+    let status = p.wait_exit(std::time::Duration::from_secs(30)).await?;
+    assert_eq!(status.code(), Some(64), "{}", p.log());
+    assert!(
+        p.log()
+            .contains("r.toml:3: rule `a`: key `when`: invalid CEL"),
+        "{}",
+        p.log()
+    );
+    Ok(())
+}
