@@ -18,7 +18,8 @@ use async_nats::jetstream::{self, Message};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use metrics::{Counter, Gauge, Histogram};
-use repair_rules::{ErrorKind, FailureError, LineageId, MessageKey};
+use repair_rules::{ErrorKind, FailureError, HistoryEntry, LineageId, MessageKey};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -114,11 +115,29 @@ impl BindingRuntime {
 pub struct Delivery {
     pub msg: Message,
     pub meta: DeliveryMeta,
+    /// The lineage's history so far (empty for an original; from `Mend-History` for a retry).
+    pub history: Vec<HistoryEntry>,
+    held_id: HeldId,
     reply: ack::Reply,
 }
 
+/// Which message the dispatcher holds: a message of the app stream or of the retry stream, by that
+/// stream's sequence (the two sequences are unrelated).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct HeldId {
+    pub retry: bool,
+    pub seq: u64,
+}
+
+impl Delivery {
+    /// Whether this is a retry (a repair or resubmission) rather than an original.
+    pub fn is_retry(&self) -> bool {
+        self.held_id.retry
+    }
+}
+
 /// A message the dispatcher holds, and when it last told the server so.
-struct Held {
+pub(crate) struct Held {
     reply: ack::Reply,
     touched: Instant,
 }
@@ -136,7 +155,7 @@ struct Quarantine {
 
 /// A finished delivery: its key may take its next message.
 struct Done {
-    seq: u64,
+    held_id: HeldId,
     key: Option<MessageKey>,
 }
 
@@ -144,10 +163,14 @@ type Running = FuturesUnordered<Pin<Box<dyn Future<Output = Done> + Send>>>;
 
 /// Runs the binding until shutdown: stop pulling, hand back what has not started, finish what is in
 /// flight within the shutdown timeout, hand back the rest.
-pub async fn run(rt: Arc<BindingRuntime>, consumer: PullConsumer) -> anyhow::Result<()> {
+pub async fn run(
+    rt: Arc<BindingRuntime>,
+    consumer: PullConsumer,
+    mut retries: Option<mpsc::Receiver<Message>>,
+) -> anyhow::Result<()> {
     let max_held = BindingRuntime::max_ack_pending(&rt.cfg);
     let mut lanes: crate::lanes::Lanes<Delivery> = crate::lanes::Lanes::new(rt.cfg.concurrency);
-    let mut held: HashMap<u64, Held> = HashMap::new();
+    let mut held: HashMap<HeldId, Held> = HashMap::new();
     let mut running: Running = FuturesUnordered::new();
     let keepalive_every = rt.cfg.ack_wait / 4;
     let mut keepalive = tokio::time::interval(keepalive_every);
@@ -162,7 +185,7 @@ pub async fn run(rt: Arc<BindingRuntime>, consumer: PullConsumer) -> anyhow::Res
             !stopping && messages.is_some() && held.len() < max_held && !rt.circuit.is_open();
         tokio::select! {
             Some(done) = running.next(), if !running.is_empty() => {
-                held.remove(&done.seq);
+                held.remove(&done.held_id);
                 lanes.done(done.key.as_ref());
             }
             _ = rt.shutdown.cancelled(), if !stopping => {
@@ -170,13 +193,18 @@ pub async fn run(rt: Arc<BindingRuntime>, consumer: PullConsumer) -> anyhow::Res
                 messages = None;
                 release(&mut quarantine, &mut lanes);
                 for d in lanes.drain_queued() {
-                    held.remove(&d.meta.lineage.seq);
+                    held.remove(&d.held_id);
                     ack::hand_back(&rt.client, &d.reply).await;
                 }
                 tracing::info!(in_flight = running.len(), binding = %rt.cfg.name,
                     "Stopping: pulling stopped, finishing in-flight deliveries.");
                 deadline = Some(Box::pin(tokio::time::sleep(rt.shutdown_timeout)));
             }
+            retry = async { match retries.as_mut() { Some(r) => r.recv().await, None => None } },
+                if !stopping && retries.is_some() && held.len() < max_held => match retry {
+                Some(msg) => crate::retry::admit(&rt, msg, &mut lanes, &mut held),
+                None => retries = None,
+            },
             next = next_message(&mut messages), if pulling => match next {
                 Some(Ok(msg)) => admit(&rt, msg, &mut lanes, &mut held, &mut quarantine),
                 Some(Err(error)) => {
@@ -298,7 +326,7 @@ fn admit(
     rt: &BindingRuntime,
     msg: Message,
     lanes: &mut crate::lanes::Lanes<Delivery>,
-    held: &mut HashMap<u64, Held>,
+    held: &mut HashMap<HeldId, Held>,
     quarantine: &mut Option<Quarantine>,
 ) {
     let (seq, published, delivered) = match msg.info() {
@@ -315,13 +343,10 @@ fn admit(
     let Some(subject) = msg.reply.clone() else {
         return;
     };
-    if let Some(h) = held.get_mut(&seq) {
-        rt.metrics.redelivered.increment(1);
-        h.reply.redelivered(subject, rt.epoch.current());
-        h.touched = Instant::now();
+    let held_id = HeldId { retry: false, seq };
+    let Some(reply) = hold(rt, held, held_id, subject) else {
         return;
-    }
-    let reply = ack::Reply::new(subject, rt.epoch.current());
+    };
     let key = rt.cfg.key.as_ref().and_then(|source| key_of(source, &msg));
     let meta = DeliveryMeta {
         service: rt.service.clone(),
@@ -333,14 +358,13 @@ fn admit(
         repaired_by: None,
         resubmitted_by: None,
     };
-    held.insert(
-        seq,
-        Held {
-            reply: reply.clone(),
-            touched: Instant::now(),
-        },
-    );
-    let d = Delivery { msg, meta, reply };
+    let d = Delivery {
+        msg,
+        meta,
+        history: Vec::new(),
+        held_id,
+        reply,
+    };
     match quarantine {
         Some(q) => {
             if delivered > 1 {
@@ -352,6 +376,48 @@ fn admit(
             }
         }
         None => lanes.push(key, d),
+    }
+}
+
+/// Starts holding `id`, kept alive from now on; `None` if it is held already (a redelivery: the one
+/// held stays where it is and acks on the newest reply subject).
+pub(crate) fn hold(
+    rt: &BindingRuntime,
+    held: &mut HashMap<HeldId, Held>,
+    id: HeldId,
+    subject: async_nats::Subject,
+) -> Option<ack::Reply> {
+    if let Some(h) = held.get_mut(&id) {
+        rt.metrics.redelivered.increment(1);
+        h.reply.redelivered(subject, rt.epoch.current());
+        h.touched = Instant::now();
+        return None;
+    }
+    let reply = ack::Reply::new(subject, rt.epoch.current());
+    held.insert(
+        id,
+        Held {
+            reply: reply.clone(),
+            touched: Instant::now(),
+        },
+    );
+    Some(reply)
+}
+
+/// A message of the retry stream, ready for its key's lane.
+pub(crate) fn retry_delivery(
+    msg: Message,
+    meta: DeliveryMeta,
+    history: Vec<HistoryEntry>,
+    seq: u64,
+    reply: ack::Reply,
+) -> Delivery {
+    Delivery {
+        msg,
+        meta,
+        history,
+        held_id: HeldId { retry: true, seq },
+        reply,
     }
 }
 
@@ -386,9 +452,9 @@ async fn process(rt: Arc<BindingRuntime>, key: Option<MessageKey>, d: Delivery) 
         key = d.meta.key.as_ref().map(|k| k.as_str()),
         attempt = d.meta.attempt,
     );
-    let seq = d.meta.lineage.seq;
+    let held_id = d.held_id;
     deliver(&rt, &d).instrument(span).await;
-    Done { seq, key }
+    Done { held_id, key }
 }
 
 async fn deliver(rt: &BindingRuntime, d: &Delivery) {

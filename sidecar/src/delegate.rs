@@ -137,9 +137,14 @@ fn envelope(
             Some(base64::engine::general_purpose::STANDARD.encode(&d.msg.payload)),
         ),
     };
+    // The message's own headers; a retry also carries mend's, which the envelope has as fields.
     let mut headers = BTreeMap::new();
     if let Some(map) = &d.msg.headers {
         for (name, values) in map.iter() {
+            let lower = name.to_string().to_ascii_lowercase();
+            if d.is_retry() && (lower.starts_with("mend-") || lower.starts_with("nats-")) {
+                continue;
+            }
             headers.insert(
                 name.to_string(),
                 values.iter().map(|v| v.as_str().to_owned()).collect(),
@@ -161,16 +166,23 @@ fn envelope(
         payload_ref: None,
         error: error.clone(),
         attempt: d.meta.attempt,
-        first_failed_at: at.clone(),
+        first_failed_at: d
+            .history
+            .first()
+            .map_or_else(|| at.clone(), |h| h.at.clone()),
         failed_at: at.clone(),
         reason,
-        history: vec![HistoryEntry {
-            at,
-            what: what.to_owned(),
-            by: "sidecar".to_owned(),
-            error: Some(error),
-            note: None,
-        }],
+        history: {
+            let mut history = d.history.clone();
+            history.push(HistoryEntry {
+                at,
+                what: what.to_owned(),
+                by: "sidecar".to_owned(),
+                error: Some(error),
+                note: None,
+            });
+            history
+        },
     }
 }
 

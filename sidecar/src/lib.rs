@@ -11,6 +11,8 @@
 //!   [`delegate`] (failure envelope, events, through [`publish`]), drop or park. [`circuit`] notices an app that is down.
 //! - [`processor`] is `mend processor`: failures from MEND_FAILED through the rules to a retry or
 //!   the dashboard. [`rules_cli`] is `mend rules check` and `mend rules try`.
+//! - [`retry`] consumes `mend.retry.<service>` and routes repaired and resubmitted messages to
+//!   their binding's lanes.
 //! - [`health`] serves `/healthz`, `/readyz`, `/metrics`; [`telemetry`] sets up logs and metrics.
 
 pub mod ack;
@@ -27,6 +29,7 @@ pub mod lanes;
 pub mod nats;
 pub mod processor;
 pub mod publish;
+pub mod retry;
 pub mod rules_cli;
 pub mod sidecar;
 pub mod telemetry;

@@ -64,8 +64,32 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
         .await
         .map_err(RunError::Startup)?;
 
+    // Retries (repairs, resubmissions) of every binding come on one consumer and are routed.
+    let total_slots: usize = config.bindings.iter().map(|b| b.concurrency).sum();
+    let retry_consumer = crate::retry::bind(&js, &config.service, total_slots * 4)
+        .await
+        .map_err(RunError::Startup)?;
+    let (retry_tx, mut retry_rx): (Vec<_>, Vec<_>) = config
+        .bindings
+        .iter()
+        .map(|b| tokio::sync::mpsc::channel(b.concurrency * 4))
+        .map(|(tx, rx)| (tx, Some(rx)))
+        .unzip();
+    tokio::spawn(crate::retry::route(
+        Arc::new(crate::retry::Router {
+            service: config.service.clone(),
+            bindings: config.bindings.clone(),
+            client: client.clone(),
+            js: js.clone(),
+            epoch: epoch.clone(),
+            shutdown: shutdown.clone(),
+        }),
+        retry_consumer,
+        retry_tx,
+    ));
+
     let mut dispatchers = tokio::task::JoinSet::new();
-    for (binding, consumer) in config.bindings.iter().zip(consumers) {
+    for (i, (binding, consumer)) in config.bindings.iter().zip(consumers).enumerate() {
         let metrics = BindingMetrics::new(&config.service, &binding.name);
         let circuit = Circuit::new(metrics.circuit.clone());
         let rt = Arc::new(BindingRuntime {
@@ -85,8 +109,9 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
         });
         tokio::spawn(consume::watch_consumer(rt.clone(), consumer.clone()));
         let name = binding.name.clone();
+        let retries = retry_rx[i].take();
         dispatchers.spawn(async move {
-            consume::run(rt, consumer)
+            consume::run(rt, consumer, retries)
                 .await
                 .with_context(|| format!("binding {name}"))
         });
