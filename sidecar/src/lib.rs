@@ -10,7 +10,8 @@
 //!   [`deliver`] (the app call and its classification, with [`headers`]) to one ending: [`ack`],
 //!   [`delegate`] (failure envelope, events, through [`publish`]), drop or park. [`circuit`] notices an app that is down.
 //! - [`processor`] is `mend processor`: failures from MEND_FAILED through the rules to a retry or
-//!   the dashboard. [`rules_cli`] is `mend rules check` and `mend rules try`.
+//!   the dashboard, with [`rules_live`] reloading the rules on change. [`rules_cli`] is
+//!   `mend rules check` and `mend rules try`.
 //! - [`retry`] consumes `mend.retry.<service>` and routes repaired and resubmitted messages to
 //!   their binding's lanes.
 //! - [`health`] serves `/healthz`, `/readyz`, `/metrics`; [`telemetry`] sets up logs and metrics.
@@ -31,6 +32,7 @@ pub mod processor;
 pub mod publish;
 pub mod retry;
 pub mod rules_cli;
+pub mod rules_live;
 pub mod sidecar;
 pub mod telemetry;
 

@@ -21,7 +21,7 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use repair_rules::headers as h;
 use repair_rules::identity::subjects;
-use repair_rules::rules::{Decision, Limits, ParkReason, RuleSet, evaluate};
+use repair_rules::rules::{Decision, Limits, ParkReason, evaluate};
 use repair_rules::{ENVELOPE_VERSION, ErrorKind, FailureEnvelope, FailureError, HistoryEntry};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -29,7 +29,8 @@ use tokio_util::sync::CancellationToken;
 use crate::ack;
 use crate::config::ProcessorConfig;
 use crate::publish::{self, NotStored, Published, to_bytes};
-use crate::{RunError, health, nats, rules_cli, telemetry};
+use crate::rules_live::LiveRules;
+use crate::{RunError, health, nats, telemetry};
 
 /// The durable consumer all processors share (competing consumers).
 pub const CONSUMER: &str = "mend-processor";
@@ -42,7 +43,7 @@ struct Processor {
     client: async_nats::Client,
     js: jetstream::Context,
     epoch: ack::Epoch,
-    rules: Arc<RuleSet>,
+    rules: Arc<LiveRules>,
     limits: Limits,
     rule_timeout: Duration,
     shutdown: CancellationToken,
@@ -50,17 +51,11 @@ struct Processor {
 
 /// Runs the processor until `shutdown`, then finishes what is in progress.
 pub async fn run(config: ProcessorConfig, shutdown: CancellationToken) -> Result<(), RunError> {
-    let files = rules_cli::collect(std::slice::from_ref(&config.rules))
-        .map_err(|e| RunError::Config(anyhow::anyhow!("rules: {e}")))?;
-    let rules = rules_cli::load(&files).map_err(|(_, e)| RunError::Config(anyhow::anyhow!(e)))?;
-    tracing::info!(
-        rules = rules.rules.len(),
-        files = files.len(),
-        "Rules loaded."
-    );
-    metrics::gauge!(telemetry::RULES_LOADED).set(rules.rules.len() as f64);
-
     let metrics = telemetry::metrics().map_err(RunError::Startup)?;
+    let rules = Arc::new(
+        LiveRules::load(&config.rules)
+            .map_err(|e| RunError::Config(anyhow::anyhow!("rules: {e}")))?,
+    );
     let epoch = ack::Epoch::default();
     let client = nats::connect(&config.nats_url, &config.nats, "mend-processor", &epoch)
         .await
@@ -88,13 +83,21 @@ pub async fn run(config: ProcessorConfig, shutdown: CancellationToken) -> Result
     let ops = health::serve(config.listen, ready, metrics)
         .await
         .map_err(RunError::Startup)?;
+    tokio::spawn({
+        let (rules, shutdown) = (rules.clone(), shutdown.clone());
+        async move {
+            if let Err(error) = crate::rules_live::watch(rules, shutdown).await {
+                tracing::error!(%error, "Cannot watch the rules; changes need a restart.");
+            }
+        }
+    });
     tracing::info!(listen = %config.listen, "Processor consuming.");
 
     let p = Arc::new(Processor {
         client: client.clone(),
         js,
         epoch,
-        rules: Arc::new(rules),
+        rules,
         limits: config.limits(),
         rule_timeout: config.rule_timeout,
         shutdown: shutdown.clone(),
@@ -204,7 +207,7 @@ async fn handle(p: &Processor, msg: Message) {
 
 /// The rules' decision, within the time limit (evaluated off the async threads).
 async fn decide(p: &Processor, envelope: &FailureEnvelope) -> Decision {
-    let (rules, limits, env) = (p.rules.clone(), p.limits, envelope.clone());
+    let (rules, limits, env) = (p.rules.get(), p.limits, envelope.clone());
     let work = tokio::task::spawn_blocking(move || evaluate(&rules, &env, &limits));
     match tokio::time::timeout(p.rule_timeout, work).await {
         Ok(Ok(decision)) => decision,

@@ -35,13 +35,17 @@ pub fn collect(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
     Ok(files)
 }
 
-/// Reads and compiles the rule files.
-pub fn load(files: &[PathBuf]) -> Result<RuleSet, (u8, String)> {
-    let texts = files
+/// The files' names and texts.
+pub fn read(files: &[PathBuf]) -> std::io::Result<Vec<(String, String)>> {
+    files
         .iter()
         .map(|f| std::fs::read_to_string(f).map(|t| (f.display().to_string(), t)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| (EXIT_INPUT, format!("cannot read rules: {e}")))?;
+        .collect()
+}
+
+/// Reads and compiles the rule files.
+pub fn load(files: &[PathBuf]) -> Result<RuleSet, (u8, String)> {
+    let texts = read(files).map_err(|e| (EXIT_INPUT, format!("cannot read rules: {e}")))?;
     RuleSet::parse(texts.iter().map(|(n, t)| (n.as_str(), t.as_str())))
         .map_err(|e| (EXIT_RULES, e.to_string()))
 }

@@ -46,6 +46,10 @@ pub const PARKED: &str = "mend_parked_total";
 pub const PROCESSING_LATENCY: &str = "mend_processing_seconds";
 /// Processor: rules in force.
 pub const RULES_LOADED: &str = "mend_rules_loaded";
+/// Processor: 1 for the digest (SHA-256 of the files) of the rules in force, 0 for earlier ones.
+pub const RULES_INFO: &str = "mend_rules_info";
+/// Processor: reloads of the rules after a change, by `result` (`ok`, `refused`).
+pub const RULES_RELOADS: &str = "mend_rules_reloads_total";
 
 /// App-latency histogram buckets, in seconds.
 const LATENCY_BUCKETS: &[f64] = &[

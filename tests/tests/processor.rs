@@ -171,3 +171,72 @@ async fn bad_rules_refuse_to_start() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_reload_changes_behaviour_and_a_broken_edit_does_not() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let js = async_nats::jetstream::new(nats.client().await?);
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("rules.toml");
+    let rule = |note: &str| format!("[[rule]]\nname = \"r\"\nwhen = 'true'\npark = \"{note}\"\n");
+    std::fs::write(&file, rule("v1"))?;
+    let config = processor_config(&nats.url(), dir.path(), "");
+    let p = MendProcess::start("processor", &config).await?;
+    p.ready().await?;
+
+    // Parks envelope `seq` and returns the reason it was parked with.
+    let park = |seq: u64| {
+        let js = js.clone();
+        async move {
+            let env = envelope(seq, json!({}), "c", "/x");
+            js::publish_all(&js, vec![failed(env.to_string().into())]).await?;
+            wait::until(&format!("envelope {seq} parked"), TEST_TIMEOUT, || {
+                let js = js.clone();
+                async move {
+                    let parked = js::parked(&js, "orders").await?;
+                    Ok(parked
+                        .into_iter()
+                        .find(|e| e.seq == seq)
+                        .and_then(|e| e.reason))
+                }
+            })
+            .await
+        }
+    };
+    assert_eq!(park(1).await?, "v1");
+
+    std::fs::write(&file, rule("v2"))?;
+    p.wait_log("Rules reloaded", TEST_TIMEOUT).await?;
+    assert_eq!(park(2).await?, "v2", "the edit is live without a restart");
+
+    std::fs::write(
+        &file,
+        "[[rule]]\nname = \"r\"\nwhen = 'true &&'\npark = \"v3\"\n",
+    )?;
+    p.wait_log("Rules edit refused", TEST_TIMEOUT).await?;
+    assert!(
+        p.log()
+            .contains("rules.toml:3: rule `r`: key `when`: invalid CEL"),
+        "{}",
+        p.log()
+    );
+    assert_eq!(park(3).await?, "v2", "the previous rules stay live");
+
+    let metrics_url = format!("http://{}/metrics", mend_e2e::mend::listen_addr(&config));
+    let metrics = reqwest::get(&metrics_url).await?.text().await?;
+    for line in [
+        "mend_rules_reloads_total{result=\"ok\"} 1",
+        "mend_rules_reloads_total{result=\"refused\"} 1",
+        "mend_parked_total{reason=\"rule_park\"} 3",
+        "mend_rule_matched_total{rule=\"r\"} 3",
+        "mend_rules_loaded 1",
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
+    }
+    assert_eq!(
+        metrics.matches("mend_rules_info{digest=").count(),
+        2,
+        "{metrics}"
+    );
+    Ok(())
+}
