@@ -193,6 +193,10 @@ pub struct ProcessorConfig {
     /// How long a graceful shutdown waits for failures in progress.
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// The ack wait of the processors' consumer: a crashed processor's failures are redelivered
+    /// to another after it.
+    #[serde(default = "default_ack_wait", with = "humantime_serde")]
+    pub ack_wait: Duration,
     #[serde(default)]
     pub nats: NatsConfig,
 }

@@ -34,8 +34,6 @@ use crate::{RunError, health, nats, telemetry};
 
 /// The durable consumer all processors share (competing consumers).
 pub const CONSUMER: &str = "mend-processor";
-/// The processor's ack wait on MEND_FAILED.
-const ACK_WAIT: Duration = Duration::from_secs(30);
 /// Header carrying a lineage's history on a retry.
 pub const MEND_HISTORY: &str = "Mend-History";
 
@@ -46,6 +44,7 @@ struct Processor {
     rules: Arc<LiveRules>,
     limits: Limits,
     rule_timeout: Duration,
+    ack_wait: Duration,
     shutdown: CancellationToken,
 }
 
@@ -64,7 +63,7 @@ pub async fn run(config: ProcessorConfig, shutdown: CancellationToken) -> Result
     nats::ensure_layout(&js, &config.nats)
         .await
         .map_err(|e| RunError::Startup(e.into()))?;
-    let consumer = bind(&js, config.concurrency)
+    let consumer = bind(&js, config.concurrency, config.ack_wait)
         .await
         .map_err(RunError::Startup)?;
 
@@ -100,6 +99,7 @@ pub async fn run(config: ProcessorConfig, shutdown: CancellationToken) -> Result
         rules,
         limits: config.limits(),
         rule_timeout: config.rule_timeout,
+        ack_wait: config.ack_wait,
         shutdown: shutdown.clone(),
     });
     let result = consume(p, consumer, config.concurrency, config.shutdown_timeout).await;
@@ -111,7 +111,11 @@ pub async fn run(config: ProcessorConfig, shutdown: CancellationToken) -> Result
     result.map_err(RunError::Runtime)
 }
 
-async fn bind(js: &jetstream::Context, concurrency: usize) -> anyhow::Result<PullConsumer> {
+async fn bind(
+    js: &jetstream::Context,
+    concurrency: usize,
+    ack_wait: Duration,
+) -> anyhow::Result<PullConsumer> {
     let stream = js
         .get_stream("MEND_FAILED")
         .await
@@ -122,7 +126,7 @@ async fn bind(js: &jetstream::Context, concurrency: usize) -> anyhow::Result<Pul
             description: Some("mend processors (competing consumers)".into()),
             filter_subject: "mend.failed.>".into(),
             ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: ACK_WAIT,
+            ack_wait,
             max_ack_pending: (concurrency * 4) as i64,
             ..Default::default()
         })
@@ -197,7 +201,7 @@ async fn handle(p: &Processor, msg: Message) {
     };
     match outcome {
         Ok(()) => {
-            ack::confirm(&p.client, &reply, &p.epoch, ACK_WAIT).await;
+            ack::confirm(&p.client, &reply, &p.epoch, p.ack_wait).await;
         }
         Err(NotStored::Stopped) => ack::hand_back(&p.client, &reply).await,
         Err(NotStored::Unpublishable) => {}

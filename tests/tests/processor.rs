@@ -240,3 +240,153 @@ async fn hot_reload_changes_behaviour_and_a_broken_edit_does_not() -> anyhow::Re
     );
     Ok(())
 }
+
+/// `n` failures for service `svc`: even seqs are repairable string amounts, odd ones unknown accounts.
+fn mixed_failures(svc: &str, n: u64) -> Vec<Out> {
+    (1..=n)
+        .map(|seq| {
+            let mut env = if seq % 2 == 0 {
+                envelope(seq, json!({"amount": "1.50"}), "bad_type", "/amount")
+            } else {
+                envelope(
+                    seq,
+                    json!({"account": "nobody"}),
+                    "unknown_account",
+                    "/account",
+                )
+            };
+            env["service"] = json!(svc);
+            Out {
+                subject: format!("mend.failed.{svc}"),
+                headers: Default::default(),
+                payload: env.to_string().into(),
+            }
+        })
+        .collect()
+}
+
+/// Retries and parkings of `svc` per lineage seq, once every one of `n` lineages has an outcome.
+async fn outcomes(
+    js: &async_nats::jetstream::Context,
+    svc: &str,
+    n: u64,
+) -> anyhow::Result<std::collections::BTreeMap<u64, Vec<&'static str>>> {
+    wait::until("an outcome for every failure", TEST_TIMEOUT, || {
+        let js = js.clone();
+        async move {
+            let mut seen: std::collections::BTreeMap<u64, Vec<&'static str>> = Default::default();
+            for m in js::read_all(&js, "MEND_RETRY", &format!("mend.retry.{svc}")).await? {
+                let id = m
+                    .headers
+                    .get("Mend-Id")
+                    .map(|v| v.as_str().to_owned())
+                    .unwrap_or_default();
+                let seq: u64 = id
+                    .rsplit(':')
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                seen.entry(seq).or_default().push("retry");
+            }
+            for e in js::parked(&js, svc).await? {
+                seen.entry(e.seq).or_default().push("parked");
+            }
+            Ok((seen.len() as u64 >= n).then_some(seen))
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_run_loses_nothing_and_parks_nothing_twice() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let js = async_nats::jetstream::new(nats.client().await?);
+    let n = 1500;
+    let mut p = MendProcess::start(
+        "processor",
+        &processor_config(
+            &nats.url(),
+            &example_rules(),
+            "concurrency = 8\nack_wait = \"2s\"",
+        ),
+    )
+    .await?;
+    p.ready().await?;
+    js::publish_all(&js, mixed_failures("orders", n)).await?;
+    for round in 1..=3u64 {
+        p.ready().await?;
+        let target = round * n / 5;
+        wait::until("some progress", TEST_TIMEOUT, || {
+            let js = js.clone();
+            async move {
+                let s = js
+                    .get_stream("MEND_FAILED")
+                    .await?
+                    .info()
+                    .await?
+                    .state
+                    .messages;
+                Ok((s <= n - target).then_some(()))
+            }
+        })
+        .await?;
+        p.kill().await?;
+        p.restart().await?;
+    }
+    p.ready().await?;
+    let seen = outcomes(&js, "orders", n).await?;
+    for (seq, what) in &seen {
+        let expect = if seq % 2 == 0 { "retry" } else { "parked" };
+        assert_eq!(what, &vec![expect], "lineage {seq}");
+    }
+    assert_eq!(seen.len() as u64, n);
+    js::consumer_drained(&js, "MEND_FAILED", "mend-processor", TEST_TIMEOUT).await?;
+    Ok(())
+}
+
+fn counter(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processors_share_the_work_without_duplicates() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let js = async_nats::jetstream::new(nats.client().await?);
+    let configs = [
+        processor_config(&nats.url(), &example_rules(), "concurrency = 4"),
+        processor_config(&nats.url(), &example_rules(), "concurrency = 4"),
+    ];
+    let a = MendProcess::start("processor", &configs[0]).await?;
+    let b = MendProcess::start("processor", &configs[1]).await?;
+    a.ready().await?;
+    b.ready().await?;
+    let n = 2000;
+    js::publish_all(&js, mixed_failures("orders", n)).await?;
+    let seen = outcomes(&js, "orders", n).await?;
+    assert!(
+        seen.values().all(|w| w.len() == 1),
+        "one outcome per failure"
+    );
+    js::consumer_drained(&js, "MEND_FAILED", "mend-processor", TEST_TIMEOUT).await?;
+
+    let mut handled = Vec::new();
+    for config in &configs {
+        let url = format!("http://{}/metrics", mend_e2e::mend::listen_addr(config));
+        let m = reqwest::get(&url).await?.text().await?;
+        handled.push(counter(&m, "mend_repaired_total") + counter(&m, "mend_parked_total"));
+    }
+    assert!(
+        handled.iter().all(|&h| h > 0.0),
+        "both took part: {handled:?}"
+    );
+    assert_eq!(
+        handled.iter().sum::<f64>(),
+        n as f64,
+        "no failure handled twice: {handled:?}"
+    );
+    Ok(())
+}
