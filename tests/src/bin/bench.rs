@@ -25,7 +25,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use mend_e2e::js::{self, Out};
-use mend_e2e::mend::{MendProcess, sidecar_config};
+use mend_e2e::mend::{MendProcess, example_rules, processor_config, sidecar_config};
 use mend_e2e::nats::NatsServer;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
@@ -121,6 +121,23 @@ async fn main() -> anyhow::Result<()> {
     let side_lat = latency(&js, &app, "lat.m").await?;
     drop(sidecar);
 
+    // Repairs: the processor on its own, then the whole loop app → sidecar → processor → sidecar → app.
+    let m = (n / 10).max(1000);
+    let processor_rate = rate(m, processor_alone(&nats, &js, m).await?);
+    eprintln!("processor alone: {processor_rate:.0} envelopes/s");
+    let processor = MendProcess::start(
+        "processor",
+        &processor_config(&nats.url(), &example_rules(), "concurrency = 64"),
+    )
+    .await?;
+    processor.ready().await?;
+    let k = (n / 40).max(500);
+    let (loop_took, mut loaded_rt, mut single_rt) = repair_loop(&nats, &js, &app, k).await?;
+    let loop_rate = rate(k, loop_took);
+    loaded_rt.sort();
+    single_rt.sort();
+    drop(processor);
+
     let p = |v: &[Duration], q: f64| v[((v.len() - 1) as f64 * q) as usize];
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
@@ -157,7 +174,119 @@ async fn main() -> anyhow::Result<()> {
         "sidecar peak RSS: {:.1} MiB (target <= 40 MiB)",
         rss as f64 / 1024.0
     );
+    println!(
+        "\nrepairs (example rules): processor alone {processor_rate:.0} envelopes/s (target >= 20000, over {m}); \
+         whole loop {loop_rate:.0} repairs/s (over {k})"
+    );
+    println!(
+        "repair round trip, app failure -> repaired delivery: one at a time p50 {:.2} ms p99 {:.2} ms (target p50 <= 10 ms); \
+         under load p50 {:.2} ms p99 {:.2} ms",
+        ms(p(&single_rt, 0.5)),
+        ms(p(&single_rt, 0.99)),
+        ms(p(&loaded_rt, 0.5)),
+        ms(p(&loaded_rt, 0.99))
+    );
     Ok(())
+}
+
+/// An envelope the example rule `amount-as-number` repairs.
+fn repairable(seq: usize) -> Out {
+    let env = serde_json::json!({
+        "version": 1, "id": format!("BENCHF:{seq}"), "service": "orders", "binding": "orders",
+        "stream": "BENCHF", "seq": seq, "subject": "orders.created", "key": format!("k{}", seq % 1000),
+        "headers": {"Account-Id": [format!("k{}", seq % 1000)]},
+        "payload": {"account": "acct-7", "amount": "12.50", "pad": "x".repeat(120)}, "payload_base64": null,
+        "error": {"kind": "message", "status": 422, "code": "bad_type", "field": "/amount",
+                  "title": "amount must be a number", "detail": null, "body": null},
+        "attempt": 1, "first_failed_at": "2026-11-22T10:00:00Z", "failed_at": "2026-11-22T10:00:00Z",
+        "history": [{"at": "2026-11-22T10:00:00Z", "what": "delegated", "by": "sidecar"}],
+    });
+    Out {
+        subject: "mend.failed.orders".into(),
+        headers: Default::default(),
+        payload: Bytes::from(env.to_string()),
+    }
+}
+
+/// A processor working through `m` waiting failures: from ready to drained. Its repairs are purged.
+async fn processor_alone(
+    nats: &NatsServer,
+    js: &jetstream::Context,
+    m: usize,
+) -> anyhow::Result<Duration> {
+    js::publish_all(js, (0..m).map(repairable).collect()).await?;
+    let p = MendProcess::start(
+        "processor",
+        &processor_config(&nats.url(), &example_rules(), "concurrency = 64"),
+    )
+    .await?;
+    p.ready().await?;
+    let started = Instant::now();
+    js::consumer_drained(
+        js,
+        "MEND_FAILED",
+        "mend-processor",
+        Duration::from_secs(600),
+    )
+    .await?;
+    let took = started.elapsed();
+    drop(p);
+    js.get_stream("MEND_RETRY").await?.purge().await?;
+    Ok(took)
+}
+
+/// `k` orders with string amounts through the whole loop (sidecar and processor running), then 200
+/// one at a time. Returns the bulk's duration and the round trips under load and one at a time.
+async fn repair_loop(
+    nats: &NatsServer,
+    js: &jetstream::Context,
+    app: &NoopApp,
+    k: usize,
+) -> anyhow::Result<(Duration, Vec<Duration>, Vec<Duration>)> {
+    js::app_stream(js, "REPAIR", &["repair.>"]).await?;
+    let config = sidecar_config(
+        "orders",
+        &nats.url(),
+        "REPAIR",
+        &["repair.>"],
+        &app.url,
+        "key = { header = \"Account-Id\" }",
+    );
+    let sidecar = MendProcess::start("sidecar", &config).await?;
+    sidecar.ready().await?;
+    let order = |i: usize| {
+        let key = format!("k{}", i % 100);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Account-Id", key.as_str());
+        let body = serde_json::json!({"account": key, "n": i, "amount": "12.50"}).to_string();
+        Out {
+            subject: "repair.m".into(),
+            headers,
+            payload: Bytes::from(body),
+        }
+    };
+    let mut rx = app.repaired.lock().await;
+    let started = Instant::now();
+    js::publish_all(js, (0..k).map(order).collect()).await?;
+    let mut loaded = Vec::with_capacity(k);
+    while loaded.len() < k {
+        let rt = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+            .await?
+            .context("app gone")?;
+        loaded.push(rt);
+    }
+    let took = started.elapsed();
+    let mut single = Vec::new();
+    for i in 0..200 {
+        js::publish_all(js, vec![order(k + i)]).await?;
+        single.push(
+            tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await?
+                .context("app gone")?,
+        );
+    }
+    drop(sidecar);
+    Ok((took, loaded, single))
 }
 
 /// (c): a sidecar for `service` on BENCH from the first message to the last ack; its peak RSS (KiB).
@@ -385,6 +514,8 @@ async fn latency(
 struct NoopApp {
     url: String,
     lat: tokio::sync::Mutex<mpsc::UnboundedReceiver<SystemTime>>,
+    /// Repair round trips the app saw: from its failure answer to the repaired delivery.
+    repaired: tokio::sync::Mutex<mpsc::UnboundedReceiver<Duration>>,
     _child: tokio::process::Child,
 }
 
@@ -398,38 +529,59 @@ impl NoopApp {
         let mut lines = BufReader::new(child.stdout.take().context("app stdout")?).lines();
         let url = lines.next_line().await?.context("app did not start")?;
         let (tx, rx) = mpsc::unbounded_channel();
+        let (rt_tx, rt_rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(nanos) = line
-                    .strip_prefix("lat ")
-                    .and_then(|n| n.parse::<u64>().ok())
-                {
-                    let _ = tx.send(UNIX_EPOCH + Duration::from_nanos(nanos));
+                let nanos = |p: &str| line.strip_prefix(p).and_then(|n| n.parse::<u64>().ok());
+                if let Some(n) = nanos("lat ") {
+                    let _ = tx.send(UNIX_EPOCH + Duration::from_nanos(n));
+                } else if let Some(n) = nanos("rt ") {
+                    let _ = rt_tx.send(Duration::from_nanos(n));
                 }
             }
         });
         Ok(Self {
             url,
             lat: tokio::sync::Mutex::new(rx),
+            repaired: tokio::sync::Mutex::new(rt_rx),
             _child: child,
         })
     }
 }
 
-/// `--serve-app`: answers 200 to every POST; prints its URL, then the receipt time of each request
-/// that carries a `Lat` header.
+/// `--serve-app`: the no-op app. It answers 200, except that an order whose `amount` is a string
+/// gets a 422 `bad_type` problem (what the example rules repair). It prints its URL, then the receipt
+/// time of each request with a `Lat` header, and for each repaired delivery the time since it
+/// answered that lineage's failure (`rt <nanos>`).
 async fn serve_app() -> anyhow::Result<()> {
+    use axum::http::{HeaderMap, StatusCode};
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    let failed_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let router = axum::Router::new().route(
         "/events",
-        post(|headers: axum::http::HeaderMap| async move {
-            if headers.contains_key("lat") {
-                let nanos = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_nanos();
-                println!("lat {nanos}");
+        post(move |headers: HeaderMap, body: Bytes| {
+            let failed_at = failed_at.clone();
+            async move {
+                if headers.contains_key("lat") {
+                    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
+                    println!("lat {nanos}");
+                }
+                let id = headers.get("mend-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+                let string_amount = body.windows(10).any(|w| w == b"\"amount\":\"");
+                if string_amount {
+                    failed_at.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Instant::now());
+                    let problem = r#"{"title":"amount must be a number","code":"bad_type","field":"/amount"}"#;
+                    return (StatusCode::UNPROCESSABLE_ENTITY, [("content-type", "application/problem+json")], problem);
+                }
+                if headers.contains_key("mend-repaired-by") {
+                    let at = failed_at.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                    if let Some(at) = at {
+                        println!("rt {}", at.elapsed().as_nanos());
+                    }
+                }
+                (StatusCode::OK, [("content-type", "text/plain")], "")
             }
-            ""
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
