@@ -200,8 +200,10 @@ pub async fn run(
                     "Stopping: pulling stopped, finishing in-flight deliveries.");
                 deadline = Some(Box::pin(tokio::time::sleep(rt.shutdown_timeout)));
             }
+            // Retries are not held to the app stream's budget: they are the heads of their lineages,
+            // and the retry consumer's own max ack pending bounds them.
             retry = async { match retries.as_mut() { Some(r) => r.recv().await, None => None } },
-                if !stopping && retries.is_some() && held.len() < max_held => match retry {
+                if !stopping && retries.is_some() => match retry {
                 Some(msg) => crate::retry::admit(&rt, msg, &mut lanes, &mut held),
                 None => retries = None,
             },

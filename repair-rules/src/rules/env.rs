@@ -66,9 +66,26 @@ pub fn to_json(value: &Cel) -> Result<Json, String> {
     })
 }
 
-/// The evaluation context for `envelope`.
-pub fn context(envelope: &FailureEnvelope) -> Context<'static, 'static> {
-    let mut ctx = Context::default();
+thread_local! {
+    /// The CEL standard library and mend's functions, built once per thread: building them is
+    /// costlier than evaluating a rule.
+    static ROOT: Context<'static, 'static> = {
+        let mut ctx = Context::default();
+        add_functions(&mut ctx);
+        ctx
+    };
+}
+
+/// Runs `f` with the evaluation context of `envelope`.
+pub fn with_context<R>(envelope: &FailureEnvelope, f: impl FnOnce(&Context<'_, '_>) -> R) -> R {
+    ROOT.with(|root| {
+        let mut ctx = root.new_inner_scope();
+        add_variables(&mut ctx, envelope);
+        f(&ctx)
+    })
+}
+
+fn add_variables(ctx: &mut Context<'_, '_>, envelope: &FailureEnvelope) {
     ctx.add_variable_from_value("subject", Cel::String(Arc::new(envelope.subject.clone())));
     ctx.add_variable_from_value(
         "key",
@@ -102,8 +119,6 @@ pub fn context(envelope: &FailureEnvelope) -> Context<'static, 'static> {
     }
     ctx.add_variable_from_value("error", error);
     ctx.add_variable_from_value("attempt", Cel::Int(i64::from(envelope.attempt)));
-    add_functions(&mut ctx);
-    ctx
 }
 
 fn add_functions(ctx: &mut Context<'static, 'static>) {

@@ -7,7 +7,7 @@ use std::fmt;
 use cel::Value as Cel;
 use serde_json::Value as Json;
 
-use super::env::{context, to_json};
+use super::env::{to_json, with_context};
 use super::file::{Rule, RuleSet};
 use super::subject;
 use crate::envelope::FailureEnvelope;
@@ -94,7 +94,15 @@ pub fn evaluate(rules: &RuleSet, envelope: &FailureEnvelope, limits: &Limits) ->
             ),
         );
     }
-    let ctx = context(envelope);
+    with_context(envelope, |ctx| decide(rules, envelope, limits, ctx))
+}
+
+fn decide(
+    rules: &RuleSet,
+    envelope: &FailureEnvelope,
+    limits: &Limits,
+    ctx: &cel::Context<'_, '_>,
+) -> Decision {
     let mut chosen = None;
     for rule in &rules.rules {
         if rule
@@ -108,7 +116,7 @@ pub fn evaluate(rules: &RuleSet, envelope: &FailureEnvelope, limits: &Limits) ->
         {
             continue;
         }
-        match rule.when.execute(&ctx) {
+        match rule.when.execute(ctx) {
             Ok(Cel::Bool(true)) => {
                 chosen = Some(rule);
                 break;
@@ -161,7 +169,7 @@ pub fn evaluate(rules: &RuleSet, envelope: &FailureEnvelope, limits: &Limits) ->
             ),
         );
     }
-    match repair(rule, &ctx, &envelope.payload) {
+    match repair(rule, ctx, &envelope.payload) {
         Ok(payload) => Decision::Repaired {
             rule: rule.name.clone(),
             payload,
