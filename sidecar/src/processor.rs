@@ -241,7 +241,7 @@ async fn act(
             metrics::counter!(telemetry::RULE_MATCHED, "rule" => rule.clone()).increment(1);
             retry(p, envelope, &rule, &payload).await?;
             metrics::counter!(telemetry::REPAIRED, "rule" => rule.clone()).increment(1);
-            tracing::info!(rule, "Repaired; sent back to the service.");
+            tracing::debug!(rule, "Repaired; sent back to the service.");
             Ok(())
         }
         Decision::Park {

@@ -107,16 +107,33 @@ fn add_variables(ctx: &mut Context<'_, '_>, envelope: &FailureEnvelope) {
         .collect();
     ctx.add_variable_from_value("headers", Cel::Map(headers.into()));
     ctx.add_variable_from_value("payload", to_cel(&envelope.payload));
-    let error = serde_json::to_value(&envelope.error).unwrap_or(Json::Null);
-    let mut error = to_cel(&error);
-    if let Cel::Map(m) = &mut error {
-        // Every documented field is present (null when unknown), so `error.code == "x"` never fails.
-        let mut full: HashMap<Key, Cel> = m.map.as_ref().clone();
-        for field in ["type", "code", "field", "title", "detail", "body", "status"] {
-            full.entry(Key::from(field.to_owned())).or_insert(Cel::Null);
-        }
-        error = Cel::Map(full.into());
-    }
+    // Every documented field is present (null when unknown), so `error.code == "x"` never fails.
+    let e = &envelope.error;
+    let text = |v: &Option<String>| {
+        v.as_ref()
+            .map_or(Cel::Null, |s| Cel::String(Arc::new(s.clone())))
+    };
+    let kind = serde_json::to_value(e.kind)
+        .ok()
+        .and_then(|k| k.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let error: HashMap<Key, Cel> = [
+        ("kind", Cel::String(Arc::new(kind))),
+        (
+            "status",
+            e.status.map_or(Cel::Null, |s| Cel::Int(i64::from(s))),
+        ),
+        ("type", text(&e.type_uri)),
+        ("code", text(&e.code)),
+        ("field", text(&e.field)),
+        ("title", text(&e.title)),
+        ("detail", text(&e.detail)),
+        ("body", text(&e.body)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (Key::from(k.to_owned()), v))
+    .collect();
+    let error = Cel::Map(error.into());
     ctx.add_variable_from_value("error", error);
     ctx.add_variable_from_value("attempt", Cel::Int(i64::from(envelope.attempt)));
 }
