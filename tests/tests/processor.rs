@@ -390,3 +390,55 @@ async fn two_processors_share_the_work_without_duplicates() -> anyhow::Result<()
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runaway_rule_is_cut_off_and_the_failure_parked() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let js = async_nats::jetstream::new(nats.client().await?);
+    let dir = tempfile::tempdir()?;
+    // About eight million steps: far past the time limit, though CEL has no loops.
+    let list = format!(
+        "[{}]",
+        (1..=200)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    std::fs::write(
+        dir.path().join("slow.toml"),
+        format!(
+            "[[rule]]\nname = \"slow\"\nwhen = '{list}.map(a, {list}.map(b, {list}.map(c, a + b + c))).size() > 0'\npark = \"never reached\"\n"
+        ),
+    )?;
+    let config = processor_config(&nats.url(), dir.path(), "rule_timeout = \"100ms\"");
+    let p = MendProcess::start("processor", &config).await?;
+    p.ready().await?;
+    let env = envelope(1, json!({}), "c", "/x");
+    js::publish_all(&js, vec![failed(env.to_string().into())]).await?;
+    let reason = wait::until("the failure parked", TEST_TIMEOUT, || {
+        let js = js.clone();
+        async move {
+            Ok(js::parked(&js, "orders")
+                .await?
+                .into_iter()
+                .next()
+                .and_then(|e| e.reason))
+        }
+    })
+    .await?;
+    assert!(reason.contains("took longer than 100ms"), "{reason}");
+    // The processor stays responsive meanwhile.
+    let health = reqwest::get(format!(
+        "http://{}/healthz",
+        mend_e2e::mend::listen_addr(&config)
+    ))
+    .await?;
+    assert_eq!(health.status(), 200);
+    let ready = reqwest::get(format!(
+        "http://{}/readyz",
+        mend_e2e::mend::listen_addr(&config)
+    ))
+    .await?;
+    assert_eq!(ready.status(), 200);
+    Ok(())
+}
