@@ -430,3 +430,14 @@ set = { "/x" = 'payload', "/y" = '[subject, key, error.status, attempt]' }
         let _ = evaluate(&set, &env, &Limits::default());
     }
 }
+
+#[test]
+fn rules_without_comprehensions_are_linear() {
+    assert!(rules(EXAMPLES).is_linear());
+    let with_map =
+        "[[rule]]\nname = \"m\"\nwhen = 'payload.items . map (x, x) == []'\npark = \"x\"\n";
+    assert!(!rules(with_map).is_linear());
+    let in_set =
+        "[[rule]]\nname = \"s\"\nwhen = 'true'\nset = { \"/a\" = 'payload.l.exists(x, x > 1)' }\n";
+    assert!(!rules(in_set).is_linear());
+}

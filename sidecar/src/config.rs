@@ -231,8 +231,10 @@ const fn default_max_repairs() -> u32 {
 fn default_processor_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9465))
 }
+/// Failures in flight per processor: its work is mostly waiting for publish acks, so many in flight
+/// let the client batch writes (`make bench`: about 19k/s at 64, 21k/s at 256 on 2 cores).
 const fn default_processor_concurrency() -> usize {
-    32
+    256
 }
 const fn default_rule_timeout() -> Duration {
     Duration::from_secs(1)

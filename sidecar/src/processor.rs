@@ -209,9 +209,14 @@ async fn handle(p: &Processor, msg: Message) {
     metrics::histogram!(telemetry::PROCESSING_LATENCY).record(started.elapsed().as_secs_f64());
 }
 
-/// The rules' decision, within the time limit (evaluated off the async threads).
+/// The rules' decision. Rules whose cost is linear in their (bounded) input are evaluated in place;
+/// rules with comprehensions run on the blocking pool under the time limit.
 async fn decide(p: &Processor, envelope: &FailureEnvelope) -> Decision {
-    let (rules, limits, env) = (p.rules.get(), p.limits, envelope.clone());
+    let rules = p.rules.get();
+    if rules.is_linear() {
+        return evaluate(&rules, envelope, &p.limits);
+    }
+    let (limits, env) = (p.limits, envelope.clone());
     let work = tokio::task::spawn_blocking(move || evaluate(&rules, &env, &limits));
     match tokio::time::timeout(p.rule_timeout, work).await {
         Ok(Ok(decision)) => decision,

@@ -76,6 +76,35 @@ pub struct TestCase {
 #[derive(Debug, Default)]
 pub struct RuleSet {
     pub rules: Vec<Rule>,
+    /// See [`RuleSet::is_linear`]; computed once when the rules are compiled.
+    linear: bool,
+}
+
+/// CEL's comprehension macros: the only constructs whose cost can grow faster than their input.
+const COMPREHENSIONS: [&str; 5] = ["map", "filter", "all", "exists", "exists_one"];
+
+impl RuleSet {
+    /// Whether every expression runs in time linear in its input (no comprehension macro appears).
+    /// Conservative: a macro name followed by `(` anywhere, even inside a string, counts.
+    pub fn is_linear(&self) -> bool {
+        self.linear
+    }
+
+    fn compute_linear(&self) -> bool {
+        let sources = self.rules.iter().flat_map(|r| {
+            std::iter::once(r.when_source.as_str()).chain(r.set.iter().map(|(_, s, _)| s.as_str()))
+        });
+        for source in sources {
+            let compact: String = source.chars().filter(|c| !c.is_whitespace()).collect();
+            if COMPREHENSIONS
+                .iter()
+                .any(|m| compact.contains(&format!(".{m}(")))
+            {
+                return false;
+            }
+        }
+        true
+    }
 }
 
 #[derive(Deserialize)]
@@ -131,6 +160,7 @@ impl RuleSet {
                 set.rules.push(rule);
             }
         }
+        set.linear = set.compute_linear();
         Ok(set)
     }
 }

@@ -217,7 +217,7 @@ async fn processor_alone(
     js::publish_all(js, (0..m).map(repairable).collect()).await?;
     let p = MendProcess::start(
         "processor",
-        &processor_config(&nats.url(), &example_rules(), "concurrency = 64"),
+        &processor_config(&nats.url(), &example_rules(), ""),
     )
     .await?;
     p.ready().await?;
