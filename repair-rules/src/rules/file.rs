@@ -80,6 +80,53 @@ pub struct RuleSet {
     linear: bool,
 }
 
+/// The variables a rule's expressions can use, and CEL's type names (identifiers too).
+const KNOWN_NAMES: [&str; 18] = [
+    "subject",
+    "key",
+    "headers",
+    "payload",
+    "error",
+    "attempt",
+    "int",
+    "uint",
+    "double",
+    "bool",
+    "string",
+    "bytes",
+    "list",
+    "map",
+    "null_type",
+    "type",
+    "timestamp",
+    "duration",
+];
+
+/// Names an expression uses that are neither variables of the rule environment, type names, nor
+/// bound by a comprehension macro (`list.map(x, …)`): misspellings, found before any message is.
+fn unknown_names(source: &str, program: &Program) -> Vec<String> {
+    let compact: String = source.chars().filter(|c| !c.is_whitespace()).collect();
+    let mut bound: Vec<&str> = Vec::new();
+    for m in COMPREHENSIONS {
+        let call = format!(".{m}(");
+        for (i, _) in compact.match_indices(&call) {
+            if let Some(var) = compact[i + call.len()..].split(',').next() {
+                bound.push(var);
+            }
+        }
+    }
+    let mut unknown: Vec<String> = program
+        .references()
+        .variables()
+        .into_iter()
+        .filter(|v| !KNOWN_NAMES.contains(v) && !bound.contains(v))
+        .filter(|v| !v.starts_with('@') && !v.starts_with("__"))
+        .map(str::to_owned)
+        .collect();
+    unknown.sort();
+    unknown
+}
+
 /// CEL's comprehension macros: the only constructs whose cost can grow faster than their input.
 const COMPREHENSIONS: [&str; 5] = ["map", "filter", "all", "exists", "exists_one"];
 
