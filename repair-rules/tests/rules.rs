@@ -336,6 +336,14 @@ fn malformed_files_give_located_errors() {
             "missing field `when`",
         ),
         ("[[rule]\nname = 1\n", "bad.toml:1"),
+        (
+            "[[rule]]\nname = \"a\"\nwhen = 'paylaod.x == 1'\npark = \"x\"\n",
+            "bad.toml:3: rule `a`: key `when`: unknown name `paylaod`",
+        ),
+        (
+            "[[rule]]\nname = \"a\"\nwhen = 'true'\nset = { \"/a\" = 'eror.code + atempt' }\n",
+            "key `set.\"/a\"`: unknown names `atempt`, `eror`",
+        ),
     ] {
         let e = error_of(text);
         assert!(e.contains(expect), "{text}\n=> {e}");

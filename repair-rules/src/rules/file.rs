@@ -283,13 +283,27 @@ fn compile(file: &str, text: &str, spec: RuleSpec) -> Result<Rule, RuleError> {
                 format!("expression longer than {MAX_EXPRESSION} bytes"),
             ));
         }
-        Program::compile(source.get_ref()).map_err(|e| {
+        let program = Program::compile(source.get_ref()).map_err(|e| {
             err(
                 source.span(),
                 key,
                 format!("invalid CEL: {}", e.to_string().trim()),
             )
-        })
+        })?;
+        let unknown = unknown_names(source.get_ref(), &program);
+        if !unknown.is_empty() {
+            let names: Vec<String> = unknown.iter().map(|u| format!("`{u}`")).collect();
+            return Err(err(
+                source.span(),
+                key,
+                format!(
+                    "unknown name{} {}: a rule sees subject, key, headers, payload, error and attempt",
+                    if unknown.len() > 1 { "s" } else { "" },
+                    names.join(", ")
+                ),
+            ));
+        }
+        Ok(program)
     };
     let when = program(&spec.when, "when")?;
     let patch = match &spec.patch {
