@@ -36,8 +36,6 @@ use crate::telemetry as t;
 pub const BUFFER_PER_SLOT: usize = 16;
 /// Messages asked for per pull request, at most.
 const PULL_BATCH: usize = 256;
-/// Idle heartbeat of pull requests: a silent server is noticed within twice this.
-const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
 
 /// Everything the deliveries of one binding share.
 pub struct BindingRuntime {
@@ -176,7 +174,7 @@ pub async fn run(
     let mut keepalive = tokio::time::interval(keepalive_every);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut quarantine = quarantine_on_start(&rt, &consumer).await;
-    let mut messages = open(&rt, &consumer, max_held).await;
+    let mut messages = crate::nats::pull(&consumer, max_held.min(PULL_BATCH), &rt.shutdown).await;
     let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
     let mut stopping = false;
 
@@ -214,7 +212,7 @@ pub async fn run(
                 }
                 None => {
                     tracing::warn!(binding = %rt.cfg.name, "Pull stream ended; reopening.");
-                    messages = open(&rt, &consumer, max_held).await;
+                    messages = crate::nats::pull(&consumer, max_held.min(PULL_BATCH), &rt.shutdown).await;
                 }
             },
             _ = keepalive.tick() => {
@@ -286,30 +284,6 @@ fn release(quarantine: &mut Option<Quarantine>, lanes: &mut crate::lanes::Lanes<
     );
     for (key, d) in q.held_back {
         lanes.push(key, d);
-    }
-}
-
-/// Opens the pull stream, retrying (NATS may be reconnecting) until it opens or the sidecar stops.
-async fn open(rt: &BindingRuntime, consumer: &PullConsumer, max_held: usize) -> Option<PullStream> {
-    let mut pause = Duration::from_millis(100);
-    loop {
-        let opened = consumer
-            .stream()
-            .max_messages_per_batch(max_held.min(PULL_BATCH))
-            .heartbeat(PULL_HEARTBEAT)
-            .messages()
-            .await;
-        match opened {
-            Ok(stream) => return Some(stream),
-            Err(error) => {
-                tracing::warn!(%error, binding = %rt.cfg.name, "Cannot pull yet; retrying.")
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
-            _ = rt.shutdown.cancelled() => return None,
-        }
-        pause = (pause * 2).min(Duration::from_secs(5));
     }
 }
 

@@ -123,6 +123,49 @@ pub async fn connect(
     Ok(client)
 }
 
+/// The start of every role: connect, then make sure mend's streams and bucket exist.
+pub async fn start(
+    url: &str,
+    cfg: &NatsConfig,
+    name: &str,
+) -> Result<(Client, jetstream::Context, crate::ack::Epoch), ConnectError> {
+    let epoch = crate::ack::Epoch::default();
+    let client = connect(url, cfg, name, &epoch).await?;
+    let js = jetstream::new(client.clone());
+    ensure_layout(&js, cfg).await?;
+    Ok((client, js, epoch))
+}
+
+/// Idle heartbeat of pull requests: a silent server is noticed within twice this.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// Opens a pull stream on `consumer` (`batch` messages per request), retrying with backoff while
+/// NATS is unreachable, until it opens or `shutdown` is cancelled (then `None`).
+pub async fn pull(
+    consumer: &jetstream::consumer::PullConsumer,
+    batch: usize,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Option<jetstream::consumer::pull::Stream> {
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let opened = consumer
+            .stream()
+            .max_messages_per_batch(batch)
+            .heartbeat(PULL_HEARTBEAT)
+            .messages()
+            .await;
+        match opened {
+            Ok(stream) => return Some(stream),
+            Err(error) => tracing::warn!(%error, "Cannot pull yet; retrying."),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.cancelled() => return None,
+        }
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
 /// Whether a server version like `2.15.1` (or `2.11.0-beta`) is at least `min`.
 pub fn version_at_least(version: &str, min: (u64, u64)) -> bool {
     let mut parts = version

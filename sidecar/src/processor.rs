@@ -55,12 +55,7 @@ pub async fn run(config: ProcessorConfig, shutdown: CancellationToken) -> Result
         LiveRules::load(&config.rules)
             .map_err(|e| RunError::Config(anyhow::anyhow!("rules: {e}")))?,
     );
-    let epoch = ack::Epoch::default();
-    let client = nats::connect(&config.nats_url, &config.nats, "mend-processor", &epoch)
-        .await
-        .map_err(|e| RunError::Startup(e.into()))?;
-    let js = jetstream::new(client.clone());
-    nats::ensure_layout(&js, &config.nats)
+    let (client, js, epoch) = nats::start(&config.nats_url, &config.nats, "mend-processor")
         .await
         .map_err(|e| RunError::Startup(e.into()))?;
     let consumer = bind(&js, config.concurrency, config.ack_wait)
@@ -140,14 +135,8 @@ async fn consume(
     concurrency: usize,
     shutdown_timeout: Duration,
 ) -> anyhow::Result<()> {
-    let mut messages = Some(
-        consumer
-            .stream()
-            .max_messages_per_batch(concurrency.min(256))
-            .heartbeat(Duration::from_secs(5))
-            .messages()
-            .await?,
-    );
+    let batch = concurrency.min(256);
+    let mut messages = crate::nats::pull(&consumer, batch, &p.shutdown).await;
     let mut running = FuturesUnordered::new();
     let deadline = tokio::time::sleep(Duration::MAX);
     tokio::pin!(deadline);
@@ -166,7 +155,10 @@ async fn consume(
                         running.push(async move { handle(&p, msg).await });
                     }
                     Some(Err(error)) => tracing::warn!(%error, "Pull failed; continuing."),
-                    None => anyhow::bail!("the pull stream on MEND_FAILED ended"),
+                    None => {
+                        tracing::warn!("Pull stream on MEND_FAILED ended; reopening.");
+                        messages = crate::nats::pull(&consumer, batch, &p.shutdown).await;
+                    }
                 }
             }
             _ = &mut deadline, if messages.is_none() => {

@@ -83,25 +83,9 @@ pub struct Router {
 /// Pulls retries and hands each to its binding's dispatcher (`to[i]` for `bindings[i]`) until
 /// shutdown.
 pub async fn route(router: Arc<Router>, consumer: PullConsumer, to: Vec<mpsc::Sender<Message>>) {
-    let mut pause = Duration::from_millis(100);
     loop {
-        let opened = consumer
-            .stream()
-            .max_messages_per_batch(64)
-            .heartbeat(Duration::from_secs(5))
-            .messages()
-            .await;
-        let mut messages = match opened {
-            Ok(m) => m,
-            Err(error) => {
-                tracing::warn!(%error, "Cannot pull retries yet; retrying.");
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
-                    _ = router.shutdown.cancelled() => return,
-                }
-                pause = (pause * 2).min(Duration::from_secs(5));
-                continue;
-            }
+        let Some(mut messages) = crate::nats::pull(&consumer, 64, &router.shutdown).await else {
+            return;
         };
         loop {
             let next = tokio::select! {

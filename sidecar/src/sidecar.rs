@@ -17,19 +17,13 @@ use crate::{RunError, circuit::Circuit, health, nats, telemetry};
 /// Runs the sidecar until `shutdown` is cancelled, then shuts down gracefully.
 pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(), RunError> {
     let metrics = telemetry::metrics().map_err(RunError::Startup)?;
-    let epoch = crate::ack::Epoch::default();
-    let client = nats::connect(
+    let (client, js, epoch) = nats::start(
         &config.nats_url,
         &config.nats,
         &format!("mend-sidecar-{}", config.service),
-        &epoch,
     )
     .await
     .map_err(|e| RunError::Startup(e.into()))?;
-    let js = jetstream::new(client.clone());
-    nats::ensure_layout(&js, &config.nats)
-        .await
-        .map_err(|e| RunError::Startup(e.into()))?;
 
     let mut consumers = Vec::new();
     for binding in &config.bindings {
