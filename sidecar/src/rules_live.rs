@@ -103,20 +103,23 @@ fn publish_metrics(rules: &RuleSet, old_digest: Option<&str>, digest: &str) {
     metrics::gauge!(telemetry::RULES_INFO, "digest" => digest.to_owned()).set(1.0);
 }
 
+/// The folder to watch for `path`: the folder itself, or a file's folder (`.` for a bare file name).
+fn watch_dir(path: &Path) -> PathBuf {
+    if path.is_dir() {
+        return path.to_path_buf();
+    }
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
 /// Reloads `live` whenever its files change, until `shutdown`.
 pub async fn watch(live: Arc<LiveRules>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let _ = tx.send(event);
     })?;
-    let dir = if live.path.is_dir() {
-        live.path.clone()
-    } else {
-        live.path
-            .parent()
-            .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
-    };
-    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    watcher.watch(&watch_dir(&live.path), RecursiveMode::NonRecursive)?;
     loop {
         tokio::select! {
             event = rx.recv() => match event {
@@ -128,5 +131,27 @@ pub async fn watch(live: Arc<LiveRules>, shutdown: CancellationToken) -> anyhow:
         }
         while let Ok(Some(_)) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
         live.reload();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watched_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(watch_dir(dir.path()), dir.path());
+        assert_eq!(watch_dir(&dir.path().join("r.toml")), dir.path());
+        assert_eq!(watch_dir(Path::new("rules.toml")), PathBuf::from("."));
+    }
+
+    #[test]
+    fn digest_depends_on_names_and_contents() {
+        let a = digest(&[("a.toml".into(), "x".into())]);
+        assert_eq!(a.len(), 64);
+        assert_ne!(a, digest(&[("b.toml".into(), "x".into())]));
+        assert_ne!(a, digest(&[("a.toml".into(), "y".into())]));
+        assert_eq!(a, digest(&[("a.toml".into(), "x".into())]));
     }
 }
