@@ -1,7 +1,7 @@
 //! `make demo`: mend on this machine, nothing to set up. Starts a throw-away nats-server, an orders
 //! app that fails realistically (a string amount, a missing currency, an unknown account, an
-//! intermittent 503), the sidecar in front of it and a producer; prints what happens every few
-//! seconds. Ctrl-C stops everything.
+//! intermittent 503), the sidecar in front of it, the processor with the example rules, and a
+//! producer; prints what happens every few seconds. Ctrl-C stops everything.
 
 use std::time::Duration;
 
@@ -35,12 +35,18 @@ async fn main() -> anyhow::Result<()> {
     let listen = mend_e2e::mend::listen_addr(&config);
     let mut sidecar = MendProcess::start("sidecar", &config).await?;
     sidecar.ready().await?;
+    let mut processor = MendProcess::start(
+        "processor",
+        &mend_e2e::mend::processor_config(&nats.url(), &mend_e2e::mend::example_rules(), ""),
+    )
+    .await?;
+    processor.ready().await?;
     println!(
         "mend demo: nats-server at {}, sidecar metrics at http://{listen}/metrics",
         nats.url()
     );
     println!(
-        "Failures go to mend.failed.orders (the processor and dashboard come in later versions)."
+        "Repairs use examples/rules/orders.toml; parked failures wait in MEND_PARKED (the dashboard comes later)."
     );
     println!("Ctrl-C to stop.\n");
 
@@ -69,16 +75,20 @@ async fn main() -> anyhow::Result<()> {
             _ = every.tick() => {
                 let log = app.log();
                 let delivered = log.iter().filter(|d| d.ok()).count();
+                let repaired = log.iter().filter(|d| d.ok() && d.header("mend-repaired-by").is_some()).count();
                 let transient = log.iter().filter(|d| d.status == 503).count();
-                let delegated = js::failed(&js, "orders").await.map(|v| v.len()).unwrap_or(0);
-                println!("delivered {delivered:>6}   retried after 503 {transient:>5}   delegated {delegated:>5}");
+                let parked = js::parked(&js, "orders").await.map(|v| v.len()).unwrap_or(0);
+                println!("delivered {delivered:>6}   of which repaired {repaired:>5}   retried after 503 {transient:>5}   parked {parked:>4}");
             }
             _ = tokio::signal::ctrl_c() => break,
         }
     }
     producer.abort();
     let status = sidecar.terminate(Duration::from_secs(30)).await?;
-    println!("\nsidecar stopped ({status}); nats-server and its temp store are removed.");
+    processor.terminate(Duration::from_secs(30)).await?;
+    println!(
+        "\nsidecar and processor stopped ({status}); nats-server and its temp store are removed."
+    );
     Ok(())
 }
 
