@@ -165,7 +165,7 @@ pub async fn run(
     rt: Arc<BindingRuntime>,
     consumer: PullConsumer,
     mut retries: Option<mpsc::Receiver<Message>>,
-) -> anyhow::Result<()> {
+) {
     let max_held = BindingRuntime::max_ack_pending(&rt.cfg);
     let mut lanes: crate::lanes::Lanes<Delivery> = crate::lanes::Lanes::new(rt.cfg.concurrency);
     let mut held: HashMap<HeldId, Held> = HashMap::new();
@@ -231,7 +231,7 @@ pub async fn run(
                 for h in held.values() {
                     ack::hand_back(&rt.client, &h.reply).await;
                 }
-                return Ok(());
+                return;
             }
         }
         while let Some((key, d)) = lanes.start_next() {
@@ -242,7 +242,7 @@ pub async fn run(
             .queued
             .set(held.len().saturating_sub(running.len()) as f64);
         if stopping && running.is_empty() {
-            return Ok(());
+            return;
         }
     }
 }

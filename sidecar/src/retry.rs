@@ -31,19 +31,18 @@ use crate::lanes::Lanes;
 use crate::processor::MEND_HISTORY;
 use crate::publish::{self, Published, to_bytes};
 
-/// The retry consumer's ack wait; waiting retries are kept alive by their dispatcher.
-const ACK_WAIT: Duration = Duration::from_secs(30);
-
 /// The durable consumer of a service's retries.
 pub fn consumer_name(service: &str) -> String {
     format!("mend-{service}-retry")
 }
 
-/// Creates or updates the service's retry consumer.
+/// Creates or updates the service's retry consumer. Its ack wait is the longest of the bindings':
+/// a retry waiting in a lane is kept alive on its binding's cadence, which must fit inside it.
 pub async fn bind(
     js: &jetstream::Context,
     service: &str,
     max_ack_pending: usize,
+    ack_wait: Duration,
 ) -> anyhow::Result<PullConsumer> {
     let stream = js
         .get_stream("MEND_RETRY")
@@ -57,7 +56,7 @@ pub async fn bind(
             )),
             filter_subject: subjects::retry(service),
             ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: ACK_WAIT,
+            ack_wait,
             max_ack_pending: max_ack_pending as i64,
             ..Default::default()
         })
@@ -78,6 +77,8 @@ pub struct Router {
     pub js: jetstream::Context,
     pub epoch: ack::Epoch,
     pub shutdown: CancellationToken,
+    /// The retry consumer's ack wait.
+    pub ack_wait: Duration,
 }
 
 /// Pulls retries and hands each to its binding's dispatcher (`to[i]` for `bindings[i]`) until
@@ -273,7 +274,7 @@ async fn park_unroutable(router: &Router, msg: Message) {
     .await
     {
         Ok(Published::Stored) => {
-            ack::confirm(&router.client, &reply, &router.epoch, ACK_WAIT).await;
+            ack::confirm(&router.client, &reply, &router.epoch, router.ack_wait).await;
         }
         Ok(Published::TooLarge) | Err(_) => ack::hand_back(&router.client, &reply).await,
     }

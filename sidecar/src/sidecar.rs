@@ -60,7 +60,13 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
 
     // Retries (repairs, resubmissions) of every binding come on one consumer and are routed.
     let total_slots: usize = config.bindings.iter().map(|b| b.concurrency).sum();
-    let retry_consumer = crate::retry::bind(&js, &config.service, total_slots * 4)
+    let retry_ack_wait = config
+        .bindings
+        .iter()
+        .map(|b| b.ack_wait)
+        .max()
+        .unwrap_or_default();
+    let retry_consumer = crate::retry::bind(&js, &config.service, total_slots * 4, retry_ack_wait)
         .await
         .map_err(RunError::Startup)?;
     let (retry_tx, mut retry_rx): (Vec<_>, Vec<_>) = config
@@ -77,6 +83,7 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
             js: js.clone(),
             epoch: epoch.clone(),
             shutdown: shutdown.clone(),
+            ack_wait: retry_ack_wait,
         }),
         retry_consumer,
         retry_tx,
@@ -105,9 +112,8 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
         let name = binding.name.clone();
         let retries = retry_rx[i].take();
         dispatchers.spawn(async move {
-            consume::run(rt, consumer, retries)
-                .await
-                .with_context(|| format!("binding {name}"))
+            consume::run(rt, consumer, retries).await;
+            name
         });
         bound.fetch_add(1, Ordering::AcqRel);
     }
@@ -116,10 +122,10 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
 
     let mut failure = None;
     while let Some(result) = dispatchers.join_next().await {
+        // A dispatcher only ends on shutdown; anything else is a panic.
         let error = match result {
-            Ok(Ok(())) => continue,
-            Ok(Err(e)) => e,
-            Err(e) => anyhow::Error::new(e).context("dispatcher panicked"),
+            Ok(_) => continue,
+            Err(e) => anyhow::Error::new(e).context("a binding's dispatcher panicked"),
         };
         tracing::error!(
             error = format!("{error:#}"),

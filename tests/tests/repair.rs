@@ -213,3 +213,20 @@ set  = { "/t3" = 'true' }
     assert_eq!(log.len(), 5);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_consumer_waits_as_long_as_the_longest_binding() -> anyhow::Result<()> {
+    let w = World::new().await?;
+    let _s = w
+        .sidecar(&w.keyed_config("slowacks", "ack_wait = \"75s\""))
+        .await?;
+    let stream = w.js.get_stream("MEND_RETRY").await?;
+    let mut c: async_nats::jetstream::consumer::PullConsumer = stream
+        .get_consumer("mend-slowacks-retry")
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let info = c.info().await?;
+    assert_eq!(info.config.ack_wait, std::time::Duration::from_secs(75));
+    assert_eq!(info.config.filter_subject, "mend.retry.slowacks");
+    Ok(())
+}
