@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::identity::LineageId;
+use crate::identity::{LineageId, is_subject_token};
 
 /// The envelope format version this build writes and reads.
 pub const ENVELOPE_VERSION: u32 = 1;
@@ -53,6 +53,39 @@ impl FailureEnvelope {
     pub fn lineage(&self) -> LineageId {
         LineageId::new(self.stream.clone(), self.seq)
     }
+
+    /// Whether the envelope can be acted on: its service is one subject token, `id` is the lineage of
+    /// `stream` and `seq`, its subject is a NATS subject, and its headers could have come from a NATS
+    /// message. A sidecar only writes such envelopes; anything else was hand-made and is parked raw.
+    pub fn check(&self) -> Result<(), String> {
+        if !is_subject_token(&self.service) {
+            return Err(format!("service `{}` is not a subject token", self.service));
+        }
+        if self.id != self.lineage().to_string() {
+            return Err(format!(
+                "id `{}` is not the lineage `<stream>:<seq>` of stream `{}` and seq {}",
+                self.id, self.stream, self.seq
+            ));
+        }
+        if self.stream.is_empty() || !self.stream.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(format!("stream `{}` is not a stream name", self.stream));
+        }
+        if self.subject.is_empty()
+            || self.subject.chars().any(char::is_whitespace)
+            || self.subject.split('.').any(str::is_empty)
+        {
+            return Err(format!("subject `{}` is not a NATS subject", self.subject));
+        }
+        for (name, values) in &self.headers {
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
+                return Err(format!("header name `{name}` is not valid in NATS"));
+            }
+            if values.iter().any(|v| v.contains(['\r', '\n'])) {
+                return Err(format!("header `{name}` has a line break in a value"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Where a payload too large for an envelope can be read: the original message in its stream.
@@ -72,6 +105,16 @@ pub enum ErrorKind {
     Message,
     /// The app kept answering transiently for this message while answering others.
     TransientExhausted,
+}
+
+impl ErrorKind {
+    /// The name in the envelope (`message`, `transient_exhausted`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Message => "message",
+            ErrorKind::TransientExhausted => "transient_exhausted",
+        }
+    }
 }
 
 /// The app's error, parsed from an RFC 9457 problem+json body where there was one.
@@ -152,6 +195,34 @@ mod tests {
         let back: Value = serde_json::to_value(&env).unwrap();
         let orig: Value = serde_json::from_str(text).unwrap();
         assert_eq!(back, orig);
+        assert_eq!(env.check(), Ok(()));
+
+        // Hand-made envelopes that cannot be acted on say why.
+        let broken = |f: &dyn Fn(&mut FailureEnvelope)| {
+            let mut e = env.clone();
+            f(&mut e);
+            e.check().unwrap_err()
+        };
+        assert!(broken(&|e| e.service = "a.b".into()).contains("service"));
+        assert!(broken(&|e| e.id = "ORDERS:1".into()).contains("lineage"));
+        assert!(broken(&|e| e.subject = "orders..x".into()).contains("subject"));
+        assert!(broken(&|e| e.subject = "orders x".into()).contains("subject"));
+        assert!(
+            broken(&|e| {
+                e.headers.insert("Bad:Name".into(), vec!["v".into()]);
+            })
+            .contains("header name")
+        );
+        assert!(
+            broken(&|e| {
+                e.headers.insert("X".into(), vec!["a\r\nb".into()]);
+            })
+            .contains("line break")
+        );
+        // A key may hold anything: it travels percent-encoded.
+        let mut keyed = env.clone();
+        keyed.key = Some("line\nbreak ünïcode".into());
+        assert_eq!(keyed.check(), Ok(()));
     }
 
     #[test]

@@ -300,6 +300,10 @@ fn malformed_files_give_located_errors() {
             "bad.toml:5: key `parc`: unknown field",
         ),
         (
+            "[[rule]]\nname = \"a,b\"\nwhen = 'true'\npark = \"x\"\n",
+            "bad.toml:2: rule `a,b`: key `name`: use only letters",
+        ),
+        (
             "[[rule]]\nname = \"a\"\nwhen = 'true &&'\npark = \"x\"\n",
             "bad.toml:3: rule `a`: key `when`: invalid CEL",
         ),
@@ -448,4 +452,47 @@ fn rules_without_comprehensions_are_linear() {
     let in_set =
         "[[rule]]\nname = \"s\"\nwhen = 'true'\nset = { \"/a\" = 'payload.l.exists(x, x > 1)' }\n";
     assert!(!rules(in_set).is_linear());
+}
+
+#[test]
+fn only_the_variables_rules_use_are_built_and_each_one_works() {
+    use repair_rules::rules::Uses;
+    assert_eq!(
+        rules(EXAMPLES).uses(),
+        Uses {
+            payload: true,
+            error: true,
+            ..Uses::default()
+        }
+    );
+    // Each variable on its own, inside has() and inside a comprehension, still resolves.
+    let cases = [
+        ("subject", r#"subject == "orders.created""#),
+        ("key", r#"key == "acct-7""#),
+        ("headers", r#"headers["Account-Id"][0] == "acct-7""#),
+        ("payload", "has(payload.amount)"),
+        ("error", r#"error.kind == "message" && error.status == 422"#),
+        ("attempt", "attempt == 1"),
+        ("macro", r#"headers["Account-Id"].exists(v, v == key)"#),
+    ];
+    for (what, when) in cases {
+        let set = rules(&format!(
+            "[[rule]]\nname = \"r\"\nwhen = '{when}'\npark = \"matched\"\n"
+        ));
+        let decision = evaluate(
+            &set,
+            &envelope(json!({"amount": 1}), "x", None),
+            &Limits::default(),
+        );
+        assert!(
+            matches!(
+                &decision,
+                Decision::Park {
+                    reason: ParkReason::RulePark,
+                    ..
+                }
+            ),
+            "{what}: {decision:?}"
+        );
+    }
 }

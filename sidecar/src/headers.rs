@@ -3,6 +3,7 @@
 
 use std::time::SystemTime;
 
+use repair_rules::headers as h;
 use repair_rules::{LineageId, MessageKey};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 
@@ -137,24 +138,10 @@ fn starts_with_ignore_case(name: &str, prefix: &str) -> bool {
 }
 
 /// A header value from text that may come from outside (a key, a subject), percent-encoded as the
-/// CloudEvents HTTP binding requires: everything outside printable ASCII, plus `"` and `%`.
+/// CloudEvents HTTP binding requires (see [`h::encode_value`]).
 fn encode(value: &str) -> HeaderValue {
-    let needs = |b: u8| !(0x21..=0x7e).contains(&b) || b == b'"' || b == b'%';
-    if !value.bytes().any(needs)
-        && let Ok(v) = HeaderValue::from_str(value)
-    {
-        return v;
-    }
-    let mut encoded = String::with_capacity(value.len() + 8);
-    for b in value.bytes() {
-        if needs(b) {
-            encoded.push_str(&format!("%{b:02X}"));
-        } else {
-            encoded.push(b as char);
-        }
-    }
     // Only printable ASCII is left, which is always a valid header value.
-    HeaderValue::from_str(&encoded).unwrap_or(HeaderValue::from_static(""))
+    HeaderValue::from_str(&h::encode_value(value)).unwrap_or(HeaderValue::from_static(""))
 }
 
 #[cfg(test)]

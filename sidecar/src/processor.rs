@@ -18,7 +18,6 @@ use async_nats::jetstream::consumer::{self, PullConsumer};
 use async_nats::jetstream::{self, Message};
 use base64::Engine;
 use futures::StreamExt;
-use futures::stream::FuturesUnordered;
 use repair_rules::headers as h;
 use repair_rules::identity::subjects;
 use repair_rules::rules::{Decision, Limits, ParkReason, evaluate};
@@ -137,13 +136,18 @@ async fn consume(
 ) -> anyhow::Result<()> {
     let batch = concurrency.min(256);
     let mut messages = crate::nats::pull(&consumer, batch, &p.shutdown).await;
-    let mut running = FuturesUnordered::new();
+    // Each failure is its own task, so every runtime worker takes a share of the work.
+    let mut running = tokio::task::JoinSet::new();
     let deadline = tokio::time::sleep(Duration::MAX);
     tokio::pin!(deadline);
     loop {
         let pulling = messages.is_some() && running.len() < concurrency;
         tokio::select! {
-            Some(()) = running.next(), if !running.is_empty() => {}
+            Some(done) = running.join_next(), if !running.is_empty() => {
+                if let Err(error) = done {
+                    tracing::error!(%error, "A failure's task ended abnormally; it is redelivered.");
+                }
+            }
             _ = p.shutdown.cancelled(), if messages.is_some() => {
                 messages = None;
                 deadline.as_mut().reset(tokio::time::Instant::now() + shutdown_timeout);
@@ -152,7 +156,7 @@ async fn consume(
                 match next {
                     Some(Ok(msg)) => {
                         let p = p.clone();
-                        running.push(async move { handle(&p, msg).await });
+                        running.spawn(async move { handle(&p, msg).await });
                     }
                     Some(Err(error)) => tracing::warn!(%error, "Pull failed; continuing."),
                     None => {
@@ -179,10 +183,15 @@ async fn handle(p: &Processor, msg: Message) {
         return;
     };
     let reply = ack::Reply::new(subject, p.epoch.current());
-    let outcome = match serde_json::from_slice::<FailureEnvelope>(&msg.payload) {
+    let parsed = serde_json::from_slice::<FailureEnvelope>(&msg.payload)
+        .map_err(|e| e.to_string())
+        .and_then(|envelope| envelope.check().map(|()| envelope));
+    let outcome = match parsed {
         Ok(envelope) => {
+            // A debug span: an enabled span formats its fields for every failure, which cost the
+            // processor measurable throughput. Logs that matter name the lineage themselves.
             let span =
-                tracing::info_span!("failure", mend_id = %envelope.id, attempt = envelope.attempt);
+                tracing::debug_span!("failure", mend_id = %envelope.id, attempt = envelope.attempt);
             let work = async {
                 let decision = decide(p, &envelope).await;
                 act(p, &envelope, decision).await
@@ -254,7 +263,7 @@ async fn act(
             }
             park(p, envelope, rule.as_deref(), reason, &message).await?;
             metrics::counter!(telemetry::PARKED, "reason" => reason.as_str()).increment(1);
-            tracing::info!(%reason, message, "Parked for a person.");
+            tracing::info!(mend_id = %envelope.id, attempt = envelope.attempt, %reason, message, "Parked for a person.");
             Ok(())
         }
     }
@@ -268,16 +277,18 @@ async fn retry(
     payload: &serde_json::Value,
 ) -> Result<(), NotStored> {
     let attempt = envelope.attempt + 1;
-    let mut history = envelope.history.clone();
-    history.push(HistoryEntry {
+    let step = HistoryEntry {
         at: publish::now(),
         what: "repaired".into(),
         by: format!("rule:{rule}"),
         error: None,
         note: None,
-    });
-    let repaired_by: Vec<&str> = history
+    };
+    let history = Appended(&envelope.history, &step);
+    let repaired_by: Vec<&str> = envelope
+        .history
         .iter()
+        .chain(std::iter::once(&step))
         .filter(|e| e.what == "repaired")
         .filter_map(|e| e.by.strip_prefix("rule:"))
         .collect();
@@ -298,7 +309,7 @@ async fn retry(
     headers.insert(h::MEND_REPAIRED_BY, repaired_by.join(",").as_str());
     headers.insert(h::MEND_ORIGINAL_SUBJECT, envelope.subject.as_str());
     if let Some(key) = &envelope.key {
-        headers.insert(h::MEND_KEY, key.as_str());
+        headers.insert(h::MEND_KEY, h::encode_value(key).as_ref());
     }
     headers.insert(
         MEND_HISTORY,
@@ -338,6 +349,15 @@ async fn retry(
         json!({ "rule": rule, "key": envelope.key, "subject": envelope.subject }),
     )
     .await
+}
+
+/// A history with one more step, serialized as one JSON array without copying the history.
+struct Appended<'a>(&'a [HistoryEntry], &'a HistoryEntry);
+
+impl serde::Serialize for Appended<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().chain(std::iter::once(self.1)))
+    }
 }
 
 /// Publishes the envelope, with its reason and history, to the dashboard, then announces `parked`.
@@ -408,11 +428,7 @@ async fn announce(
 }
 
 /// A message on MEND_FAILED that is not an envelope is parked as raw bytes, never dropped.
-async fn park_malformed(
-    p: &Processor,
-    msg: &Message,
-    error: &serde_json::Error,
-) -> Result<(), NotStored> {
+async fn park_malformed(p: &Processor, msg: &Message, error: &str) -> Result<(), NotStored> {
     let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
     let service = msg
         .subject
@@ -424,7 +440,7 @@ async fn park_malformed(
     tracing::error!(%error, seq, service, "Not a failure envelope; parking the raw message.");
     let mut failure = FailureError::bare(ErrorKind::Message, None);
     failure.title = Some("malformed failure envelope".into());
-    failure.detail = Some(error.to_string());
+    failure.detail = Some(error.to_owned());
     let at = publish::now();
     let envelope = FailureEnvelope {
         version: ENVELOPE_VERSION,

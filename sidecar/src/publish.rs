@@ -11,7 +11,8 @@ use bytes::Bytes;
 use repair_rules::LineageId;
 use repair_rules::headers as h;
 use repair_rules::identity::subjects;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 /// Pause before the first retry of a failed publish; doubles up to [`RETRY_MAX`].
@@ -80,7 +81,7 @@ pub struct Event<'a> {
     pub kind: &'a str,
     pub lineage: &'a LineageId,
     pub attempt: u32,
-    /// The event's `data`; `service`, `id` and `attempt` are added.
+    /// The event's `data` (an object); `service`, `id` and `attempt` are added, so it must not hold them.
     pub data: Value,
 }
 
@@ -92,27 +93,28 @@ pub async fn announce(
     event: Event<'_>,
 ) -> Result<(), NotStored> {
     let id = event.lineage.msg_id(event.attempt, event.kind);
-    let mut data = json!({
-        "service": event.service,
-        "id": event.lineage.to_string(),
-        "attempt": event.attempt,
-    });
-    if let (Some(data), Value::Object(extra)) = (data.as_object_mut(), event.data) {
-        data.extend(extra);
-    }
-    let body = json!({
-        "specversion": "1.0",
-        "id": id,
-        "source": event.source,
-        "type": format!("mend.{}", event.kind),
-        "subject": event.lineage.to_string(),
-        "time": now(),
-        "datacontenttype": "application/json",
-        "data": data,
-    });
+    let lineage = event.lineage.to_string();
+    let body = CloudEvent {
+        specversion: "1.0",
+        id: &id,
+        source: &event.source,
+        kind: format!("mend.{}", event.kind),
+        subject: &lineage,
+        time: now(),
+        datacontenttype: "application/json",
+        data: EventData {
+            service: event.service,
+            id: &lineage,
+            attempt: event.attempt,
+            extra: match &event.data {
+                Value::Object(extra) => Some(extra),
+                _ => None,
+            },
+        },
+    };
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Content-Type", "application/cloudevents+json");
-    headers.insert(h::MEND_ID, event.lineage.to_string().as_str());
+    headers.insert(h::MEND_ID, lineage.as_str());
     let subject = subjects::event(event.service, event.kind);
     match durably(js, shutdown, &subject, &id, headers, to_bytes(&body)).await? {
         Published::Stored => Ok(()),
@@ -121,6 +123,30 @@ pub async fn announce(
             Ok(())
         }
     }
+}
+
+/// A CloudEvents 1.0 event in the structured JSON format, written without building a JSON tree.
+#[derive(Serialize)]
+struct CloudEvent<'a> {
+    specversion: &'static str,
+    id: &'a str,
+    source: &'a str,
+    #[serde(rename = "type")]
+    kind: String,
+    subject: &'a str,
+    time: String,
+    datacontenttype: &'static str,
+    data: EventData<'a>,
+}
+
+/// An event's `data`: the lineage's service, id and attempt, then the announcer's fields.
+#[derive(Serialize)]
+struct EventData<'a> {
+    service: &'a str,
+    id: &'a str,
+    attempt: u32,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    extra: Option<&'a serde_json::Map<String, Value>>,
 }
 
 /// JSON bytes of a value that always serializes (string keys, finite numbers from JSON input).

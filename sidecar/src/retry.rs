@@ -177,7 +177,7 @@ fn meta_of(rt: &BindingRuntime, msg: &Message) -> (DeliveryMeta, Vec<HistoryEntr
     let meta = DeliveryMeta {
         service: rt.service.clone(),
         lineage,
-        key: header(h::MEND_KEY).map(MessageKey),
+        key: header(h::MEND_KEY).map(|k| MessageKey(h::decode_value(&k))),
         attempt,
         subject: header(h::MEND_ORIGINAL_SUBJECT).unwrap_or_else(|| msg.subject.to_string()),
         published: SystemTime::now(),

@@ -71,19 +71,47 @@ async fn repairs_go_back_on_the_retry_subject_and_the_rest_is_parked() -> anyhow
                 .into(),
         ),
         failed(Bytes::from_static(b"{not an envelope")),
+        // A key may hold anything (it comes from a payload field): it travels percent-encoded.
+        failed({
+            let mut e = envelope(
+                4,
+                json!({"account": "acct-7", "amount": "1"}),
+                "bad_type",
+                "/amount",
+            );
+            e["key"] = json!("line\nbreak ü");
+            e.to_string().into()
+        }),
+        // A header no NATS message can carry: hand-made, so parked raw instead of acted on.
+        failed({
+            let mut e = envelope(5, json!({"amount": "1"}), "bad_type", "/amount");
+            e["headers"]["X-Injected"] = json!(["a\r\nNats-Msg-Id: forged"]);
+            e.to_string().into()
+        }),
     ];
     js::publish_all(&js, inputs).await?;
 
-    let retries = wait::until("one retry", TEST_TIMEOUT, || {
+    let retries = wait::until("two retries", TEST_TIMEOUT, || {
         let js = js.clone();
         async move {
             let r = js::read_all(&js, "MEND_RETRY", "mend.retry.orders").await?;
-            Ok((!r.is_empty()).then_some(r))
+            Ok((r.len() >= 2).then_some(r))
         }
     })
     .await?;
-    assert_eq!(retries.len(), 1);
-    let r = &retries[0];
+    assert_eq!(retries.len(), 2);
+    let r = retries
+        .iter()
+        .find(|r| r.headers.get("Mend-Id").map(|v| v.as_str()) == Some("ORDERS:1"))
+        .expect("retry of ORDERS:1");
+    let odd_key = retries
+        .iter()
+        .find(|r| r.headers.get("Mend-Id").map(|v| v.as_str()) == Some("ORDERS:4"))
+        .expect("retry of ORDERS:4");
+    assert_eq!(
+        odd_key.headers.get("Mend-Key").map(|v| v.as_str()),
+        Some("line%0Abreak%20%C3%BC")
+    );
     let body: Value = serde_json::from_slice(&r.payload)?;
     assert_eq!(
         body,
@@ -112,11 +140,11 @@ async fn repairs_go_back_on_the_retry_subject_and_the_rest_is_parked() -> anyhow
         ("repaired", "rule:amount-as-number")
     );
 
-    let parked: Vec<FailureEnvelope> = wait::until("three parked", TEST_TIMEOUT, || {
+    let parked: Vec<FailureEnvelope> = wait::until("four parked", TEST_TIMEOUT, || {
         let js = js.clone();
         async move {
             let p = js::parked(&js, "orders").await?;
-            Ok((p.len() >= 3).then_some(p))
+            Ok((p.len() >= 4).then_some(p))
         }
     })
     .await?;
@@ -134,17 +162,27 @@ async fn repairs_go_back_on_the_retry_subject_and_the_rest_is_parked() -> anyhow
         by_seq(3).and_then(|e| e.reason.as_deref()),
         Some("no rule matched")
     );
-    let malformed = parked
+    let raw: Vec<&FailureEnvelope> = parked
         .iter()
-        .find(|e| e.stream == "MEND_FAILED")
-        .expect("malformed kept");
-    assert_eq!(
-        malformed.payload_base64.as_deref(),
-        Some("e25vdCBhbiBlbnZlbG9wZQ==")
+        .filter(|e| e.stream == "MEND_FAILED")
+        .collect();
+    assert_eq!(raw.len(), 2, "{raw:?}");
+    assert!(
+        raw.iter()
+            .any(|e| e.payload_base64.as_deref() == Some("e25vdCBhbiBlbnZlbG9wZQ=="))
+    );
+    assert!(
+        raw.iter().any(|e| e
+            .error
+            .detail
+            .as_deref()
+            .unwrap_or("")
+            .contains("line break")),
+        "{raw:?}"
     );
 
-    assert_eq!(js::events(&js, "orders", "repaired").await?.len(), 1);
-    assert_eq!(js::events(&js, "orders", "parked").await?.len(), 3);
+    assert_eq!(js::events(&js, "orders", "repaired").await?.len(), 2);
+    assert_eq!(js::events(&js, "orders", "parked").await?.len(), 4);
     js::consumer_drained(&js, "MEND_FAILED", "mend-processor", TEST_TIMEOUT).await?;
     Ok(())
 }

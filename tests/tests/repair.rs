@@ -120,6 +120,50 @@ async fn a_string_amount_is_repaired_and_delivered_under_the_same_mend_id() -> a
     Ok(())
 }
 
+/// A key taken from the payload may hold anything, line breaks included; it travels percent-encoded in
+/// `Mend-Key` (NATS and HTTP alike) and comes back as the same key, so the repaired message keeps its
+/// lane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_with_a_line_break_survives_the_loop() -> anyhow::Result<()> {
+    let w = World::new().await?;
+    w.app.script(orders_app);
+    let key = "line\nbreak 100%";
+    let order = |n: u64, amount: serde_json::Value| Out {
+        subject: "app.created".into(),
+        headers: Default::default(),
+        payload: json!({"key": key, "n": n, "account": "acct-7", "amount": amount})
+            .to_string()
+            .into(),
+    };
+    js::publish_all(&w.js, vec![order(0, json!("3")), order(1, json!(4))]).await?;
+    let _p = processor(&w, &example_rules(), "").await?;
+    let config = mend_e2e::mend::sidecar_config(
+        "orders",
+        &w.nats.url(),
+        mend_e2e::world::STREAM,
+        &["app.>"],
+        &w.app.endpoint(),
+        "key = { json = \"/key\" }",
+    );
+    let _s = w.sidecar(&config).await?;
+    let log = w
+        .app
+        .wait_for("the repaired order", TEST_TIMEOUT, |log| {
+            log.iter()
+                .any(|d| d.ok() && d.field("n") == Some(&json!(0)))
+        })
+        .await?;
+    let repaired = log
+        .iter()
+        .find(|d| d.ok() && d.field("n") == Some(&json!(0)))
+        .expect("repaired");
+    assert_eq!(repaired.header("mend-attempt"), Some("2"));
+    assert_eq!(repaired.header("mend-key"), Some("line%0Abreak%20100%25"));
+    w.drained("orders").await?;
+    js::consumer_drained(&w.js, "MEND_RETRY", "mend-orders-retry", TEST_TIMEOUT).await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rules_that_do_not_help_end_parked() -> anyhow::Result<()> {
     let w = World::new().await?;

@@ -11,6 +11,7 @@ use cel::objects::Key;
 use cel::{Context, Value as Cel};
 use serde_json::Value as Json;
 
+use super::file::Uses;
 use crate::envelope::FailureEnvelope;
 
 /// A CEL value from JSON.
@@ -76,24 +77,48 @@ thread_local! {
     };
 }
 
-/// Runs `f` with the evaluation context of `envelope`.
-pub fn with_context<R>(envelope: &FailureEnvelope, f: impl FnOnce(&Context<'_, '_>) -> R) -> R {
+/// Runs `f` with the evaluation context of `envelope`, holding the variables in `uses` (the others
+/// are never referenced, so they are not built).
+pub fn with_context<R>(
+    envelope: &FailureEnvelope,
+    uses: Uses,
+    f: impl FnOnce(&Context<'_, '_>) -> R,
+) -> R {
     ROOT.with(|root| {
         let mut ctx = root.new_inner_scope();
-        add_variables(&mut ctx, envelope);
+        add_variables(&mut ctx, envelope, uses);
         f(&ctx)
     })
 }
 
-fn add_variables(ctx: &mut Context<'_, '_>, envelope: &FailureEnvelope) {
-    ctx.add_variable_from_value("subject", Cel::String(Arc::new(envelope.subject.clone())));
-    ctx.add_variable_from_value(
-        "key",
-        envelope
-            .key
-            .as_ref()
-            .map_or(Cel::Null, |k| Cel::String(Arc::new(k.clone()))),
-    );
+fn add_variables(ctx: &mut Context<'_, '_>, envelope: &FailureEnvelope, uses: Uses) {
+    if uses.subject {
+        ctx.add_variable_from_value("subject", Cel::String(Arc::new(envelope.subject.clone())));
+    }
+    if uses.key {
+        ctx.add_variable_from_value(
+            "key",
+            envelope
+                .key
+                .as_ref()
+                .map_or(Cel::Null, |k| Cel::String(Arc::new(k.clone()))),
+        );
+    }
+    if uses.headers {
+        add_headers(ctx, envelope);
+    }
+    if uses.payload {
+        ctx.add_variable_from_value("payload", to_cel(&envelope.payload));
+    }
+    if uses.error {
+        add_error(ctx, envelope);
+    }
+    if uses.attempt {
+        ctx.add_variable_from_value("attempt", Cel::Int(i64::from(envelope.attempt)));
+    }
+}
+
+fn add_headers(ctx: &mut Context<'_, '_>, envelope: &FailureEnvelope) {
     let headers: HashMap<Key, Cel> = envelope
         .headers
         .iter()
@@ -106,17 +131,16 @@ fn add_variables(ctx: &mut Context<'_, '_>, envelope: &FailureEnvelope) {
         })
         .collect();
     ctx.add_variable_from_value("headers", Cel::Map(headers.into()));
-    ctx.add_variable_from_value("payload", to_cel(&envelope.payload));
+}
+
+fn add_error(ctx: &mut Context<'_, '_>, envelope: &FailureEnvelope) {
     // Every documented field is present (null when unknown), so `error.code == "x"` never fails.
     let e = &envelope.error;
     let text = |v: &Option<String>| {
         v.as_ref()
             .map_or(Cel::Null, |s| Cel::String(Arc::new(s.clone())))
     };
-    let kind = serde_json::to_value(e.kind)
-        .ok()
-        .and_then(|k| k.as_str().map(str::to_owned))
-        .unwrap_or_default();
+    let kind = e.kind.as_str().to_owned();
     let error: HashMap<Key, Cel> = [
         ("kind", Cel::String(Arc::new(kind))),
         (
@@ -133,9 +157,7 @@ fn add_variables(ctx: &mut Context<'_, '_>, envelope: &FailureEnvelope) {
     .into_iter()
     .map(|(k, v)| (Key::from(k.to_owned()), v))
     .collect();
-    let error = Cel::Map(error.into());
-    ctx.add_variable_from_value("error", error);
-    ctx.add_variable_from_value("attempt", Cel::Int(i64::from(envelope.attempt)));
+    ctx.add_variable_from_value("error", Cel::Map(error.into()));
 }
 
 fn add_functions(ctx: &mut Context<'static, 'static>) {

@@ -83,7 +83,7 @@ fn park(rule: Option<&Rule>, reason: ParkReason, message: String) -> Decision {
 
 /// The decision of `rules` on `envelope`.
 pub fn evaluate(rules: &RuleSet, envelope: &FailureEnvelope, limits: &Limits) -> Decision {
-    let size = serde_json::to_vec(&envelope.payload).map_or(usize::MAX, |v| v.len());
+    let size = json_size(&envelope.payload);
     if size > limits.max_payload_bytes {
         return park(
             None,
@@ -94,7 +94,28 @@ pub fn evaluate(rules: &RuleSet, envelope: &FailureEnvelope, limits: &Limits) ->
             ),
         );
     }
-    with_context(envelope, |ctx| decide(rules, envelope, limits, ctx))
+    with_context(envelope, rules.uses(), |ctx| {
+        decide(rules, envelope, limits, ctx)
+    })
+}
+
+/// The size of `value` as compact JSON, counted without building the text.
+fn json_size(value: &Json) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    match serde_json::to_writer(&mut count, value) {
+        Ok(()) => count.0,
+        Err(_) => usize::MAX,
+    }
 }
 
 fn decide(

@@ -78,6 +78,31 @@ pub struct RuleSet {
     pub rules: Vec<Rule>,
     /// See [`RuleSet::is_linear`]; computed once when the rules are compiled.
     linear: bool,
+    /// The rule environment's variables some expression uses; only these are built per envelope.
+    uses: Uses,
+}
+
+/// Which of the rule environment's variables the rules' expressions use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Uses {
+    pub subject: bool,
+    pub key: bool,
+    pub headers: bool,
+    pub payload: bool,
+    pub error: bool,
+    pub attempt: bool,
+}
+
+impl Uses {
+    fn add(&mut self, program: &Program) {
+        let refs = program.references();
+        self.subject |= refs.has_variable("subject");
+        self.key |= refs.has_variable("key");
+        self.headers |= refs.has_variable("headers");
+        self.payload |= refs.has_variable("payload");
+        self.error |= refs.has_variable("error");
+        self.attempt |= refs.has_variable("attempt");
+    }
 }
 
 /// The variables a rule's expressions can use, and CEL's type names (identifiers too).
@@ -135,6 +160,22 @@ impl RuleSet {
     /// Conservative: a macro name followed by `(` anywhere, even inside a string, counts.
     pub fn is_linear(&self) -> bool {
         self.linear
+    }
+
+    /// The variables the rules use.
+    pub fn uses(&self) -> Uses {
+        self.uses
+    }
+
+    fn compute_uses(&self) -> Uses {
+        let mut uses = Uses::default();
+        for rule in &self.rules {
+            uses.add(&rule.when);
+            for (_, _, program) in &rule.set {
+                uses.add(program);
+            }
+        }
+        uses
     }
 
     fn compute_linear(&self) -> bool {
@@ -208,6 +249,7 @@ impl RuleSet {
             }
         }
         set.linear = set.compute_linear();
+        set.uses = set.compute_uses();
         Ok(set)
     }
 }
@@ -256,6 +298,17 @@ fn compile(file: &str, text: &str, spec: RuleSpec) -> Result<Rule, RuleError> {
     };
     if name.trim().is_empty() {
         return Err(err(spec.name.span(), "name", "a rule needs a name".into()));
+    }
+    // Names travel in `Mend-Repaired-By` (comma-separated) and in metric labels.
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(err(
+            spec.name.span(),
+            "name",
+            "use only letters, digits, `-`, `_` and `.` in a rule name".into(),
+        ));
     }
     if let Some(service) = &spec.service
         && !crate::identity::is_subject_token(service.get_ref())

@@ -14,5 +14,5 @@ pub mod inline;
 pub mod subject;
 
 pub use eval::{Decision, Limits, ParkReason, evaluate};
-pub use file::{Rule, RuleError, RuleSet};
+pub use file::{Rule, RuleError, RuleSet, Uses};
 pub use inline::{TestFailure, run_tests};

@@ -11,7 +11,8 @@
 //! The no-op app is a separate process (this binary with `--serve-app`), as a real app is, for every
 //! run alike.
 //!
-//! Usage: `mend-bench [--messages N] [--keys K]` (defaults 200000, 1000).
+//! Usage: `mend-bench [--messages N] [--keys K]` (defaults 200000, 1000);
+//! `mend-bench --processor-only R --messages M`: only the processor, R rounds of M envelopes.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::process::Stdio;
@@ -41,14 +42,18 @@ async fn main() -> anyhow::Result<()> {
     if args.peek().map(String::as_str) == Some("--serve-app") {
         return serve_app().await;
     }
-    let (mut n, mut keys) = (200_000usize, 1000usize);
+    let (mut n, mut keys, mut processor_rounds) = (200_000usize, 1000usize, 0usize);
     while let Some(a) = args.next() {
         let v = args.next().context("a value after the flag")?.parse()?;
         match a.as_str() {
             "--messages" => n = v,
             "--keys" => keys = v,
+            "--processor-only" => processor_rounds = v,
             other => anyhow::bail!("unknown argument {other}"),
         }
+    }
+    if processor_rounds > 0 {
+        return processor_only(n, processor_rounds).await;
     }
     let nats = NatsServer::start().await?;
     let client = nats.client().await?;
@@ -123,8 +128,10 @@ async fn main() -> anyhow::Result<()> {
 
     // Repairs: the processor on its own, then the whole loop app → sidecar → processor → sidecar → app.
     let m = (n / 10).max(1000);
-    let processor_rate = rate(m, processor_alone(&nats, &js, m).await?);
-    eprintln!("processor alone: {processor_rate:.0} envelopes/s");
+    let (took, cpu) = processor_alone(&nats, &js, m).await?;
+    let processor_rate = rate(m, took);
+    let processor_cpu = cpu.as_secs_f64() * 1e6 / m as f64;
+    eprintln!("processor alone: {processor_rate:.0} envelopes/s, {processor_cpu:.0} µs CPU each");
     let processor = MendProcess::start(
         "processor",
         &processor_config(&nats.url(), &example_rules(), "concurrency = 64"),
@@ -175,7 +182,8 @@ async fn main() -> anyhow::Result<()> {
         rss as f64 / 1024.0
     );
     println!(
-        "\nrepairs (example rules): processor alone {processor_rate:.0} envelopes/s (target >= 20000, over {m}); \
+        "\nrepairs (example rules): processor alone {processor_rate:.0} envelopes/s (target >= 20000, over {m}), \
+         {processor_cpu:.0} µs of processor CPU per envelope; \
          whole loop {loop_rate:.0} repairs/s (over {k})"
     );
     println!(
@@ -208,16 +216,21 @@ fn repairable(seq: usize) -> Out {
     }
 }
 
-/// A processor working through `m` waiting failures: from ready to drained. Its repairs are purged.
+/// A processor working through `m` waiting failures: from ready to drained, and the CPU time the
+/// processor used (start-up included). Its repairs are purged.
 async fn processor_alone(
     nats: &NatsServer,
     js: &jetstream::Context,
     m: usize,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<(Duration, Duration)> {
     js::publish_all(js, (0..m).map(repairable).collect()).await?;
     let p = MendProcess::start(
         "processor",
-        &processor_config(&nats.url(), &example_rules(), ""),
+        &processor_config(
+            &nats.url(),
+            &example_rules(),
+            &std::env::var("BENCH_PROCESSOR_EXTRA").unwrap_or_default(),
+        ),
     )
     .await?;
     p.ready().await?;
@@ -230,9 +243,38 @@ async fn processor_alone(
     )
     .await?;
     let took = started.elapsed();
+    let cpu = p.pid().and_then(cpu_time).unwrap_or_default();
     drop(p);
     js.get_stream("MEND_RETRY").await?.purge().await?;
-    Ok(took)
+    Ok((took, cpu))
+}
+
+/// `--processor-only R`: the processor alone, R rounds of `--messages` envelopes each, then the median.
+async fn processor_only(m: usize, rounds: usize) -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let js = jetstream::new(nats.client().await?);
+    // A first processor lays out mend's streams.
+    MendProcess::start(
+        "processor",
+        &processor_config(&nats.url(), &example_rules(), ""),
+    )
+    .await?
+    .ready()
+    .await?;
+    let (mut rates, mut cpus) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let (took, cpu) = processor_alone(&nats, &js, m).await?;
+        let (r, c) = (rate(m, took), cpu.as_secs_f64() * 1e6 / m as f64);
+        eprintln!("round {round}: {r:.0} envelopes/s, {c:.1} µs CPU each");
+        rates.push(r);
+        cpus.push(c);
+    }
+    println!(
+        "processor alone (example rules): median {:.0} envelopes/s, {:.1} µs of processor CPU per envelope, over {rounds} rounds of {m} (target >= 20000)",
+        median(&mut rates),
+        median(&mut cpus)
+    );
+    Ok(())
 }
 
 /// `k` orders with string amounts through the whole loop (sidecar and processor running), then 200
@@ -588,6 +630,17 @@ async fn serve_app() -> anyhow::Result<()> {
     println!("http://{}/events", listener.local_addr()?);
     axum::serve(listener, router).await?;
     Ok(())
+}
+
+/// CPU time (user + system) a process has used so far.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces): utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // /proc counts in USER_HZ, which Linux fixes at 100 for user space.
+    Some(Duration::from_millis(ticks * 10))
 }
 
 fn peak_rss_kib(pid: u32) -> Option<u64> {
