@@ -107,6 +107,18 @@ async fn plain(client: &Client, subject: Subject) -> bool {
     false
 }
 
+/// Acks without waiting for the server to store the ack: for work whose effects are idempotent (its
+/// publishes carry a `Nats-Msg-Id`), a lost ack only costs a redelivery whose publishes are dropped as
+/// duplicates.
+pub async fn unconfirmed(client: &Client, reply: &Reply) {
+    if let Err(error) = client
+        .publish(reply.current().0, Bytes::from(AckKind::Ack))
+        .await
+    {
+        tracing::debug!(%error, "Ack not sent; the message will be redelivered.");
+    }
+}
+
 /// Tells the server the message is still being worked on (resets its ack wait).
 pub async fn progress(client: &Client, reply: &Reply) {
     if let Err(error) = client
