@@ -72,6 +72,29 @@ impl MessageKey {
     }
 }
 
+impl MessageKey {
+    /// The key's `<keytoken>` (SPEC §2): `K` followed by the key's UTF-8 bytes in unpadded base64url.
+    /// Deterministic, reversible, one subject token and a valid KV key for any key, the empty one
+    /// included; the `K` leaves room for other encodings later.
+    pub fn token(&self) -> String {
+        use base64::Engine as _;
+        let mut token = String::with_capacity(1 + self.0.len().div_ceil(3) * 4);
+        token.push('K');
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode_string(self.0.as_bytes(), &mut token);
+        token
+    }
+
+    /// The key a [`MessageKey::token`] stands for; `None` for text that is not such a token.
+    pub fn from_token(token: &str) -> Option<Self> {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token.strip_prefix('K')?)
+            .ok()?;
+        String::from_utf8(bytes).ok().map(MessageKey)
+    }
+}
+
 impl fmt::Display for MessageKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -95,6 +118,14 @@ pub mod subjects {
     /// Commands from the dashboard to the sidecar of `service`.
     pub fn control(service: &str) -> String {
         format!("mend.control.{service}")
+    }
+    /// The holding queue of one key of `service` (`token` from [`super::MessageKey::token`]).
+    pub fn hold(service: &str, token: &str) -> String {
+        format!("mend.hold.{service}.{token}")
+    }
+    /// The key of a hold in the KV bucket `mend_holds`.
+    pub fn hold_entry(service: &str, token: &str) -> String {
+        format!("{service}.{token}")
     }
     /// Announcements of `kind` about `service`.
     pub fn event(service: &str, kind: &str) -> String {
@@ -122,6 +153,32 @@ mod tests {
         assert_eq!(id.msg_id(1, "failed"), "ORDERS:1042:1:failed");
         for bad in ["", "ORDERS", ":12", "ORDERS:x", "ORDERS:-1"] {
             assert!(bad.parse::<LineageId>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn key_tokens_are_subject_and_kv_safe_and_reversible() {
+        for key in [
+            "acct-7",
+            "",
+            "a.b c*>",
+            "ключ",
+            "line\nbreak",
+            "K",
+            "%2F/==",
+        ] {
+            let k = MessageKey(key.to_owned());
+            let token = k.token();
+            assert!(is_subject_token(&token), "{token}");
+            assert_eq!(MessageKey::from_token(&token), Some(k), "{key}");
+        }
+        assert_eq!(MessageKey("acct-7".into()).token(), "KYWNjdC03");
+        assert_eq!(
+            subjects::hold("orders", "KYWNjdC03"),
+            "mend.hold.orders.KYWNjdC03"
+        );
+        for bad in ["", "YWNj", "K!", "K_w"] {
+            assert_eq!(MessageKey::from_token(bad), None, "{bad}");
         }
     }
 
