@@ -4,6 +4,7 @@
 //! - [`envelope`]: the versioned failure envelope of SPEC §5 and its error and history records.
 //! - [`identity`]: the lineage id (`Mend-Id`), message keys and the subjects mend publishes on.
 //! - [`headers`]: the names of the headers of SPEC §3, declared once.
+//! - [`holds`]: the holding-queue protocol of one key (SPEC §7) as pure decisions.
 //! - [`problem`]: turning an app's error answer (RFC 9457 problem+json or any body) into an error record.
 //! - [`rules`]: repair rules: the file format, CEL evaluation, decisions, inline tests.
 //!
@@ -12,6 +13,7 @@
 
 pub mod envelope;
 pub mod headers;
+pub mod holds;
 pub mod identity;
 pub mod problem;
 pub mod rules;
