@@ -26,6 +26,7 @@ pub mod deliver;
 pub mod envcfg;
 pub mod headers;
 pub mod health;
+pub mod holds;
 pub mod lanes;
 pub mod nats;
 pub mod processor;

@@ -1,0 +1,308 @@
+//! The holds of one binding (SPEC §2, §7): entries in the KV bucket `mend_holds` and hold queues on
+//! MEND_HOLD. What to do is decided by `repair_rules::holds`; this module does it.
+//!
+//! One dispatcher owns a binding's holds (a binding has a single owner), so the entries are cached in
+//! memory after one load at start, and every write is a compare-and-set on the revision last seen. A
+//! write that finds another revision means another instance wrote: it is reported as a conflict,
+//! never overwritten. Writes are retried, across reconnects and server restarts, until they are stored
+//! or the sidecar stops; a retried write whose first attempt was stored is recognised as done.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::context::Context;
+use async_nats::jetstream::kv::{self, CreateErrorKind, UpdateErrorKind};
+use async_nats::jetstream::message::StreamMessage;
+use async_nats::jetstream::stream::{DeleteMessageErrorKind, DirectGetErrorKind, Stream};
+use bytes::Bytes;
+use futures::TryStreamExt;
+use repair_rules::MessageKey;
+use repair_rules::holds::{Change, Hold};
+use repair_rules::identity::subjects;
+use tokio_util::sync::CancellationToken;
+
+use crate::nats::HOLDS_BUCKET;
+use crate::publish::{self, NotStored, Published};
+
+/// Pause before the first retry of a failed store operation; doubles up to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Why a hold operation did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum HoldError {
+    #[error("stopping before the hold was stored")]
+    Stopped,
+    /// Another instance changed the entry: this one no longer owns the key.
+    #[error("the hold of key `{key}` was changed by another instance")]
+    Conflict { key: String },
+    /// The entry or a held message cannot be stored at all (for example larger than the server's
+    /// max_payload).
+    #[error("the hold of key `{key}` cannot be stored: {message}")]
+    Unstorable { key: String, message: String },
+}
+
+struct Cached {
+    hold: Hold,
+    revision: u64,
+}
+
+/// The holds of one binding.
+pub struct Holds {
+    service: String,
+    binding: String,
+    js: Context,
+    kv: kv::Store,
+    queues: Stream,
+    shutdown: CancellationToken,
+    entries: HashMap<MessageKey, Cached>,
+}
+
+impl Holds {
+    /// Loads the binding's entries from `mend_holds`.
+    pub async fn load(
+        js: &Context,
+        service: &str,
+        binding: &str,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let kv = js.get_key_value(HOLDS_BUCKET).await?;
+        let queues = js.get_stream("MEND_HOLD").await?;
+        let prefix = format!("{service}.");
+        let names: Vec<String> = kv.keys().await?.try_collect().await?;
+        let mut entries = HashMap::new();
+        for name in names.into_iter().filter(|n| n.starts_with(&prefix)) {
+            let Some(entry) = kv.entry(name.as_str()).await? else {
+                continue;
+            };
+            if entry.operation != kv::Operation::Put {
+                continue;
+            }
+            let hold: Hold = match serde_json::from_slice(&entry.value) {
+                Ok(hold) => hold,
+                Err(error) => {
+                    tracing::error!(%error, entry = name, "Unreadable hold entry; left alone.");
+                    continue;
+                }
+            };
+            if hold.binding != binding {
+                continue;
+            }
+            let key = MessageKey(hold.key.clone());
+            entries.insert(
+                key,
+                Cached {
+                    hold,
+                    revision: entry.revision,
+                },
+            );
+        }
+        Ok(Self {
+            service: service.to_owned(),
+            binding: binding.to_owned(),
+            js: js.clone(),
+            kv,
+            queues,
+            shutdown: shutdown.clone(),
+            entries,
+        })
+    }
+
+    /// The entry of `key`, if it has one.
+    pub fn get(&self, key: &MessageKey) -> Option<&Hold> {
+        self.entries.get(key).map(|c| &c.hold)
+    }
+
+    /// Every entry, with its key.
+    pub fn iter(&self) -> impl Iterator<Item = (&MessageKey, &Hold)> {
+        self.entries.iter().map(|(k, c)| (k, &c.hold))
+    }
+
+    /// A fresh entry for `key` (its head and state are set by the decision that creates it).
+    pub fn fresh(&self, key: &MessageKey) -> Hold {
+        Hold {
+            service: self.service.clone(),
+            binding: self.binding.clone(),
+            key: key.0.clone(),
+            head: String::new(),
+            state: repair_rules::holds::HoldState::Held,
+            since: publish::now(),
+            resolved: Vec::new(),
+        }
+    }
+
+    /// Stores `change` to the entry of `key`.
+    pub async fn apply(&mut self, key: &MessageKey, change: Change) -> Result<(), HoldError> {
+        let (hold, expected) = match change {
+            Change::Keep => return Ok(()),
+            Change::Create(hold) => (hold, None),
+            Change::Update(hold) => (hold, self.entries.get(key).map(|c| c.revision)),
+        };
+        let name = subjects::hold_entry(&self.service, &key.token());
+        let value = Bytes::from(
+            serde_json::to_vec(&hold).map_err(|e| HoldError::Unstorable {
+                key: key.0.clone(),
+                message: e.to_string(),
+            })?,
+        );
+        let mut pause = RETRY_MIN;
+        loop {
+            let written = match expected {
+                None => self
+                    .kv
+                    .create(&name, value.clone())
+                    .await
+                    .map_err(|e| (e.kind() == CreateErrorKind::AlreadyExists, e.to_string())),
+                Some(revision) => self
+                    .kv
+                    .update(&name, value.clone(), revision)
+                    .await
+                    .map_err(|e| {
+                        (
+                            e.kind() == UpdateErrorKind::WrongLastRevision,
+                            e.to_string(),
+                        )
+                    }),
+            };
+            match written {
+                Ok(revision) => {
+                    self.entries.insert(key.clone(), Cached { hold, revision });
+                    return Ok(());
+                }
+                Err((true, _)) => {
+                    // Either an earlier try of this write was stored and its answer lost, or
+                    // another instance wrote.
+                    match self.kv.entry(name.as_str()).await {
+                        Ok(Some(entry)) if entry.value == value => {
+                            self.entries.insert(
+                                key.clone(),
+                                Cached {
+                                    hold,
+                                    revision: entry.revision,
+                                },
+                            );
+                            return Ok(());
+                        }
+                        Ok(_) => {
+                            return Err(HoldError::Conflict { key: key.0.clone() });
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, entry = name, "Hold entry unreadable; retrying.");
+                        }
+                    }
+                }
+                Err((false, error)) => {
+                    tracing::warn!(%error, entry = name, "Hold not stored; retrying.");
+                }
+            }
+            self.pause(&mut pause).await?;
+        }
+    }
+
+    /// Forgets a resolved entry once JetStream no longer de-duplicates its lineages' envelopes.
+    pub async fn forget(&mut self, key: &MessageKey) -> Result<(), HoldError> {
+        let Some(cached) = self.entries.get(key) else {
+            return Ok(());
+        };
+        let name = subjects::hold_entry(&self.service, &key.token());
+        match self
+            .kv
+            .purge_expect_revision(&name, Some(cached.revision))
+            .await
+        {
+            Ok(()) => {
+                self.entries.remove(key);
+                Ok(())
+            }
+            Err(error) => {
+                tracing::debug!(%error, entry = name, "Resolved hold not forgotten; later.");
+                Ok(())
+            }
+        }
+    }
+
+    /// Appends a message to the hold queue of `key`, de-duplicated by `msg_id`.
+    pub async fn append(
+        &self,
+        key: &MessageKey,
+        msg_id: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<(), NotStored> {
+        let subject = subjects::hold(&self.service, &key.token());
+        match publish::durably(&self.js, &self.shutdown, &subject, msg_id, headers, payload).await?
+        {
+            Published::Stored => Ok(()),
+            Published::TooLarge => Err(NotStored::Unpublishable),
+        }
+    }
+
+    /// The first message left in the hold queue of `key`.
+    pub async fn first(&self, key: &MessageKey) -> Result<Option<StreamMessage>, HoldError> {
+        let subject = subjects::hold(&self.service, &key.token());
+        let mut pause = RETRY_MIN;
+        loop {
+            match self
+                .queues
+                .direct_get_first_for_subject(subject.as_str())
+                .await
+            {
+                Ok(msg) => return Ok(Some(msg)),
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(None),
+                Err(error) => {
+                    tracing::warn!(%error, subject, "Hold queue unreadable; retrying.");
+                }
+            }
+            self.pause(&mut pause).await?;
+        }
+    }
+
+    /// Removes a delivered message from its hold queue (already gone counts as removed).
+    pub async fn remove(&self, seq: u64) -> Result<(), HoldError> {
+        let mut pause = RETRY_MIN;
+        loop {
+            match self.queues.delete_message(seq).await {
+                Ok(_) => return Ok(()),
+                Err(error) if already_gone(&error.kind()) => return Ok(()),
+                Err(error) => tracing::warn!(%error, seq, "Held message not removed; retrying."),
+            }
+            self.pause(&mut pause).await?;
+        }
+    }
+
+    /// Empties the hold queue of `key` (its subject on MEND_HOLD).
+    pub async fn purge(&self, key: &MessageKey) -> Result<(), HoldError> {
+        let subject = subjects::hold(&self.service, &key.token());
+        let mut pause = RETRY_MIN;
+        loop {
+            match self.queues.purge().filter(subject.as_str()).await {
+                Ok(_) => return Ok(()),
+                Err(error) => tracing::warn!(%error, subject, "Hold queue not purged; retrying."),
+            }
+            self.pause(&mut pause).await?;
+        }
+    }
+
+    async fn pause(&self, pause: &mut Duration) -> Result<(), HoldError> {
+        tokio::select! {
+            _ = tokio::time::sleep(*pause) => {}
+            _ = self.shutdown.cancelled() => return Err(HoldError::Stopped),
+        }
+        *pause = (*pause * 2).min(RETRY_MAX);
+        Ok(())
+    }
+}
+
+/// Whether a delete failed only because the message is not there (removed by an earlier try).
+fn already_gone(kind: &DeleteMessageErrorKind) -> bool {
+    match kind {
+        DeleteMessageErrorKind::JetStream(e) => {
+            e.error_code() == ErrorCode::NO_MESSAGE_FOUND
+                || (e.error_code() == ErrorCode::STREAM_MESSAGE_DELETE_FAILED
+                    && e.to_string().contains("no message found"))
+        }
+        _ => false,
+    }
+}

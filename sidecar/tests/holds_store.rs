@@ -1,0 +1,98 @@
+//! The hold store against a real nats-server: entries persist with compare-and-set, another
+//! instance's write is a conflict, hold queues keep order, de-duplicate, and empty out.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use mend::config::NatsConfig;
+use mend::holds::{HoldError, Holds};
+use mend_e2e::nats::NatsServer;
+use repair_rules::MessageKey;
+use repair_rules::holds::{Change, HoldState};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_persist_conflicts_are_refused_and_queues_keep_order() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let js = async_nats::jetstream::new(nats.client().await?);
+    mend::nats::ensure_layout(&js, &NatsConfig::default()).await?;
+    let stop = CancellationToken::new();
+    let key = MessageKey("acct 7/ü".into());
+
+    let mut a = Holds::load(&js, "orders", "orders", &stop).await?;
+    assert!(a.get(&key).is_none());
+    let mut hold = a.fresh(&key);
+    hold.head = "APP:1".into();
+    a.apply(&key, Change::Create(hold.clone())).await?;
+    // Another binding of the service and another service do not see it.
+    assert!(
+        Holds::load(&js, "orders", "other", &stop)
+            .await?
+            .get(&key)
+            .is_none()
+    );
+    assert!(
+        Holds::load(&js, "payments", "orders", &stop)
+            .await?
+            .get(&key)
+            .is_none()
+    );
+
+    // A second instance loads it; its write makes the first one's stale.
+    let mut b = Holds::load(&js, "orders", "orders", &stop).await?;
+    assert_eq!(b.get(&key), Some(&hold));
+    let releasing = repair_rules::holds::Hold {
+        state: HoldState::Releasing,
+        ..hold.clone()
+    };
+    let taken = repair_rules::holds::Hold {
+        head: "APP:9".into(),
+        ..hold.clone()
+    };
+    b.apply(&key, Change::Update(taken)).await?;
+    let conflict = a.apply(&key, Change::Update(releasing.clone())).await;
+    assert!(
+        matches!(conflict, Err(HoldError::Conflict { .. })),
+        "{conflict:?}"
+    );
+    // A write whose value is there already (an earlier try whose answer was lost) is done.
+    let mut c = Holds::load(&js, "orders", "orders", &stop).await?;
+    c.apply(&key, Change::Update(releasing.clone())).await?;
+    c.apply(&key, Change::Create(releasing.clone())).await?;
+    assert_eq!(c.get(&key), Some(&releasing));
+
+    // The hold queue: in order, de-duplicated by message id, emptied by remove and purge.
+    for (i, id) in [
+        "APP:2:1:hold",
+        "APP:3:1:hold",
+        "APP:2:1:hold",
+        "APP:4:1:hold",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut headers = HeaderMap::new();
+        headers.insert("Mend-Id", &id[..5]);
+        c.append(&key, id, headers, Bytes::from(format!("{i}")))
+            .await?;
+    }
+    let first = c.first(&key).await?.expect("held");
+    assert_eq!(first.headers.get("Mend-Id").unwrap().as_str(), "APP:2");
+    c.remove(first.sequence).await?;
+    c.remove(first.sequence).await?; // gone already: fine
+    let second = c.first(&key).await?.expect("held");
+    assert_eq!(second.headers.get("Mend-Id").unwrap().as_str(), "APP:3");
+    c.purge(&key).await?;
+    assert!(c.first(&key).await?.is_none());
+
+    c.forget(&key).await?;
+    assert!(c.get(&key).is_none());
+    assert!(
+        Holds::load(&js, "orders", "orders", &stop)
+            .await?
+            .get(&key)
+            .is_none()
+    );
+    Ok(())
+}
