@@ -26,10 +26,6 @@ use tokio_util::sync::CancellationToken;
 use crate::nats::HOLDS_BUCKET;
 use crate::publish::{self, NotStored, Published};
 
-/// Pause before the first retry of a failed store operation; doubles up to [`RETRY_MAX`].
-const RETRY_MIN: Duration = Duration::from_millis(100);
-const RETRY_MAX: Duration = Duration::from_secs(5);
-
 /// Why a hold operation did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum HoldError {
@@ -147,7 +143,7 @@ impl Holds {
                 message: e.to_string(),
             })?,
         );
-        let mut pause = RETRY_MIN;
+        let mut pause = publish::RETRY_MIN;
         loop {
             let written = match expected {
                 None => self
@@ -242,7 +238,7 @@ impl Holds {
     /// The first message left in the hold queue of `key`.
     pub async fn first(&self, key: &MessageKey) -> Result<Option<StreamMessage>, HoldError> {
         let subject = subjects::hold(&self.service, &key.token());
-        let mut pause = RETRY_MIN;
+        let mut pause = publish::RETRY_MIN;
         loop {
             match self
                 .queues
@@ -261,7 +257,7 @@ impl Holds {
 
     /// Removes a delivered message from its hold queue (already gone counts as removed).
     pub async fn remove(&self, seq: u64) -> Result<(), HoldError> {
-        let mut pause = RETRY_MIN;
+        let mut pause = publish::RETRY_MIN;
         loop {
             match self.queues.delete_message(seq).await {
                 Ok(_) => return Ok(()),
@@ -275,7 +271,7 @@ impl Holds {
     /// Empties the hold queue of `key` (its subject on MEND_HOLD).
     pub async fn purge(&self, key: &MessageKey) -> Result<(), HoldError> {
         let subject = subjects::hold(&self.service, &key.token());
-        let mut pause = RETRY_MIN;
+        let mut pause = publish::RETRY_MIN;
         loop {
             match self.queues.purge().filter(subject.as_str()).await {
                 Ok(_) => return Ok(()),
@@ -286,12 +282,9 @@ impl Holds {
     }
 
     async fn pause(&self, pause: &mut Duration) -> Result<(), HoldError> {
-        tokio::select! {
-            _ = tokio::time::sleep(*pause) => {}
-            _ = self.shutdown.cancelled() => return Err(HoldError::Stopped),
-        }
-        *pause = (*pause * 2).min(RETRY_MAX);
-        Ok(())
+        publish::back_off(&self.shutdown, pause)
+            .await
+            .map_err(|_| HoldError::Stopped)
     }
 }
 

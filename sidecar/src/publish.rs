@@ -15,9 +15,23 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-/// Pause before the first retry of a failed publish; doubles up to [`RETRY_MAX`].
-const RETRY_MIN: Duration = Duration::from_millis(100);
+/// Pause before the first retry of a failed store operation; doubles up to [`RETRY_MAX`].
+pub(crate) const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Waits `pause` before the next try of a store operation, then doubles it (up to [`RETRY_MAX`]);
+/// `Stopped` when shutdown comes first.
+pub(crate) async fn back_off(
+    shutdown: &CancellationToken,
+    pause: &mut Duration,
+) -> Result<(), NotStored> {
+    tokio::select! {
+        _ = tokio::time::sleep(*pause) => {}
+        _ = shutdown.cancelled() => return Err(NotStored::Stopped),
+    }
+    *pause = (*pause * 2).min(RETRY_MAX);
+    Ok(())
+}
 
 /// Why something could not be handed on; either way the message being worked on stays unacked.
 #[derive(Debug, thiserror::Error)]
@@ -65,11 +79,7 @@ pub async fn durably(
             }
             Err(error) => tracing::warn!(%error, subject, "Publish not acknowledged; retrying."),
         }
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
-            _ = shutdown.cancelled() => return Err(NotStored::Stopped),
-        }
-        pause = (pause * 2).min(RETRY_MAX);
+        back_off(shutdown, &mut pause).await?;
     }
 }
 
