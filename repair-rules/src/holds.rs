@@ -223,13 +223,23 @@ pub fn finished(hold: &Hold) -> Hold {
     hold.with(&hold.head, HoldState::Resolved)
 }
 
-/// The next step of the release of `hold`; `first` is the first message left in its queue.
+/// The next step of the release of `hold` (state `releasing`); `first` is the first message left in
+/// its queue. Copies of lineages resolved already (the head's own, left by a crash) are skipped.
 pub fn release_step(hold: &Hold, first: Option<(u64, &str)>) -> ReleaseStep {
     match first {
         None => ReleaseStep::Finish,
-        Some((seq, lineage)) if lineage == hold.head => ReleaseStep::Skip(seq),
+        Some((seq, lineage)) if hold.resolved.iter().any(|r| r == lineage) => {
+            ReleaseStep::Skip(seq)
+        }
         Some((seq, _)) => ReleaseStep::Deliver(seq),
     }
+}
+
+/// Whether a message waiting in the queue of a `held` key is a retry of its head: one that arrived
+/// before its lineage became the head (a repair or resubmission of a message that was itself held).
+/// It is delivered as the head's retry; nothing else would ever deliver it.
+pub fn is_head_retry(hold: &Hold, lineage: &str, attempt: u32) -> bool {
+    hold.state == HoldState::Held && attempt > 1 && hold.head == lineage
 }
 
 #[cfg(test)]
@@ -308,9 +318,12 @@ mod tests {
             Change::Update(hold("A:3", Held))
         );
         assert_eq!(
-            release_step(&hold("A:3", Releasing), Some((9, "A:3"))),
+            release_step(&done("A:3", Releasing, &["A:3"]), Some((9, "A:3"))),
             ReleaseStep::Skip(9)
         );
+        assert!(is_head_retry(&hold("A:3", Held), "A:3", 2));
+        assert!(!is_head_retry(&hold("A:3", Held), "A:3", 1));
+        assert!(!is_head_retry(&hold("A:3", Releasing), "A:3", 2));
         assert_eq!(
             release_step(&hold("A:3", Releasing), Some((10, "A:4"))),
             ReleaseStep::Deliver(10)

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 use proptest::prelude::*;
 use repair_rules::holds::{
     Change, Command, Hold, HoldState, Origin, Outcome, ReleaseStep, Route, after_command,
-    after_delivery, after_release_delivery, finished, release_step, route,
+    after_delivery, after_release_delivery, finished, is_head_retry, release_step, route,
 };
 
 /// How the app answers one delivery of a message.
@@ -198,43 +198,67 @@ impl Model {
         Ok(())
     }
 
-    /// The release of the key's held messages, one at a time.
+    /// The release of the key's held messages, one at a time; while the key is held again, the
+    /// head's retries that wait in the queue.
     fn sidecar_release(&mut self) -> Result<(), Crash> {
         loop {
-            let hold = self.hold.clone().expect("releasing");
-            let first = self.queue.iter().next().map(|(s, m)| (*s, lineage(m.n)));
-            match release_step(&hold, first.as_ref().map(|(s, l)| (*s, l.as_str()))) {
-                ReleaseStep::Finish => {
-                    self.queue.clear();
-                    self.step()?;
-                    self.hold = Some(finished(&hold));
-                    return self.step();
-                }
-                ReleaseStep::Skip(seq) => {
-                    self.queue.remove(&seq);
-                    self.step()?;
-                }
-                ReleaseStep::Deliver(seq) => {
-                    let m = self.queue[&seq].clone();
-                    let answer = self.app(&m);
-                    self.step()?;
-                    if answer == Answer::Ok {
-                        self.queue.remove(&seq);
-                        self.step()?;
-                        continue;
+            let hold = self.hold.clone().expect("a hold");
+            let (seq, m, head_retry) = match hold.state {
+                HoldState::Resolved => return Ok(()),
+                HoldState::Held => {
+                    let found = self
+                        .queue
+                        .iter()
+                        .find(|(_, m)| is_head_retry(&hold, &lineage(m.n), m.attempt));
+                    match found {
+                        Some((s, m)) => (*s, m.clone(), true),
+                        None => return Ok(()),
                     }
-                    self.publish_failed(&m, answer);
-                    self.step()?;
-                    self.apply(after_release_delivery(
-                        &hold,
-                        &lineage(m.n),
-                        Outcome::Unresolved,
-                    ));
-                    self.step()?;
-                    self.queue.remove(&seq);
-                    return self.step();
                 }
+                HoldState::Releasing => {
+                    let first = self.queue.iter().next().map(|(s, m)| (*s, lineage(m.n)));
+                    match release_step(&hold, first.as_ref().map(|(s, l)| (*s, l.as_str()))) {
+                        ReleaseStep::Finish => {
+                            self.queue.clear();
+                            self.step()?;
+                            self.hold = Some(finished(&hold));
+                            return self.step();
+                        }
+                        ReleaseStep::Skip(seq) => {
+                            self.queue.remove(&seq);
+                            self.step()?;
+                            continue;
+                        }
+                        ReleaseStep::Deliver(seq) => (seq, self.queue[&seq].clone(), false),
+                    }
+                }
+            };
+            let answer = self.app(&m);
+            self.step()?;
+            let outcome = if answer == Answer::Ok {
+                Outcome::Done
+            } else {
+                self.publish_failed(&m, answer);
+                self.step()?;
+                Outcome::Unresolved
+            };
+            let change = if head_retry {
+                after_delivery(
+                    Some(&hold),
+                    Origin::Retry,
+                    &lineage(m.n),
+                    outcome,
+                    fresh(m.n),
+                )
+            } else {
+                after_release_delivery(&hold, &lineage(m.n), outcome)
+            };
+            if change != Change::Keep {
+                self.apply(change);
+                self.step()?;
             }
+            self.queue.remove(&seq);
+            self.step()?;
         }
     }
 
@@ -291,12 +315,14 @@ impl Model {
 
     /// The sidecar's next job for the key's lane, if any: a release in progress comes first.
     fn sidecar_job(&self, pick: usize) -> Option<Job> {
-        if self
-            .hold
-            .as_ref()
-            .is_some_and(|h| h.state == HoldState::Releasing)
-        {
-            return Some(Job::Release);
+        if let Some(h) = &self.hold {
+            let head_retry_waits = self
+                .queue
+                .values()
+                .any(|m| is_head_retry(h, &lineage(m.n), m.attempt));
+            if h.state == HoldState::Releasing || head_retry_waits {
+                return Some(Job::Release);
+            }
         }
         let mut jobs = Vec::new();
         if let Some(n) = self.app_acked.iter().position(|a| !a) {
