@@ -8,7 +8,7 @@
 //! or the sidecar stops; a retried write whose first attempt was stored is recognised as done.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::ErrorCode;
@@ -43,6 +43,8 @@ pub enum HoldError {
 struct Cached {
     hold: Hold,
     revision: u64,
+    /// When this revision was written.
+    written: SystemTime,
 }
 
 /// The holds of one binding.
@@ -92,6 +94,7 @@ impl Holds {
                 Cached {
                     hold,
                     revision: entry.revision,
+                    written: SystemTime::from(entry.created),
                 },
             );
         }
@@ -164,7 +167,15 @@ impl Holds {
             };
             match written {
                 Ok(revision) => {
-                    self.entries.insert(key.clone(), Cached { hold, revision });
+                    let written = SystemTime::now();
+                    self.entries.insert(
+                        key.clone(),
+                        Cached {
+                            hold,
+                            revision,
+                            written,
+                        },
+                    );
                     return Ok(());
                 }
                 Err((true, _)) => {
@@ -177,6 +188,7 @@ impl Holds {
                                 Cached {
                                     hold,
                                     revision: entry.revision,
+                                    written: SystemTime::from(entry.created),
                                 },
                             );
                             return Ok(());
@@ -197,26 +209,32 @@ impl Holds {
         }
     }
 
-    /// Forgets a resolved entry once JetStream no longer de-duplicates its lineages' envelopes.
-    pub async fn forget(&mut self, key: &MessageKey) -> Result<(), HoldError> {
-        let Some(cached) = self.entries.get(key) else {
-            return Ok(());
-        };
-        let name = subjects::hold_entry(&self.service, &key.token());
-        match self
-            .kv
-            .purge_expect_revision(&name, Some(cached.revision))
-            .await
-        {
-            Ok(()) => {
-                self.entries.remove(key);
-                Ok(())
-            }
-            Err(error) => {
-                tracing::debug!(%error, entry = name, "Resolved hold not forgotten; later.");
-                Ok(())
+    /// Forgets the resolved entries written more than `older_than` ago (JetStream's duplicate window:
+    /// after it no stale copy of their lineages can slip through de-duplication). An entry changed
+    /// meanwhile by another instance is left alone. Returns how many were forgotten.
+    pub async fn forget_resolved(&mut self, older_than: Duration) -> usize {
+        let now = SystemTime::now();
+        let expired: Vec<(MessageKey, u64)> = self
+            .entries
+            .iter()
+            .filter(|(_, c)| !c.hold.is_held())
+            .filter(|(_, c)| c.written + older_than <= now)
+            .map(|(k, c)| (k.clone(), c.revision))
+            .collect();
+        let mut forgotten = 0;
+        for (key, revision) in expired {
+            let name = subjects::hold_entry(&self.service, &key.token());
+            match self.kv.purge_expect_revision(&name, Some(revision)).await {
+                Ok(()) => {
+                    self.entries.remove(&key);
+                    forgotten += 1;
+                }
+                Err(error) => {
+                    tracing::debug!(%error, entry = name, "Resolved hold not forgotten; later.");
+                }
             }
         }
+        forgotten
     }
 
     /// Appends a message to the hold queue of `key`, de-duplicated by `msg_id`.

@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
 
+use std::time::Duration;
+
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use mend::config::NatsConfig;
@@ -86,13 +88,23 @@ async fn entries_persist_conflicts_are_refused_and_queues_keep_order() -> anyhow
     c.purge(&key).await?;
     assert!(c.first(&key).await?.is_none());
 
-    c.forget(&key).await?;
+    // Resolved entries are forgotten once old enough; held ones never.
+    let resolved = repair_rules::holds::Hold {
+        state: HoldState::Resolved,
+        resolved: vec!["APP:1".into()],
+        ..releasing.clone()
+    };
+    c.apply(&key, Change::Update(resolved)).await?;
+    let other = MessageKey("acct-8".into());
+    let mut held = c.fresh(&other);
+    held.head = "APP:5".into();
+    c.apply(&other, Change::Create(held.clone())).await?;
+    assert_eq!(c.forget_resolved(Duration::from_secs(600)).await, 0);
+    assert!(c.get(&key).is_some());
+    assert_eq!(c.forget_resolved(Duration::ZERO).await, 1);
     assert!(c.get(&key).is_none());
-    assert!(
-        Holds::load(&js, "orders", "orders", &stop)
-            .await?
-            .get(&key)
-            .is_none()
-    );
+    let reloaded = Holds::load(&js, "orders", "orders", &stop).await?;
+    assert!(reloaded.get(&key).is_none());
+    assert_eq!(reloaded.get(&other), Some(&held));
     Ok(())
 }
