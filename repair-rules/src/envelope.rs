@@ -61,7 +61,11 @@ impl FailureEnvelope {
         if !is_subject_token(&self.service) {
             return Err(format!("service `{}` is not a subject token", self.service));
         }
-        if self.id != self.lineage().to_string() {
+        let names_lineage = self
+            .id
+            .rsplit_once(':')
+            .is_some_and(|(stream, seq)| stream == self.stream && seq == self.seq.to_string());
+        if !names_lineage {
             return Err(format!(
                 "id `{}` is not the lineage `<stream>:<seq>` of stream `{}` and seq {}",
                 self.id, self.stream, self.seq

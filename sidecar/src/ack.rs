@@ -111,30 +111,26 @@ async fn plain(client: &Client, subject: Subject) -> bool {
 /// publishes carry a `Nats-Msg-Id`), a lost ack only costs a redelivery whose publishes are dropped as
 /// duplicates.
 pub async fn unconfirmed(client: &Client, reply: &Reply) {
-    if let Err(error) = client
-        .publish(reply.current().0, Bytes::from(AckKind::Ack))
-        .await
-    {
-        tracing::debug!(%error, "Ack not sent; the message will be redelivered.");
-    }
+    let not_sent = "Ack not sent; the message will be redelivered.";
+    send(client, reply.current().0, AckKind::Ack, not_sent).await;
 }
 
 /// Tells the server the message is still being worked on (resets its ack wait).
 pub async fn progress(client: &Client, reply: &Reply) {
-    if let Err(error) = client
-        .publish(reply.current().0, Bytes::from(AckKind::Progress))
-        .await
-    {
-        tracing::debug!(%error, "In-progress ack not sent.");
-    }
+    let not_sent = "In-progress ack not sent.";
+    send(client, reply.current().0, AckKind::Progress, not_sent).await;
 }
 
 /// Hands the message back for immediate redelivery (shutdown, not started).
 pub async fn hand_back(client: &Client, reply: &Reply) {
-    if let Err(error) = client
-        .publish(reply.current().0, Bytes::from(AckKind::Nak(None)))
-        .await
-    {
-        tracing::debug!(%error, "Nak not sent; the message is redelivered after its ack wait.");
+    let not_sent = "Nak not sent; the message is redelivered after its ack wait.";
+    send(client, reply.current().0, AckKind::Nak(None), not_sent).await;
+}
+
+/// Sends `kind` on a reply subject without waiting for an answer; a failure is only logged, since
+/// the server redelivers an unanswered message anyway.
+async fn send(client: &Client, subject: Subject, kind: AckKind, not_sent: &'static str) {
+    if let Err(error) = client.publish(subject, Bytes::from(kind)).await {
+        tracing::debug!(%error, "{not_sent}");
     }
 }

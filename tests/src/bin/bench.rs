@@ -226,11 +226,7 @@ async fn processor_alone(
     js::publish_all(js, (0..m).map(repairable).collect()).await?;
     let p = MendProcess::start(
         "processor",
-        &processor_config(
-            &nats.url(),
-            &example_rules(),
-            &std::env::var("BENCH_PROCESSOR_EXTRA").unwrap_or_default(),
-        ),
+        &processor_config(&nats.url(), &example_rules(), ""),
     )
     .await?;
     p.ready().await?;
