@@ -1,12 +1,15 @@
 //! One binding's dispatcher: pull from the durable consumer, put each message in its key's lane,
 //! deliver to the app, and finish each message exactly one way: confirmed ack, delegation, drop or
-//! park (SPEC §4, §7).
+//! park (SPEC §4, §7); a message of a held key goes to the key's hold queue instead.
 //!
-//! The dispatcher owns all scheduling state in one task; deliveries run as futures it polls (no task
-//! per message). Every message it holds, queued or in flight, is kept alive with in-progress acks, so
-//! the server never redelivers a message that is merely waiting for its key's turn.
+//! The dispatcher owns all scheduling state in one task; the work of the lanes runs as futures it
+//! polls (no task per message). A lane's work is a message (from the app stream or the retry
+//! subject), a step of a hold's release, a command from the dashboard, or forgetting a resolved hold:
+//! everything that touches a key's hold goes through the key's lane, one at a time. Every message the
+//! dispatcher holds, queued or in flight, is kept alive with in-progress acks, so the server never
+//! redelivers a message that is merely waiting for its key's turn.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -15,9 +18,11 @@ use async_nats::Client;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::consumer::pull::Stream as PullStream;
 use async_nats::jetstream::{self, Message};
+use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use metrics::{Counter, Gauge, Histogram};
+use repair_rules::holds::{self as protocol, HoldState, Origin, Outcome, Route};
 use repair_rules::{ErrorKind, FailureError, HistoryEntry, LineageId, MessageKey};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +34,8 @@ use crate::config::{BindingConfig, KeySource};
 use crate::delegate::{self, Destination};
 use crate::deliver::{Answer, App};
 use crate::headers::{self, DeliveryMeta};
+use crate::holds::{HoldError, Holds};
+use crate::publish::NotStored;
 use crate::telemetry as t;
 
 /// Messages held per unit of concurrency (the consumer's max ack pending is the product): enough that
@@ -52,6 +59,8 @@ pub struct BindingRuntime {
     pub shutdown: CancellationToken,
     pub shutdown_timeout: Duration,
     pub metrics: BindingMetrics,
+    /// The binding's holds (bindings with a key only).
+    pub holds: Option<Holds>,
 }
 
 /// Metric handles of one binding, labelled once.
@@ -70,6 +79,11 @@ pub struct BindingMetrics {
     pub pending: Gauge,
     pub ack_pending: Gauge,
     pub circuit: Gauge,
+    pub held_keys: Gauge,
+    pub held_messages: Gauge,
+    pub hold_oldest_age: Gauge,
+    pub releases: Counter,
+    pub commands: Counter,
 }
 
 impl BindingMetrics {
@@ -98,6 +112,11 @@ impl BindingMetrics {
             pending: metrics::gauge!(t::CONSUMER_PENDING, &l),
             ack_pending: metrics::gauge!(t::CONSUMER_ACK_PENDING, &l),
             circuit: metrics::gauge!(t::CIRCUIT_OPEN, &l),
+            held_keys: metrics::gauge!(t::HELD_KEYS, &l),
+            held_messages: metrics::gauge!(t::HELD_MESSAGES, &l),
+            hold_oldest_age: metrics::gauge!(t::HOLD_OLDEST_AGE, &l),
+            releases: metrics::counter!(t::RELEASES, &l),
+            commands: metrics::counter!(t::CONTROL_COMMANDS, &l),
         }
     }
 }
@@ -109,28 +128,110 @@ impl BindingRuntime {
     }
 }
 
-/// One message from the app stream, with what the sidecar derived from it once.
+/// One message to deliver, with what the sidecar derived from it once.
 pub struct Delivery {
-    pub msg: Message,
+    pub payload: Bytes,
+    pub headers: Option<async_nats::HeaderMap>,
     pub meta: DeliveryMeta,
     /// The lineage's history so far (empty for an original; from `Mend-History` for a retry).
     pub history: Vec<HistoryEntry>,
-    held_id: HeldId,
-    reply: ack::Reply,
+    pub source: Source,
 }
 
-/// Which message the dispatcher holds: a message of the app stream or of the retry stream, by that
-/// stream's sequence (the two sequences are unrelated).
+/// Where a delivery came from, which says how it is settled.
+pub enum Source {
+    /// A consumer's message (app stream or retry subject): settled by an ack on its reply subject.
+    Consumer { id: HeldId, reply: ack::Reply },
+    /// A message of the key's hold queue, delivered by a release: settled by deleting it.
+    Queue { seq: u64 },
+}
+
+/// Which consumer a held message came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Inlet {
+    App,
+    Retry,
+    Control,
+}
+
+/// Which message the dispatcher holds, by its stream's sequence (the streams' sequences are
+/// unrelated).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct HeldId {
-    pub retry: bool,
+    pub inlet: Inlet,
     pub seq: u64,
 }
 
 impl Delivery {
-    /// Whether this is a retry (a repair or resubmission) rather than an original.
+    /// Whether its headers are mend's copy rather than the app's original (a retry, or a message of
+    /// a hold queue): mend's own headers in them are not the message's.
     pub fn is_retry(&self) -> bool {
-        self.held_id.retry
+        !matches!(
+            self.source,
+            Source::Consumer {
+                id: HeldId {
+                    inlet: Inlet::App,
+                    ..
+                },
+                ..
+            }
+        )
+    }
+
+    /// Which side of the hold protocol it comes from.
+    fn origin(&self) -> Origin {
+        if self.is_retry() {
+            Origin::Retry
+        } else {
+            Origin::App
+        }
+    }
+
+    fn held_id(&self) -> Option<HeldId> {
+        match &self.source {
+            Source::Consumer { id, .. } => Some(*id),
+            Source::Queue { .. } => None,
+        }
+    }
+}
+
+/// One unit of a lane's work.
+// Nearly all work is messages: boxing them would cost an allocation each to save space on the rare rest.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Work {
+    Message(Delivery),
+    /// The next step of the key's release (or, while held, delivering its head's retry found in
+    /// the queue).
+    Release,
+    /// A command from the dashboard for the key.
+    Command {
+        command: protocol::Command,
+        id: HeldId,
+        reply: ack::Reply,
+    },
+    /// Forget the key's resolved hold, its duplicate window over.
+    Forget,
+}
+
+impl Work {
+    fn held_id(&self) -> Option<HeldId> {
+        match self {
+            Work::Message(d) => d.held_id(),
+            Work::Command { id, .. } => Some(*id),
+            Work::Release | Work::Forget => None,
+        }
+    }
+
+    /// The reply subject to hand the work back on at shutdown, if it came from a consumer.
+    fn reply(&self) -> Option<&ack::Reply> {
+        match self {
+            Work::Message(Delivery {
+                source: Source::Consumer { reply, .. },
+                ..
+            })
+            | Work::Command { reply, .. } => Some(reply),
+            _ => None,
+        }
     }
 }
 
@@ -151,11 +252,65 @@ struct Quarantine {
     held_back: Vec<(Option<MessageKey>, Delivery)>,
 }
 
-/// A finished delivery: its key may take its next message.
+/// A finished piece of work: its key may take its next; `then` goes to the back of the key's lane.
 struct Done {
-    held_id: HeldId,
+    held_id: Option<HeldId>,
     key: Option<MessageKey>,
+    then: Option<Work>,
+    /// What kind of work finished (a release step or a forget: the key's pending marker ends).
+    was: Chore,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chore {
+    None,
+    Release,
+    Forget,
+}
+
+/// Releases and forgets scheduled per key, so a key's lane has at most one of each.
+#[derive(Default)]
+struct Chores {
+    releasing: HashSet<MessageKey>,
+    forgetting: HashSet<MessageKey>,
+}
+
+impl Chores {
+    /// Queues `work` for `key` unless the same chore is queued already.
+    fn push(&mut self, lanes: &mut crate::lanes::Lanes<Work>, key: MessageKey, work: Work) {
+        let fresh = match &work {
+            Work::Release => self.releasing.insert(key.clone()),
+            Work::Forget => self.forgetting.insert(key.clone()),
+            _ => true,
+        };
+        if fresh {
+            lanes.push(Some(key), work);
+        }
+    }
+
+    /// A piece of work finished: its follow-up, if any, goes to the back of the key's lane.
+    fn done(&mut self, lanes: &mut crate::lanes::Lanes<Work>, done: Done) {
+        let Some(key) = done.key else { return };
+        match (done.was, done.then) {
+            (Chore::Release, Some(Work::Release)) => lanes.push(Some(key), Work::Release),
+            (was, then) => {
+                match was {
+                    Chore::Release => self.releasing.remove(&key),
+                    Chore::Forget => self.forgetting.remove(&key),
+                    Chore::None => false,
+                };
+                if let Some(work) = then {
+                    self.push(lanes, key, work);
+                }
+            }
+        }
+    }
+}
+
+/// How often the hold gauges are set.
+const GAUGES_EVERY: Duration = Duration::from_secs(1);
+/// How often resolved holds are checked for being old enough to forget.
+const FORGET_EVERY: Duration = Duration::from_secs(30);
 
 type Running = FuturesUnordered<Pin<Box<dyn Future<Output = Done> + Send>>>;
 
@@ -164,10 +319,24 @@ type Running = FuturesUnordered<Pin<Box<dyn Future<Output = Done> + Send>>>;
 pub async fn run(
     rt: Arc<BindingRuntime>,
     consumer: PullConsumer,
-    mut retries: Option<mpsc::Receiver<Message>>,
+    mut retries: Option<mpsc::Receiver<crate::retry::Inbound>>,
 ) {
     let max_held = BindingRuntime::max_ack_pending(&rt.cfg);
-    let mut lanes: crate::lanes::Lanes<Delivery> = crate::lanes::Lanes::new(rt.cfg.concurrency);
+    let mut lanes: crate::lanes::Lanes<Work> = crate::lanes::Lanes::new(rt.cfg.concurrency);
+    let mut chores = Chores::default();
+    // Holds left by an earlier run: releases in progress resume; held keys look for their head's
+    // retry in their queue.
+    if let Some(holds) = &rt.holds {
+        for (key, state) in holds.keys() {
+            if state != HoldState::Resolved {
+                chores.push(&mut lanes, key, Work::Release);
+            }
+        }
+    }
+    let mut gauges = tokio::time::interval(GAUGES_EVERY);
+    gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut forget = tokio::time::interval(FORGET_EVERY);
+    forget.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut held: HashMap<HeldId, Held> = HashMap::new();
     let mut running: Running = FuturesUnordered::new();
     let keepalive_every = rt.cfg.ack_wait / 4;
@@ -183,16 +352,23 @@ pub async fn run(
             !stopping && messages.is_some() && held.len() < max_held && !rt.circuit.is_open();
         tokio::select! {
             Some(done) = running.next(), if !running.is_empty() => {
-                held.remove(&done.held_id);
+                if let Some(id) = done.held_id {
+                    held.remove(&id);
+                }
                 lanes.done(done.key.as_ref());
+                chores.done(&mut lanes, done);
             }
             _ = rt.shutdown.cancelled(), if !stopping => {
                 stopping = true;
                 messages = None;
                 release(&mut quarantine, &mut lanes);
-                for d in lanes.drain_queued() {
-                    held.remove(&d.held_id);
-                    ack::hand_back(&rt.client, &d.reply).await;
+                for work in lanes.drain_queued() {
+                    if let Some(id) = work.held_id() {
+                        held.remove(&id);
+                    }
+                    if let Some(reply) = work.reply() {
+                        ack::hand_back(&rt.client, reply).await;
+                    }
                 }
                 tracing::info!(in_flight = running.len(), binding = %rt.cfg.name,
                     "Stopping: pulling stopped, finishing in-flight deliveries.");
@@ -202,7 +378,7 @@ pub async fn run(
             // and the retry consumer's own max ack pending bounds them.
             retry = async { match retries.as_mut() { Some(r) => r.recv().await, None => None } },
                 if !stopping && retries.is_some() => match retry {
-                Some(msg) => crate::retry::admit(&rt, msg, &mut lanes, &mut held),
+                Some(inbound) => crate::retry::admit(&rt, inbound, &mut lanes, &mut held),
                 None => retries = None,
             },
             next = next_message(&mut messages), if pulling => match next {
@@ -222,6 +398,14 @@ pub async fn run(
                     h.touched = Instant::now();
                 }
             }
+            _ = gauges.tick() => hold_metrics(&rt),
+            _ = forget.tick(), if !stopping => {
+                if let Some(holds) = &rt.holds {
+                    for key in holds.expired(crate::nats::DUPLICATE_WINDOW) {
+                        chores.push(&mut lanes, key, Work::Forget);
+                    }
+                }
+            }
             _ = async { if let Some(q) = &quarantine { tokio::time::sleep_until(q.until.into()).await } },
                 if quarantine.is_some() => {
                 release(&mut quarantine, &mut lanes);
@@ -234,8 +418,8 @@ pub async fn run(
                 return;
             }
         }
-        while let Some((key, d)) = lanes.start_next() {
-            running.push(Box::pin(process(rt.clone(), key, d)));
+        while let Some((key, work)) = lanes.start_next() {
+            running.push(Box::pin(process(rt.clone(), key, work)));
         }
         rt.metrics.in_flight.set(running.len() as f64);
         rt.metrics
@@ -272,7 +456,7 @@ async fn quarantine_on_start(rt: &BindingRuntime, consumer: &PullConsumer) -> Op
 }
 
 /// Ends the start-up quarantine: everything held back enters its lane in stream order.
-fn release(quarantine: &mut Option<Quarantine>, lanes: &mut crate::lanes::Lanes<Delivery>) {
+fn release(quarantine: &mut Option<Quarantine>, lanes: &mut crate::lanes::Lanes<Work>) {
     let Some(mut q) = quarantine.take() else {
         return;
     };
@@ -283,7 +467,7 @@ fn release(quarantine: &mut Option<Quarantine>, lanes: &mut crate::lanes::Lanes<
         "Start-up hold-back over."
     );
     for (key, d) in q.held_back {
-        lanes.push(key, d);
+        lanes.push(key, Work::Message(d));
     }
 }
 
@@ -301,7 +485,7 @@ async fn next_message(
 fn admit(
     rt: &BindingRuntime,
     msg: Message,
-    lanes: &mut crate::lanes::Lanes<Delivery>,
+    lanes: &mut crate::lanes::Lanes<Work>,
     held: &mut HashMap<HeldId, Held>,
     quarantine: &mut Option<Quarantine>,
 ) {
@@ -319,7 +503,10 @@ fn admit(
     let Some(subject) = msg.reply.clone() else {
         return;
     };
-    let held_id = HeldId { retry: false, seq };
+    let held_id = HeldId {
+        inlet: Inlet::App,
+        seq,
+    };
     let Some(reply) = hold(rt, held, held_id, subject) else {
         return;
     };
@@ -335,11 +522,11 @@ fn admit(
         resubmitted_by: None,
     };
     let d = Delivery {
-        msg,
+        payload: msg.message.payload,
+        headers: msg.message.headers,
         meta,
         history: Vec::new(),
-        held_id,
-        reply,
+        source: Source::Consumer { id: held_id, reply },
     };
     match quarantine {
         Some(q) => {
@@ -351,7 +538,7 @@ fn admit(
                 release(quarantine, lanes);
             }
         }
-        None => lanes.push(key, d),
+        None => lanes.push(key, Work::Message(d)),
     }
 }
 
@@ -380,23 +567,6 @@ pub(crate) fn hold(
     Some(reply)
 }
 
-/// A message of the retry stream, ready for its key's lane.
-pub(crate) fn retry_delivery(
-    msg: Message,
-    meta: DeliveryMeta,
-    history: Vec<HistoryEntry>,
-    seq: u64,
-    reply: ack::Reply,
-) -> Delivery {
-    Delivery {
-        msg,
-        meta,
-        history,
-        held_id: HeldId { retry: true, seq },
-        reply,
-    }
-}
-
 /// The key of `msg` per the binding's key source; a message without one is delivered unordered.
 pub fn key_of(source: &KeySource, msg: &Message) -> Option<MessageKey> {
     let key = match source {
@@ -420,27 +590,169 @@ pub fn key_of(source: &KeySource, msg: &Message) -> Option<MessageKey> {
     key.map(MessageKey)
 }
 
-/// Delivers one message and finishes it. Returns when the key may take its next message.
-async fn process(rt: Arc<BindingRuntime>, key: Option<MessageKey>, d: Delivery) -> Done {
-    let span = tracing::info_span!(
-        "msg",
-        mend_id = %d.meta.lineage,
-        key = d.meta.key.as_ref().map(|k| k.as_str()),
-        attempt = d.meta.attempt,
-    );
-    let held_id = d.held_id;
-    deliver(&rt, &d).instrument(span).await;
-    Done { held_id, key }
+/// Runs one piece of a lane's work. Returns when the key may take its next.
+async fn process(rt: Arc<BindingRuntime>, key: Option<MessageKey>, work: Work) -> Done {
+    let held_id = work.held_id();
+    let (then, was) = match work {
+        Work::Message(d) => {
+            let span = tracing::info_span!(
+                "msg",
+                mend_id = %d.meta.lineage,
+                key = d.meta.key.as_ref().map(|k| k.as_str()),
+                attempt = d.meta.attempt,
+            );
+            (
+                message(&rt, key.as_ref(), d).instrument(span).await,
+                Chore::None,
+            )
+        }
+        Work::Release => {
+            let then = match (&rt.holds, &key) {
+                (Some(holds), Some(key)) => {
+                    let span = tracing::info_span!("release", key = key.as_str());
+                    crate::release::step(&rt, holds, key).instrument(span).await
+                }
+                _ => None,
+            };
+            (then, Chore::Release)
+        }
+        Work::Command { command, reply, .. } => (
+            crate::release::command(&rt, key.as_ref(), command, &reply).await,
+            Chore::None,
+        ),
+        Work::Forget => {
+            if let (Some(holds), Some(key)) = (&rt.holds, &key) {
+                holds.forget(key, crate::nats::DUPLICATE_WINDOW).await;
+            }
+            (None, Chore::Forget)
+        }
+    };
+    Done {
+        held_id,
+        key,
+        then,
+        was,
+    }
 }
 
-async fn deliver(rt: &BindingRuntime, d: &Delivery) {
+/// How a piece of work on a consumer's message ended, which says how to settle the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settle {
+    /// Done with it: ack.
+    Ack,
+    /// Not done before shutdown (or this instance no longer owns the key): hand it back.
+    HandBack,
+    /// It cannot be finished now: left unacked, redelivered after its ack wait.
+    Leave,
+}
+
+impl From<NotStored> for Settle {
+    fn from(e: NotStored) -> Self {
+        match e {
+            NotStored::Stopped => Settle::HandBack,
+            // An immediate redelivery would fail the same way at once.
+            NotStored::Unpublishable => Settle::Leave,
+        }
+    }
+}
+
+impl Settle {
+    /// What a failed hold operation means for the message being worked on.
+    pub(crate) fn from_hold(rt: &BindingRuntime, error: HoldError) -> Self {
+        match error {
+            HoldError::Stopped => Settle::HandBack,
+            HoldError::Conflict { .. } => {
+                tracing::error!(%error, "Another instance changed this binding's holds; stopping the binding.");
+                rt.shutdown.cancel();
+                Settle::HandBack
+            }
+            HoldError::Unstorable { .. } => {
+                tracing::error!(%error, "Hold not stored; the message stays unacked.");
+                Settle::Leave
+            }
+        }
+    }
+}
+
+/// Acks, hands back or leaves a consumer's message; a queued message is settled by its release.
+pub(crate) async fn settle(rt: &BindingRuntime, d: &Delivery, how: Settle) {
+    if let Source::Consumer { reply, .. } = &d.source {
+        settle_reply(rt, reply, how).await;
+    }
+}
+
+/// Acks, hands back or leaves the consumer's message with this reply subject.
+pub(crate) async fn settle_reply(rt: &BindingRuntime, reply: &ack::Reply, how: Settle) {
+    match how {
+        Settle::Ack => {
+            ack::confirm(&rt.client, reply, &rt.epoch, rt.cfg.ack_wait).await;
+        }
+        Settle::HandBack => {
+            tracing::warn!("Not finished; handing the message back.");
+            ack::hand_back(&rt.client, reply).await;
+        }
+        Settle::Leave => {}
+    }
+}
+
+/// A message from the app stream or the retry subject: delivered, held or settled as its key's hold
+/// says, then acked. Returns the key's follow-up work (a release once its head is through).
+async fn message(rt: &BindingRuntime, key: Option<&MessageKey>, d: Delivery) -> Option<Work> {
+    let (Some(key), Some(holds)) = (key, rt.holds.as_ref()) else {
+        let how = match deliver(rt, &d).await {
+            Ok(Outcome::Done) if d.is_retry() => match crate::release::resolved(rt, &d, None).await
+            {
+                Ok(()) => Settle::Ack,
+                Err(how) => how,
+            },
+            Ok(_) => Settle::Ack,
+            Err(how) => how,
+        };
+        settle(rt, &d, how).await;
+        return None;
+    };
+    let hold = holds.get(key);
+    let lineage = d.meta.lineage.to_string();
+    let origin = d.origin();
+    let (how, then) = match protocol::route(hold.as_ref(), origin, &lineage) {
+        Route::Settle => {
+            tracing::info!(
+                "A copy of a lineage this key has resolved already, or its held head's original: settled."
+            );
+            (Settle::Ack, None)
+        }
+        Route::Hold => (
+            crate::release::hold_back(rt, holds, key, &d, hold.as_ref()).await,
+            None,
+        ),
+        Route::Deliver => match deliver(rt, &d).await {
+            Err(how) => (how, None),
+            Ok(outcome) => {
+                let fresh = holds.fresh(key);
+                let change =
+                    protocol::after_delivery(hold.as_ref(), origin, &lineage, outcome, fresh);
+                match crate::release::commit(rt, holds, key, &d, outcome, change).await {
+                    Ok(releasing) => (Settle::Ack, releasing.then_some(Work::Release)),
+                    Err(how) => (how, None),
+                }
+            }
+        },
+    };
+    settle(rt, &d, how).await;
+    then
+}
+
+/// Delivers a message to the app (retrying transient failures in place) and finishes what its
+/// answer asks for: nothing, an envelope for the processor or the dashboard, or a `dropped`
+/// announcement. It is not settled here.
+pub(crate) async fn deliver(rt: &BindingRuntime, d: &Delivery) -> Result<Outcome, Settle> {
     let mut tries = 0;
     let mut pause = rt.cfg.backoff_initial;
     loop {
         // Built per try (retries are rare): reqwest takes the map, and a clone would cost as much.
-        let headers = headers::app_request(&rt.fixed_headers, &d.meta, d.msg.headers.as_ref());
+        let headers = headers::app_request(&rt.fixed_headers, &d.meta, d.headers.as_ref());
         let started = Instant::now();
-        let answer = rt.app.call(headers, d.msg.payload.clone()).await;
+        let answer = rt.app.call(headers, d.payload.clone()).await;
         rt.metrics.latency.record(started.elapsed().as_secs_f64());
         let (status, retry_after, cause) = match answer {
             Answer::Transient {
@@ -473,20 +785,17 @@ async fn deliver(rt: &BindingRuntime, d: &Delivery) {
         );
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = rt.shutdown.cancelled() => {
-                ack::hand_back(&rt.client, &d.reply).await;
-                return;
-            }
+            _ = rt.shutdown.cancelled() => return Err(Settle::HandBack),
         }
     }
 }
 
 /// Finishes a message the app answered for good.
-async fn finish(rt: &BindingRuntime, d: &Delivery, answer: Answer) {
-    let finished = match answer {
+async fn finish(rt: &BindingRuntime, d: &Delivery, answer: Answer) -> Result<Outcome, Settle> {
+    match answer {
         Answer::Processed => {
             rt.metrics.delivered.increment(1);
-            Ok(())
+            Ok(Outcome::Done)
         }
         Answer::Rejected(error) => {
             if error.kind == ErrorKind::Message {
@@ -497,41 +806,38 @@ async fn finish(rt: &BindingRuntime, d: &Delivery, answer: Answer) {
                 code = error.code.as_deref(),
                 "App rejected the message; delegating."
             );
-            let r = delegate::failure(rt, d, error, Destination::Failed).await;
-            if r.is_ok() {
-                rt.metrics.delegated.increment(1);
-            }
-            r
+            delegate::failure(rt, d, error, Destination::Failed).await?;
+            rt.metrics.delegated.increment(1);
+            Ok(Outcome::Unresolved)
         }
         Answer::Drop => {
             tracing::info!("App asked to drop the message.");
-            let r = delegate::announce(rt, "dropped", d, serde_json::json!({})).await;
-            if r.is_ok() {
-                rt.metrics.dropped.increment(1);
-            }
-            r
+            delegate::announce(rt, "dropped", d, serde_json::json!({})).await?;
+            rt.metrics.dropped.increment(1);
+            Ok(Outcome::Done)
         }
         Answer::Park(error) => {
             tracing::info!("App asked to park the message.");
-            let r = delegate::failure(rt, d, error, Destination::Parked).await;
-            if r.is_ok() {
-                rt.metrics.parked.increment(1);
-            }
-            r
+            delegate::failure(rt, d, error, Destination::Parked).await?;
+            rt.metrics.parked.increment(1);
+            Ok(Outcome::Unresolved)
         }
-        Answer::Transient { .. } => return,
-    };
-    match finished {
-        Ok(()) => {
-            ack::confirm(&rt.client, &d.reply, &rt.epoch, rt.cfg.ack_wait).await;
-        }
-        Err(crate::publish::NotStored::Stopped) => {
-            tracing::warn!("Not finished before shutdown; handing the message back.");
-            ack::hand_back(&rt.client, &d.reply).await;
-        }
-        // Left unacked, not handed back: an immediate redelivery would fail the same way at once.
-        Err(crate::publish::NotStored::Unpublishable) => {}
+        // Handled by the caller's retry loop.
+        Answer::Transient { .. } => Err(Settle::Leave),
     }
+}
+
+/// Sets the hold gauges from the binding's holds.
+fn hold_metrics(rt: &BindingRuntime) {
+    let Some(holds) = &rt.holds else { return };
+    let stats = holds.stats();
+    rt.metrics.held_keys.set(stats.keys as f64);
+    rt.metrics.held_messages.set(stats.messages as f64);
+    let age = stats
+        .oldest
+        .and_then(|since| SystemTime::now().duration_since(since).ok())
+        .unwrap_or_default();
+    rt.metrics.hold_oldest_age.set(age.as_secs_f64());
 }
 
 /// Keeps the consumer metrics current: lag and unacked messages, from the server's view.

@@ -55,12 +55,12 @@ pub async fn failure(
     )
     .await?
     {
-        Published::Stored => {}
+        Published::Stored { .. } => {}
         Published::TooLarge => {
             // The payload does not fit in an envelope under the server's max_payload. The envelope
             // still goes out, pointing at the original in the app stream.
             tracing::warn!(
-                size = d.msg.payload.len(),
+                size = d.payload.len(),
                 "Payload too large for the failure envelope; delegating a reference to it."
             );
             envelope.payload = Value::Null;
@@ -68,7 +68,7 @@ pub async fn failure(
             envelope.payload_ref = Some(repair_rules::envelope::PayloadRef {
                 stream: d.meta.lineage.stream.clone(),
                 seq: d.meta.lineage.seq,
-                size: d.msg.payload.len(),
+                size: d.payload.len(),
             });
             if let Published::TooLarge = publish::durably(
                 &rt.js,
@@ -130,16 +130,16 @@ fn envelope(
     reason: Option<String>,
 ) -> FailureEnvelope {
     let at = publish::now();
-    let (payload, payload_base64) = match serde_json::from_slice::<Value>(&d.msg.payload) {
+    let (payload, payload_base64) = match serde_json::from_slice::<Value>(&d.payload) {
         Ok(v) => (v, None),
         Err(_) => (
             Value::Null,
-            Some(base64::engine::general_purpose::STANDARD.encode(&d.msg.payload)),
+            Some(base64::engine::general_purpose::STANDARD.encode(&d.payload)),
         ),
     };
     // The message's own headers; a retry also carries mend's, which the envelope has as fields.
     let mut headers = BTreeMap::new();
-    if let Some(map) = &d.msg.headers {
+    if let Some(map) = &d.headers {
         for (name, values) in map.iter() {
             let lower = name.to_string().to_ascii_lowercase();
             if d.is_retry() && (lower.starts_with("mend-") || lower.starts_with("nats-")) {
@@ -197,7 +197,7 @@ fn envelope_headers(d: &Delivery) -> async_nats::HeaderMap {
         headers.insert(h::MEND_KEY, h::encode_value(key.as_str()).as_ref());
     }
     for name in [h::TRACEPARENT, h::TRACESTATE] {
-        if let Some(v) = d.msg.headers.as_ref().and_then(|m| m.get(name)) {
+        if let Some(v) = d.headers.as_ref().and_then(|m| m.get(name)) {
             headers.insert(name, v.as_str());
         }
     }

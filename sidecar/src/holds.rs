@@ -1,13 +1,18 @@
 //! The holds of one binding (SPEC §2, §7): entries in the KV bucket `mend_holds` and hold queues on
 //! MEND_HOLD. What to do is decided by `repair_rules::holds`; this module does it.
 //!
-//! One dispatcher owns a binding's holds (a binding has a single owner), so the entries are cached in
-//! memory after one load at start, and every write is a compare-and-set on the revision last seen. A
-//! write that finds another revision means another instance wrote: it is reported as a conflict,
-//! never overwritten. Writes are retried, across reconnects and server restarts, until they are stored
-//! or the sidecar stops; a retried write whose first attempt was stored is recognised as done.
+//! One sidecar owns a binding's holds (its lease), so the entries are cached in memory after one load
+//! at start, and every write is a compare-and-set on the revision last seen. A write that finds another
+//! revision means another instance wrote: it is reported as a conflict, never overwritten. Writes are
+//! retried, across reconnects and server restarts, until they are stored or the sidecar stops; a
+//! retried write whose first attempt was stored is recognised as done.
+//!
+//! The dispatcher runs the work of one key at a time (its lane), so two operations on one key never
+//! overlap; operations on different keys do. The cache sits behind a lock that is never held across
+//! I/O.
 
 use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use async_nats::HeaderMap;
@@ -19,7 +24,7 @@ use async_nats::jetstream::stream::{DeleteMessageErrorKind, DirectGetErrorKind, 
 use bytes::Bytes;
 use futures::TryStreamExt;
 use repair_rules::MessageKey;
-use repair_rules::holds::{Change, Hold};
+use repair_rules::holds::{Change, Hold, HoldState};
 use repair_rules::identity::subjects;
 use tokio_util::sync::CancellationToken;
 
@@ -47,6 +52,14 @@ struct Cached {
     written: SystemTime,
 }
 
+/// What is cached of a binding's holds.
+#[derive(Default)]
+struct State {
+    entries: HashMap<MessageKey, Cached>,
+    /// Messages in each key's hold queue (loaded at start, then counted).
+    queued: HashMap<MessageKey, u64>,
+}
+
 /// The holds of one binding.
 pub struct Holds {
     service: String,
@@ -55,7 +68,18 @@ pub struct Holds {
     kv: kv::Store,
     queues: Stream,
     shutdown: CancellationToken,
-    entries: HashMap<MessageKey, Cached>,
+    state: Mutex<State>,
+}
+
+/// Figures for the metrics of a binding's holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Stats {
+    /// Keys held or releasing.
+    pub keys: u64,
+    /// Messages waiting in hold queues.
+    pub messages: u64,
+    /// When the oldest hold began.
+    pub oldest: Option<SystemTime>,
 }
 
 impl Holds {
@@ -98,6 +122,21 @@ impl Holds {
                 },
             );
         }
+        // How many messages each key's queue holds, from the stream's per-subject counts.
+        let mut queued = HashMap::new();
+        let prefix = subjects::hold(service, "");
+        let mut counts = queues.info_with_subjects(format!("{prefix}>")).await?;
+        while let Some((subject, count)) = counts.try_next().await? {
+            let Some(key) = subject
+                .strip_prefix(prefix.as_str())
+                .and_then(MessageKey::from_token)
+            else {
+                continue;
+            };
+            if entries.contains_key(&key) {
+                queued.insert(key, count as u64);
+            }
+        }
         Ok(Self {
             service: service.to_owned(),
             binding: binding.to_owned(),
@@ -105,18 +144,51 @@ impl Holds {
             kv,
             queues,
             shutdown: shutdown.clone(),
-            entries,
+            state: Mutex::new(State { entries, queued }),
         })
     }
 
-    /// The entry of `key`, if it has one.
-    pub fn get(&self, key: &MessageKey) -> Option<&Hold> {
-        self.entries.get(key).map(|c| &c.hold)
+    fn state(&self) -> MutexGuard<'_, State> {
+        match self.state.lock() {
+            Ok(state) => state,
+            Err(poisoned) => poisoned.into_inner(),
+        }
     }
 
-    /// Every entry, with its key.
-    pub fn iter(&self) -> impl Iterator<Item = (&MessageKey, &Hold)> {
-        self.entries.iter().map(|(k, c)| (k, &c.hold))
+    /// The entry of `key`, if it has one.
+    pub fn get(&self, key: &MessageKey) -> Option<Hold> {
+        self.state().entries.get(key).map(|c| c.hold.clone())
+    }
+
+    /// Every key with an entry, and its state.
+    pub fn keys(&self) -> Vec<(MessageKey, HoldState)> {
+        self.state()
+            .entries
+            .iter()
+            .map(|(k, c)| (k.clone(), c.hold.state))
+            .collect()
+    }
+
+    /// Messages in the hold queue of `key`, as far as this instance counted.
+    pub fn queued(&self, key: &MessageKey) -> u64 {
+        self.state().queued.get(key).copied().unwrap_or(0)
+    }
+
+    /// The figures for the metrics.
+    pub fn stats(&self) -> Stats {
+        let state = self.state();
+        let held = state.entries.values().filter(|c| c.hold.is_held());
+        let mut stats = Stats::default();
+        for c in held {
+            stats.keys += 1;
+            let since = humantime::parse_rfc3339_weak(&c.hold.since).ok();
+            stats.oldest = match (stats.oldest, since) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        stats.messages = state.queued.values().sum();
+        stats
     }
 
     /// A fresh entry for `key` (its head and state are set by the decision that creates it).
@@ -133,11 +205,14 @@ impl Holds {
     }
 
     /// Stores `change` to the entry of `key`.
-    pub async fn apply(&mut self, key: &MessageKey, change: Change) -> Result<(), HoldError> {
+    pub async fn apply(&self, key: &MessageKey, change: Change) -> Result<(), HoldError> {
         let (hold, expected) = match change {
             Change::Keep => return Ok(()),
             Change::Create(hold) => (hold, None),
-            Change::Update(hold) => (hold, self.entries.get(key).map(|c| c.revision)),
+            Change::Update(hold) => {
+                let revision = self.state().entries.get(key).map(|c| c.revision);
+                (hold, revision)
+            }
         };
         let name = subjects::hold_entry(&self.service, &key.token());
         let value = Bytes::from(
@@ -168,7 +243,7 @@ impl Holds {
             match written {
                 Ok(revision) => {
                     let written = SystemTime::now();
-                    self.entries.insert(
+                    self.state().entries.insert(
                         key.clone(),
                         Cached {
                             hold,
@@ -183,7 +258,7 @@ impl Holds {
                     // another instance wrote.
                     match self.kv.entry(name.as_str()).await {
                         Ok(Some(entry)) if entry.value == value => {
-                            self.entries.insert(
+                            self.state().entries.insert(
                                 key.clone(),
                                 Cached {
                                     hold,
@@ -209,32 +284,43 @@ impl Holds {
         }
     }
 
-    /// Forgets the resolved entries written more than `older_than` ago (JetStream's duplicate window:
-    /// after it no stale copy of their lineages can slip through de-duplication). An entry changed
-    /// meanwhile by another instance is left alone. Returns how many were forgotten.
-    pub async fn forget_resolved(&mut self, older_than: Duration) -> usize {
+    /// The keys whose entries are resolved and were written more than `older_than` ago (JetStream's
+    /// duplicate window: after it no stale copy of their lineages can slip through de-duplication).
+    pub fn expired(&self, older_than: Duration) -> Vec<MessageKey> {
         let now = SystemTime::now();
-        let expired: Vec<(MessageKey, u64)> = self
+        self.state()
             .entries
             .iter()
-            .filter(|(_, c)| !c.hold.is_held())
-            .filter(|(_, c)| c.written + older_than <= now)
-            .map(|(k, c)| (k.clone(), c.revision))
-            .collect();
-        let mut forgotten = 0;
-        for (key, revision) in expired {
-            let name = subjects::hold_entry(&self.service, &key.token());
-            match self.kv.purge_expect_revision(&name, Some(revision)).await {
-                Ok(()) => {
-                    self.entries.remove(&key);
-                    forgotten += 1;
+            .filter(|(_, c)| !c.hold.is_held() && c.written + older_than <= now)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Forgets the entry of `key` if it is resolved and was written more than `older_than` ago. An
+    /// entry changed meanwhile by another instance is left alone. Returns whether it was forgotten.
+    pub async fn forget(&self, key: &MessageKey, older_than: Duration) -> bool {
+        let revision = {
+            let state = self.state();
+            match state.entries.get(key) {
+                Some(c) if !c.hold.is_held() && c.written + older_than <= SystemTime::now() => {
+                    c.revision
                 }
-                Err(error) => {
-                    tracing::debug!(%error, entry = name, "Resolved hold not forgotten; later.");
-                }
+                _ => return false,
+            }
+        };
+        let name = subjects::hold_entry(&self.service, &key.token());
+        match self.kv.purge_expect_revision(&name, Some(revision)).await {
+            Ok(()) => {
+                let mut state = self.state();
+                state.entries.remove(key);
+                state.queued.remove(key);
+                true
+            }
+            Err(error) => {
+                tracing::debug!(%error, entry = name, "Resolved hold not forgotten; later.");
+                false
             }
         }
-        forgotten
     }
 
     /// Appends a message to the hold queue of `key`, de-duplicated by `msg_id`.
@@ -248,21 +334,43 @@ impl Holds {
         let subject = subjects::hold(&self.service, &key.token());
         match publish::durably(&self.js, &self.shutdown, &subject, msg_id, headers, payload).await?
         {
-            Published::Stored => Ok(()),
+            Published::Stored { duplicate } => {
+                if !duplicate {
+                    *self.state().queued.entry(key.clone()).or_default() += 1;
+                }
+                Ok(())
+            }
             Published::TooLarge => Err(NotStored::Unpublishable),
         }
     }
 
     /// The first message left in the hold queue of `key`.
     pub async fn first(&self, key: &MessageKey) -> Result<Option<StreamMessage>, HoldError> {
+        self.next(key, None).await
+    }
+
+    /// The first message of the hold queue of `key` at or after stream sequence `from`.
+    pub async fn next(
+        &self,
+        key: &MessageKey,
+        from: Option<u64>,
+    ) -> Result<Option<StreamMessage>, HoldError> {
         let subject = subjects::hold(&self.service, &key.token());
         let mut pause = publish::RETRY_MIN;
         loop {
-            match self
-                .queues
-                .direct_get_first_for_subject(subject.as_str())
-                .await
-            {
+            let found = match from {
+                None => {
+                    self.queues
+                        .direct_get_first_for_subject(subject.as_str())
+                        .await
+                }
+                Some(seq) => {
+                    self.queues
+                        .direct_get_next_for_subject(subject.as_str(), Some(seq))
+                        .await
+                }
+            };
+            match found {
                 Ok(msg) => return Ok(Some(msg)),
                 Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(None),
                 Err(error) => {
@@ -273,12 +381,17 @@ impl Holds {
         }
     }
 
-    /// Removes a delivered message from its hold queue (already gone counts as removed).
-    pub async fn remove(&self, seq: u64) -> Result<(), HoldError> {
+    /// Removes a delivered message from the hold queue of `key` (already gone counts as removed).
+    pub async fn remove(&self, key: &MessageKey, seq: u64) -> Result<(), HoldError> {
         let mut pause = publish::RETRY_MIN;
         loop {
             match self.queues.delete_message(seq).await {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    if let Some(n) = self.state().queued.get_mut(key) {
+                        *n = n.saturating_sub(1);
+                    }
+                    return Ok(());
+                }
                 Err(error) if already_gone(&error.kind()) => return Ok(()),
                 Err(error) => tracing::warn!(%error, seq, "Held message not removed; retrying."),
             }
@@ -292,7 +405,10 @@ impl Holds {
         let mut pause = publish::RETRY_MIN;
         loop {
             match self.queues.purge().filter(subject.as_str()).await {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    self.state().queued.remove(key);
+                    return Ok(());
+                }
                 Err(error) => tracing::warn!(%error, subject, "Hold queue not purged; retrying."),
             }
             self.pause(&mut pause).await?;

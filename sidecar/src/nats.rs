@@ -1,4 +1,4 @@
-//! Connecting to NATS and creating mend's streams and bucket (SPEC §2), shared by every role.
+//! Connecting to NATS and creating mend's streams and buckets (SPEC §2), shared by every role.
 
 use std::time::Duration;
 
@@ -176,7 +176,7 @@ pub fn version_at_least(version: &str, min: (u64, u64)) -> bool {
     (major, minor) >= min
 }
 
-/// Creates mend's streams and bucket if they are missing; leaves existing ones as they are.
+/// Creates mend's streams and buckets (holds, leases) if missing; leaves existing ones alone.
 pub async fn ensure_layout(js: &jetstream::Context, cfg: &NatsConfig) -> Result<(), ConnectError> {
     use stream::RetentionPolicy::{Limits, WorkQueue};
     let streams = [
@@ -210,19 +210,21 @@ pub async fn ensure_layout(js: &jetstream::Context, cfg: &NatsConfig) -> Result<
                 message: e.to_string(),
             })?;
     }
-    if js.get_key_value(HOLDS_BUCKET).await.is_err() {
-        js.create_key_value(jetstream::kv::Config {
-            bucket: HOLDS_BUCKET.to_owned(),
-            history: 1,
-            storage: stream::StorageType::File,
-            num_replicas: cfg.replicas,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| ConnectError::Layout {
-            what: format!("key-value bucket {HOLDS_BUCKET}"),
-            message: e.to_string(),
-        })?;
+    for bucket in [HOLDS_BUCKET, crate::lease::LEASES_BUCKET] {
+        if js.get_key_value(bucket).await.is_err() {
+            js.create_key_value(jetstream::kv::Config {
+                bucket: bucket.to_owned(),
+                history: 1,
+                storage: stream::StorageType::File,
+                num_replicas: cfg.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| ConnectError::Layout {
+                what: format!("key-value bucket {bucket}"),
+                message: e.to_string(),
+            })?;
+        }
     }
     Ok(())
 }

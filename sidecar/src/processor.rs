@@ -327,7 +327,7 @@ async fn retry(
     )
     .await?
     {
-        Published::Stored => {}
+        Published::Stored { .. } => {}
         Published::TooLarge => {
             // A repair that grew past max_payload cannot be sent back: a person decides.
             return park(
@@ -394,7 +394,7 @@ async fn park(
     )
     .await?
     {
-        Published::Stored => {}
+        Published::Stored { .. } => {}
         Published::TooLarge => return Err(NotStored::Unpublishable),
     }
     announce(

@@ -47,7 +47,8 @@ pub enum NotStored {
 
 /// The outcome of one durable publish.
 pub enum Published {
-    Stored,
+    /// Stored; `duplicate` when JetStream had it already (the same `Nats-Msg-Id` in its window).
+    Stored { duplicate: bool },
     /// Over the server's max_payload: the caller may try a smaller form.
     TooLarge,
 }
@@ -73,7 +74,11 @@ pub async fn durably(
             Err(e) => Err(e),
         };
         match result {
-            Ok(_) => return Ok(Published::Stored),
+            Ok(ack) => {
+                return Ok(Published::Stored {
+                    duplicate: ack.duplicate,
+                });
+            }
             Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
                 return Ok(Published::TooLarge);
             }
@@ -127,7 +132,7 @@ pub async fn announce(
     headers.insert(h::MEND_ID, lineage.as_str());
     let subject = subjects::event(event.service, event.kind);
     match durably(js, shutdown, &subject, &id, headers, to_bytes(&body)).await? {
-        Published::Stored => Ok(()),
+        Published::Stored { .. } => Ok(()),
         Published::TooLarge => {
             tracing::warn!(kind = event.kind, "Event too large to announce; skipped.");
             Ok(())

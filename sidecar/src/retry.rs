@@ -4,6 +4,10 @@
 //! `Mend-Attempt`, `Mend-Original-Subject`, `Mend-Key`, `Mend-Repaired-By`, `Mend-Resubmitted-By`,
 //! `Mend-History`. A retry that cannot be routed (no valid `Mend-Id`, or a stream no binding
 //! consumes) is parked for a person, never dropped.
+//!
+//! Commands from the dashboard arrive on `mend.control.<service>` (stream MEND_CONTROL) as JSON
+//! `{"action": "discard" | "release", "key": …, "id": <lineage>, "binding": …}` and go the same way,
+//! into the lane of their key. A command that is not one is refused (terminated, logged, counted).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ack;
 use crate::config::BindingConfig;
-use crate::consume::{self, BindingRuntime, Delivery, Held, HeldId};
+use crate::consume::{self, BindingRuntime, Delivery, Held, HeldId, Inlet, Source, Work};
 use crate::headers::DeliveryMeta;
 use crate::lanes::Lanes;
 use crate::processor::MEND_HISTORY;
@@ -34,6 +38,171 @@ use crate::publish::{self, Published, to_bytes};
 /// The durable consumer of a service's retries.
 pub fn consumer_name(service: &str) -> String {
     format!("mend-{service}-retry")
+}
+
+/// The durable consumer of a service's commands from the dashboard.
+pub fn control_consumer_name(service: &str) -> String {
+    format!("mend-{service}-control")
+}
+
+/// What the router hands a binding's dispatcher.
+pub enum Inbound {
+    Retry(Message),
+    Control {
+        msg: Message,
+        key: Option<MessageKey>,
+        command: repair_rules::holds::Command,
+    },
+}
+
+/// A command on `mend.control.<service>`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ControlMessage {
+    action: ControlAction,
+    key: String,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    binding: Option<String>,
+    /// Who asked (the dashboard's user), for the logs.
+    #[serde(default)]
+    by: Option<String>,
+    #[serde(default)]
+    note: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ControlAction {
+    Discard,
+    Release,
+}
+
+/// Creates or updates the service's control consumer.
+pub async fn bind_control(
+    js: &jetstream::Context,
+    service: &str,
+    ack_wait: Duration,
+) -> anyhow::Result<PullConsumer> {
+    let stream = js
+        .get_stream("MEND_CONTROL")
+        .await
+        .context("stream MEND_CONTROL")?;
+    stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(control_consumer_name(service)),
+            description: Some(format!(
+                "mend sidecar of {service}: discard and release commands"
+            )),
+            filter_subject: subjects::control(service),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait,
+            max_ack_pending: 256,
+            ..Default::default()
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "cannot create consumer {} on MEND_CONTROL",
+                control_consumer_name(service)
+            )
+        })
+}
+
+/// Pulls commands and hands each to the dispatcher of its binding until shutdown.
+pub async fn route_control(
+    router: Arc<Router>,
+    consumer: PullConsumer,
+    to: Vec<mpsc::Sender<Inbound>>,
+) {
+    loop {
+        let Some(mut messages) = crate::nats::pull(&consumer, 64, &router.shutdown).await else {
+            return;
+        };
+        loop {
+            let next = tokio::select! {
+                next = messages.next() => next,
+                _ = router.shutdown.cancelled() => return,
+            };
+            match next {
+                Some(Ok(msg)) => match parse_control(&router.bindings, &msg) {
+                    Ok((i, key, command)) => {
+                        let inbound = Inbound::Control { msg, key, command };
+                        if to[i].send(inbound).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(reason) => refuse_control(&router, msg, &reason).await,
+                },
+                Some(Err(error)) => tracing::warn!(%error, "Pull of commands failed; continuing."),
+                None => break,
+            }
+        }
+    }
+}
+
+/// The binding, key and command of a control message.
+fn parse_control(
+    bindings: &[BindingConfig],
+    msg: &Message,
+) -> Result<(usize, Option<MessageKey>, repair_rules::holds::Command), String> {
+    let cm: ControlMessage =
+        serde_json::from_slice(&msg.payload).map_err(|e| format!("not a command ({e})"))?;
+    let lineage = match &cm.id {
+        Some(id) => Some(
+            id.parse::<LineageId>()
+                .map_err(|e| format!("`id` is not a message id: {e}"))?,
+        ),
+        None => None,
+    };
+    let keyed = || bindings.iter().enumerate().filter(|(_, b)| b.key.is_some());
+    let i = match (&cm.binding, &lineage) {
+        (Some(name), _) => bindings
+            .iter()
+            .position(|b| &b.name == name)
+            .ok_or_else(|| format!("no binding `{name}` in this sidecar"))?,
+        (None, Some(l)) => keyed()
+            .find(|(_, b)| b.stream == l.stream)
+            .map(|(i, _)| i)
+            .ok_or_else(|| format!("no binding with a key reads stream {}", l.stream))?,
+        (None, None) => {
+            let mut candidates = keyed();
+            match (candidates.next(), candidates.next()) {
+                (Some((i, _)), None) => i,
+                _ => return Err("neither `binding` nor `id` says which binding".into()),
+            }
+        }
+    };
+    let command = match (cm.action, lineage) {
+        (ControlAction::Discard, Some(l)) => repair_rules::holds::Command::Discard {
+            lineage: l.to_string(),
+        },
+        (ControlAction::Discard, None) => return Err("a discard needs the message's `id`".into()),
+        (ControlAction::Release, _) => repair_rules::holds::Command::Release,
+    };
+    if cm.key.is_empty() {
+        return Err("`key` is empty".into());
+    }
+    tracing::info!(
+        action = ?cm.action,
+        key = cm.key,
+        id = cm.id,
+        by = cm.by,
+        note = cm.note,
+        "Command from the dashboard."
+    );
+    Ok((i, Some(MessageKey(cm.key)), command))
+}
+
+/// Terminates a malformed command: redelivering it would not make it one.
+async fn refuse_control(router: &Router, msg: Message, reason: &str) {
+    metrics::counter!(crate::telemetry::CONTROL_REFUSED, "service" => router.service.clone())
+        .increment(1);
+    tracing::error!(reason, payload = %String::from_utf8_lossy(&msg.payload), "Command refused.");
+    if let Err(error) = msg.ack_with(jetstream::AckKind::Term).await {
+        tracing::warn!(%error, "Refused command not terminated; it comes back.");
+    }
 }
 
 /// Creates or updates the service's retry consumer. Its ack wait is the longest of the bindings':
@@ -83,7 +252,7 @@ pub struct Router {
 
 /// Pulls retries and hands each to its binding's dispatcher (`to[i]` for `bindings[i]`) until
 /// shutdown.
-pub async fn route(router: Arc<Router>, consumer: PullConsumer, to: Vec<mpsc::Sender<Message>>) {
+pub async fn route(router: Arc<Router>, consumer: PullConsumer, to: Vec<mpsc::Sender<Inbound>>) {
     loop {
         let Some(mut messages) = crate::nats::pull(&consumer, 64, &router.shutdown).await else {
             return;
@@ -96,7 +265,7 @@ pub async fn route(router: Arc<Router>, consumer: PullConsumer, to: Vec<mpsc::Se
             match next {
                 Some(Ok(msg)) => match binding_of(&router.bindings, &msg) {
                     Some(i) => {
-                        if to[i].send(msg).await.is_err() {
+                        if to[i].send(Inbound::Retry(msg)).await.is_err() {
                             return;
                         }
                     }
@@ -127,44 +296,73 @@ fn binding_of(bindings: &[BindingConfig], msg: &Message) -> Option<usize> {
         .map(|(i, _)| i)
 }
 
-/// Takes a routed retry into its key's lane (the dispatcher calls this).
+/// Takes a routed retry or command into its key's lane (the dispatcher calls this).
 pub(crate) fn admit(
     rt: &BindingRuntime,
-    msg: Message,
-    lanes: &mut Lanes<Delivery>,
+    inbound: Inbound,
+    lanes: &mut Lanes<Work>,
     held: &mut HashMap<HeldId, Held>,
 ) {
+    let (msg, inlet) = match &inbound {
+        Inbound::Retry(msg) => (msg, Inlet::Retry),
+        Inbound::Control { msg, .. } => (msg, Inlet::Control),
+    };
     let Ok(info) = msg.info() else {
         tracing::error!(subject = %msg.subject, "Not a JetStream message; ignored.");
         return;
     };
-    let seq = info.stream_sequence;
+    let id = HeldId {
+        inlet,
+        seq: info.stream_sequence,
+    };
     let Some(subject) = msg.reply.clone() else {
         return;
     };
-    let Some(reply) = consume::hold(rt, held, HeldId { retry: true, seq }, subject) else {
+    let Some(reply) = consume::hold(rt, held, id, subject) else {
         return;
     };
-    let (meta, history) = meta_of(rt, &msg);
-    let key = meta.key.clone();
-    lanes.push(key, consume::retry_delivery(msg, meta, history, seq, reply));
+    match inbound {
+        Inbound::Retry(msg) => {
+            let fallback = LineageId::new(rt.cfg.stream.clone(), 0);
+            let (meta, history) =
+                meta_from(rt, msg.headers.as_ref(), msg.subject.as_str(), 2, fallback);
+            let key = meta.key.clone();
+            let d = Delivery {
+                payload: msg.message.payload,
+                headers: msg.message.headers,
+                meta,
+                history,
+                source: Source::Consumer { id, reply },
+            };
+            lanes.push(key, Work::Message(d));
+        }
+        Inbound::Control { key, command, .. } => {
+            lanes.push(key, Work::Command { command, id, reply });
+        }
+    }
 }
 
-/// The delivery metadata and history of a routed retry (its `Mend-Id` was checked by routing).
-fn meta_of(rt: &BindingRuntime, msg: &Message) -> (DeliveryMeta, Vec<HistoryEntry>) {
+/// The delivery metadata and history of a message that carries its lineage in mend's headers (a
+/// routed retry, or a message of a hold queue); `min_attempt` is 2 for retries, 1 for held messages.
+pub(crate) fn meta_from(
+    rt: &BindingRuntime,
+    headers: Option<&async_nats::HeaderMap>,
+    subject: &str,
+    min_attempt: u32,
+    fallback: LineageId,
+) -> (DeliveryMeta, Vec<HistoryEntry>) {
     let header = |name: &str| {
-        msg.headers
-            .as_ref()
+        headers
             .and_then(|m| m.get(name))
             .map(|v| v.as_str().to_owned())
     };
     let lineage = header(h::MEND_ID)
         .and_then(|id| id.parse().ok())
-        .unwrap_or_else(|| LineageId::new(rt.cfg.stream.clone(), 0));
+        .unwrap_or(fallback);
     let attempt = header(h::MEND_ATTEMPT)
         .and_then(|a| a.parse::<u32>().ok())
-        .unwrap_or(2)
-        .max(2);
+        .unwrap_or(min_attempt)
+        .max(min_attempt);
     let history = match header(MEND_HISTORY).map(|h| serde_json::from_str::<Vec<HistoryEntry>>(&h))
     {
         Some(Ok(history)) => history,
@@ -179,7 +377,7 @@ fn meta_of(rt: &BindingRuntime, msg: &Message) -> (DeliveryMeta, Vec<HistoryEntr
         lineage,
         key: header(h::MEND_KEY).map(|k| MessageKey(h::decode_value(&k))),
         attempt,
-        subject: header(h::MEND_ORIGINAL_SUBJECT).unwrap_or_else(|| msg.subject.to_string()),
+        subject: header(h::MEND_ORIGINAL_SUBJECT).unwrap_or_else(|| subject.to_owned()),
         published: SystemTime::now(),
         repaired_by: header(h::MEND_REPAIRED_BY),
         resubmitted_by: header(h::MEND_RESUBMITTED_BY),
@@ -273,7 +471,7 @@ async fn park_unroutable(router: &Router, msg: Message) {
     )
     .await
     {
-        Ok(Published::Stored) => {
+        Ok(Published::Stored { .. }) => {
             ack::confirm(&router.client, &reply, &router.epoch, router.ack_wait).await;
         }
         Ok(Published::TooLarge) | Err(_) => ack::hand_back(&router.client, &reply).await,

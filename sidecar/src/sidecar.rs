@@ -75,24 +75,38 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
         .map(|b| tokio::sync::mpsc::channel(b.concurrency * 4))
         .map(|(tx, rx)| (tx, Some(rx)))
         .unzip();
-    tokio::spawn(crate::retry::route(
-        Arc::new(crate::retry::Router {
-            service: config.service.clone(),
-            bindings: config.bindings.clone(),
-            client: client.clone(),
-            js: js.clone(),
-            epoch: epoch.clone(),
-            shutdown: shutdown.clone(),
-            ack_wait: retry_ack_wait,
-        }),
-        retry_consumer,
-        retry_tx,
+    let control_consumer = crate::retry::bind_control(&js, &config.service, retry_ack_wait)
+        .await
+        .map_err(RunError::Startup)?;
+    let router = Arc::new(crate::retry::Router {
+        service: config.service.clone(),
+        bindings: config.bindings.clone(),
+        client: client.clone(),
+        js: js.clone(),
+        epoch: epoch.clone(),
+        shutdown: shutdown.clone(),
+        ack_wait: retry_ack_wait,
+    });
+    tokio::spawn(crate::retry::route_control(
+        router.clone(),
+        control_consumer,
+        retry_tx.clone(),
     ));
+    tokio::spawn(crate::retry::route(router, retry_consumer, retry_tx));
 
     let mut dispatchers = tokio::task::JoinSet::new();
     for (i, (binding, consumer)) in config.bindings.iter().zip(consumers).enumerate() {
         let metrics = BindingMetrics::new(&config.service, &binding.name);
         let circuit = Circuit::new(metrics.circuit.clone());
+        let holds = match binding.key {
+            Some(_) => Some(
+                crate::holds::Holds::load(&js, &config.service, &binding.name, &shutdown)
+                    .await
+                    .with_context(|| format!("binding {}: cannot load its holds", binding.name))
+                    .map_err(RunError::Startup)?,
+            ),
+            None => None,
+        };
         let rt = Arc::new(BindingRuntime {
             service: config.service.clone(),
             cfg: binding.clone(),
@@ -107,6 +121,7 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
             shutdown: shutdown.clone(),
             shutdown_timeout: config.shutdown_timeout,
             metrics,
+            holds,
         });
         tokio::spawn(consume::watch_consumer(rt.clone(), consumer.clone()));
         let name = binding.name.clone();

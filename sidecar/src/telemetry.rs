@@ -34,6 +34,19 @@ pub const REDELIVERED_WHILE_BUFFERED: &str = "mend_redelivered_while_buffered_to
 /// Confirmed acks that could not be confirmed (the message will be redelivered).
 pub const ACK_UNCONFIRMED: &str = "mend_ack_unconfirmed_total";
 
+/// Keys held (or releasing) behind an unresolved head.
+pub const HELD_KEYS: &str = "mend_held_keys";
+/// Messages waiting in hold queues.
+pub const HELD_MESSAGES: &str = "mend_held_messages";
+/// Seconds since the oldest current hold began (0 without holds).
+pub const HOLD_OLDEST_AGE: &str = "mend_hold_oldest_age_seconds";
+/// Releases of a hold completed (its queue delivered).
+pub const RELEASES: &str = "mend_releases_total";
+/// Commands from the dashboard (`mend.control.<service>`) applied.
+pub const CONTROL_COMMANDS: &str = "mend_control_commands_total";
+/// Commands on `mend.control.<service>` refused as malformed.
+pub const CONTROL_REFUSED: &str = "mend_control_refused_total";
+
 /// Processor: failures a rule matched, by `rule`.
 pub const RULE_MATCHED: &str = "mend_rule_matched_total";
 /// Processor: failures repaired and sent back, by `rule`.

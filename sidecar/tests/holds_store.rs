@@ -22,7 +22,7 @@ async fn entries_persist_conflicts_are_refused_and_queues_keep_order() -> anyhow
     let stop = CancellationToken::new();
     let key = MessageKey("acct 7/ü".into());
 
-    let mut a = Holds::load(&js, "orders", "orders", &stop).await?;
+    let a = Holds::load(&js, "orders", "orders", &stop).await?;
     assert!(a.get(&key).is_none());
     let mut hold = a.fresh(&key);
     hold.head = "APP:1".into();
@@ -42,8 +42,8 @@ async fn entries_persist_conflicts_are_refused_and_queues_keep_order() -> anyhow
     );
 
     // A second instance loads it; its write makes the first one's stale.
-    let mut b = Holds::load(&js, "orders", "orders", &stop).await?;
-    assert_eq!(b.get(&key), Some(&hold));
+    let b = Holds::load(&js, "orders", "orders", &stop).await?;
+    assert_eq!(b.get(&key), Some(hold.clone()));
     let releasing = repair_rules::holds::Hold {
         state: HoldState::Releasing,
         ..hold.clone()
@@ -59,10 +59,10 @@ async fn entries_persist_conflicts_are_refused_and_queues_keep_order() -> anyhow
         "{conflict:?}"
     );
     // A write whose value is there already (an earlier try whose answer was lost) is done.
-    let mut c = Holds::load(&js, "orders", "orders", &stop).await?;
+    let c = Holds::load(&js, "orders", "orders", &stop).await?;
     c.apply(&key, Change::Update(releasing.clone())).await?;
     c.apply(&key, Change::Create(releasing.clone())).await?;
-    assert_eq!(c.get(&key), Some(&releasing));
+    assert_eq!(c.get(&key), Some(releasing.clone()));
 
     // The hold queue: in order, de-duplicated by message id, emptied by remove and purge.
     for (i, id) in [
@@ -79,13 +79,23 @@ async fn entries_persist_conflicts_are_refused_and_queues_keep_order() -> anyhow
         c.append(&key, id, headers, Bytes::from(format!("{i}")))
             .await?;
     }
+    assert_eq!(c.queued(&key), 3, "the repeated append is a duplicate");
+    assert_eq!(c.stats().messages, 3);
+    assert_eq!(
+        Holds::load(&js, "orders", "orders", &stop)
+            .await?
+            .queued(&key),
+        3
+    );
     let first = c.first(&key).await?.expect("held");
     assert_eq!(first.headers.get("Mend-Id").unwrap().as_str(), "APP:2");
-    c.remove(first.sequence).await?;
-    c.remove(first.sequence).await?; // gone already: fine
+    c.remove(&key, first.sequence).await?;
+    c.remove(&key, first.sequence).await?; // gone already: fine
     let second = c.first(&key).await?.expect("held");
     assert_eq!(second.headers.get("Mend-Id").unwrap().as_str(), "APP:3");
+    assert_eq!(c.queued(&key), 2);
     c.purge(&key).await?;
+    assert_eq!(c.queued(&key), 0);
     assert!(c.first(&key).await?.is_none());
 
     // Resolved entries are forgotten once old enough; held ones never.
@@ -99,12 +109,18 @@ async fn entries_persist_conflicts_are_refused_and_queues_keep_order() -> anyhow
     let mut held = c.fresh(&other);
     held.head = "APP:5".into();
     c.apply(&other, Change::Create(held.clone())).await?;
-    assert_eq!(c.forget_resolved(Duration::from_secs(600)).await, 0);
+    assert!(c.expired(Duration::from_secs(600)).is_empty());
+    assert!(!c.forget(&key, Duration::from_secs(600)).await);
     assert!(c.get(&key).is_some());
-    assert_eq!(c.forget_resolved(Duration::ZERO).await, 1);
+    assert_eq!(c.expired(Duration::ZERO), vec![key.clone()]);
+    assert!(
+        !c.forget(&other, Duration::ZERO).await,
+        "held: never forgotten"
+    );
+    assert!(c.forget(&key, Duration::ZERO).await);
     assert!(c.get(&key).is_none());
     let reloaded = Holds::load(&js, "orders", "orders", &stop).await?;
     assert!(reloaded.get(&key).is_none());
-    assert_eq!(reloaded.get(&other), Some(&held));
+    assert_eq!(reloaded.get(&other), Some(held));
     Ok(())
 }

@@ -64,9 +64,20 @@ impl World {
 
     /// Publishes `n` messages `{"key": "k<i % keys>", "n": i}` on `app.created`, keyed by header.
     pub async fn publish_keyed(&self, n: usize, keys: usize) -> anyhow::Result<Vec<u64>> {
+        self.publish_with_keys(n, |i| format!("k{}", i % keys))
+            .await
+    }
+
+    /// Publishes `n` messages on `app.created`; message `i` has key `key(i)` and JSON
+    /// `{"key": key(i), "n": i}`.
+    pub async fn publish_with_keys(
+        &self,
+        n: usize,
+        key: impl Fn(usize) -> String,
+    ) -> anyhow::Result<Vec<u64>> {
         let msgs = (0..n)
             .map(|i| {
-                let key = format!("k{}", i % keys);
+                let key = key(i);
                 Out::keyed("app.created", KEY_HEADER, &key, json!({"key": key, "n": i}))
             })
             .collect();

@@ -149,7 +149,8 @@ async fn oversize_payload_is_delegated_by_reference() -> anyhow::Result<()> {
             },
             payload: Bytes::from(big),
         },
-        Out::keyed("app.big", KEY_HEADER, "b", serde_json::json!({"n": 2})),
+        // Another key: the failed big one holds key b.
+        Out::keyed("app.big", KEY_HEADER, "c", serde_json::json!({"n": 2})),
     ];
     let seqs = js::publish_all(&w.js, msgs).await?;
     let s = w.sidecar(&w.keyed_config("big", "")).await?;

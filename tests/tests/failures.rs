@@ -29,8 +29,9 @@ async fn message_errors_are_delegated_with_complete_envelopes() -> anyhow::Resul
     });
     let mut msgs: Vec<Out> = (0..200)
         .map(|i| {
+            // Each failing message has a key of its own: a failure holds its key's later messages.
             let key = if i == 3 || i == 7 {
-                "bad".to_string()
+                format!("bad-{i}")
             } else {
                 format!("k{}", i % 10)
             };
@@ -67,10 +68,13 @@ async fn message_errors_are_delegated_with_complete_envelopes() -> anyhow::Resul
     assert_eq!((p.stream.as_str(), p.seq), ("APP", seqs[3]));
     assert_eq!((p.service.as_str(), p.binding.as_str()), ("errs", "errs"));
     assert_eq!(p.subject, "app.created");
-    assert_eq!(p.key.as_deref(), Some("bad"));
-    assert_eq!(p.headers.get(KEY_HEADER), Some(&vec!["bad".to_string()]));
+    assert_eq!(p.key.as_deref(), Some("bad-3"));
+    assert_eq!(p.headers.get(KEY_HEADER), Some(&vec!["bad-3".to_string()]));
     assert!(p.headers.contains_key("traceparent"));
-    assert_eq!(p.payload, json!({"key": "bad", "n": 3, "amount": "12.50"}));
+    assert_eq!(
+        p.payload,
+        json!({"key": "bad-3", "n": 3, "amount": "12.50"})
+    );
     assert_eq!(p.payload_base64, None);
     assert_eq!(p.attempt, 1);
     let e = &p.error;
@@ -253,12 +257,13 @@ async fn transient_limit_turns_into_transient_exhausted() -> anyhow::Result<()> 
     let _sidecar = w
         .sidecar(&w.keyed_config("exh", "transient_tries = 3\nbackoff_initial = \"10ms\""))
         .await?;
-    w.app
-        .wait_for("message 1 delivered", TEST_TIMEOUT, |log| {
-            log.iter().any(|d| n_of(d) == 1 && d.ok())
-        })
-        .await?;
+    // Exhausted, message 0 is delegated and holds its key: message 1 waits behind it.
+    mend_e2e::wait::until("message 1 held", TEST_TIMEOUT, || async {
+        Ok((!js::events(&w.js, "exh", "held").await?.is_empty()).then_some(()))
+    })
+    .await?;
     w.drained("exh").await?;
+    assert!(!w.app.log().iter().any(|d| n_of(d) == 1));
     let failed = js::failed(&w.js, "exh").await?;
     assert_eq!(failed.len(), 1);
     assert_eq!(failed[0].error.kind, ErrorKind::TransientExhausted);
@@ -331,12 +336,21 @@ async fn mend_action_drop_and_park() -> anyhow::Result<()> {
     });
     let seqs = w.publish_keyed(4, 1).await?;
     let _sidecar = w.sidecar(&w.keyed_config("act", "")).await?;
-    w.app
-        .wait_for("the last message delivered", TEST_TIMEOUT, |log| {
-            log.iter().any(|d| n_of(d) == 3 && d.ok())
-        })
-        .await?;
+    // A drop finishes its message; a park holds the key: the last message waits behind it.
+    let held = mend_e2e::wait::until("the last message held", TEST_TIMEOUT, || async {
+        let held = js::events(&w.js, "act", "held").await?;
+        Ok((!held.is_empty()).then_some(held))
+    })
+    .await?;
     w.drained("act").await?;
+    assert_eq!(held.len(), 1, "{held:#?}");
+    assert_eq!(held[0]["data"]["id"], format!("APP:{}", seqs[3]));
+    assert_eq!(held[0]["data"]["head"], format!("APP:{}", seqs[2]));
+    assert_eq!(held[0]["data"]["key"], "k0");
+    assert!(
+        !w.app.log().iter().any(|d| n_of(d) == 3),
+        "held, not delivered"
+    );
     assert!(
         js::failed(&w.js, "act").await?.is_empty(),
         "neither goes to the rules"

@@ -17,6 +17,15 @@ fn failing(n: u64) -> bool {
     n % 97 == 5
 }
 
+/// Message `i`'s key: one of `keys` shared ones, or its own when it fails.
+fn own_key_if_failing(i: usize, keys: usize) -> String {
+    if failing(i as u64) {
+        format!("f{i}")
+    } else {
+        format!("k{}", i % keys)
+    }
+}
+
 const CRASHY: &str = "timeout = \"1s\"\nack_wait = \"2s\"\nconcurrency = 16";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -30,7 +39,10 @@ async fn sigkill_three_times_loses_nothing_and_delegates_once() -> anyhow::Resul
         }
     });
     let total = 5_000u64;
-    let seqs = w.publish_keyed(total as usize, 50).await?;
+    // A failing message holds its key (no processor here): it has a key of its own.
+    let seqs = w
+        .publish_with_keys(total as usize, |i| own_key_if_failing(i, 50))
+        .await?;
     let mut sidecar = w.sidecar(&w.keyed_config("crash", CRASHY)).await?;
 
     for round in 1..=3u64 {
@@ -88,7 +100,8 @@ async fn nats_server_restart_mid_run_loses_nothing() -> anyhow::Result<()> {
         }
     });
     let total = 3_000u64;
-    w.publish_keyed(total as usize, 30).await?;
+    w.publish_with_keys(total as usize, |i| own_key_if_failing(i, 30))
+        .await?;
     let sidecar = w.sidecar(&w.keyed_config("bounce", CRASHY)).await?;
     w.app
         .wait_for("a third delivered", TEST_TIMEOUT, |log| {

@@ -20,7 +20,7 @@ async fn health_readiness_and_metrics() -> anyhow::Result<()> {
             Some(2) if d.seen_before == 0 => Reply::Status(503),
             _ => Reply::Ok,
         });
-    w.publish_keyed(10, 2).await?;
+    w.publish_keyed(10, 10).await?;
     let config = w.keyed_config("ops", "backoff_initial = \"10ms\"");
     let base = format!("http://{}", listen_addr(&config));
     let _s = w.sidecar(&config).await?;
@@ -37,9 +37,9 @@ async fn health_readiness_and_metrics() -> anyhow::Result<()> {
         let url = format!("{base}/metrics");
         async move {
             let (_, text) = get(&url).await?;
-            Ok(text
-                .contains("mend_delegated_total{service=\"ops\",binding=\"ops\"} 1")
-                .then_some(text))
+            let settled = text.contains("mend_delegated_total{service=\"ops\",binding=\"ops\"} 1")
+                && text.contains("mend_held_keys{service=\"ops\",binding=\"ops\"} 1");
+            Ok(settled.then_some(text))
         }
     })
     .await?;
@@ -50,6 +50,8 @@ async fn health_readiness_and_metrics() -> anyhow::Result<()> {
         "mend_in_flight{service=\"ops\",binding=\"ops\"} 0",
         "mend_app_latency_seconds_count{service=\"ops\",binding=\"ops\"} 11",
         "# TYPE mend_app_latency_seconds histogram",
+        "mend_held_keys{service=\"ops\",binding=\"ops\"} 1",
+        "mend_held_messages{service=\"ops\",binding=\"ops\"} 0",
     ] {
         assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
     }

@@ -1,0 +1,606 @@
+//! Single-owner leases (SPEC §7): one sidecar at a time owns a (service, binding, partition). The
+//! lease is an entry `<service>.<binding>.<partition>` in the KV bucket `mend_leases`, whose value
+//! is JSON `{"owner", "nonce", "ttl_ms", "acquired"}`. A binding's dispatcher takes the lease with
+//! [`Lease::acquire`] before it consumes, stops consuming at once when [`Lease::lost`] fires, and
+//! hands the lease on with [`Lease::release`] when it stops gracefully.
+//!
+//! # Why it is safe without synchronised clocks
+//! Nobody compares wall clocks across machines; every duration below is measured on the measuring
+//! instance's own monotonic clock, and the entry's revision (a JetStream sequence, strictly
+//! increasing) is the only thing instances compare.
+//!
+//! - **Holding.** The holder renews every `ttl / 3` by rewriting its own value with a
+//!   compare-and-set on the revision it last wrote. Its lease is valid until `ttl / 2` after the
+//!   *send time* of the write that produced that revision (a write is stored after it is sent, so
+//!   this never overestimates). When renewals keep failing (NATS unreachable) until then, or a
+//!   renewal finds that the entry is no longer its value (another instance took it, or it was
+//!   deleted), the lease is lost: [`Lease::lost`] fires and the heartbeat stops. Lease never
+//!   re-acquires by itself; the caller may call [`Lease::acquire`] again.
+//! - **Waiting.** A waiter polls the entry every `ttl / 4`. An absent, deleted or purged entry is
+//!   taken with `create`, which fails if someone else created it first. A live entry's revision is
+//!   remembered with the instant it was first *read* (after the answer arrived, so after the
+//!   revision was stored). Once that revision has stayed unchanged for the holder's ttl (from its
+//!   value, or the waiter's own, whichever is larger), the waiter takes over with `update` on
+//!   exactly that revision, which fails if the holder renewed meanwhile.
+//! - **Together.** Say a takeover on revision `r` succeeds. Then `r` was still the last revision,
+//!   so the old holder's last stored write was `r`, sent no later than the waiter first read it.
+//!   The old holder stopped `ttl / 2` after that send; the waiter starts a full ttl after its first
+//!   read. Two instances never consume at once, with a margin of `ttl / 2` for the old holder to
+//!   notice and stop (rate differences between monotonic clocks must stay well under 2×).
+//! - **Lost answers.** A write whose answer was lost may still have been stored. The value carries
+//!   a nonce drawn per acquisition, so reading the entry tells without doubt whether it is ours: a
+//!   renewal that fails with a wrong last revision reads the entry, and the same value means the
+//!   earlier try was stored (its send time, the earliest of the renewal's tries, is used); waiting
+//!   recognises its own create or takeover the same way. A write still in flight after the lease
+//!   was given up can only look like a renewal, which delays a waiter but never lets two consume.
+//! - **Stale reads.** A direct get may be answered by a lagging replica. Every decision that
+//!   matters is a compare-and-set on the leader; a read counts as news of our own write only when
+//!   it shows a revision newer than the one we know.
+//! - **Release** stops the heartbeat and deletes the entry with a compare-and-set on our revision,
+//!   so a waiter creates it on its next poll. A dropped `Lease` (a crash, in effect) stops the
+//!   heartbeat without deleting: the entry stays until a waiter takes over after the ttl.
+//!
+//! A ttl must be comfortably longer than six round trips of a KV write: a renewal answered more
+//! than `ttl / 6` late loses the lease.
+
+use std::time::Duration;
+
+use async_nats::jetstream::Context;
+use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::publish::{self, RETRY_MIN, back_off};
+
+/// The key-value bucket of leases.
+pub const LEASES_BUCKET: &str = "mend_leases";
+/// The shortest ttl: a shorter one is raised to it, because a renewal must be answered within a
+/// sixth of the ttl.
+pub const MIN_TTL: Duration = Duration::from_millis(500);
+/// The longest ttl: a longer one is lowered to it (and so is a holder's ttl read from the bucket),
+/// which keeps every deadline representable.
+pub const MAX_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Stopping before the lease was acquired.
+#[derive(Debug, thiserror::Error)]
+#[error("stopping before the lease was acquired")]
+pub struct Stopped;
+
+/// The lease of one (service, binding, partition), held by this instance until it is lost,
+/// released or dropped. Dropping it stops the heartbeat without giving the entry up, like a crash.
+pub struct Lease {
+    key: String,
+    lost: CancellationToken,
+    /// Tells the heartbeat to stop and hand back what it holds.
+    stop: CancellationToken,
+    heartbeat: Option<JoinHandle<Ending>>,
+}
+
+/// The lease's value in the bucket. Read leniently: a missing field is empty, so a value written by
+/// hand still names its owner in the logs.
+#[derive(Default, Serialize, Deserialize)]
+#[serde(default)]
+struct Value {
+    owner: String,
+    /// Drawn per acquisition: makes the value ours alone.
+    nonce: String,
+    ttl_ms: u64,
+    /// When it was acquired (RFC 3339), for people reading the bucket.
+    acquired: String,
+}
+
+/// What the heartbeat keeps.
+struct Held {
+    kv: kv::Store,
+    key: String,
+    /// Our value, rewritten unchanged by every renewal.
+    value: Bytes,
+    /// The revision our last stored write produced.
+    revision: u64,
+    /// When that write was sent, or earlier (which only shortens the lease).
+    sent: Instant,
+    ttl: Duration,
+}
+
+impl Held {
+    /// Until when this instance may consume: half the ttl after our last stored write was sent (no
+    /// waiter takes over before a full ttl).
+    fn valid_until(&self) -> Instant {
+        self.sent + self.ttl / 2
+    }
+
+    /// Whether `entry` is our value, so written by us.
+    fn is_ours(&self, entry: &kv::Entry) -> bool {
+        entry.operation == Operation::Put && entry.value == self.value
+    }
+}
+
+/// How the heartbeat ended.
+enum Ending {
+    /// Asked to stop while it held the lease.
+    Released(Held),
+    /// Another instance wrote the entry: it is not ours to delete.
+    Taken,
+    /// Renewals failed until the lease ran out; the entry may still be ours.
+    Expired(Held),
+}
+
+/// What a renewal found.
+enum Renewal {
+    Renewed,
+    Stopped,
+    Taken(String),
+    Expired,
+}
+
+/// How many of a waiter's writes it remembers. Forgetting one is safe: if it was stored after all,
+/// it looks like another holder's entry, which is taken over after the ttl.
+const WRITES_REMEMBERED: usize = 16;
+
+/// A waiter's recent writes (creates and takeovers), with when each was sent.
+#[derive(Default)]
+struct Writes(std::collections::VecDeque<(Bytes, Instant)>);
+
+impl Writes {
+    /// Notes that `value` is about to be sent; returns the send time.
+    fn sending(&mut self, value: &Bytes) -> Instant {
+        if self.0.len() == WRITES_REMEMBERED {
+            self.0.pop_front();
+        }
+        let at = Instant::now();
+        self.0.push_back((value.clone(), at));
+        at
+    }
+
+    /// When `value` was sent, if it is one of ours (the earliest, if it was sent twice).
+    fn sent(&self, value: &Bytes) -> Option<Instant> {
+        self.0.iter().find(|(v, _)| v == value).map(|(_, at)| *at)
+    }
+}
+
+/// A live entry a waiter is watching.
+struct Watched {
+    revision: u64,
+    /// When this revision was first read (after the answer arrived).
+    since: Instant,
+    /// The longer of the holder's ttl and ours.
+    ttl: Duration,
+    owner: String,
+}
+
+impl Lease {
+    /// Waits until this instance owns the lease of (`service`, `binding`, `partition`), then keeps
+    /// it alive with a heartbeat task (renewing every `ttl / 3`). `owner` names this instance for
+    /// people (host and pid, say); a nonce drawn here makes the value unique. Returns `Stopped` if
+    /// `shutdown` is cancelled first. Logs once, at info, that it waits and who holds the lease.
+    pub async fn acquire(
+        js: &Context,
+        service: &str,
+        binding: &str,
+        partition: u32,
+        owner: &str,
+        ttl: Duration,
+        shutdown: &CancellationToken,
+    ) -> Result<Lease, Stopped> {
+        let ttl = ttl.clamp(MIN_TTL, MAX_TTL);
+        let key = lease_key(service, binding, partition);
+        let kv = open(js, &key, shutdown).await?;
+        let nonce = nonce(js);
+        let poll = ttl / 4;
+        // Our recent writes, with when each was sent: a stored one is recognised by its value.
+        let mut writes = Writes::default();
+        let mut watched: Option<Watched> = None;
+        let mut announced = false;
+        let mut pause = RETRY_MIN;
+        loop {
+            let read = tokio::select! {
+                read = kv.entry(key.as_str()) => read,
+                _ = shutdown.cancelled() => return Err(Stopped),
+            };
+            let entry = match read {
+                Ok(entry) => {
+                    pause = RETRY_MIN;
+                    entry.filter(|e| e.operation == Operation::Put)
+                }
+                Err(error) => {
+                    tracing::warn!(%error, lease = key, "Lease entry unreadable; retrying.");
+                    back_off(shutdown, &mut pause).await.map_err(|_| Stopped)?;
+                    continue;
+                }
+            };
+            let Some(entry) = entry else {
+                // Free: absent, deleted or purged.
+                watched = None;
+                let value = encode(owner, &nonce, ttl);
+                let at = writes.sending(&value);
+                match kv.create(key.as_str(), value.clone()).await {
+                    Ok(revision) => {
+                        tracing::info!(lease = key, owner, "Lease acquired.");
+                        return Ok(Lease::start(kv, key, value, revision, at, ttl));
+                    }
+                    Err(error) if error.kind() == CreateErrorKind::AlreadyExists => {
+                        // Someone else was first, or our own create was stored and its answer
+                        // lost: the next read tells.
+                        tracing::debug!(lease = key, "Lease created by another first.");
+                        continue;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, lease = key, "Lease not created; retrying.");
+                        back_off(shutdown, &mut pause).await.map_err(|_| Stopped)?;
+                        continue;
+                    }
+                }
+            };
+            if let Some(at) = writes.sent(&entry.value) {
+                // One of our writes was stored and its answer lost. Its send time vouches for the
+                // lease only until it is due for renewal; past that, renew before consuming.
+                if Instant::now() < at + ttl / 3 {
+                    tracing::info!(lease = key, owner, "Lease acquired.");
+                    return Ok(Lease::start(kv, key, entry.value, entry.revision, at, ttl));
+                }
+                let at = Instant::now();
+                match kv
+                    .update(key.as_str(), entry.value.clone(), entry.revision)
+                    .await
+                {
+                    Ok(revision) => {
+                        tracing::info!(lease = key, owner, "Lease acquired.");
+                        return Ok(Lease::start(kv, key, entry.value, revision, at, ttl));
+                    }
+                    // Taken meanwhile, or this write too was stored unanswered: read again.
+                    Err(error) if error.kind() == UpdateErrorKind::WrongLastRevision => continue,
+                    Err(error) => {
+                        tracing::warn!(%error, lease = key, "Lease not renewed; retrying.");
+                        back_off(shutdown, &mut pause).await.map_err(|_| Stopped)?;
+                        continue;
+                    }
+                }
+            }
+            if watched.as_ref().map(|w| w.revision) != Some(entry.revision) {
+                let holder = decode(&entry.value);
+                let holder_ttl = holder
+                    .as_ref()
+                    .map_or(ttl, |h| Duration::from_millis(h.ttl_ms).min(MAX_TTL));
+                let holder = holder.map_or_else(|| "(unreadable)".to_owned(), |h| h.owner);
+                if !announced {
+                    tracing::info!(lease = key, holder, "Waiting for the lease.");
+                    announced = true;
+                } else if watched.as_ref().is_none_or(|w| w.owner != holder) {
+                    tracing::debug!(lease = key, holder, "The lease has a new holder.");
+                }
+                watched = Some(Watched {
+                    revision: entry.revision,
+                    since: Instant::now(),
+                    ttl: holder_ttl.max(ttl),
+                    owner: holder,
+                });
+            }
+            if let Some(w) = watched.as_ref().filter(|w| w.since.elapsed() >= w.ttl) {
+                let value = encode(owner, &nonce, ttl);
+                let at = writes.sending(&value);
+                match kv.update(key.as_str(), value.clone(), w.revision).await {
+                    Ok(revision) => {
+                        tracing::info!(
+                            lease = key,
+                            owner,
+                            from = w.owner,
+                            "Lease taken over: its holder stopped renewing."
+                        );
+                        return Ok(Lease::start(kv, key, value, revision, at, ttl));
+                    }
+                    Err(error) if error.kind() == UpdateErrorKind::WrongLastRevision => {
+                        // Renewed or taken meanwhile (or our own try was stored): read again.
+                        continue;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, lease = key, "Lease not taken over; retrying.");
+                        back_off(shutdown, &mut pause).await.map_err(|_| Stopped)?;
+                        continue;
+                    }
+                }
+            }
+            let next = match &watched {
+                Some(w) => (w.since + w.ttl).min(Instant::now() + poll),
+                None => Instant::now() + poll,
+            };
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                _ = shutdown.cancelled() => return Err(Stopped),
+            }
+        }
+    }
+
+    /// Cancelled when the lease is lost (another instance took it, or renewals failed long enough
+    /// that another could take it); also by [`Lease::release`] and by dropping the lease, since it
+    /// means "no longer held". The holder must stop consuming at once when it fires.
+    pub fn lost(&self) -> CancellationToken {
+        self.lost.clone()
+    }
+
+    /// Gives the lease up on graceful shutdown: stops the heartbeat, then deletes the entry with a
+    /// compare-and-set on our revision so a waiting instance takes over at once. If NATS cannot be
+    /// reached, it stops trying when a waiter could take over anyway.
+    pub async fn release(mut self) {
+        self.lost.cancel();
+        self.stop.cancel();
+        let Some(heartbeat) = self.heartbeat.take() else {
+            return;
+        };
+        let held = match heartbeat.await {
+            Ok(Ending::Released(held) | Ending::Expired(held)) => held,
+            Ok(Ending::Taken) => return,
+            Err(error) => {
+                tracing::error!(
+                    %error,
+                    lease = self.key,
+                    "Lease heartbeat failed; the lease expires by itself."
+                );
+                return;
+            }
+        };
+        delete(held).await;
+    }
+
+    /// Starts the heartbeat of a lease just acquired with the write of `revision`, sent at `sent`.
+    fn start(
+        kv: kv::Store,
+        key: String,
+        value: Bytes,
+        revision: u64,
+        sent: Instant,
+        ttl: Duration,
+    ) -> Lease {
+        let lost = CancellationToken::new();
+        let stop = CancellationToken::new();
+        let held = Held {
+            kv,
+            key: key.clone(),
+            value,
+            revision,
+            sent,
+            ttl,
+        };
+        let span = tracing::info_span!("lease", lease = key);
+        let heartbeat = tokio::spawn(heartbeat(held, lost.clone(), stop.clone()).instrument(span));
+        Lease {
+            key,
+            lost,
+            stop,
+            heartbeat: Some(heartbeat),
+        }
+    }
+}
+
+impl Drop for Lease {
+    /// Stops the heartbeat without deleting the entry (a waiter takes over after the ttl).
+    fn drop(&mut self) {
+        if let Some(heartbeat) = self.heartbeat.take() {
+            heartbeat.abort();
+        }
+        self.lost.cancel();
+    }
+}
+
+/// Renews the lease every `ttl / 3` until it is lost or `stop` is cancelled.
+async fn heartbeat(mut held: Held, lost: CancellationToken, stop: CancellationToken) -> Ending {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(held.sent + held.ttl / 3) => {}
+            _ = stop.cancelled() => return Ending::Released(held),
+        }
+        match renew(&mut held, &stop).await {
+            Renewal::Renewed => {}
+            Renewal::Stopped => return Ending::Released(held),
+            Renewal::Taken(by) => {
+                lost.cancel();
+                tracing::warn!(by, "Lease lost: another instance took it; stopping.");
+                return Ending::Taken;
+            }
+            Renewal::Expired => {
+                lost.cancel();
+                tracing::error!("Lease lost: renewals failed until it ran out; stopping.");
+                return Ending::Expired(held);
+            }
+        }
+    }
+}
+
+/// One renewal: rewrites our value on our revision, retrying until it is stored, the entry turns
+/// out not to be ours, the lease runs out, or `stop` is cancelled.
+async fn renew(held: &mut Held, stop: &CancellationToken) -> Renewal {
+    let first = Instant::now();
+    let tries = async {
+        let mut pause = RETRY_MIN;
+        loop {
+            let at = Instant::now();
+            match held
+                .kv
+                .update(held.key.as_str(), held.value.clone(), held.revision)
+                .await
+            {
+                // Every try is on the same revision, so the one answered is the one stored.
+                Ok(revision) => return Tried::Stored(revision, at),
+                Err(error) if error.kind() == UpdateErrorKind::WrongLastRevision => {
+                    match held.kv.entry(held.key.as_str()).await {
+                        // An earlier try was stored and its answer lost; which one is unknown, so
+                        // take the earliest send time.
+                        Ok(Some(entry))
+                            if held.is_ours(&entry) && entry.revision > held.revision =>
+                        {
+                            return Tried::Stored(entry.revision, first);
+                        }
+                        // A direct get may be answered by a lagging replica: the revision we know
+                        // is not news, so ask again.
+                        Ok(Some(entry)) if entry.revision <= held.revision => {
+                            tracing::debug!(
+                                revision = entry.revision,
+                                "Stale lease entry read; retrying."
+                            );
+                        }
+                        Ok(entry) => return Tried::Taken(describe(entry.as_ref())),
+                        Err(error) => {
+                            tracing::warn!(%error, "Lease entry unreadable; retrying.");
+                        }
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "Lease not renewed; retrying."),
+            }
+            if back_off(stop, &mut pause).await.is_err() {
+                return Tried::Stopped;
+            }
+        }
+    };
+    let outcome = tokio::select! {
+        outcome = tokio::time::timeout_at(held.valid_until(), tries) => outcome,
+        _ = stop.cancelled() => return Renewal::Stopped,
+    };
+    match outcome {
+        Ok(Tried::Stored(revision, at)) => {
+            held.revision = revision;
+            held.sent = at;
+            Renewal::Renewed
+        }
+        Ok(Tried::Taken(by)) => Renewal::Taken(by),
+        Ok(Tried::Stopped) => Renewal::Stopped,
+        Err(_elapsed) => Renewal::Expired,
+    }
+}
+
+/// How the tries of one renewal ended (before the lease ran out).
+enum Tried {
+    Stored(u64, Instant),
+    Taken(String),
+    Stopped,
+}
+
+/// Deletes our entry with a compare-and-set, retrying until a waiter could take over anyway.
+async fn delete(held: Held) {
+    let key = held.key.as_str();
+    let mut revision = held.revision;
+    // Nothing cancels these pauses: the deadline below bounds them.
+    let never = CancellationToken::new();
+    let deleting = async {
+        let mut pause = RETRY_MIN;
+        loop {
+            match held.kv.delete_expect_revision(key, Some(revision)).await {
+                Ok(()) => return,
+                Err(error) if error.kind() == UpdateErrorKind::WrongLastRevision => {
+                    match held.kv.entry(key).await {
+                        // A renewal still in flight when the heartbeat stopped was stored.
+                        Ok(Some(entry)) if held.is_ours(&entry) && entry.revision > revision => {
+                            revision = entry.revision;
+                            continue;
+                        }
+                        // Read from a lagging replica: ask again.
+                        Ok(Some(entry)) if entry.revision <= revision => {}
+                        // Deleted by an earlier try, or not ours any more.
+                        Ok(_) => return,
+                        Err(error) => {
+                            tracing::warn!(
+                                %error,
+                                lease = key,
+                                "Lease entry unreadable; retrying."
+                            );
+                        }
+                    }
+                }
+                Err(error) => tracing::warn!(%error, lease = key, "Lease not released; retrying."),
+            }
+            let _ = back_off(&never, &mut pause).await;
+        }
+    };
+    match tokio::time::timeout_at(held.sent + held.ttl, deleting).await {
+        Ok(()) => tracing::info!(lease = key, "Lease released."),
+        Err(_) => tracing::warn!(lease = key, "Lease not released; it expires by itself."),
+    }
+}
+
+/// Opens the bucket, retrying while NATS is unreachable.
+async fn open(js: &Context, key: &str, shutdown: &CancellationToken) -> Result<kv::Store, Stopped> {
+    let mut pause = RETRY_MIN;
+    loop {
+        let opened = tokio::select! {
+            opened = js.get_key_value(LEASES_BUCKET) => opened,
+            _ = shutdown.cancelled() => return Err(Stopped),
+        };
+        match opened {
+            Ok(kv) => return Ok(kv),
+            Err(error) => {
+                tracing::warn!(
+                    %error,
+                    lease = key,
+                    bucket = LEASES_BUCKET,
+                    "Lease bucket unavailable; retrying."
+                )
+            }
+        }
+        back_off(shutdown, &mut pause).await.map_err(|_| Stopped)?;
+    }
+}
+
+/// The entry's key. Service and binding names are subject tokens (checked by `config`); any other
+/// byte is written as `=XX`, which no token contains, so distinct names never share a key.
+pub fn lease_key(service: &str, binding: &str, partition: u32) -> String {
+    format!("{}.{}.{partition}", key_token(service), key_token(binding))
+}
+
+fn key_token(name: &str) -> String {
+    if name.is_empty() {
+        return "=".to_owned();
+    }
+    let mut token = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+            token.push(char::from(b));
+        } else {
+            token.push_str(&format!("={b:02X}"));
+        }
+    }
+    token
+}
+
+/// A nonce unique to this acquisition: a NUID, as the client draws for its inboxes.
+fn nonce(js: &Context) -> String {
+    let inbox = js.client().new_inbox();
+    inbox.rsplit('.').next().unwrap_or(&inbox).to_owned()
+}
+
+fn encode(owner: &str, nonce: &str, ttl: Duration) -> Bytes {
+    publish::to_bytes(&Value {
+        owner: owner.to_owned(),
+        nonce: nonce.to_owned(),
+        ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+        acquired: publish::now(),
+    })
+}
+
+fn decode(value: &[u8]) -> Option<Value> {
+    serde_json::from_slice(value).ok()
+}
+
+/// Who holds an entry, for logs.
+fn describe(entry: Option<&kv::Entry>) -> String {
+    match entry {
+        Some(e) if e.operation == Operation::Put => {
+            decode(&e.value).map_or_else(|| "(unreadable)".to_owned(), |v| v.owner)
+        }
+        _ => "(nobody: the entry was deleted)".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_tokens_and_never_collide() {
+        assert_eq!(lease_key("orders", "orders-v2", 3), "orders.orders-v2.3");
+        assert_eq!(lease_key("a.b", "c", 0), "a=2Eb.c.0");
+        assert_ne!(lease_key("a.b", "c", 0), lease_key("a", "b.c", 0));
+        assert_eq!(lease_key("", "x", 1), "=.x.1");
+    }
+}

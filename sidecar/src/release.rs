@@ -1,0 +1,357 @@
+//! Holding queues at work (SPEC §7): a message of a held key goes to the key's hold queue; the
+//! head's success, its discard or a release by hand starts a release that delivers the queue in
+//! order, one message per step of the key's lane; a held message that fails becomes the new head.
+//! The decisions are `repair_rules::holds`; the storage is [`crate::holds`]; the order of the steps,
+//! and what a crash between two of them leaves, is written down in ARCHITECTURE.md.
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::message::StreamMessage;
+use repair_rules::headers as h;
+use repair_rules::holds::{
+    self as protocol, Change, Hold, HoldState, Origin, Outcome, ReleaseStep,
+};
+use repair_rules::{LineageId, MessageKey};
+use serde_json::json;
+
+use crate::ack;
+use crate::consume::{self, BindingRuntime, Delivery, Settle, Source, Work};
+use crate::delegate;
+use crate::holds::{HoldError, Holds};
+use crate::processor::MEND_HISTORY;
+use crate::publish;
+
+/// Appends a message of a held key to the key's hold queue and announces `held`. The caller acks it.
+pub(crate) async fn hold_back(
+    rt: &BindingRuntime,
+    holds: &Holds,
+    key: &MessageKey,
+    d: &Delivery,
+    hold: Option<&Hold>,
+) -> Settle {
+    let msg_id = d.meta.lineage.msg_id(d.meta.attempt, "held");
+    if let Err(error) = holds
+        .append(key, &msg_id, held_headers(d), d.payload.clone())
+        .await
+    {
+        if matches!(error, publish::NotStored::Unpublishable) {
+            tracing::error!(
+                size = d.payload.len(),
+                "The message does not fit in the hold queue; it stays unacked."
+            );
+        }
+        return error.into();
+    }
+    tracing::debug!("Key held: message appended to its hold queue.");
+    let data = json!({
+        "head": hold.map(|h| h.head.as_str()),
+        "held": holds.queued(key),
+    });
+    match delegate::announce(rt, "held", d, data).await {
+        Ok(()) => Settle::Ack,
+        Err(error) => error.into(),
+    }
+}
+
+/// Stores what a delivery did to its key's hold, and announces `resolved` for a retry that
+/// succeeded or a head whose release begins. Returns whether a release begins.
+pub(crate) async fn commit(
+    rt: &BindingRuntime,
+    holds: &Holds,
+    key: &MessageKey,
+    d: &Delivery,
+    outcome: Outcome,
+    change: Change,
+) -> Result<bool, Settle> {
+    let releasing = begins_release(&change);
+    holds
+        .apply(key, change)
+        .await
+        .map_err(|e| Settle::from_hold(rt, e))?;
+    if releasing {
+        tracing::info!(
+            held = holds.queued(key),
+            "Head resolved; releasing the key's held messages."
+        );
+    }
+    if releasing || (d.is_retry() && outcome == Outcome::Done) {
+        resolved(rt, d, Some(holds.queued(key))).await?;
+    }
+    Ok(releasing)
+}
+
+/// Announces that the lineage of `d` is resolved (a retry went through, or a head was released).
+pub(crate) async fn resolved(
+    rt: &BindingRuntime,
+    d: &Delivery,
+    held: Option<u64>,
+) -> Result<(), Settle> {
+    delegate::announce(rt, "resolved", d, json!({ "held": held }))
+        .await
+        .map_err(Settle::from)
+}
+
+fn begins_release(change: &Change) -> bool {
+    matches!(change, Change::Create(h) | Change::Update(h) if h.state == HoldState::Releasing)
+}
+
+/// One step of the work on a key's hold: while releasing, the next held message; while held, the
+/// head's retry if one waits in the queue. Returns the next step, if there is one.
+pub(crate) async fn step(rt: &BindingRuntime, holds: &Holds, key: &MessageKey) -> Option<Work> {
+    let hold = holds.get(key)?;
+    let result = match hold.state {
+        HoldState::Resolved => Ok(None),
+        HoldState::Held => head_retry(rt, holds, key, &hold).await,
+        HoldState::Releasing => release_next(rt, holds, key, &hold).await,
+    };
+    match result {
+        Ok(next) => next,
+        Err(Stop::Hold(error)) => {
+            Settle::from_hold(rt, error);
+            None
+        }
+        Err(Stop::Delivery(how)) => {
+            if how == Settle::Leave {
+                tracing::error!(
+                    "A held message could not be finished; its key's release resumes at the next start."
+                );
+            }
+            None
+        }
+    }
+}
+
+/// Why a release step stopped.
+enum Stop {
+    Hold(HoldError),
+    Delivery(Settle),
+}
+
+impl From<HoldError> for Stop {
+    fn from(e: HoldError) -> Self {
+        Stop::Hold(e)
+    }
+}
+
+impl From<Settle> for Stop {
+    fn from(e: Settle) -> Self {
+        Stop::Delivery(e)
+    }
+}
+
+async fn release_next(
+    rt: &BindingRuntime,
+    holds: &Holds,
+    key: &MessageKey,
+    hold: &Hold,
+) -> Result<Option<Work>, Stop> {
+    let first = holds.first(key).await?;
+    let found = first.as_ref().map(|m| (m.sequence, lineage_of(m)));
+    match protocol::release_step(hold, found.as_ref().map(|(s, l)| (*s, l.as_str()))) {
+        ReleaseStep::Finish => {
+            holds.purge(key).await?;
+            holds
+                .apply(key, Change::Update(protocol::finished(hold)))
+                .await?;
+            rt.metrics.releases.increment(1);
+            tracing::info!(
+                head = hold.head,
+                "Release finished; the key is no longer held."
+            );
+            released(rt, key, hold).await?;
+            Ok(None)
+        }
+        ReleaseStep::Skip(seq) => {
+            tracing::debug!(seq, "A resolved lineage's copy in the queue; removed.");
+            holds.remove(key, seq).await?;
+            Ok(Some(Work::Release))
+        }
+        ReleaseStep::Deliver(seq) => {
+            let Some(msg) = first else {
+                return Ok(None);
+            };
+            let d = queued(rt, msg);
+            let lineage = d.meta.lineage.to_string();
+            let outcome = consume::deliver(rt, &d).await?;
+            let change = protocol::after_release_delivery(hold, &lineage, outcome);
+            holds.apply(key, change).await?;
+            if outcome == Outcome::Unresolved {
+                tracing::info!(
+                    mend_id = lineage,
+                    "A held message failed: it is the key's new head."
+                );
+            } else if d.is_retry() {
+                resolved(rt, &d, None).await?;
+            }
+            holds.remove(key, seq).await?;
+            Ok(Some(Work::Release))
+        }
+    }
+}
+
+/// While a key is held: a retry of its head that waits in its queue (it arrived before its lineage
+/// became the head) is delivered as the head's retry; nothing else would deliver it.
+async fn head_retry(
+    rt: &BindingRuntime,
+    holds: &Holds,
+    key: &MessageKey,
+    hold: &Hold,
+) -> Result<Option<Work>, Stop> {
+    let mut from = None;
+    loop {
+        let Some(msg) = holds.next(key, from).await? else {
+            return Ok(None);
+        };
+        let seq = msg.sequence;
+        let lineage = lineage_of(&msg);
+        let attempt = header(&msg.headers, h::MEND_ATTEMPT)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(1);
+        if !protocol::is_head_retry(hold, &lineage, attempt) {
+            from = Some(seq + 1);
+            continue;
+        }
+        tracing::info!(
+            mend_id = lineage,
+            attempt,
+            "The head's retry waited in its own queue; delivering it."
+        );
+        let d = queued(rt, msg);
+        let outcome = consume::deliver(rt, &d).await?;
+        let change = protocol::after_delivery(
+            Some(hold),
+            Origin::Retry,
+            &lineage,
+            outcome,
+            holds.fresh(key),
+        );
+        let releasing = commit(rt, holds, key, &d, outcome, change).await?;
+        holds.remove(key, seq).await?;
+        return Ok(releasing.then_some(Work::Release));
+    }
+}
+
+/// Announces that a key's release is over.
+async fn released(rt: &BindingRuntime, key: &MessageKey, hold: &Hold) -> Result<(), Settle> {
+    let head = hold
+        .head
+        .parse::<LineageId>()
+        .unwrap_or_else(|_| LineageId::new(rt.cfg.stream.clone(), 0));
+    let event = publish::Event {
+        service: &rt.service,
+        source: format!("urn:mend:sidecar:{}:{}", rt.service, rt.cfg.name),
+        kind: "released",
+        lineage: &head,
+        attempt: hold.resolved.len() as u32,
+        data: json!({
+            "binding": rt.cfg.name,
+            "key": key.as_str(),
+            "head": hold.head,
+            "since": hold.since,
+        }),
+    };
+    publish::announce(&rt.js, &rt.shutdown, event)
+        .await
+        .map_err(Settle::from)
+}
+
+/// Applies a command from the dashboard to the key's hold, then acks it.
+pub(crate) async fn command(
+    rt: &BindingRuntime,
+    key: Option<&MessageKey>,
+    command: protocol::Command,
+    reply: &ack::Reply,
+) -> Option<Work> {
+    rt.metrics.commands.increment(1);
+    let (how, then) = match (key, &rt.holds) {
+        (Some(key), Some(holds)) => {
+            let change =
+                protocol::after_command(holds.get(key).as_ref(), &command, holds.fresh(key));
+            let releasing = begins_release(&change);
+            match holds.apply(key, change).await {
+                Ok(()) => {
+                    if releasing {
+                        tracing::info!(
+                            key = key.as_str(),
+                            ?command,
+                            "Releasing the key by command."
+                        );
+                    }
+                    (Settle::Ack, releasing.then_some(Work::Release))
+                }
+                Err(error) => (Settle::from_hold(rt, error), None),
+            }
+        }
+        _ => {
+            tracing::warn!(binding = %rt.cfg.name, ?command, "A command for a binding without keys: nothing is held; acked.");
+            (Settle::Ack, None)
+        }
+    };
+    consume::settle_reply(rt, reply, how).await;
+    then
+}
+
+/// A message of a hold queue as a delivery; its lineage and attempt come from its headers.
+fn queued(rt: &BindingRuntime, msg: StreamMessage) -> Delivery {
+    let fallback = LineageId::new("MEND_HOLD", msg.sequence);
+    let (meta, history) =
+        crate::retry::meta_from(rt, Some(&msg.headers), msg.subject.as_str(), 1, fallback);
+    Delivery {
+        payload: msg.payload,
+        headers: Some(msg.headers),
+        meta,
+        history,
+        source: Source::Queue { seq: msg.sequence },
+    }
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).map(|v| v.as_str())
+}
+
+/// The lineage a held message belongs to.
+fn lineage_of(msg: &StreamMessage) -> String {
+    header(&msg.headers, h::MEND_ID)
+        .map(str::to_owned)
+        .unwrap_or_else(|| LineageId::new("MEND_HOLD", msg.sequence).to_string())
+}
+
+/// The headers of a message's copy in a hold queue: its own (without NATS's, which would act on the
+/// publish), and mend's with its lineage, so a release delivers it as it would have been delivered.
+fn held_headers(d: &Delivery) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    if let Some(headers) = &d.headers {
+        for (name, values) in headers.iter() {
+            let name: &str = name.as_ref();
+            let lower = name.to_ascii_lowercase();
+            if lower.starts_with("nats-") || lower.starts_with("mend-") {
+                continue;
+            }
+            for v in values {
+                out.append(name, v.as_str());
+            }
+        }
+    }
+    let m = &d.meta;
+    out.insert(h::MEND_ID, m.lineage.to_string().as_str());
+    out.insert(h::MEND_SERVICE, m.service.as_str());
+    out.insert(h::MEND_ATTEMPT, m.attempt.to_string().as_str());
+    out.insert(h::MEND_ORIGINAL_SUBJECT, m.subject.as_str());
+    if let Some(key) = &m.key {
+        out.insert(h::MEND_KEY, h::encode_value(key.as_str()).as_ref());
+    }
+    if let Some(by) = &m.repaired_by {
+        out.insert(h::MEND_REPAIRED_BY, by.as_str());
+    }
+    if let Some(by) = &m.resubmitted_by {
+        out.insert(h::MEND_RESUBMITTED_BY, by.as_str());
+    }
+    if !d.history.is_empty() {
+        out.insert(
+            MEND_HISTORY,
+            serde_json::to_string(&d.history)
+                .unwrap_or_default()
+                .as_str(),
+        );
+    }
+    out
+}
