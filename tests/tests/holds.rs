@@ -1,0 +1,499 @@
+//! Holding queues end to end (SPEC §7, §8 guarantees 1 and 2): real nats-server, sidecar, processor
+//! and app. While a key's head is out for repair or parked, its later messages wait in the key's
+//! hold queue and are released in order once the head is through.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use mend_e2e::app::{Delivery, Reply};
+use mend_e2e::js::{self, Out};
+use mend_e2e::mend::{MendProcess, example_rules, processor_config};
+use mend_e2e::wait;
+use mend_e2e::world::{KEY_HEADER, TEST_TIMEOUT, World, first_successes_in_order};
+use serde_json::{Value, json};
+
+const KEYS: usize = 60;
+const PER_KEY: usize = 40;
+
+fn n_of(d: &Delivery) -> u64 {
+    d.field("n").and_then(Value::as_u64).unwrap_or(u64::MAX)
+}
+
+/// Every 19th message has a string amount (repaired by the example rule `amount-as-number`); every
+/// 13th answers 503 on its first delivery.
+fn repairable(n: u64) -> bool {
+    n % 19 == 4
+}
+
+fn flaky(n: u64) -> bool {
+    n % 13 == 7
+}
+
+/// The orders app: a string amount is a `bad_type`, an unknown account `unknown_account`; flaky
+/// messages are unavailable on their first try.
+fn orders_app(d: &Delivery) -> Reply {
+    let Some(order) = d.json.as_ref() else {
+        return Reply::Status(400);
+    };
+    if flaky(n_of(d)) && d.seen_before == 0 {
+        return Reply::Status(503);
+    }
+    if order["amount"].is_string() {
+        return Reply::Problem(
+            422,
+            json!({"title": "amount must be a number", "code": "bad_type", "field": "/amount"}),
+        );
+    }
+    if order["account"] == "nobody" {
+        return Reply::Problem(
+            422,
+            json!({"title": "no such account", "code": "unknown_account"}),
+        );
+    }
+    Reply::Ok
+}
+
+/// `KEYS` × `PER_KEY` orders, key `k<i % KEYS>`, in stream order `n = i`.
+fn orders() -> Vec<Out> {
+    (0..KEYS * PER_KEY)
+        .map(|i| {
+            let n = i as u64;
+            let key = format!("k{}", i % KEYS);
+            let amount = if repairable(n) {
+                json!(format!("{}.50", i))
+            } else {
+                json!(i)
+            };
+            Out::keyed(
+                "app.created",
+                KEY_HEADER,
+                &key,
+                json!({"key": key, "n": n, "account": key, "amount": amount}),
+            )
+        })
+        .collect()
+}
+
+async fn processor(w: &World, extra: &str) -> anyhow::Result<MendProcess> {
+    let config = processor_config(&w.nats.url(), &example_rules(), extra);
+    let p = MendProcess::start("processor", &config).await?;
+    p.ready().await?;
+    Ok(p)
+}
+
+/// Checks the guarantees on the app's log: every order succeeded, and for each key the first
+/// successes are exactly its orders in stream order; repaired ones came as attempt 2 or later.
+fn complete_and_in_order(log: &[Delivery]) -> anyhow::Result<()> {
+    first_successes_in_order(log).map_err(anyhow::Error::msg)?;
+    let mut firsts: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    let mut seen = HashSet::new();
+    for d in log.iter().filter(|d| d.ok()) {
+        let n = n_of(d);
+        if seen.insert(n) {
+            let key = d.field("key").and_then(Value::as_str).unwrap_or("");
+            firsts.entry(key.to_owned()).or_default().push(n);
+        }
+        if repairable(n) {
+            let attempt: u32 = d.header("mend-attempt").unwrap_or("1").parse()?;
+            anyhow::ensure!(attempt >= 2, "order {n} succeeded unrepaired");
+        }
+    }
+    anyhow::ensure!(firsts.len() == KEYS, "{} keys delivered", firsts.len());
+    for (key, ns) in firsts {
+        let k: u64 = key.trim_start_matches('k').parse()?;
+        let expect: Vec<u64> = (0..PER_KEY as u64).map(|j| j * KEYS as u64 + k).collect();
+        anyhow::ensure!(ns == expect, "key {key}: {ns:?}");
+    }
+    Ok(())
+}
+
+/// Waits until no key is held any more and the hold queues are empty.
+async fn holds_cleared(w: &World, js: &async_nats::jetstream::Context) -> anyhow::Result<()> {
+    let _ = w;
+    wait::until("every hold released", TEST_TIMEOUT, || async {
+        let mut queues = js.get_stream("MEND_HOLD").await?;
+        let queued = queues.info().await?.state.messages;
+        let kv = js.get_key_value("mend_holds").await?;
+        let mut held = 0;
+        let keys: Vec<String> = futures::TryStreamExt::try_collect(kv.keys().await?).await?;
+        for name in keys {
+            if let Some(v) = kv.get(&name).await? {
+                let hold: Value = serde_json::from_slice(&v)?;
+                if hold["state"] != "resolved" {
+                    held += 1;
+                }
+            }
+        }
+        Ok((queued == 0 && held == 0).then_some(()))
+    })
+    .await
+}
+
+fn all_succeeded(log: &[Delivery]) -> bool {
+    let ok: HashSet<u64> = log.iter().filter(|d| d.ok()).map(n_of).collect();
+    ok.len() == KEYS * PER_KEY
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_keep_their_order_through_repairs_and_flaky_answers() -> anyhow::Result<()> {
+    let w = World::new().await?;
+    w.app.script(orders_app);
+    js::publish_all(&w.js, orders()).await?;
+    let _p = processor(&w, "").await?;
+    let s = w
+        .sidecar(&w.keyed_config("orders", "backoff_initial = \"10ms\""))
+        .await?;
+
+    let log = w
+        .app
+        .wait_for("every order delivered", TEST_TIMEOUT, all_succeeded)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:#}\nsidecar log:\n{}", s.log()))?;
+    complete_and_in_order(&log)?;
+    holds_cleared(&w, &w.js).await?;
+
+    // Holds were taken and let go, and said so.
+    let held = js::events(&w.js, "orders", "held").await?;
+    assert!(!held.is_empty(), "some orders waited behind a repair");
+    let held_ids: HashSet<&str> = held
+        .iter()
+        .filter_map(|e| e["data"]["id"].as_str())
+        .collect();
+    for d in log.iter().filter(|d| d.ok()) {
+        // A held order is only delivered after its head's repair was.
+        if held_ids.contains(d.mend_id()) {
+            assert!(!repairable(n_of(d)) || d.header("mend-attempt") != Some("1"));
+        }
+    }
+    let released = js::events(&w.js, "orders", "released").await?;
+    let resolved = js::events(&w.js, "orders", "resolved").await?;
+    assert!(!released.is_empty() && !resolved.is_empty());
+    assert!(!s.log().contains("panicked"));
+    Ok(())
+}
+
+/// A small deterministic generator for kill points (its seed is printed, to replay a failure).
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_survives_sidecar_kills_and_a_broker_restart() -> anyhow::Result<()> {
+    let mut w = World::new().await?;
+    w.app.script(orders_app);
+    js::publish_all(&w.js, orders()).await?;
+    let _p = processor(&w, "").await?;
+    let config = w.keyed_config(
+        "orders",
+        "backoff_initial = \"10ms\"\ntimeout = \"1s\"\nack_wait = \"2s\"\nconcurrency = 16",
+    );
+    let mut s = w.sidecar(&config).await?;
+    let seed = std::env::var("MEND_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    eprintln!("kill points from MEND_TEST_SEED={seed}");
+    let mut rng = Lcg(seed);
+    let total = (KEYS * PER_KEY) as u64;
+    // Three kills and one broker restart, at random points of the run, in random order.
+    let mut points: Vec<u64> = (0..4).map(|_| total / 10 + rng.below(total / 2)).collect();
+    points.sort_unstable();
+    let restart_at = rng.below(4) as usize;
+    for (i, at) in points.into_iter().enumerate() {
+        w.app
+            .wait_for(&format!("{at} requests"), TEST_TIMEOUT, |log| {
+                log.len() as u64 >= at
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("{e:#}\nsidecar log:\n{}", s.log()))?;
+        if i == restart_at {
+            eprintln!("nats-server restart at {at} requests");
+            w.nats.restart().await?;
+        } else {
+            eprintln!("sidecar SIGKILL at {at} requests");
+            s.kill().await?;
+            s.restart().await?;
+        }
+    }
+    s.ready().await?;
+
+    let log = w
+        .app
+        .wait_for("every order delivered", TEST_TIMEOUT, all_succeeded)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:#}\nseed {seed}\nsidecar log:\n{}", s.log()))?;
+    complete_and_in_order(&log).map_err(|e| anyhow::anyhow!("{e:#}\nseed {seed}"))?;
+    let js2 = async_nats::jetstream::new(w.nats.client().await?);
+    holds_cleared(&w, &js2).await?;
+    Ok(())
+}
+
+/// Publishes a person's resubmission of `id` with `payload` (as the dashboard does).
+async fn resubmit(w: &World, svc: &str, id: &str, key: &str, payload: Value) -> anyhow::Result<()> {
+    let mut headers = HeaderMap::new();
+    headers.insert("Mend-Id", id);
+    headers.insert("Mend-Attempt", "2");
+    headers.insert("Mend-Key", key);
+    headers.insert("Mend-Original-Subject", "app.created");
+    headers.insert("Mend-Resubmitted-By", "alice");
+    headers.insert("Nats-Msg-Id", format!("{id}:2:resubmit").as_str());
+    w.js.publish_with_headers(
+        format!("mend.retry.{svc}"),
+        headers,
+        Bytes::from(payload.to_string()),
+    )
+    .await?
+    .await?;
+    Ok(())
+}
+
+/// Publishes a command on `mend.control.<svc>`.
+async fn control(w: &World, svc: &str, command: Value) -> anyhow::Result<()> {
+    w.js.publish(
+        format!("mend.control.{svc}"),
+        Bytes::from(command.to_string()),
+    )
+    .await?
+    .await?;
+    Ok(())
+}
+
+fn order(n: u64, key: &str, account: &str) -> Out {
+    Out::keyed(
+        "app.created",
+        KEY_HEADER,
+        key,
+        json!({"key": key, "n": n, "account": account, "amount": n}),
+    )
+}
+
+/// Waits until `count` messages of `svc` were announced held.
+async fn held(w: &World, svc: &str, count: usize) -> anyhow::Result<Vec<Value>> {
+    wait::until(&format!("{count} held"), TEST_TIMEOUT, || async {
+        let held = js::events(&w.js, svc, "held").await?;
+        Ok((held.len() >= count).then_some(held))
+    })
+    .await
+}
+
+async fn parked(w: &World, svc: &str, count: usize) -> anyhow::Result<()> {
+    wait::until(&format!("{count} parked"), TEST_TIMEOUT, || async {
+        Ok((js::events(&w.js, svc, "parked").await?.len() >= count).then_some(()))
+    })
+    .await
+}
+
+fn successes(log: &[Delivery], key: &str) -> Vec<u64> {
+    log.iter()
+        .filter(|d| d.ok() && d.field("key").and_then(Value::as_str) == Some(key))
+        .map(n_of)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_head_holds_its_key_until_resubmitted_or_discarded() -> anyhow::Result<()> {
+    let w = World::new().await?;
+    w.app.script(orders_app);
+    // Key a: its head is parked (unknown account); 1..3 wait. Key b flows meanwhile.
+    // Key c: its head is parked; of its held messages, 5 fails again when released and becomes
+    // the new head, 6 stays held until 5 is discarded too.
+    let seqs = js::publish_all(
+        &w.js,
+        vec![
+            order(0, "a", "nobody"),
+            order(1, "a", "a"),
+            order(2, "b", "b"),
+            order(3, "a", "a"),
+            order(4, "c", "nobody"),
+            order(5, "c", "nobody"),
+            order(6, "c", "c"),
+            order(7, "a", "a"),
+            order(8, "b", "b"),
+        ],
+    )
+    .await?;
+    let _p = processor(&w, "").await?;
+    let _s = w.sidecar(&w.keyed_config("desk", "")).await?;
+
+    let held_now = held(&w, "desk", 5).await?;
+    parked(&w, "desk", 2).await?;
+    let log = w
+        .app
+        .wait_for("key b through", TEST_TIMEOUT, |log| {
+            successes(log, "b") == [2, 8]
+        })
+        .await?;
+    assert!(successes(&log, "a").is_empty(), "key a waits behind 0");
+    assert!(successes(&log, "c").is_empty(), "key c waits behind 4");
+    let ids: HashSet<String> = held_now
+        .iter()
+        .filter_map(|e| e["data"]["id"].as_str().map(str::to_owned))
+        .collect();
+    for i in [1, 3, 7, 5, 6] {
+        assert!(ids.contains(&format!("APP:{}", seqs[i])), "{i} held");
+    }
+    for e in &held_now {
+        let head = if e["data"]["key"] == "a" { 0 } else { 4 };
+        assert_eq!(e["data"]["head"], format!("APP:{}", seqs[head]));
+    }
+
+    // A person fixes and resubmits a's head: it is delivered, then 1, 3, 7 in order.
+    let a0 = format!("APP:{}", seqs[0]);
+    resubmit(
+        &w,
+        "desk",
+        &a0,
+        "a",
+        json!({"key": "a", "n": 0, "account": "a", "amount": 0}),
+    )
+    .await?;
+    let log = w
+        .app
+        .wait_for("key a released", TEST_TIMEOUT, |log| {
+            successes(log, "a").len() >= 4
+        })
+        .await?;
+    assert_eq!(successes(&log, "a"), [0, 1, 3, 7]);
+    let resubmitted = log
+        .iter()
+        .find(|d| d.ok() && n_of(d) == 0)
+        .expect("the resubmission");
+    assert_eq!(resubmitted.header("mend-resubmitted-by"), Some("alice"));
+    assert_eq!(resubmitted.mend_id(), a0);
+    wait::until("a resolved and released", TEST_TIMEOUT, || async {
+        let resolved = js::events(&w.js, "desk", "resolved").await?;
+        let released = js::events(&w.js, "desk", "released").await?;
+        Ok((resolved.iter().any(|e| e["data"]["id"] == a0.as_str())
+            && released.iter().any(|e| e["data"]["key"] == "a"))
+        .then_some(()))
+    })
+    .await?;
+
+    // Discarding c's head releases c: 5 fails again and is the new head, 6 stays held.
+    let c4 = format!("APP:{}", seqs[4]);
+    control(
+        &w,
+        "desk",
+        json!({"action": "discard", "id": c4, "key": "c", "by": "alice"}),
+    )
+    .await?;
+    parked(&w, "desk", 3).await?;
+    let log = w
+        .app
+        .wait_for("5 delivered again", TEST_TIMEOUT, |log| {
+            log.iter().filter(|d| n_of(d) == 5).count() >= 1
+        })
+        .await?;
+    assert!(successes(&log, "c").is_empty());
+    assert!(!log.iter().any(|d| n_of(d) == 6), "6 waits behind 5");
+    // Discarding the new head lets 6 through.
+    let c5 = format!("APP:{}", seqs[5]);
+    control(
+        &w,
+        "desk",
+        json!({"action": "discard", "id": c5, "key": "c"}),
+    )
+    .await?;
+    let log = w
+        .app
+        .wait_for("6 delivered", TEST_TIMEOUT, |log| {
+            successes(log, "c") == [6]
+        })
+        .await?;
+    assert_eq!(log.iter().filter(|d| n_of(d) == 4).count(), 1, "discarded");
+    js::consumer_drained(&w.js, "APP", "mend-desk-desk", TEST_TIMEOUT).await?;
+    holds_cleared(&w, &w.js).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_by_hand_delivers_the_held_messages_and_leaves_the_head_parked()
+-> anyhow::Result<()> {
+    let w = World::new().await?;
+    w.app.script(orders_app);
+    let seqs = js::publish_all(
+        &w.js,
+        vec![
+            order(0, "r", "nobody"),
+            order(1, "r", "r"),
+            order(2, "r", "r"),
+        ],
+    )
+    .await?;
+    let _p = processor(&w, "").await?;
+    let s = w.sidecar(&w.keyed_config("rel", "")).await?;
+    held(&w, "rel", 2).await?;
+    // A malformed command is refused and changes nothing.
+    control(&w, "rel", json!({"action": "explode", "key": "r"})).await?;
+    control(
+        &w,
+        "rel",
+        json!({"action": "release", "id": format!("APP:{}", seqs[0]), "key": "r"}),
+    )
+    .await?;
+    let log = w
+        .app
+        .wait_for("1 and 2 released", TEST_TIMEOUT, |log| {
+            successes(log, "r") == [1, 2]
+        })
+        .await?;
+    assert_eq!(log.iter().filter(|d| n_of(d) == 0).count(), 1);
+    let parked = js::parked(&w.js, "rel").await?;
+    assert_eq!(parked.len(), 1, "the head stays parked");
+    assert!(s.log().contains("Command refused"), "{}", s.log());
+    holds_cleared(&w, &w.js).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_survive_a_sidecar_restart() -> anyhow::Result<()> {
+    let w = World::new().await?;
+    w.app.script(orders_app);
+    let seqs = js::publish_all(
+        &w.js,
+        (0..20)
+            .map(|n| order(n, "s", if n == 0 { "nobody" } else { "s" }))
+            .collect(),
+    )
+    .await?;
+    let _p = processor(&w, "").await?;
+    let mut s = w.sidecar(&w.keyed_config("keep", "")).await?;
+    held(&w, "keep", 19).await?;
+    js::consumer_drained(&w.js, "APP", "mend-keep-keep", TEST_TIMEOUT).await?;
+    s.kill().await?;
+    s.restart().await?;
+    s.ready().await?;
+    // The hold came back from KV: a resubmission of the head releases the queue in order.
+    resubmit(
+        &w,
+        "keep",
+        &format!("APP:{}", seqs[0]),
+        "s",
+        json!({"key": "s", "n": 0, "account": "s", "amount": 0}),
+    )
+    .await?;
+    let log = w
+        .app
+        .wait_for("all of s", TEST_TIMEOUT, |log| {
+            successes(log, "s").len() >= 20
+        })
+        .await?;
+    assert_eq!(successes(&log, "s"), (0..20).collect::<Vec<u64>>());
+    holds_cleared(&w, &w.js).await?;
+    Ok(())
+}
