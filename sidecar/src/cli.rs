@@ -51,6 +51,10 @@ pub enum Command {
         /// The sidecar's TOML config.
         #[arg(long, short, env = "MEND_CONFIG")]
         config: PathBuf,
+        /// This instance's partition index (a StatefulSet ordinal, say); wins over `partition` in
+        /// the config and MEND_PARTITION.
+        #[arg(long, value_name = "N")]
+        partition: Option<u32>,
     },
 }
 
@@ -109,8 +113,8 @@ pub async fn main() -> ExitCode {
             tokio::spawn(on_signal(shutdown.clone()));
             exit("processor", crate::processor::run(config, shutdown).await)
         }
-        Command::Sidecar { config } => {
-            let config = match SidecarConfig::load(&config, std::env::vars()) {
+        Command::Sidecar { config, partition } => {
+            let config = match SidecarConfig::load_for(&config, std::env::vars(), partition) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("mend sidecar: bad config: {e}");

@@ -26,6 +26,15 @@ pub struct SidecarConfig {
     /// How long a graceful shutdown waits for in-flight deliveries before handing them back.
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// How long a binding's lease outlives its last renewal (1s to 24h): one sidecar at a time
+    /// consumes a (binding, partition), and a standby takes over from a crashed one after about this
+    /// long. A sidecar that loses its lease stops consuming within half of it.
+    #[serde(default = "default_lease_ttl", deserialize_with = "lease_ttl")]
+    pub lease_ttl: Duration,
+    /// This instance's partition index (a StatefulSet ordinal, say): the partition it consumes of
+    /// every binding with `partitions` above 1. `mend sidecar --partition N` overrides it.
+    #[serde(default)]
+    pub partition: u32,
     /// NATS authentication, TLS and the layout of mend's streams.
     #[serde(default)]
     pub nats: NatsConfig,
@@ -73,9 +82,15 @@ pub struct BindingConfig {
     pub name: String,
     /// The app's stream; it must exist (mend never creates or changes it).
     pub stream: String,
-    /// Filter subjects of the consumer.
+    /// Filter subjects of the consumer. With `partitions` above 1, each holds the token
+    /// `{partition}`, replaced by the instance's partition index.
     #[serde(deserialize_with = "subject_filters")]
     pub subjects: Vec<String>,
+    /// How many partitions the app stream's subjects are split into (1 to 1024), usually by a stream
+    /// subject transform with `{{partition(N, …)}}`. Each partition has its own consumer
+    /// (`mend-<service>-<name>-p<index>`) and lease, consumed by the instance with that `partition`.
+    #[serde(default = "default_partitions", deserialize_with = "partitions")]
+    pub partitions: u32,
     /// Where the business key comes from; without one, messages are delivered fully concurrently.
     pub key: Option<KeySource>,
     /// The app's HTTP endpoint.
@@ -119,12 +134,25 @@ impl SidecarConfig {
         path: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let config: Self = envcfg::load(path, env, &["binding"])?;
-        config.validate(path)?;
+        Self::load_for(path, env, None)
+    }
+
+    /// [`SidecarConfig::load`], with the partition index given on the command line (which wins over
+    /// the file and `MEND_PARTITION`).
+    pub fn load_for(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+        partition: Option<u32>,
+    ) -> Result<Self, ConfigError> {
+        let mut config: Self = envcfg::load(path, env, &["binding"])?;
+        if let Some(partition) = partition {
+            config.partition = partition;
+        }
+        config.validate(path, partition.is_some())?;
         Ok(config)
     }
 
-    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+    fn validate(&self, path: &Path, partition_from_flag: bool) -> Result<(), ConfigError> {
         let invalid = |key: String, message: String| ConfigError::Invalid {
             path: path.to_path_buf(),
             key,
@@ -157,6 +185,45 @@ impl SidecarConfig {
                 return Err(invalid(
                     format!("binding {:?} backoff_initial", b.name),
                     "backoff_initial must be above zero and at most backoff_max".into(),
+                ));
+            }
+            for s in &b.subjects {
+                let tokens = s.split('.');
+                let exact = tokens.clone().filter(|t| *t == PARTITION_TOKEN).count();
+                let inside = tokens.filter(|t| t.contains(PARTITION_TOKEN)).count();
+                let problem = if inside != exact || exact > 1 {
+                    Some(format!(
+                        "{s:?}: `{PARTITION_TOKEN}` may appear once, as a whole token"
+                    ))
+                } else if exact == 0 && b.partitions > 1 {
+                    Some(format!(
+                        "{s:?} has no token `{PARTITION_TOKEN}`: with partitions = {}, every \
+                         subject needs exactly one (for example \"orders.{PARTITION_TOKEN}.>\")",
+                        b.partitions
+                    ))
+                } else {
+                    None
+                };
+                if let Some(message) = problem {
+                    return Err(invalid(format!("binding {:?} subjects", b.name), message));
+                }
+            }
+            if b.partitions > 1 && self.partition >= b.partitions {
+                let from = if partition_from_flag {
+                    " (from --partition)"
+                } else {
+                    ""
+                };
+                return Err(invalid(
+                    "partition".into(),
+                    format!(
+                        "{}{from} is not a partition of binding {:?}, which has partitions = {} \
+                         (0 to {})",
+                        self.partition,
+                        b.name,
+                        b.partitions,
+                        b.partitions - 1
+                    ),
                 ));
             }
         }
@@ -262,11 +329,94 @@ impl Default for NatsConfig {
     }
 }
 
+/// The token of a binding's subjects that stands for the partition index.
+pub const PARTITION_TOKEN: &str = "{partition}";
+
 impl BindingConfig {
-    /// The durable consumer of this binding.
+    /// The durable consumer of this binding (of an unpartitioned one; see
+    /// [`BindingConfig::partition_consumer_name`]).
     pub fn consumer_name(&self, service: &str) -> String {
         format!("mend-{service}-{}", self.name)
     }
+
+    /// Whether the binding is split into partitions, each consumed by its own instance.
+    pub fn is_partitioned(&self) -> bool {
+        self.partitions > 1
+    }
+
+    /// The partition of this binding that the instance with index `instance` consumes: its index
+    /// when the binding is partitioned, else 0.
+    pub fn partition_for(&self, instance: u32) -> u32 {
+        if self.is_partitioned() { instance } else { 0 }
+    }
+
+    /// The durable consumer of partition `partition` of this binding:
+    /// `mend-<service>-<name>-p<partition>` when partitioned, else [`BindingConfig::consumer_name`].
+    pub fn partition_consumer_name(&self, service: &str, partition: u32) -> String {
+        if self.is_partitioned() {
+            format!("mend-{service}-{}-p{partition}", self.name)
+        } else {
+            self.consumer_name(service)
+        }
+    }
+
+    /// The filter subjects of partition `partition`: `{partition}` replaced by its index.
+    pub fn partition_subjects(&self, partition: u32) -> Vec<String> {
+        self.subjects
+            .iter()
+            .map(|s| fill_partition(s, partition))
+            .collect()
+    }
+
+    /// This binding as partition `partition` consumes it: its subjects are that partition's.
+    pub fn for_partition(&self, partition: u32) -> Self {
+        Self {
+            subjects: self.partition_subjects(partition),
+            ..self.clone()
+        }
+    }
+
+    /// Which partition of this binding a message on `subject` belongs to: the first whose filter
+    /// subjects match it. `None` when no partition's do.
+    pub fn partition_of(&self, subject: &str) -> Option<u32> {
+        if !self.is_partitioned() {
+            return self
+                .partition_subjects(0)
+                .iter()
+                .any(|f| repair_rules::rules::subject::matches(f, subject))
+                .then_some(0);
+        }
+        let tokens: Vec<&str> = subject.split('.').collect();
+        self.subjects.iter().find_map(|filter| {
+            // The subject's token in the place of `{partition}` names the only candidate.
+            let at = filter.split('.').position(|t| t == PARTITION_TOKEN)?;
+            let k: u32 = tokens.get(at)?.parse().ok()?;
+            let canonical = k < self.partitions && tokens[at] == k.to_string();
+            (canonical
+                && repair_rules::rules::subject::matches(&fill_partition(filter, k), subject))
+            .then_some(k)
+        })
+    }
+
+    /// Whether a message on `subject` is one this binding consumes (on any partition).
+    pub fn consumes(&self, subject: &str) -> bool {
+        self.partition_of(subject).is_some()
+    }
+}
+
+/// `filter` with its `{partition}` token replaced by `partition`.
+fn fill_partition(filter: &str, partition: u32) -> String {
+    filter
+        .split('.')
+        .map(|t| {
+            if t == PARTITION_TOKEN {
+                std::borrow::Cow::Owned(partition.to_string())
+            } else {
+                std::borrow::Cow::Borrowed(t)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 fn default_nats_url() -> String {
@@ -277,6 +427,12 @@ fn default_listen() -> SocketAddr {
 }
 const fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(20)
+}
+const fn default_lease_ttl() -> Duration {
+    Duration::from_secs(10)
+}
+const fn default_partitions() -> u32 {
+    1
 }
 const fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)
@@ -368,6 +524,29 @@ fn positive_u32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error>
         return Err(serde::de::Error::custom("must be at least 1"));
     }
     Ok(n)
+}
+
+fn lease_ttl<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let ttl: Duration = humantime_serde::deserialize(d)?;
+    if (Duration::from_secs(1)..=crate::lease::MAX_TTL).contains(&ttl) {
+        Ok(ttl)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "{} is out of range: a lease lasts 1s to 24h",
+            humantime::format_duration(ttl)
+        )))
+    }
+}
+
+fn partitions<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let n = u32::deserialize(d)?;
+    if (1..=1024).contains(&n) {
+        Ok(n)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "{n} is out of range 1..=1024"
+        )))
+    }
 }
 
 fn replicas<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
@@ -548,6 +727,102 @@ timeout     = "10s"
         let f = write("");
         let e = SidecarConfig::load(f.path(), []).unwrap_err().to_string();
         assert!(e.contains("service"), "{e}");
+    }
+
+    #[test]
+    fn lease_ttl_and_partition_defaults_file_and_env() {
+        let f = write(GOOD);
+        let c = SidecarConfig::load(f.path(), []).unwrap();
+        assert_eq!(c.lease_ttl, Duration::from_secs(10));
+        assert_eq!(c.partition, 0);
+        assert_eq!(c.bindings[0].partitions, 1);
+        assert!(!c.bindings[0].is_partitioned());
+
+        let text = GOOD.replace("listen ", "lease_ttl = \"3s\"\nlisten ");
+        let f = write(&text);
+        assert_eq!(
+            SidecarConfig::load(f.path(), []).unwrap().lease_ttl,
+            Duration::from_secs(3)
+        );
+        let env = [("MEND_LEASE_TTL", "2s"), ("MEND_PARTITION", "1")]
+            .map(|(k, v)| (k.to_string(), v.to_string()));
+        let partitioned = GOOD
+            .replace("[\"orders.>\"]", "[\"orders.{partition}.>\"]")
+            .replace("concurrency = 64", "concurrency = 64\npartitions = 2");
+        let f = write(&partitioned);
+        let c = SidecarConfig::load(f.path(), env).unwrap();
+        assert_eq!(c.lease_ttl, Duration::from_secs(2));
+        assert_eq!(c.partition, 1);
+        let b = &c.bindings[0];
+        assert_eq!(
+            b.partition_consumer_name("orders", 1),
+            "mend-orders-orders-p1"
+        );
+        assert_eq!(b.for_partition(1).subjects, ["orders.1.>"]);
+        assert_eq!(b.partition_of("orders.1.k7.created"), Some(1));
+        assert_eq!(b.partition_of("orders.0.k7"), Some(0));
+        assert_eq!(b.partition_of("orders.2.k7"), None, "only 0 and 1 exist");
+        assert_eq!(
+            b.partition_of("orders.01.k7"),
+            None,
+            "not an index as the server writes it"
+        );
+        assert_eq!(b.partition_of("orders.1"), None);
+        assert_eq!(b.partition_of("other.1.x"), None);
+
+        // The flag wins over the file and the environment, and is checked like them.
+        let f = write(&partitioned);
+        let env = [("MEND_PARTITION".to_string(), "1".to_string())];
+        let c = SidecarConfig::load_for(f.path(), env, Some(0)).unwrap();
+        assert_eq!(c.partition, 0);
+        let e = SidecarConfig::load_for(f.path(), [], Some(2))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("partition") && e.contains("--partition"), "{e}");
+    }
+
+    #[test]
+    fn bad_lease_and_partition_values_are_located_or_named() {
+        let e = error_of(&GOOD.replace("listen ", "lease_ttl = \"500ms\"\nlisten "));
+        assert!(e.contains(":4:") && e.contains("lease_ttl"), "{e}");
+        let e = error_of(&GOOD.replace("listen ", "lease_ttl = \"soon\"\nlisten "));
+        assert!(e.contains(":4:") && e.contains("lease_ttl"), "{e}");
+        let e = error_of(&GOOD.replace("listen ", "partition = -1\nlisten "));
+        assert!(e.contains(":4:") && e.contains("partition"), "{e}");
+        let e = error_of(&GOOD.replace("concurrency = 64", "partitions = 0"));
+        assert!(e.contains(":12:") && e.contains("partitions"), "{e}");
+        let e = error_of(&GOOD.replace("concurrency = 64", "partitions = 1025"));
+        assert!(e.contains(":12:") && e.contains("partitions"), "{e}");
+
+        let e = error_of(&GOOD.replace("concurrency = 64", "partitions = 2"));
+        assert!(e.contains("subjects") && e.contains("{partition}"), "{e}");
+        let e = error_of(
+            &GOOD
+                .replace("[\"orders.>\"]", "[\"orders.{partition}.{partition}\"]")
+                .replace("concurrency = 64", "partitions = 2"),
+        );
+        assert!(e.contains("subjects") && e.contains("once"), "{e}");
+        let e = error_of(
+            &GOOD
+                .replace("[\"orders.>\"]", "[\"orders.p{partition}.>\"]")
+                .replace("concurrency = 64", "partitions = 2"),
+        );
+        assert!(e.contains("subjects") && e.contains("whole token"), "{e}");
+        let e = error_of(
+            &GOOD
+                .replace("listen ", "partition = 2\nlisten ")
+                .replace("[\"orders.>\"]", "[\"orders.{partition}.>\"]")
+                .replace("concurrency = 64", "partitions = 2"),
+        );
+        assert!(e.contains("partition: 2 is not a partition"), "{e}");
+        // An unpartitioned binding consumes partition 0 whatever the instance's index.
+        let f = write(&GOOD.replace("listen ", "partition = 5\nlisten "));
+        let c = SidecarConfig::load(f.path(), []).unwrap();
+        assert_eq!(c.bindings[0].partition_for(c.partition), 0);
+        assert_eq!(
+            c.bindings[0].partition_consumer_name("orders", 0),
+            "mend-orders-orders"
+        );
     }
 
     #[test]

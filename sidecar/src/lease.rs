@@ -186,6 +186,33 @@ impl Lease {
         ttl: Duration,
         shutdown: &CancellationToken,
     ) -> Result<Lease, Stopped> {
+        let mut ignore = |_: &str| {};
+        Self::acquire_noting(
+            js,
+            service,
+            binding,
+            partition,
+            owner,
+            ttl,
+            shutdown,
+            &mut ignore,
+        )
+        .await
+    }
+
+    /// [`Lease::acquire`], telling `waiting` who holds the lease whenever a new holder is seen
+    /// (for readiness probes and the like).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn acquire_noting(
+        js: &Context,
+        service: &str,
+        binding: &str,
+        partition: u32,
+        owner: &str,
+        ttl: Duration,
+        shutdown: &CancellationToken,
+        waiting: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<Lease, Stopped> {
         let ttl = ttl.clamp(MIN_TTL, MAX_TTL);
         let key = lease_key(service, binding, partition);
         let kv = open(js, &key, shutdown).await?;
@@ -272,6 +299,7 @@ impl Lease {
                 } else if watched.as_ref().is_none_or(|w| w.owner != holder) {
                     tracing::debug!(lease = key, holder, "The lease has a new holder.");
                 }
+                waiting(&holder);
                 watched = Some(Watched {
                     revision: entry.revision,
                     since: Instant::now(),

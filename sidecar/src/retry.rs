@@ -8,23 +8,31 @@
 //! Commands from the dashboard arrive on `mend.control.<service>` (stream MEND_CONTROL) as JSON
 //! `{"action": "discard" | "release", "key": …, "id": <lineage>, "binding": …}` and go the same way,
 //! into the lane of their key. A command that is not one is refused (terminated, logged, counted).
+//!
+//! Every instance of a service pulls the same two consumers. A binding's dispatcher takes routed
+//! messages only while this instance holds its lease ([`Dispatchers`]); one this instance does not
+//! consume now is handed back for another instance to take. A partitioned binding's retry or command
+//! belongs to the partition whose subjects match its original message's subject (a command's
+//! original is read from the app stream); one of another partition is forwarded to
+//! `mend.retry.<service>.p<k>` / `mend.control.<service>.p<k>`, which the instance of partition `k`
+//! consumes (`mend-<service>-retry-p<k>`, `mend-<service>-control-p<k>`) into the same routing.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use async_nats::jetstream::consumer::{self, PullConsumer};
-use async_nats::jetstream::{self, Message};
+use async_nats::jetstream::stream::RawMessageErrorKind;
+use async_nats::jetstream::{self, ErrorCode, Message};
 use base64::Engine;
 use futures::StreamExt;
 use repair_rules::headers as h;
 use repair_rules::identity::subjects;
-use repair_rules::rules::subject;
 use repair_rules::{
     ENVELOPE_VERSION, ErrorKind, FailureEnvelope, FailureError, HistoryEntry, LineageId, MessageKey,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::ack;
@@ -34,6 +42,17 @@ use crate::headers::DeliveryMeta;
 use crate::lanes::Lanes;
 use crate::processor::MEND_HISTORY;
 use crate::publish::{self, Published, to_bytes};
+
+/// How long a retry or command is handed back for when this instance does not consume its binding
+/// now (it waits for the lease, or lost it): long enough for another instance to pull it first.
+const NOT_HERE_DELAY: Duration = Duration::from_secs(1);
+/// How long a command is handed back for when its partition cannot be looked up now.
+const LOOKUP_RETRY_DELAY: Duration = Duration::from_secs(2);
+/// Forwards of one message between partitions before it is taken as a loop (instances that disagree
+/// on the partitions) and parked or refused.
+const MAX_FORWARDS: usize = 4;
+/// The suffix a forward adds to the message's `Nats-Msg-Id`.
+const FORWARD_SUFFIX: &str = ":fwd";
 
 /// The durable consumer of a service's retries.
 pub fn consumer_name(service: &str) -> String {
@@ -55,6 +74,109 @@ pub enum Inbound {
     },
 }
 
+impl Inbound {
+    fn into_message(self) -> Message {
+        match self {
+            Inbound::Retry(msg) | Inbound::Control { msg, .. } => msg,
+        }
+    }
+}
+
+/// Which of mend's inboxes of a service a message comes from: retries or commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inbox {
+    Retry,
+    Control,
+}
+
+impl Inbox {
+    /// The subject every instance of `service` shares.
+    pub fn subject(self, service: &str) -> String {
+        match self {
+            Inbox::Retry => subjects::retry(service),
+            Inbox::Control => subjects::control(service),
+        }
+    }
+
+    /// The subject of the instance of partition `partition`.
+    pub fn partition_subject(self, service: &str, partition: u32) -> String {
+        format!("{}.p{partition}", self.subject(service))
+    }
+
+    /// The durable consumer of the shared subject (`None`) or of a partition's.
+    pub fn consumer_name(self, service: &str, partition: Option<u32>) -> String {
+        let shared = match self {
+            Inbox::Retry => consumer_name(service),
+            Inbox::Control => control_consumer_name(service),
+        };
+        match partition {
+            Some(p) => format!("{shared}-p{p}"),
+            None => shared,
+        }
+    }
+
+    fn stream(self) -> &'static str {
+        match self {
+            Inbox::Retry => "MEND_RETRY",
+            Inbox::Control => "MEND_CONTROL",
+        }
+    }
+}
+
+/// Where routed messages reach each binding's dispatcher (`bindings[i]` ↔ slot `i`): a slot is open
+/// while this instance holds the binding's lease and its dispatcher runs.
+pub struct Dispatchers {
+    slots: Vec<Mutex<Option<mpsc::Sender<Inbound>>>>,
+    open: watch::Sender<usize>,
+}
+
+impl Dispatchers {
+    pub fn new(bindings: usize) -> Self {
+        Self {
+            slots: (0..bindings).map(|_| Mutex::new(None)).collect(),
+            open: watch::channel(0).0,
+        }
+    }
+
+    /// Binding `i`'s dispatcher takes routed messages from now on.
+    pub fn open(&self, i: usize, to: mpsc::Sender<Inbound>) {
+        let was = self.slot(i).replace(to);
+        if was.is_none() {
+            self.open.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Binding `i`'s dispatcher stopped.
+    pub fn close(&self, i: usize) {
+        let was = self.slot(i).take();
+        if was.is_some() {
+            self.open.send_modify(|n| *n = n.saturating_sub(1));
+        }
+    }
+
+    fn sender(&self, i: usize) -> Option<mpsc::Sender<Inbound>> {
+        self.slot(i).clone()
+    }
+
+    fn slot(&self, i: usize) -> std::sync::MutexGuard<'_, Option<mpsc::Sender<Inbound>>> {
+        // A poisoned slot only means a panic elsewhere while swapping a sender: the value is whole.
+        match self.slots[i].lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Waits until some binding's dispatcher runs here (`false`: shutdown came first). An instance
+    /// that consumes nothing (a standby) does not pull retries or commands at all.
+    async fn any_open(&self, shutdown: &CancellationToken) -> bool {
+        let mut open = self.open.subscribe();
+        tokio::select! {
+            result = open.wait_for(|n| *n > 0) => result.is_ok(),
+            _ = shutdown.cancelled() => false,
+        }
+    }
+}
+
 /// A command on `mend.control.<service>`.
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -65,6 +187,10 @@ struct ControlMessage {
     id: Option<String>,
     #[serde(default)]
     binding: Option<String>,
+    /// The subject of the message `id` in the app stream, when the sender knows it: routes the
+    /// command of a partitioned binding without reading the app stream.
+    #[serde(default)]
+    subject: Option<String>,
     /// Who asked (the dashboard's user), for the logs.
     #[serde(default)]
     by: Option<String>,
@@ -79,44 +205,125 @@ enum ControlAction {
     Release,
 }
 
-/// Creates or updates the service's control consumer.
+/// A command understood: for which binding, key and lineage, and what to do.
+struct Parsed {
+    binding: usize,
+    key: MessageKey,
+    lineage: Option<LineageId>,
+    command: repair_rules::holds::Command,
+    cm: ControlMessage,
+}
+
+/// Creates or updates the service's control consumer: the shared one (`partition` = `None`) or the
+/// one of this instance's partition.
 pub async fn bind_control(
     js: &jetstream::Context,
     service: &str,
+    partition: Option<u32>,
     ack_wait: Duration,
 ) -> anyhow::Result<PullConsumer> {
+    bind_inbox(
+        js,
+        Inbox::Control,
+        service,
+        partition,
+        256,
+        ack_wait,
+        format!("mend sidecar of {service}: discard and release commands"),
+    )
+    .await
+}
+
+/// Creates or updates the service's retry consumer (shared, or of this instance's `partition`). Its
+/// ack wait is the longest of the bindings': a retry waiting in a lane is kept alive on its binding's
+/// cadence, which must fit inside it.
+pub async fn bind(
+    js: &jetstream::Context,
+    service: &str,
+    partition: Option<u32>,
+    max_ack_pending: usize,
+    ack_wait: Duration,
+) -> anyhow::Result<PullConsumer> {
+    bind_inbox(
+        js,
+        Inbox::Retry,
+        service,
+        partition,
+        max_ack_pending,
+        ack_wait,
+        format!("mend sidecar of {service}: repaired and resubmitted messages"),
+    )
+    .await
+}
+
+async fn bind_inbox(
+    js: &jetstream::Context,
+    inbox: Inbox,
+    service: &str,
+    partition: Option<u32>,
+    max_ack_pending: usize,
+    ack_wait: Duration,
+    description: String,
+) -> anyhow::Result<PullConsumer> {
     let stream = js
-        .get_stream("MEND_CONTROL")
+        .get_stream(inbox.stream())
         .await
-        .context("stream MEND_CONTROL")?;
+        .with_context(|| format!("stream {}", inbox.stream()))?;
+    let name = inbox.consumer_name(service, partition);
+    let (filter_subject, description) = match partition {
+        Some(p) => (
+            inbox.partition_subject(service, p),
+            format!("{description} (partition {p})"),
+        ),
+        None => (inbox.subject(service), description),
+    };
     stream
         .create_consumer(consumer::pull::Config {
-            durable_name: Some(control_consumer_name(service)),
-            description: Some(format!(
-                "mend sidecar of {service}: discard and release commands"
-            )),
-            filter_subject: subjects::control(service),
+            durable_name: Some(name.clone()),
+            description: Some(description),
+            filter_subject,
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait,
-            max_ack_pending: 256,
+            max_ack_pending: max_ack_pending as i64,
             ..Default::default()
         })
         .await
-        .with_context(|| {
-            format!(
-                "cannot create consumer {} on MEND_CONTROL",
-                control_consumer_name(service)
-            )
-        })
+        .with_context(|| format!("cannot create consumer {name} on {}", inbox.stream()))
 }
 
-/// Pulls commands and hands each to the dispatcher of its binding until shutdown.
-pub async fn route_control(
-    router: Arc<Router>,
-    consumer: PullConsumer,
-    to: Vec<mpsc::Sender<Inbound>>,
-) {
+/// What routing needs of the sidecar.
+pub struct Router {
+    pub service: String,
+    /// The bindings as configured (subjects with `{partition}` where partitioned).
+    pub bindings: Vec<BindingConfig>,
+    /// This instance's partition index.
+    pub partition: u32,
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub epoch: ack::Epoch,
+    pub shutdown: CancellationToken,
+    /// The retry consumer's ack wait.
+    pub ack_wait: Duration,
+    pub dispatchers: Arc<Dispatchers>,
+}
+
+/// Pulls retries (from the shared consumer or this instance's partition's) and routes each until
+/// shutdown.
+pub async fn route(router: Arc<Router>, consumer: PullConsumer) {
+    pull_and_route(router, consumer, Inbox::Retry).await
+}
+
+/// Pulls commands (from the shared consumer or this instance's partition's) and routes each until
+/// shutdown.
+pub async fn route_control(router: Arc<Router>, consumer: PullConsumer) {
+    pull_and_route(router, consumer, Inbox::Control).await
+}
+
+async fn pull_and_route(router: Arc<Router>, consumer: PullConsumer, inbox: Inbox) {
     loop {
+        if !router.dispatchers.any_open(&router.shutdown).await {
+            return;
+        }
         let Some(mut messages) = crate::nats::pull(&consumer, 64, &router.shutdown).await else {
             return;
         };
@@ -126,27 +333,257 @@ pub async fn route_control(
                 _ = router.shutdown.cancelled() => return,
             };
             match next {
-                Some(Ok(msg)) => match parse_control(&router.bindings, &msg) {
-                    Ok((i, key, command)) => {
-                        let inbound = Inbound::Control { msg, key, command };
-                        if to[i].send(inbound).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(reason) => refuse_control(&router, msg, &reason).await,
+                Some(Ok(msg)) => match inbox {
+                    Inbox::Retry => route_retry(&router, msg).await,
+                    Inbox::Control => route_command(&router, msg).await,
                 },
-                Some(Err(error)) => tracing::warn!(%error, "Pull of commands failed; continuing."),
+                Some(Err(error)) => {
+                    tracing::warn!(%error, ?inbox, "Pull of retries or commands failed; continuing.")
+                }
                 None => break,
             }
         }
     }
 }
 
-/// The binding, key and command of a control message.
-fn parse_control(
-    bindings: &[BindingConfig],
-    msg: &Message,
-) -> Result<(usize, Option<MessageKey>, repair_rules::holds::Command), String> {
+/// Sends a retry to its binding's dispatcher, forwards it to its partition's instance, or parks it.
+async fn route_retry(router: &Router, msg: Message) {
+    let Some(i) = binding_of(&router.bindings, &msg) else {
+        let detail = "no valid Mend-Id, or no binding consumes its stream";
+        park_unroutable(router, msg, detail).await;
+        return;
+    };
+    let b = &router.bindings[i];
+    if b.is_partitioned() {
+        let original = msg
+            .headers
+            .as_ref()
+            .and_then(|m| m.get(h::MEND_ORIGINAL_SUBJECT))
+            .map(|v| v.as_str().to_owned());
+        match original.as_deref().and_then(|s| b.partition_of(s)) {
+            Some(k) if k != router.partition => {
+                forward(router, msg, Inbox::Retry, k).await;
+                return;
+            }
+            Some(_) => {}
+            None => {
+                let detail = format!(
+                    "its Mend-Original-Subject ({}) is in no partition of binding {}",
+                    original.as_deref().unwrap_or("missing"),
+                    b.name
+                );
+                park_unroutable(router, msg, &detail).await;
+                return;
+            }
+        }
+    }
+    dispatch(router, i, Inbound::Retry(msg)).await;
+}
+
+/// Sends a command to its binding's dispatcher, forwards it to its partition's instance, or refuses
+/// it.
+async fn route_command(router: &Router, msg: Message) {
+    let parsed = match parse_control(&router.bindings, &msg) {
+        Ok(parsed) => parsed,
+        Err(reason) => return refuse_control(router, msg, &reason).await,
+    };
+    let b = &router.bindings[parsed.binding];
+    if b.is_partitioned() {
+        match partition_of_command(router, b, &parsed).await {
+            Ok(k) if k != router.partition => return forward(router, msg, Inbox::Control, k).await,
+            Ok(_) => {}
+            Err(Unknown::Refuse(reason)) => return refuse_control(router, msg, &reason).await,
+            Err(Unknown::NotNow(error)) => {
+                tracing::warn!(
+                    error,
+                    "Partition of a command unknown for now; it comes back."
+                );
+                return later(msg, LOOKUP_RETRY_DELAY).await;
+            }
+        }
+    }
+    let cm = &parsed.cm;
+    tracing::info!(
+        action = ?cm.action,
+        key = cm.key,
+        id = cm.id,
+        by = cm.by,
+        note = cm.note,
+        "Command from the dashboard."
+    );
+    let inbound = Inbound::Control {
+        msg,
+        key: Some(parsed.key),
+        command: parsed.command,
+    };
+    dispatch(router, parsed.binding, inbound).await;
+}
+
+/// Why a command's partition is not known.
+enum Unknown {
+    /// It cannot be known: refuse the command.
+    Refuse(String),
+    /// The app stream could not be read now.
+    NotNow(String),
+}
+
+/// The partition a command of partitioned binding `b` belongs to: that of the subject of the
+/// message it is about (given in the command, or read from the app stream by its `id`).
+async fn partition_of_command(
+    router: &Router,
+    b: &BindingConfig,
+    parsed: &Parsed,
+) -> Result<u32, Unknown> {
+    let subject = match (&parsed.cm.subject, &parsed.lineage) {
+        (Some(subject), _) => subject.clone(),
+        (None, Some(lineage)) => original_subject(&router.js, lineage).await?,
+        (None, None) => {
+            return Err(Unknown::Refuse(format!(
+                "binding {} is partitioned: a command needs the `id` of a message to find the \
+                 partition that owns key `{}`",
+                b.name, parsed.cm.key
+            )));
+        }
+    };
+    b.partition_of(&subject).ok_or_else(|| {
+        Unknown::Refuse(format!(
+            "the subject {subject} of the command's message is in no partition of binding {}",
+            b.name
+        ))
+    })
+}
+
+/// The subject of `lineage`'s original message, read from the app stream.
+async fn original_subject(js: &jetstream::Context, lineage: &LineageId) -> Result<String, Unknown> {
+    let gone = |why: &str| {
+        Unknown::Refuse(format!(
+            "cannot tell which partition owns message {lineage}: {why}"
+        ))
+    };
+    let stream = js
+        .get_stream_no_info(&lineage.stream)
+        .await
+        .map_err(|e| gone(&format!("{e}")))?;
+    match stream.get_raw_message(lineage.seq).await {
+        Ok(message) => Ok(message.subject.to_string()),
+        Err(e) => match e.kind() {
+            RawMessageErrorKind::NoMessageFound => Err(gone(&format!(
+                "it is gone from stream {} (limits or work-queue retention removed it)",
+                lineage.stream
+            ))),
+            RawMessageErrorKind::JetStream(js_error)
+                if js_error.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+            {
+                Err(gone(&format!("stream {} does not exist", lineage.stream)))
+            }
+            RawMessageErrorKind::InvalidSubject => Err(gone(&format!("{e}"))),
+            _ => Err(Unknown::NotNow(format!(
+                "cannot read message {lineage} from stream {}: {e}",
+                lineage.stream
+            ))),
+        },
+    }
+}
+
+/// Hands a routed message to binding `i`'s dispatcher; while this instance does not consume the
+/// binding, hands it back for another instance.
+async fn dispatch(router: &Router, i: usize, inbound: Inbound) {
+    let inbound = match router.dispatchers.sender(i) {
+        Some(to) => match to.send(inbound).await {
+            Ok(()) => return,
+            // The dispatcher stopped meanwhile.
+            Err(mpsc::error::SendError(inbound)) => inbound,
+        },
+        None => inbound,
+    };
+    tracing::debug!(
+        binding = router.bindings[i].name,
+        "This instance does not consume the binding now; handing the message back."
+    );
+    later(inbound.into_message(), NOT_HERE_DELAY).await;
+}
+
+/// Hands a message back to be redelivered after `delay` (to whichever instance pulls first).
+async fn later(msg: Message, delay: Duration) {
+    if let Err(error) = msg.ack_with(jetstream::AckKind::Nak(Some(delay))).await {
+        tracing::debug!(%error, "Nak not sent; the message is redelivered after its ack wait.");
+    }
+}
+
+/// Publishes a retry or command to partition `k`'s own subject (with its headers and payload, and
+/// the `Nats-Msg-Id` of the message plus `:fwd`), then acks it.
+async fn forward(router: &Router, msg: Message, inbox: Inbox, k: u32) {
+    let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+    let own_id = msg
+        .headers
+        .as_ref()
+        .and_then(|m| m.get(h::NATS_MSG_ID))
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_else(|| format!("{}:{seq}", inbox.stream()));
+    if own_id.matches(FORWARD_SUFFIX).count() >= MAX_FORWARDS {
+        let why = format!(
+            "forwarded between partitions {MAX_FORWARDS} times: do all instances agree on the \
+             binding's partitions?"
+        );
+        match inbox {
+            Inbox::Retry => park_unroutable(router, msg, &why).await,
+            Inbox::Control => refuse_control(router, msg, &why).await,
+        }
+        return;
+    }
+    let msg_id = format!("{own_id}{FORWARD_SUFFIX}");
+    let subject = inbox.partition_subject(&router.service, k);
+    // The publish expectations of the original were met when it was stored; its Nats-Msg-Id is
+    // replaced by the forward's.
+    let mut headers = async_nats::HeaderMap::new();
+    for (name, values) in msg.headers.iter().flat_map(|m| m.iter()) {
+        let lower = AsRef::<str>::as_ref(name).to_ascii_lowercase();
+        if lower.starts_with("nats-expected") {
+            continue;
+        }
+        for value in values {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    let Some(reply) = msg.reply.clone() else {
+        return;
+    };
+    let reply = ack::Reply::new(reply, router.epoch.current());
+    match publish::durably(
+        &router.js,
+        &router.shutdown,
+        &subject,
+        &msg_id,
+        headers,
+        msg.payload.clone(),
+    )
+    .await
+    {
+        Ok(Published::Stored { .. }) => {
+            tracing::info!(
+                ?inbox,
+                seq,
+                partition = k,
+                to = subject,
+                "Forwarded to the instance of the partition that owns it."
+            );
+            ack::confirm(&router.client, &reply, &router.epoch, router.ack_wait).await;
+        }
+        Ok(Published::TooLarge) => {
+            // It was stored once, so only a server whose max_payload shrank gets here.
+            tracing::error!(
+                ?inbox,
+                seq,
+                to = subject,
+                "Too large to forward; it stays unacked."
+            );
+        }
+        Err(_) => ack::hand_back(&router.client, &reply).await,
+    }
+}
+
+/// The binding, key, lineage and command of a control message.
+fn parse_control(bindings: &[BindingConfig], msg: &Message) -> Result<Parsed, String> {
     let cm: ControlMessage =
         serde_json::from_slice(&msg.payload).map_err(|e| format!("not a command ({e})"))?;
     let lineage = match &cm.id {
@@ -174,7 +611,7 @@ fn parse_control(
             }
         }
     };
-    let command = match (cm.action, lineage) {
+    let command = match (cm.action, &lineage) {
         (ControlAction::Discard, Some(l)) => repair_rules::holds::Command::Discard {
             lineage: l.to_string(),
         },
@@ -184,15 +621,18 @@ fn parse_control(
     if cm.key.is_empty() {
         return Err("`key` is empty".into());
     }
-    tracing::info!(
-        action = ?cm.action,
-        key = cm.key,
-        id = cm.id,
-        by = cm.by,
-        note = cm.note,
-        "Command from the dashboard."
-    );
-    Ok((i, Some(MessageKey(cm.key)), command))
+    if let Some(s) = &cm.subject
+        && !repair_rules::rules::subject::is_valid_filter(s)
+    {
+        return Err(format!("`subject` {s:?} is not a subject"));
+    }
+    Ok(Parsed {
+        binding: i,
+        key: MessageKey(cm.key.clone()),
+        lineage,
+        command,
+        cm,
+    })
 }
 
 /// Terminates a malformed command: redelivering it would not make it one.
@@ -205,81 +645,8 @@ async fn refuse_control(router: &Router, msg: Message, reason: &str) {
     }
 }
 
-/// Creates or updates the service's retry consumer. Its ack wait is the longest of the bindings':
-/// a retry waiting in a lane is kept alive on its binding's cadence, which must fit inside it.
-pub async fn bind(
-    js: &jetstream::Context,
-    service: &str,
-    max_ack_pending: usize,
-    ack_wait: Duration,
-) -> anyhow::Result<PullConsumer> {
-    let stream = js
-        .get_stream("MEND_RETRY")
-        .await
-        .context("stream MEND_RETRY")?;
-    stream
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some(consumer_name(service)),
-            description: Some(format!(
-                "mend sidecar of {service}: repaired and resubmitted messages"
-            )),
-            filter_subject: subjects::retry(service),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait,
-            max_ack_pending: max_ack_pending as i64,
-            ..Default::default()
-        })
-        .await
-        .with_context(|| {
-            format!(
-                "cannot create consumer {} on MEND_RETRY",
-                consumer_name(service)
-            )
-        })
-}
-
-/// What routing needs of the sidecar.
-pub struct Router {
-    pub service: String,
-    pub bindings: Vec<BindingConfig>,
-    pub client: async_nats::Client,
-    pub js: jetstream::Context,
-    pub epoch: ack::Epoch,
-    pub shutdown: CancellationToken,
-    /// The retry consumer's ack wait.
-    pub ack_wait: Duration,
-}
-
-/// Pulls retries and hands each to its binding's dispatcher (`to[i]` for `bindings[i]`) until
-/// shutdown.
-pub async fn route(router: Arc<Router>, consumer: PullConsumer, to: Vec<mpsc::Sender<Inbound>>) {
-    loop {
-        let Some(mut messages) = crate::nats::pull(&consumer, 64, &router.shutdown).await else {
-            return;
-        };
-        loop {
-            let next = tokio::select! {
-                next = messages.next() => next,
-                _ = router.shutdown.cancelled() => return,
-            };
-            match next {
-                Some(Ok(msg)) => match binding_of(&router.bindings, &msg) {
-                    Some(i) => {
-                        if to[i].send(Inbound::Retry(msg)).await.is_err() {
-                            return;
-                        }
-                    }
-                    None => park_unroutable(&router, msg).await,
-                },
-                Some(Err(error)) => tracing::warn!(%error, "Pull of retries failed; continuing."),
-                None => break,
-            }
-        }
-    }
-}
-
 /// The binding whose stream the retry's lineage is from (and whose subjects match its original
-/// subject, when several bindings read that stream).
+/// subject, on any partition, when several bindings read that stream).
 fn binding_of(bindings: &[BindingConfig], msg: &Message) -> Option<usize> {
     let headers = msg.headers.as_ref()?;
     let lineage: LineageId = headers.get(h::MEND_ID)?.as_str().parse().ok()?;
@@ -291,7 +658,7 @@ fn binding_of(bindings: &[BindingConfig], msg: &Message) -> Option<usize> {
             .filter(|(_, b)| b.stream == lineage.stream)
     };
     same_stream()
-        .find(|(_, b)| original.is_some_and(|s| b.subjects.iter().any(|f| subject::matches(f, s))))
+        .find(|(_, b)| original.is_some_and(|s| b.consumes(s)))
         .or_else(|| same_stream().next())
         .map(|(i, _)| i)
 }
@@ -385,8 +752,8 @@ pub(crate) fn meta_from(
     (meta, history)
 }
 
-/// Parks a retry no binding can take, then acks it.
-async fn park_unroutable(router: &Router, msg: Message) {
+/// Parks a retry no binding can take (`detail` says why), then acks it.
+async fn park_unroutable(router: &Router, msg: Message, detail: &str) {
     let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
     let id = msg
         .headers
@@ -396,6 +763,7 @@ async fn park_unroutable(router: &Router, msg: Message) {
     tracing::error!(
         seq,
         mend_id = id.as_deref(),
+        detail,
         "A retry no binding consumes; parking it."
     );
     let lineage = id
@@ -411,7 +779,7 @@ async fn park_unroutable(router: &Router, msg: Message) {
     };
     let mut error = FailureError::bare(ErrorKind::Message, None);
     error.title = Some("retry could not be routed".into());
-    error.detail = Some("no valid Mend-Id, or no binding consumes its stream".into());
+    error.detail = Some(detail.to_owned());
     let at = publish::now();
     let headers = msg
         .headers

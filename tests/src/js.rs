@@ -24,6 +24,29 @@ pub async fn app_stream(
     Ok(())
 }
 
+/// Creates the app's own stream with a subject transform (`source` → `destination`), as a service
+/// owner partitioning its stream with `{{partition(N, …)}}` would.
+pub async fn app_stream_with_transform(
+    js: &jetstream::Context,
+    name: &str,
+    subjects: &[&str],
+    source: &str,
+    destination: &str,
+) -> anyhow::Result<()> {
+    js.create_stream(stream::Config {
+        name: name.to_owned(),
+        subjects: subjects.iter().map(|s| s.to_string()).collect(),
+        storage: stream::StorageType::File,
+        subject_transform: Some(stream::SubjectTransform {
+            source: source.to_owned(),
+            destination: destination.to_owned(),
+        }),
+        ..Default::default()
+    })
+    .await?;
+    Ok(())
+}
+
 /// One message to publish.
 pub struct Out {
     pub subject: String,

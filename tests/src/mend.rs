@@ -57,15 +57,25 @@ impl MendProcess {
         config: &str,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
+        Self::start_with_args(role, config, &[], env).await
+    }
+
+    /// Runs `mend <role> --config <file> <args…>` with `env` added to the environment.
+    pub async fn start_with_args(
+        role: &str,
+        config: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join(format!("{role}.toml"));
         std::fs::write(&path, config)?;
         let mut p = Self {
-            args: vec![
-                role.to_owned(),
-                "--config".to_owned(),
-                path.display().to_string(),
-            ],
+            args: [role, "--config", &path.display().to_string()]
+                .into_iter()
+                .chain(args.iter().copied())
+                .map(str::to_owned)
+                .collect(),
             env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -230,6 +240,12 @@ pub async fn refused(config: &str, env: &[(&str, &str)]) -> anyhow::Result<(Opti
     let mut p = MendProcess::start_with_env("sidecar", config, env).await?;
     let status = p.wait_exit(Duration::from_secs(30)).await?;
     Ok((status.code(), p.log()))
+}
+
+/// `GET /readyz` of the process run with `config` (written by [`sidecar_config`]): status and body.
+pub async fn readyz(config: &str) -> anyhow::Result<(u16, String)> {
+    let r = reqwest::get(format!("http://{}/readyz", listen_addr(config))).await?;
+    Ok((r.status().as_u16(), r.text().await?))
 }
 
 /// The `listen` address of a config written by [`sidecar_config`].

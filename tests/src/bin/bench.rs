@@ -8,11 +8,14 @@
 //! (c) the sidecar doing the same through its full code path;
 //! (d) the loop of (b) one message at a time (what a naive consumer does).
 //! Then the latency the sidecar adds over (b) with one message in flight, and the sidecar's peak RSS.
+//! Then repairs (the processor alone, and the whole loop), holds (the sidecar with 5% repairable
+//! failures against 0%, the processor running for both), and the release of a 10k-message hold.
 //! The no-op app is a separate process (this binary with `--serve-app`), as a real app is, for every
 //! run alike.
 //!
 //! Usage: `mend-bench [--messages N] [--keys K]` (defaults 200000, 1000);
-//! `mend-bench --processor-only R --messages M`: only the processor, R rounds of M envelopes.
+//! `mend-bench --processor-only R --messages M`: only the processor, R rounds of M envelopes;
+//! `mend-bench --holds-only R --messages M`: only the holds runs, R rounds, and the 10k hold.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::process::Stdio;
@@ -42,18 +45,23 @@ async fn main() -> anyhow::Result<()> {
     if args.peek().map(String::as_str) == Some("--serve-app") {
         return serve_app().await;
     }
-    let (mut n, mut keys, mut processor_rounds) = (200_000usize, 1000usize, 0usize);
+    let (mut n, mut keys, mut processor_rounds, mut holds_rounds) =
+        (200_000usize, 1000usize, 0usize, 0usize);
     while let Some(a) = args.next() {
         let v = args.next().context("a value after the flag")?.parse()?;
         match a.as_str() {
             "--messages" => n = v,
             "--keys" => keys = v,
             "--processor-only" => processor_rounds = v,
+            "--holds-only" => holds_rounds = v,
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
     if processor_rounds > 0 {
         return processor_only(n, processor_rounds).await;
+    }
+    if holds_rounds > 0 {
+        return holds_only(n, keys, holds_rounds).await;
     }
     let nats = NatsServer::start().await?;
     let client = nats.client().await?;
@@ -143,7 +151,21 @@ async fn main() -> anyhow::Result<()> {
     let loop_rate = rate(k, loop_took);
     loaded_rt.sort();
     single_rt.sort();
+
+    // Holds: the same workload with no failures and with 5% repairable ones, alternating.
+    let h = n.min(50_000);
+    let (mut clean, mut failing) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let r0 = rate(h, holds_run(&nats, &js, &app, h, keys, 0, round).await?);
+        let r5 = rate(h, holds_run(&nats, &js, &app, h, keys, 5, round).await?);
+        eprintln!("holds: 0% failures {r0:.0} msg/s, 5% repairable failures {r5:.0} msg/s");
+        clean.push(r0);
+        failing.push(r5);
+    }
+    let (r0, r5) = (median(&mut clean), median(&mut failing));
     drop(processor);
+    let (append_rate, release_rate) = big_hold(&nats, &js, &app, 10_000).await?;
+    eprintln!("10k hold: appended {append_rate:.0} msg/s, released {release_rate:.0} msg/s");
 
     let p = |v: &[Duration], q: f64| v[((v.len() - 1) as f64 * q) as usize];
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
@@ -194,7 +216,175 @@ async fn main() -> anyhow::Result<()> {
         ms(p(&loaded_rt, 0.5)),
         ms(p(&loaded_rt, 0.99))
     );
+    println!(
+        "holds ({h} messages, {keys} keys, processor running): 0% failures {r0:.0} msg/s, \
+         5% repairable failures {r5:.0} msg/s, ratio {:.2} (target >= 0.8)",
+        r5 / r0
+    );
+    println!(
+        "a 10000-message hold: appended at {append_rate:.0} msg/s, released at {release_rate:.0} msg/s"
+    );
     Ok(())
+}
+
+/// `--holds-only R`: only the holds runs, R rounds of `--messages` each, and the 10k hold.
+async fn holds_only(n: usize, keys: usize, rounds: usize) -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let js = jetstream::new(nats.client().await?);
+    let app = NoopApp::start().await?;
+    let processor = MendProcess::start(
+        "processor",
+        &processor_config(&nats.url(), &example_rules(), "concurrency = 64"),
+    )
+    .await?;
+    processor.ready().await?;
+    for round in 0..rounds {
+        let r0 = rate(n, holds_run(&nats, &js, &app, n, keys, 0, round).await?);
+        let r5 = rate(n, holds_run(&nats, &js, &app, n, keys, 5, round).await?);
+        println!(
+            "0% failures {r0:.0} msg/s, 5% repairable {r5:.0} msg/s, ratio {:.2}",
+            r5 / r0
+        );
+    }
+    drop(processor);
+    let (append_rate, release_rate) = big_hold(&nats, &js, &app, 10_000).await?;
+    println!("10k hold: appended {append_rate:.0} msg/s, released {release_rate:.0} msg/s");
+    Ok(())
+}
+
+/// A sidecar on a fresh stream of `n` messages over `keys` keys, `percent` of them with a string
+/// amount (a 422 the processor repairs): from ready until every message is through (consumed, no
+/// failure or retry waiting, every hold queue empty).
+#[allow(clippy::too_many_arguments)]
+async fn holds_run(
+    nats: &NatsServer,
+    js: &jetstream::Context,
+    app: &NoopApp,
+    n: usize,
+    keys: usize,
+    percent: usize,
+    round: usize,
+) -> anyhow::Result<Duration> {
+    let name = format!("HOLDS{percent}R{round}");
+    let subject = format!("holds{percent}r{round}");
+    js::app_stream(js, &name, &[&format!("{subject}.>")]).await?;
+    let mut msgs = messages(&format!("{subject}.m"), n, keys);
+    for (i, m) in msgs.iter_mut().enumerate() {
+        if percent > 0 && i % (100 / percent) == 7 {
+            let key = format!("k{}", i % keys.max(1));
+            m.payload = Bytes::from(
+                serde_json::json!({"key": key, "n": i, "amount": "12.50", "pad": "x".repeat(200)})
+                    .to_string(),
+            );
+        }
+    }
+    js::publish_all(js, msgs).await?;
+    // The example rules repair the service `orders` only; runs are sequential, so they share it.
+    let service = "orders";
+    let config = sidecar_config(
+        service,
+        &nats.url(),
+        &name,
+        &[&format!("{subject}.>")],
+        &app.url,
+        "key = { header = \"Account-Id\" }\nconcurrency = 64",
+    );
+    let mut sidecar = MendProcess::start("sidecar", &config).await?;
+    sidecar.ready().await?;
+    let started = Instant::now();
+    let consumer = format!("mend-{service}-{service}");
+    loop {
+        if through(js, &name, &consumer).await? {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "holds run did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let took = started.elapsed();
+    sidecar.terminate(Duration::from_secs(30)).await?;
+    Ok(took)
+}
+
+/// Whether everything of the stream is through: the consumer has nothing pending or unacked, and no
+/// failure, retry or held message waits anywhere.
+async fn through(js: &jetstream::Context, stream: &str, consumer: &str) -> anyhow::Result<bool> {
+    let mut c: PullConsumer = js
+        .get_stream(stream)
+        .await?
+        .get_consumer(consumer)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let info = c.info().await?;
+    if info.num_pending > 0 || info.num_ack_pending > 0 {
+        return Ok(false);
+    }
+    for s in ["MEND_FAILED", "MEND_RETRY", "MEND_HOLD"] {
+        if js.get_stream(s).await?.info().await?.state.messages > 0 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// One key held behind a failure with `m` messages waiting: how fast they were appended to its hold
+/// queue, and how fast they were released once the processor repaired the head (msg/s).
+async fn big_hold(
+    nats: &NatsServer,
+    js: &jetstream::Context,
+    app: &NoopApp,
+    m: usize,
+) -> anyhow::Result<(f64, f64)> {
+    js::app_stream(js, "BIGHOLD", &["bighold.>"]).await?;
+    let mut msgs = messages("bighold.m", m + 1, 1);
+    msgs[0].payload =
+        Bytes::from(serde_json::json!({"key": "k0", "n": 0, "amount": "12.50"}).to_string());
+    js::publish_all(js, msgs).await?;
+    let config = sidecar_config(
+        "orders",
+        &nats.url(),
+        "BIGHOLD",
+        &["bighold.>"],
+        &app.url,
+        "key = { header = \"Account-Id\" }\nconcurrency = 64",
+    );
+    let mut sidecar = MendProcess::start("sidecar", &config).await?;
+    sidecar.ready().await?;
+    let started = Instant::now();
+    let hold = js.get_stream("MEND_HOLD").await?;
+    loop {
+        if hold.clone().info().await?.state.messages >= m as u64 {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "hold did not fill"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let appended = rate(m, started.elapsed());
+    let processor = MendProcess::start(
+        "processor",
+        &processor_config(&nats.url(), &example_rules(), ""),
+    )
+    .await?;
+    processor.ready().await?;
+    let started = Instant::now();
+    loop {
+        if through(js, "BIGHOLD", "mend-orders-orders").await? {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "hold not released"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let released = rate(m, started.elapsed());
+    sidecar.terminate(Duration::from_secs(30)).await?;
+    Ok((appended, released))
 }
 
 /// An envelope the example rule `amount-as-number` repairs.
