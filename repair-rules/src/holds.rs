@@ -28,6 +28,9 @@ use serde::{Deserialize, Serialize};
 pub struct Hold {
     pub service: String,
     pub binding: String,
+    /// The binding's partition whose sidecar owns the key (0 for an unpartitioned binding).
+    #[serde(default)]
+    pub partition: u32,
     /// The key itself (the KV key holds its token).
     pub key: String,
     /// The lineage id whose resolution releases the key (while held or releasing), or the last one
@@ -250,6 +253,7 @@ mod tests {
         Hold {
             service: "orders".into(),
             binding: "orders".into(),
+            partition: 0,
             key: "acct-7".into(),
             head: head.into(),
             state,

@@ -61,6 +61,10 @@ struct Model {
     queue: BTreeMap<u64, Msg>,
     queue_ids: HashSet<(usize, u32)>,
     next_seq: u64,
+    /// The sidecar's memory of a release (lost in a crash): where the queue's undone part starts,
+    /// and how many done messages wait to be purged.
+    cursor: Option<u64>,
+    done: u32,
     /// The app's successful deliveries, in order.
     successes: Vec<usize>,
     discarded: HashSet<usize>,
@@ -77,6 +81,7 @@ fn fresh(n: usize) -> Hold {
     Hold {
         service: "orders".into(),
         binding: "orders".into(),
+        partition: 0,
         key: "acct-7".into(),
         head: lineage(n),
         state: HoldState::Held,
@@ -216,7 +221,11 @@ impl Model {
                     }
                 }
                 HoldState::Releasing => {
-                    let first = self.queue.iter().next().map(|(s, m)| (*s, lineage(m.n)));
+                    let first = self
+                        .queue
+                        .range(self.cursor.unwrap_or(0)..)
+                        .next()
+                        .map(|(s, m)| (*s, lineage(m.n)));
                     match release_step(&hold, first.as_ref().map(|(s, l)| (*s, l.as_str()))) {
                         ReleaseStep::Finish => {
                             self.queue.clear();
@@ -225,8 +234,7 @@ impl Model {
                             return self.step();
                         }
                         ReleaseStep::Skip(seq) => {
-                            self.queue.remove(&seq);
-                            self.step()?;
+                            self.advance(seq)?;
                             continue;
                         }
                         ReleaseStep::Deliver(seq) => (seq, self.queue[&seq].clone(), false),
@@ -257,9 +265,31 @@ impl Model {
                 self.apply(change);
                 self.step()?;
             }
-            self.queue.remove(&seq);
+            if head_retry {
+                self.queue.remove(&seq);
+                self.step()?;
+            } else if outcome == Outcome::Unresolved {
+                // Purged through the new head's copy.
+                self.queue.retain(|s, _| *s > seq);
+                self.done = 0;
+                self.step()?;
+            } else {
+                self.advance(seq)?;
+            }
+        }
+    }
+
+    /// A release is done with the message at `seq`: the queue's undone part starts after it; done
+    /// messages are purged two at a time (the sidecar: `PURGE_EVERY`).
+    fn advance(&mut self, seq: u64) -> Result<(), Crash> {
+        self.cursor = Some(seq + 1);
+        self.done += 1;
+        if self.done >= 2 {
+            self.queue.retain(|s, _| *s > seq);
+            self.done = 0;
             self.step()?;
         }
+        Ok(())
     }
 
     fn sidecar_control(&mut self, i: usize) -> Result<(), Crash> {
@@ -354,8 +384,12 @@ impl Model {
             }
             Job::Control(i) => self.sidecar_control(i),
         };
-        // A crash loses only what the sidecar held in memory: unacked messages come back.
-        let _ = result;
+        // A crash loses only what the sidecar held in memory: unacked messages come back, and a
+        // release starts again from the first message left in the queue.
+        if result.is_err() {
+            self.cursor = None;
+            self.done = 0;
+        }
     }
 
     fn quiet(&self) -> bool {

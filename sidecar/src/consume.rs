@@ -284,7 +284,11 @@ impl Chores {
             _ => true,
         };
         if fresh {
-            lanes.push(Some(key), work);
+            match work {
+                // A release unblocks its key: its turn comes before the key's newer messages.
+                Work::Release => lanes.push_urgent(key, work),
+                work => lanes.push(Some(key), work),
+            }
         }
     }
 
@@ -292,7 +296,7 @@ impl Chores {
     fn done(&mut self, lanes: &mut crate::lanes::Lanes<Work>, done: Done) {
         let Some(key) = done.key else { return };
         match (done.was, done.then) {
-            (Chore::Release, Some(Work::Release)) => lanes.push(Some(key), Work::Release),
+            (Chore::Release, Some(Work::Release)) => lanes.push_urgent(key, Work::Release),
             (was, then) => {
                 match was {
                     Chore::Release => self.releasing.remove(&key),
@@ -638,8 +642,11 @@ async fn process(rt: Arc<BindingRuntime>, key: Option<MessageKey>, work: Work) -
 /// How a piece of work on a consumer's message ended, which says how to settle the message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Settle {
-    /// Done with it: ack.
+    /// Done with it: ack, confirmed before the key's next message.
     Ack,
+    /// Done with it, and a lost ack would do no harm (its effects are stored under de-duplicating
+    /// ids): ack without waiting for the confirmation.
+    AckPlain,
     /// Not done before shutdown (or this instance no longer owns the key): hand it back.
     HandBack,
     /// It cannot be finished now: left unacked, redelivered after its ack wait.
@@ -687,6 +694,7 @@ pub(crate) async fn settle_reply(rt: &BindingRuntime, reply: &ack::Reply, how: S
         Settle::Ack => {
             ack::confirm(&rt.client, reply, &rt.epoch, rt.cfg.ack_wait).await;
         }
+        Settle::AckPlain => ack::unconfirmed(&rt.client, reply).await,
         Settle::HandBack => {
             tracing::warn!("Not finished; handing the message back.");
             ack::hand_back(&rt.client, reply).await;

@@ -16,11 +16,10 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::context::Context;
 use async_nats::jetstream::kv::{self, CreateErrorKind, UpdateErrorKind};
 use async_nats::jetstream::message::StreamMessage;
-use async_nats::jetstream::stream::{DeleteMessageErrorKind, DirectGetErrorKind, Stream};
+use async_nats::jetstream::stream::{DirectGetErrorKind, Stream};
 use bytes::Bytes;
 use futures::TryStreamExt;
 use repair_rules::MessageKey;
@@ -58,12 +57,25 @@ struct State {
     entries: HashMap<MessageKey, Cached>,
     /// Messages in each key's hold queue (loaded at start, then counted).
     queued: HashMap<MessageKey, u64>,
+    /// Per key being released, the stream sequence its queue is known to start at (everything
+    /// before it was removed): looking up a subject's first message after many deletions makes the
+    /// server scan past them, looking up the next from a sequence does not.
+    start: HashMap<MessageKey, u64>,
+    /// Per key being released, its next message, read while the previous one was being removed.
+    /// Only a message is kept, never "empty": a message appended after the read would be missed.
+    next: HashMap<MessageKey, StreamMessage>,
+    /// Per key being released, messages done with since the last purge.
+    done: HashMap<MessageKey, u64>,
 }
+
+/// A release purges the messages it is done with this many at a time.
+pub const PURGE_EVERY: u64 = 64;
 
 /// The holds of one binding.
 pub struct Holds {
     service: String,
     binding: String,
+    partition: u32,
     js: Context,
     kv: kv::Store,
     queues: Stream,
@@ -83,11 +95,13 @@ pub struct Stats {
 }
 
 impl Holds {
-    /// Loads the binding's entries from `mend_holds`.
+    /// Loads the entries of a binding's partition from `mend_holds` (other partitions' keys belong to
+    /// other instances).
     pub async fn load(
         js: &Context,
         service: &str,
         binding: &str,
+        partition: u32,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Self> {
         let kv = js.get_key_value(HOLDS_BUCKET).await?;
@@ -109,7 +123,7 @@ impl Holds {
                     continue;
                 }
             };
-            if hold.binding != binding {
+            if hold.binding != binding || hold.partition != partition {
                 continue;
             }
             let key = MessageKey(hold.key.clone());
@@ -140,11 +154,18 @@ impl Holds {
         Ok(Self {
             service: service.to_owned(),
             binding: binding.to_owned(),
+            partition,
             js: js.clone(),
             kv,
             queues,
             shutdown: shutdown.clone(),
-            state: Mutex::new(State { entries, queued }),
+            state: Mutex::new(State {
+                entries,
+                queued,
+                start: HashMap::new(),
+                next: HashMap::new(),
+                done: HashMap::new(),
+            }),
         })
     }
 
@@ -196,6 +217,7 @@ impl Holds {
         Hold {
             service: self.service.clone(),
             binding: self.binding.clone(),
+            partition: self.partition,
             key: key.0.clone(),
             head: String::new(),
             state: repair_rules::holds::HoldState::Held,
@@ -313,6 +335,9 @@ impl Holds {
             Ok(()) => {
                 let mut state = self.state();
                 state.entries.remove(key);
+                state.start.remove(key);
+                state.next.remove(key);
+                state.done.remove(key);
                 state.queued.remove(key);
                 true
             }
@@ -346,7 +371,14 @@ impl Holds {
 
     /// The first message left in the hold queue of `key`.
     pub async fn first(&self, key: &MessageKey) -> Result<Option<StreamMessage>, HoldError> {
-        self.next(key, None).await
+        let start = {
+            let mut state = self.state();
+            if let Some(next) = state.next.remove(key) {
+                return Ok(Some(next));
+            }
+            state.start.get(key).copied()
+        };
+        self.next(key, start).await
     }
 
     /// The first message of the hold queue of `key` at or after stream sequence `from`.
@@ -381,18 +413,101 @@ impl Holds {
         }
     }
 
-    /// Removes a delivered message from the hold queue of `key` (already gone counts as removed).
-    pub async fn remove(&self, key: &MessageKey, seq: u64) -> Result<(), HoldError> {
+    /// Reads the message of the hold queue of `key` after `seq` ahead of the release's next step
+    /// (while the current one is being delivered).
+    pub async fn prefetch(&self, key: &MessageKey, seq: u64) {
+        let subject = subjects::hold(&self.service, &key.token());
+        // One try: on failure, the next step reads it again.
+        if let Ok(next) = self
+            .queues
+            .direct_get_next_for_subject(subject.as_str(), Some(seq + 1))
+            .await
+        {
+            self.state().next.insert(key.clone(), next);
+        }
+    }
+
+    /// The release is done with the first message of the queue of `key`, at `seq` (delivered or
+    /// skipped): the queue starts after it. The done messages are purged [`PURGE_EVERY`] at a time
+    /// (a crash before that only delivers them again, in order, which at-least-once allows).
+    pub async fn advance(&self, key: &MessageKey, seq: u64) -> Result<(), HoldError> {
+        let due = {
+            let mut state = self.state();
+            let start = state.start.entry(key.clone()).or_insert(0);
+            *start = (*start).max(seq + 1);
+            if state.next.get(key).is_some_and(|m| m.sequence <= seq) {
+                state.next.remove(key);
+            }
+            let done = state.done.entry(key.clone()).or_insert(0);
+            *done += 1;
+            *done >= PURGE_EVERY
+        };
+        if due {
+            self.purge_through(key, seq).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes every message of the queue of `key` up to and including `seq`.
+    pub async fn purge_through(&self, key: &MessageKey, seq: u64) -> Result<(), HoldError> {
+        let subject = subjects::hold(&self.service, &key.token());
         let mut pause = publish::RETRY_MIN;
         loop {
-            match self.queues.delete_message(seq).await {
-                Ok(_) => {
-                    if let Some(n) = self.state().queued.get_mut(key) {
-                        *n = n.saturating_sub(1);
+            match self
+                .queues
+                .purge()
+                .filter(subject.as_str())
+                .sequence(seq + 1)
+                .await
+            {
+                Ok(purged) => {
+                    let mut state = self.state();
+                    if let Some(n) = state.queued.get_mut(key) {
+                        *n = n.saturating_sub(purged.purged);
+                    }
+                    state.done.remove(key);
+                    let start = state.start.entry(key.clone()).or_insert(0);
+                    *start = (*start).max(seq + 1);
+                    if state.next.get(key).is_some_and(|m| m.sequence <= seq) {
+                        state.next.remove(key);
                     }
                     return Ok(());
                 }
-                Err(error) if already_gone(&error.kind()) => return Ok(()),
+                Err(error) => tracing::warn!(%error, subject, "Hold queue not purged; retrying."),
+            }
+            self.pause(&mut pause).await?;
+        }
+    }
+
+    /// Removes a delivered message from the hold queue of `key` (already gone counts as removed).
+    pub async fn remove(&self, key: &MessageKey, seq: u64) -> Result<(), HoldError> {
+        // Not erased: a secure erase overwrites the record on disk and costs milliseconds, and a
+        // delivered message is no secret. async-nats's `delete_message` always erases.
+        let subject = format!(
+            "STREAM.MSG.DELETE.{}",
+            self.queues.cached_info().config.name
+        );
+        let request = serde_json::json!({ "seq": seq, "no_erase": true });
+        let mut pause = publish::RETRY_MIN;
+        loop {
+            let answer: Result<serde_json::Value, _> =
+                self.js.request(subject.clone(), &request).await;
+            match answer {
+                Ok(v) if v["success"] == true => {
+                    let mut state = self.state();
+                    if let Some(n) = state.queued.get_mut(key) {
+                        *n = n.saturating_sub(1);
+                    }
+                    if state.next.get(key).is_some_and(|m| m.sequence == seq) {
+                        state.next.remove(key);
+                    }
+                    return Ok(());
+                }
+                // 10057: no message found (removed by an earlier try whose answer was lost).
+                Ok(v) if v["error"]["err_code"] == 10057 => return Ok(()),
+                Ok(v) => {
+                    tracing::warn!(error = %v["error"], seq, "Held message not removed; retrying.")
+                }
                 Err(error) => tracing::warn!(%error, seq, "Held message not removed; retrying."),
             }
             self.pause(&mut pause).await?;
@@ -406,7 +521,11 @@ impl Holds {
         loop {
             match self.queues.purge().filter(subject.as_str()).await {
                 Ok(_) => {
-                    self.state().queued.remove(key);
+                    let mut state = self.state();
+                    state.queued.remove(key);
+                    state.start.remove(key);
+                    state.next.remove(key);
+                    state.done.remove(key);
                     return Ok(());
                 }
                 Err(error) => tracing::warn!(%error, subject, "Hold queue not purged; retrying."),
@@ -419,17 +538,5 @@ impl Holds {
         publish::back_off(&self.shutdown, pause)
             .await
             .map_err(|_| HoldError::Stopped)
-    }
-}
-
-/// Whether a delete failed only because the message is not there (removed by an earlier try).
-fn already_gone(kind: &DeleteMessageErrorKind) -> bool {
-    match kind {
-        DeleteMessageErrorKind::JetStream(e) => {
-            e.error_code() == ErrorCode::NO_MESSAGE_FOUND
-                || (e.error_code() == ErrorCode::STREAM_MESSAGE_DELETE_FAILED
-                    && e.to_string().contains("no message found"))
-        }
-        _ => false,
     }
 }

@@ -56,6 +56,21 @@ impl<M> Lanes<M> {
         }
     }
 
+    /// Queues `msg` ahead of the other waiting messages of its key, and the key ahead of the other
+    /// keys waiting for a slot: for work that unblocks its key (a retry of a held key's head, the
+    /// next turn of its release), which would otherwise wait for every other key's turn.
+    pub fn push_urgent(&mut self, key: MessageKey, msg: M) {
+        let lane = self.lanes.entry(key.clone()).or_insert_with(|| Lane {
+            queue: VecDeque::new(),
+            busy: false,
+        });
+        lane.queue.push_front(msg);
+        if !lane.busy {
+            // It may be in `ready` further back too; `start_next` skips such stale entries.
+            self.ready.push_front(key);
+        }
+    }
+
     /// The next message that may start now, if a slot is free and one waits.
     pub fn start_next(&mut self) -> Option<(Option<MessageKey>, M)> {
         if self.in_flight >= self.concurrency {
@@ -69,12 +84,26 @@ impl<M> Lanes<M> {
             self.in_flight += 1;
             return Some((None, msg));
         }
-        let key = self.ready.pop_front()?;
-        let lane = self.lanes.get_mut(&key)?;
-        let msg = lane.queue.pop_front()?;
-        lane.busy = true;
-        self.in_flight += 1;
-        Some((Some(key), msg))
+        while let Some(key) = self.ready.pop_front() {
+            let Some(lane) = self.lanes.get_mut(&key) else {
+                continue;
+            };
+            if lane.busy {
+                continue;
+            }
+            let Some(msg) = lane.queue.pop_front() else {
+                continue;
+            };
+            lane.busy = true;
+            self.in_flight += 1;
+            return Some((Some(key), msg));
+        }
+        if !self.unkeyed.is_empty() {
+            let msg = self.unkeyed.pop_front()?;
+            self.in_flight += 1;
+            return Some((None, msg));
+        }
+        None
     }
 
     /// The message in flight for `key` is finished (acked or delegated): the key's next may start.
@@ -165,6 +194,32 @@ mod tests {
         );
         l.done(k("b").as_ref());
         assert_eq!(l.start_next(), Some((k("a"), 2)));
+    }
+
+    #[test]
+    fn urgent_work_goes_first_and_stale_ready_entries_are_skipped() {
+        let mut l = Lanes::new(1);
+        l.push(k("a"), 1);
+        l.push(k("b"), 2);
+        l.push(k("b"), 3);
+        l.push_urgent(MessageKey("b".into()), 9);
+        assert_eq!(l.start_next(), Some((k("b"), 9)), "b's urgent work first");
+        l.done(k("b").as_ref());
+        assert_eq!(l.start_next(), Some((k("a"), 1)));
+        l.done(k("a").as_ref());
+        assert_eq!(l.start_next(), Some((k("b"), 2)));
+        l.done(k("b").as_ref());
+        assert_eq!(l.start_next(), Some((k("b"), 3)));
+        l.done(k("b").as_ref());
+        assert_eq!(l.start_next(), None, "no stale entry starts anything");
+        // Urgent work for a busy key waits for it, then goes before its queue.
+        l.push(k("c"), 4);
+        l.push(k("c"), 5);
+        assert_eq!(l.start_next(), Some((k("c"), 4)));
+        l.push_urgent(MessageKey("c".into()), 8);
+        assert_eq!(l.start_next(), None, "c is busy");
+        l.done(k("c").as_ref());
+        assert_eq!(l.start_next(), Some((k("c"), 8)));
     }
 
     #[test]

@@ -20,7 +20,8 @@ use crate::holds::{HoldError, Holds};
 use crate::processor::MEND_HISTORY;
 use crate::publish;
 
-/// Appends a message of a held key to the key's hold queue and announces `held`. The caller acks it.
+/// Appends a message of a held key to the key's hold queue; the first to wait behind a head is
+/// announced `held` (with the head; `released` gives the count at the end). The caller acks it.
 pub(crate) async fn hold_back(
     rt: &BindingRuntime,
     holds: &Holds,
@@ -29,10 +30,21 @@ pub(crate) async fn hold_back(
     hold: Option<&Hold>,
 ) -> Settle {
     let msg_id = d.meta.lineage.msg_id(d.meta.attempt, "held");
-    if let Err(error) = holds
-        .append(key, &msg_id, held_headers(d), d.payload.clone())
-        .await
-    {
+    let first = holds.queued(key) == 0;
+    let announce = async {
+        if !first {
+            return Ok(());
+        }
+        let data = json!({ "head": hold.map(|h| h.head.as_str()) });
+        delegate::announce(rt, "held", d, data).await
+    };
+    // Both stored before the ack; at once, as neither depends on the other. (Should the append
+    // fail, the message is not acked and comes back; the repeated announcement is a duplicate.)
+    let (appended, announced) = tokio::join!(
+        holds.append(key, &msg_id, held_headers(d), d.payload.clone()),
+        announce,
+    );
+    if let Err(error) = appended {
         if matches!(error, publish::NotStored::Unpublishable) {
             tracing::error!(
                 size = d.payload.len(),
@@ -42,12 +54,9 @@ pub(crate) async fn hold_back(
         return error.into();
     }
     tracing::debug!("Key held: message appended to its hold queue.");
-    let data = json!({
-        "head": hold.map(|h| h.head.as_str()),
-        "held": holds.queued(key),
-    });
-    match delegate::announce(rt, "held", d, data).await {
-        Ok(()) => Settle::Ack,
+    match announced {
+        // Its copy is stored under a de-duplicating id: a lost ack only brings a redelivery.
+        Ok(()) => Settle::AckPlain,
         Err(error) => error.into(),
     }
 }
@@ -94,9 +103,27 @@ fn begins_release(change: &Change) -> bool {
     matches!(change, Change::Create(h) | Change::Update(h) if h.state == HoldState::Releasing)
 }
 
-/// One step of the work on a key's hold: while releasing, the next held message; while held, the
-/// head's retry if one waits in the queue. Returns the next step, if there is one.
+/// Held messages a release delivers in one turn of its key's lane. A turn per message would make a
+/// release wait for every other key with work between two of its messages; a bounded batch keeps
+/// the key's own newer messages (waiting behind it in memory) and the other keys moving.
+const RELEASE_BATCH: usize = 64;
+
+/// One turn of the work on a key's hold: while releasing, the next held messages; while held, the
+/// head's retry if one waits in the queue. Returns the next turn, if there is one.
 pub(crate) async fn step(rt: &BindingRuntime, holds: &Holds, key: &MessageKey) -> Option<Work> {
+    for _ in 0..RELEASE_BATCH {
+        let next = one_step(rt, holds, key).await?;
+        let releasing = holds
+            .get(key)
+            .is_some_and(|h| h.state == HoldState::Releasing);
+        if !releasing || rt.shutdown.is_cancelled() {
+            return Some(next);
+        }
+    }
+    Some(Work::Release)
+}
+
+async fn one_step(rt: &BindingRuntime, holds: &Holds, key: &MessageKey) -> Option<Work> {
     let hold = holds.get(key)?;
     let result = match hold.state {
         HoldState::Resolved => Ok(None),
@@ -161,8 +188,8 @@ async fn release_next(
             Ok(None)
         }
         ReleaseStep::Skip(seq) => {
-            tracing::debug!(seq, "A resolved lineage's copy in the queue; removed.");
-            holds.remove(key, seq).await?;
+            tracing::debug!(seq, "A resolved lineage's copy in the queue; skipped.");
+            holds.advance(key, seq).await?;
             Ok(Some(Work::Release))
         }
         ReleaseStep::Deliver(seq) => {
@@ -171,7 +198,8 @@ async fn release_next(
             };
             let d = queued(rt, msg);
             let lineage = d.meta.lineage.to_string();
-            let outcome = consume::deliver(rt, &d).await?;
+            let (outcome, ()) = tokio::join!(consume::deliver(rt, &d), holds.prefetch(key, seq));
+            let outcome = outcome?;
             let change = protocol::after_release_delivery(hold, &lineage, outcome);
             holds.apply(key, change).await?;
             if outcome == Outcome::Unresolved {
@@ -179,10 +207,15 @@ async fn release_next(
                     mend_id = lineage,
                     "A held message failed: it is the key's new head."
                 );
-            } else if d.is_retry() {
-                resolved(rt, &d, None).await?;
+                // The delivered messages before it and its own copy leave the queue now.
+                holds.purge_through(key, seq).await?;
+            } else {
+                if d.meta.attempt > 1 {
+                    // A repair or resubmission that had waited in the queue.
+                    resolved(rt, &d, None).await?;
+                }
+                holds.advance(key, seq).await?;
             }
-            holds.remove(key, seq).await?;
             Ok(Some(Work::Release))
         }
     }

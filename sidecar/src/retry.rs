@@ -701,7 +701,12 @@ pub(crate) fn admit(
                 history,
                 source: Source::Consumer { id, reply },
             };
-            lanes.push(key, Work::Message(d));
+            // A retry may be its held key's head: it goes before the key's newer messages (which
+            // would only be held behind it) and ahead of other keys' turns.
+            match key {
+                Some(key) => lanes.push_urgent(key, Work::Message(d)),
+                None => lanes.push(None, Work::Message(d)),
+            }
         }
         Inbound::Control { key, command, .. } => {
             lanes.push(key, Work::Command { command, id, reply });

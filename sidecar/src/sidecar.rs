@@ -454,7 +454,7 @@ async fn load_holds(
     let mut pause = crate::publish::RETRY_MIN;
     loop {
         let loaded = tokio::select! {
-            loaded = crate::holds::Holds::load(&sh.js, &sh.service, &b.name, run) => loaded,
+            loaded = crate::holds::Holds::load(&sh.js, &sh.service, &b.name, b.partition_for(sh.partition), run) => loaded,
             _ = run.cancelled() => return None,
         };
         match loaded {

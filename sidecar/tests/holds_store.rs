@@ -22,27 +22,35 @@ async fn entries_persist_conflicts_are_refused_and_queues_keep_order() -> anyhow
     let stop = CancellationToken::new();
     let key = MessageKey("acct 7/ü".into());
 
-    let a = Holds::load(&js, "orders", "orders", &stop).await?;
+    let a = Holds::load(&js, "orders", "orders", 0, &stop).await?;
     assert!(a.get(&key).is_none());
     let mut hold = a.fresh(&key);
     hold.head = "APP:1".into();
     a.apply(&key, Change::Create(hold.clone())).await?;
     // Another binding of the service and another service do not see it.
     assert!(
-        Holds::load(&js, "orders", "other", &stop)
+        Holds::load(&js, "orders", "other", 0, &stop)
             .await?
             .get(&key)
             .is_none()
     );
     assert!(
-        Holds::load(&js, "payments", "orders", &stop)
+        Holds::load(&js, "payments", "orders", 0, &stop)
+            .await?
+            .get(&key)
+            .is_none()
+    );
+
+    // Another partition's instance does not see it either.
+    assert!(
+        Holds::load(&js, "orders", "orders", 1, &stop)
             .await?
             .get(&key)
             .is_none()
     );
 
     // A second instance loads it; its write makes the first one's stale.
-    let b = Holds::load(&js, "orders", "orders", &stop).await?;
+    let b = Holds::load(&js, "orders", "orders", 0, &stop).await?;
     assert_eq!(b.get(&key), Some(hold.clone()));
     let releasing = repair_rules::holds::Hold {
         state: HoldState::Releasing,
@@ -59,7 +67,7 @@ async fn entries_persist_conflicts_are_refused_and_queues_keep_order() -> anyhow
         "{conflict:?}"
     );
     // A write whose value is there already (an earlier try whose answer was lost) is done.
-    let c = Holds::load(&js, "orders", "orders", &stop).await?;
+    let c = Holds::load(&js, "orders", "orders", 0, &stop).await?;
     c.apply(&key, Change::Update(releasing.clone())).await?;
     c.apply(&key, Change::Create(releasing.clone())).await?;
     assert_eq!(c.get(&key), Some(releasing.clone()));
@@ -82,7 +90,7 @@ async fn entries_persist_conflicts_are_refused_and_queues_keep_order() -> anyhow
     assert_eq!(c.queued(&key), 3, "the repeated append is a duplicate");
     assert_eq!(c.stats().messages, 3);
     assert_eq!(
-        Holds::load(&js, "orders", "orders", &stop)
+        Holds::load(&js, "orders", "orders", 0, &stop)
             .await?
             .queued(&key),
         3
@@ -119,7 +127,7 @@ async fn entries_persist_conflicts_are_refused_and_queues_keep_order() -> anyhow
     );
     assert!(c.forget(&key, Duration::ZERO).await);
     assert!(c.get(&key).is_none());
-    let reloaded = Holds::load(&js, "orders", "orders", &stop).await?;
+    let reloaded = Holds::load(&js, "orders", "orders", 0, &stop).await?;
     assert!(reloaded.get(&key).is_none());
     assert_eq!(reloaded.get(&other), Some(held));
     Ok(())

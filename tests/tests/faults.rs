@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use mend_e2e::app::Reply;
 use mend_e2e::js;
+use mend_e2e::mend::with_top_level;
 use mend_e2e::world::{TEST_TIMEOUT, World, first_successes_in_order};
 
 fn n_of(d: &mend_e2e::app::Delivery) -> u64 {
@@ -43,7 +44,9 @@ async fn sigkill_three_times_loses_nothing_and_delegates_once() -> anyhow::Resul
     let seqs = w
         .publish_with_keys(total as usize, |i| own_key_if_failing(i, 50))
         .await?;
-    let mut sidecar = w.sidecar(&w.keyed_config("crash", CRASHY)).await?;
+    // A killed sidecar's lease runs out before its restart takes over: a short one.
+    let config = with_top_level(&w.keyed_config("crash", CRASHY), "lease_ttl = \"2s\"");
+    let mut sidecar = w.sidecar(&config).await?;
 
     for round in 1..=3u64 {
         let reached = round * total / 5;

@@ -423,7 +423,6 @@ async fn partitions_split_keys_and_retries_and_commands_reach_their_partition() 
 /// A partition's sidecar must take only its own partition's holds: resuming another partition's
 /// release at start would deliver that partition's keys from two sidecars at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known gap: Holds::load (holds.rs) takes the holds of every partition of the binding"]
 async fn a_partition_takes_only_its_own_holds() -> anyhow::Result<()> {
     let w = World::new().await?;
     js::app_stream_with_transform(

@@ -270,7 +270,9 @@ async fn holds_run(
     js::app_stream(js, &name, &[&format!("{subject}.>")]).await?;
     let mut msgs = messages(&format!("{subject}.m"), n, keys);
     for (i, m) in msgs.iter_mut().enumerate() {
-        if percent > 0 && i % (100 / percent) == 7 {
+        // Spread over keys and time (a plain `i % 20` would pick whole keys).
+        let draw = ((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) % 100;
+        if draw < percent as u64 {
             let key = format!("k{}", i % keys.max(1));
             m.payload = Bytes::from(
                 serde_json::json!({"key": key, "n": i, "amount": "12.50", "pad": "x".repeat(200)})
