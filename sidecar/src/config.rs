@@ -115,6 +115,15 @@ pub struct BindingConfig {
     /// Longest delay between transient tries (and the cap on an app's `Retry-After`).
     #[serde(default = "default_backoff_max", with = "humantime_serde")]
     pub backoff_max: Duration,
+    /// A hold older than this is made loud: a `hold_alert` event, a warning, `mend_hold_alerts`.
+    #[serde(default = "default_hold_alert_age", with = "humantime_serde")]
+    pub hold_alert_age: Duration,
+    /// A hold with more messages waiting than this is made loud the same way.
+    #[serde(
+        default = "default_hold_alert_count",
+        deserialize_with = "positive_u32"
+    )]
+    pub hold_alert_count: u32,
 }
 
 /// Where a binding's business key comes from.
@@ -460,6 +469,12 @@ const fn default_backoff_initial() -> Duration {
 }
 const fn default_backoff_max() -> Duration {
     Duration::from_secs(10)
+}
+const fn default_hold_alert_age() -> Duration {
+    Duration::from_secs(3600)
+}
+const fn default_hold_alert_count() -> u32 {
+    1000
 }
 
 fn token<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {

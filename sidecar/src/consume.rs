@@ -82,6 +82,7 @@ pub struct BindingMetrics {
     pub held_keys: Gauge,
     pub held_messages: Gauge,
     pub hold_oldest_age: Gauge,
+    pub hold_alerts: Gauge,
     pub releases: Counter,
     pub commands: Counter,
 }
@@ -115,6 +116,7 @@ impl BindingMetrics {
             held_keys: metrics::gauge!(t::HELD_KEYS, &l),
             held_messages: metrics::gauge!(t::HELD_MESSAGES, &l),
             hold_oldest_age: metrics::gauge!(t::HOLD_OLDEST_AGE, &l),
+            hold_alerts: metrics::gauge!(t::HOLD_ALERTS, &l),
             releases: metrics::counter!(t::RELEASES, &l),
             commands: metrics::counter!(t::CONTROL_COMMANDS, &l),
         }
@@ -337,6 +339,7 @@ pub async fn run(
             }
         }
     }
+    let mut alerted: HashSet<MessageKey> = HashSet::new();
     let mut gauges = tokio::time::interval(GAUGES_EVERY);
     gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut forget = tokio::time::interval(FORGET_EVERY);
@@ -365,6 +368,16 @@ pub async fn run(
             _ = rt.shutdown.cancelled(), if !stopping => {
                 stopping = true;
                 messages = None;
+                // Retries and commands routed here and not yet taken go back at once too.
+                if let Some(mut inbound) = retries.take() {
+                    inbound.close();
+                    while let Ok(routed) = inbound.try_recv() {
+                        if let Some(reply) = routed.into_message().message.reply {
+                            let reply = ack::Reply::new(reply, rt.epoch.current());
+                            ack::hand_back(&rt.client, &reply).await;
+                        }
+                    }
+                }
                 release(&mut quarantine, &mut lanes);
                 for work in lanes.drain_queued() {
                     if let Some(id) = work.held_id() {
@@ -402,7 +415,7 @@ pub async fn run(
                     h.touched = Instant::now();
                 }
             }
-            _ = gauges.tick() => hold_metrics(&rt),
+            _ = gauges.tick() => hold_metrics(&rt, &mut alerted),
             _ = forget.tick(), if !stopping => {
                 if let Some(holds) = &rt.holds {
                     for key in holds.expired(crate::nats::DUPLICATE_WINDOW) {
@@ -835,9 +848,52 @@ async fn finish(rt: &BindingRuntime, d: &Delivery, answer: Answer) -> Result<Out
     }
 }
 
-/// Sets the hold gauges from the binding's holds.
-fn hold_metrics(rt: &BindingRuntime) {
+/// Sets the hold gauges from the binding's holds, and makes a hold over the binding's alert age or
+/// count loud once (until it is back under both): a warning and a `hold_alert` event.
+fn hold_metrics(rt: &Arc<BindingRuntime>, alerted: &mut HashSet<MessageKey>) {
     let Some(holds) = &rt.holds else { return };
+    let over = holds.over(rt.cfg.hold_alert_age, u64::from(rt.cfg.hold_alert_count));
+    rt.metrics.hold_alerts.set(over.len() as f64);
+    let now: HashSet<MessageKey> = over.iter().map(|(k, _, _)| k.clone()).collect();
+    alerted.retain(|k| now.contains(k));
+    for (key, hold, queued) in over {
+        if !alerted.insert(key.clone()) {
+            continue;
+        }
+        tracing::warn!(
+            key = key.as_str(),
+            head = hold.head,
+            since = hold.since,
+            held = queued,
+            "A hold is over its alert age or count: its key waits for a person or a repair."
+        );
+        let rt = rt.clone();
+        tokio::spawn(async move {
+            let head = hold
+                .head
+                .parse::<LineageId>()
+                .unwrap_or_else(|_| LineageId::new(rt.cfg.stream.clone(), 0));
+            let event = crate::publish::Event {
+                service: &rt.service,
+                source: format!("urn:mend:sidecar:{}:{}", rt.service, rt.cfg.name),
+                kind: "hold_alert",
+                lineage: &head,
+                attempt: 0,
+                data: serde_json::json!({
+                    "binding": rt.cfg.name,
+                    "key": key.as_str(),
+                    "head": hold.head,
+                    "since": hold.since,
+                    "held": queued,
+                    "alert_age_seconds": rt.cfg.hold_alert_age.as_secs(),
+                    "alert_count": rt.cfg.hold_alert_count,
+                }),
+            };
+            if let Err(error) = crate::publish::announce(&rt.js, &rt.shutdown, event).await {
+                tracing::debug!(?error, "hold_alert not announced before shutdown.");
+            }
+        });
+    }
     let stats = holds.stats();
     rt.metrics.held_keys.set(stats.keys as f64);
     rt.metrics.held_messages.set(stats.messages as f64);

@@ -195,6 +195,26 @@ impl Holds {
         self.state().queued.get(key).copied().unwrap_or(0)
     }
 
+    /// The held keys whose hold began more than `age` ago or has more than `count` messages
+    /// waiting, with their entry and how many wait.
+    pub fn over(&self, age: Duration, count: u64) -> Vec<(MessageKey, Hold, u64)> {
+        let now = SystemTime::now();
+        let state = self.state();
+        state
+            .entries
+            .iter()
+            .filter(|(_, c)| c.hold.is_held())
+            .filter_map(|(k, c)| {
+                let queued = state.queued.get(k).copied().unwrap_or(0);
+                let old = humantime::parse_rfc3339_weak(&c.hold.since)
+                    .ok()
+                    .and_then(|since| now.duration_since(since).ok())
+                    .is_some_and(|held| held > age);
+                (old || queued > count).then(|| (k.clone(), c.hold.clone(), queued))
+            })
+            .collect()
+    }
+
     /// The figures for the metrics.
     pub fn stats(&self) -> Stats {
         let state = self.state();

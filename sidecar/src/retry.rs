@@ -75,7 +75,7 @@ pub enum Inbound {
 }
 
 impl Inbound {
-    fn into_message(self) -> Message {
+    pub(crate) fn into_message(self) -> Message {
         match self {
             Inbound::Retry(msg) | Inbound::Control { msg, .. } => msg,
         }

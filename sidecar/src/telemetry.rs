@@ -40,6 +40,8 @@ pub const HELD_KEYS: &str = "mend_held_keys";
 pub const HELD_MESSAGES: &str = "mend_held_messages";
 /// Seconds since the oldest current hold began (0 without holds).
 pub const HOLD_OLDEST_AGE: &str = "mend_hold_oldest_age_seconds";
+/// Holds over their binding's `hold_alert_age` or `hold_alert_count`.
+pub const HOLD_ALERTS: &str = "mend_hold_alerts";
 /// Releases of a hold completed (its queue delivered).
 pub const RELEASES: &str = "mend_releases_total";
 /// Commands from the dashboard (`mend.control.<service>`) applied.

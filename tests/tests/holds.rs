@@ -473,8 +473,20 @@ async fn a_release_by_hand_delivers_the_held_messages_and_leaves_the_head_parked
     )
     .await?;
     let _p = processor(&w, "").await?;
-    let s = w.sidecar(&w.keyed_config("rel", "")).await?;
+    let s = w
+        .sidecar(&w.keyed_config("rel", "hold_alert_count = 1"))
+        .await?;
     held(&w, "rel", 2).await?;
+    // More messages wait than the binding allows quietly: the hold is made loud, once.
+    let alert = wait::until("a hold alert", TEST_TIMEOUT, || async {
+        let alerts = js::events(&w.js, "rel", "hold_alert").await?;
+        Ok(alerts.into_iter().next())
+    })
+    .await?;
+    assert_eq!(alert["data"]["key"], "r");
+    assert_eq!(alert["data"]["head"], format!("APP:{}", seqs[0]));
+    assert_eq!(alert["data"]["held"], 2);
+    assert!(s.log().contains("over its alert"), "{}", s.log());
     // A malformed command is refused and changes nothing.
     control(&w, "rel", json!({"action": "explode", "key": "r"})).await?;
     control(
