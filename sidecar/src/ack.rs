@@ -127,6 +127,24 @@ pub async fn hand_back(client: &Client, reply: &Reply) {
     send(client, reply.current().0, AckKind::Nak(None), not_sent).await;
 }
 
+/// Hands the message back for redelivery after `delay` (to whichever instance pulls it first).
+pub async fn hand_back_after(client: &Client, reply: &Reply, delay: Duration) {
+    let not_sent = "Nak not sent; the message is redelivered after its ack wait.";
+    send(
+        client,
+        reply.current().0,
+        AckKind::Nak(Some(delay)),
+        not_sent,
+    )
+    .await;
+}
+
+/// Tells the server never to redeliver the message (it can never be processed).
+pub async fn terminate(client: &Client, reply: &Reply) {
+    let not_sent = "Term not sent; the message comes back after its ack wait.";
+    send(client, reply.current().0, AckKind::Term, not_sent).await;
+}
+
 /// Sends `kind` on a reply subject without waiting for an answer; a failure is only logged, since
 /// the server redelivers an unanswered message anyway.
 async fn send(client: &Client, subject: Subject, kind: AckKind, not_sent: &'static str) {

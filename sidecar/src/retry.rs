@@ -398,7 +398,7 @@ async fn route_command(router: &Router, msg: Message) {
                     error,
                     "Partition of a command unknown for now; it comes back."
                 );
-                return later(msg, LOOKUP_RETRY_DELAY).await;
+                return later(router, msg, LOOKUP_RETRY_DELAY).await;
             }
         }
     }
@@ -500,13 +500,14 @@ async fn dispatch(router: &Router, i: usize, inbound: Inbound) {
         binding = router.bindings[i].name,
         "This instance does not consume the binding now; handing the message back."
     );
-    later(inbound.into_message(), NOT_HERE_DELAY).await;
+    later(router, inbound.into_message(), NOT_HERE_DELAY).await;
 }
 
 /// Hands a message back to be redelivered after `delay` (to whichever instance pulls first).
-async fn later(msg: Message, delay: Duration) {
-    if let Err(error) = msg.ack_with(jetstream::AckKind::Nak(Some(delay))).await {
-        tracing::debug!(%error, "Nak not sent; the message is redelivered after its ack wait.");
+async fn later(router: &Router, msg: Message, delay: Duration) {
+    if let Some(reply) = msg.message.reply {
+        let reply = ack::Reply::new(reply, router.epoch.current());
+        ack::hand_back_after(&router.client, &reply, delay).await;
     }
 }
 
@@ -640,8 +641,9 @@ async fn refuse_control(router: &Router, msg: Message, reason: &str) {
     metrics::counter!(crate::telemetry::CONTROL_REFUSED, "service" => router.service.clone())
         .increment(1);
     tracing::error!(reason, payload = %String::from_utf8_lossy(&msg.payload), "Command refused.");
-    if let Err(error) = msg.ack_with(jetstream::AckKind::Term).await {
-        tracing::warn!(%error, "Refused command not terminated; it comes back.");
+    if let Some(reply) = msg.message.reply {
+        let reply = ack::Reply::new(reply, router.epoch.current());
+        ack::terminate(&router.client, &reply).await;
     }
 }
 

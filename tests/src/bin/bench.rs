@@ -306,6 +306,11 @@ async fn holds_run(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let took = started.elapsed();
+    let cpu = sidecar.pid().and_then(cpu_time).unwrap_or_default();
+    eprintln!(
+        "  {percent}% failures: sidecar CPU {:.0} µs per message (start-up included)",
+        cpu.as_secs_f64() * 1e6 / n as f64
+    );
     sidecar.terminate(Duration::from_secs(30)).await?;
     Ok(took)
 }
