@@ -190,7 +190,22 @@ impl Holds {
             .collect()
     }
 
-    /// Messages in the hold queue of `key`, as far as this instance counted.
+    /// The queue of `key` was found empty: its count starts again from zero.
+    pub fn emptied(&self, key: &MessageKey) {
+        let mut state = self.state();
+        state.queued.remove(key);
+        state.start.remove(key);
+        state.next.remove(key);
+        state.done.remove(key);
+    }
+
+    /// Whether a release delivered or skipped messages of `key` that are not purged yet.
+    pub fn unpurged(&self, key: &MessageKey) -> bool {
+        self.state().done.get(key).is_some_and(|n| *n > 0)
+    }
+
+    /// Messages in the hold queue of `key`, as far as this instance counted (never fewer than
+    /// there are: a repeated append that JetStream found a duplicate counts too).
     pub fn queued(&self, key: &MessageKey) -> u64 {
         self.state().queued.get(key).copied().unwrap_or(0)
     }
@@ -379,10 +394,10 @@ impl Holds {
         let subject = subjects::hold(&self.service, &key.token());
         match publish::durably(&self.js, &self.shutdown, &subject, msg_id, headers, payload).await?
         {
-            Published::Stored { duplicate } => {
-                if !duplicate {
-                    *self.state().queued.entry(key.clone()).or_default() += 1;
-                }
+            // Counted even as a duplicate: the first try may have been stored with its answer lost,
+            // and a count too high only costs a look at the queue.
+            Published::Stored { .. } => {
+                *self.state().queued.entry(key.clone()).or_default() += 1;
                 Ok(())
             }
             Published::TooLarge => Err(NotStored::Unpublishable),

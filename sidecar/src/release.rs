@@ -71,7 +71,9 @@ pub(crate) async fn commit(
     outcome: Outcome,
     change: Change,
 ) -> Result<bool, Settle> {
-    let releasing = begins_release(&change);
+    let (change, releasing) = at_once_if_empty(rt, holds, key, change)
+        .await
+        .map_err(|e| Settle::from_hold(rt, e))?;
     holds
         .apply(key, change)
         .await
@@ -101,6 +103,32 @@ pub(crate) async fn resolved(
 
 fn begins_release(change: &Change) -> bool {
     matches!(change, Change::Create(h) | Change::Update(h) if h.state == HoldState::Releasing)
+}
+
+/// A release of an empty queue in one write: the entry goes straight to resolved (the release's
+/// first step would find the queue empty and do just that). Returns the change to store and whether
+/// a release begins.
+async fn at_once_if_empty(
+    rt: &BindingRuntime,
+    holds: &Holds,
+    key: &MessageKey,
+    change: Change,
+) -> Result<(Change, bool), HoldError> {
+    if !begins_release(&change) {
+        return Ok((change, false));
+    }
+    let empty = !holds.unpurged(key) && holds.first(key).await?.is_none();
+    if !empty {
+        return Ok((change, true));
+    }
+    holds.emptied(key);
+    rt.metrics.releases.increment(1);
+    let change = match change {
+        Change::Create(h) => Change::Create(protocol::finished(&h)),
+        Change::Update(h) => Change::Update(protocol::finished(&h)),
+        Change::Keep => Change::Keep,
+    };
+    Ok((change, false))
 }
 
 /// Held messages a release delivers in one turn of its key's lane. A turn per message would make a
@@ -175,7 +203,12 @@ async fn release_next(
     let found = first.as_ref().map(|m| (m.sequence, lineage_of(m)));
     match protocol::release_step(hold, found.as_ref().map(|(s, l)| (*s, l.as_str()))) {
         ReleaseStep::Finish => {
-            holds.purge(key).await?;
+            // Nothing is left after the read position; what is before it goes now.
+            if holds.unpurged(key) {
+                holds.purge(key).await?;
+            } else {
+                holds.emptied(key);
+            }
             holds
                 .apply(key, Change::Update(protocol::finished(hold)))
                 .await?;
