@@ -204,8 +204,9 @@ impl Holds {
         self.state().done.get(key).is_some_and(|n| *n > 0)
     }
 
-    /// Messages in the hold queue of `key`, as far as this instance counted (never fewer than
-    /// there are: a repeated append that JetStream found a duplicate counts too).
+    /// Messages in the hold queue of `key`, as far as this instance counted: never fewer than there
+    /// are (the count is read at load; a repeated append that JetStream found a duplicate counts
+    /// too; only confirmed removals and purges take away), so zero means empty.
     pub fn queued(&self, key: &MessageKey) -> u64 {
         self.state().queued.get(key).copied().unwrap_or(0)
     }
