@@ -26,8 +26,8 @@ use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
 use async_nats::jetstream::{self, AckKind};
 use axum::routing::post;
 use bytes::Bytes;
-use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use futures::{StreamExt, TryStreamExt};
 use mend_e2e::js::{self, Out};
 use mend_e2e::mend::{MendProcess, example_rules, processor_config, sidecar_config};
 use mend_e2e::nats::NatsServer;
@@ -152,7 +152,16 @@ async fn main() -> anyhow::Result<()> {
     loaded_rt.sort();
     single_rt.sort();
 
-    // Holds: the same workload with no failures and with 5% repairable ones, alternating.
+    drop(processor);
+    // Holds: the same workload with no failures and with 5% repairable ones, alternating; each run
+    // is its own service, repaired by the example rules without their service filter.
+    let (_rules_dir, rules) = any_service_rules()?;
+    let processor = MendProcess::start(
+        "processor",
+        &processor_config(&nats.url(), &rules, "concurrency = 64"),
+    )
+    .await?;
+    processor.ready().await?;
     let h = n.min(50_000);
     let (mut clean, mut failing) = (Vec::new(), Vec::new());
     for round in 0..ROUNDS {
@@ -232,9 +241,10 @@ async fn holds_only(n: usize, keys: usize, rounds: usize) -> anyhow::Result<()> 
     let nats = NatsServer::start().await?;
     let js = jetstream::new(nats.client().await?);
     let app = NoopApp::start().await?;
+    let (_rules_dir, rules) = any_service_rules()?;
     let processor = MendProcess::start(
         "processor",
-        &processor_config(&nats.url(), &example_rules(), "concurrency = 64"),
+        &processor_config(&nats.url(), &rules, "concurrency = 64"),
     )
     .await?;
     processor.ready().await?;
@@ -281,10 +291,9 @@ async fn holds_run(
         }
     }
     js::publish_all(js, msgs).await?;
-    // The example rules repair the service `orders` only; runs are sequential, so they share it.
-    let service = "orders";
+    let service = name.to_lowercase();
     let config = sidecar_config(
-        service,
+        &service,
         &nats.url(),
         &name,
         &[&format!("{subject}.>")],
@@ -296,7 +305,7 @@ async fn holds_run(
     let started = Instant::now();
     let consumer = format!("mend-{service}-{service}");
     loop {
-        if through(js, &name, &consumer).await? {
+        if through(js, &name, &consumer, &service).await? {
             break;
         }
         anyhow::ensure!(
@@ -316,8 +325,13 @@ async fn holds_run(
 }
 
 /// Whether everything of the stream is through: the consumer has nothing pending or unacked, and no
-/// failure, retry or held message waits anywhere.
-async fn through(js: &jetstream::Context, stream: &str, consumer: &str) -> anyhow::Result<bool> {
+/// failure, retry or held message of `service` waits anywhere.
+async fn through(
+    js: &jetstream::Context,
+    stream: &str,
+    consumer: &str,
+    service: &str,
+) -> anyhow::Result<bool> {
     let mut c: PullConsumer = js
         .get_stream(stream)
         .await?
@@ -328,12 +342,41 @@ async fn through(js: &jetstream::Context, stream: &str, consumer: &str) -> anyho
     if info.num_pending > 0 || info.num_ack_pending > 0 {
         return Ok(false);
     }
-    for s in ["MEND_FAILED", "MEND_RETRY", "MEND_HOLD"] {
-        if js.get_stream(s).await?.info().await?.state.messages > 0 {
-            return Ok(false);
+    for (s, filter) in [
+        ("MEND_FAILED", format!("mend.failed.{service}")),
+        ("MEND_RETRY", format!("mend.retry.{service}")),
+        ("MEND_HOLD", format!("mend.hold.{service}.>")),
+    ] {
+        let mut counts = js.get_stream(s).await?.info_with_subjects(filter).await?;
+        while let Some((_, count)) = counts.try_next().await? {
+            if count > 0 {
+                return Ok(false);
+            }
         }
     }
     Ok(true)
+}
+
+/// The example rules without their `service` filters, in a temporary folder (kept alive by the
+/// returned handle), so every bench run can be a service of its own.
+fn any_service_rules() -> anyhow::Result<(tempfile::TempDir, std::path::PathBuf)> {
+    let dir = tempfile::tempdir()?;
+    for entry in std::fs::read_dir(example_rules())? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let text = std::fs::read_to_string(&path)?;
+            let kept: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("service"))
+                .collect();
+            std::fs::write(
+                dir.path().join(path.file_name().context("a file name")?),
+                kept.join("\n"),
+            )?;
+        }
+    }
+    let path = dir.path().to_path_buf();
+    Ok((dir, path))
 }
 
 /// One key held behind a failure with `m` messages waiting: how fast they were appended to its hold
@@ -350,7 +393,7 @@ async fn big_hold(
         Bytes::from(serde_json::json!({"key": "k0", "n": 0, "amount": "12.50"}).to_string());
     js::publish_all(js, msgs).await?;
     let config = sidecar_config(
-        "orders",
+        "bighold",
         &nats.url(),
         "BIGHOLD",
         &["bighold.>"],
@@ -372,15 +415,13 @@ async fn big_hold(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let appended = rate(m, started.elapsed());
-    let processor = MendProcess::start(
-        "processor",
-        &processor_config(&nats.url(), &example_rules(), ""),
-    )
-    .await?;
+    let (_rules_dir, rules) = any_service_rules()?;
+    let processor =
+        MendProcess::start("processor", &processor_config(&nats.url(), &rules, "")).await?;
     processor.ready().await?;
     let started = Instant::now();
     loop {
-        if through(js, "BIGHOLD", "mend-orders-orders").await? {
+        if through(js, "BIGHOLD", "mend-bighold-bighold", "bighold").await? {
             break;
         }
         anyhow::ensure!(
