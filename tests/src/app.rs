@@ -67,6 +67,28 @@ impl Delivery {
     }
 }
 
+/// How the demo orders service answers an order, if it rejects it: a string `amount` is a
+/// `bad_type` on `/amount` (the example rules repair it), the account `nobody` is
+/// `unknown_account` (they park it); a body that is not JSON is a 400. `None`: the order is fine.
+pub fn order_problem(d: &Delivery) -> Option<Reply> {
+    let Some(order) = d.json.as_ref() else {
+        return Some(Reply::Status(400));
+    };
+    if order["amount"].is_string() {
+        return Some(Reply::Problem(
+            422,
+            serde_json::json!({"title": "amount must be a number", "code": "bad_type", "field": "/amount"}),
+        ));
+    }
+    if order["account"] == "nobody" {
+        return Some(Reply::Problem(
+            422,
+            serde_json::json!({"title": "no such account", "code": "unknown_account"}),
+        ));
+    }
+    None
+}
+
 type Script = dyn Fn(&Delivery) -> Reply + Send + Sync;
 
 struct Shared {

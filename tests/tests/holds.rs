@@ -34,25 +34,10 @@ fn flaky(n: u64) -> bool {
 /// The orders app: a string amount is a `bad_type`, an unknown account `unknown_account`; flaky
 /// messages are unavailable on their first try.
 fn orders_app(d: &Delivery) -> Reply {
-    let Some(order) = d.json.as_ref() else {
-        return Reply::Status(400);
-    };
     if flaky(n_of(d)) && d.seen_before == 0 {
         return Reply::Status(503);
     }
-    if order["amount"].is_string() {
-        return Reply::Problem(
-            422,
-            json!({"title": "amount must be a number", "code": "bad_type", "field": "/amount"}),
-        );
-    }
-    if order["account"] == "nobody" {
-        return Reply::Problem(
-            422,
-            json!({"title": "no such account", "code": "unknown_account"}),
-        );
-    }
-    Reply::Ok
+    mend_e2e::app::order_problem(d).unwrap_or(Reply::Ok)
 }
 
 /// `KEYS` × `PER_KEY` orders, key `k<i % KEYS>`, in stream order `n = i`.

@@ -10,22 +10,7 @@ use serde_json::json;
 
 /// The orders app: a string amount is a `bad_type`, an unknown account is `unknown_account`.
 fn orders_app(d: &mend_e2e::app::Delivery) -> Reply {
-    let Some(order) = d.json.as_ref() else {
-        return Reply::Status(400);
-    };
-    if order["amount"].is_string() {
-        return Reply::Problem(
-            422,
-            json!({"title": "amount must be a number", "code": "bad_type", "field": "/amount"}),
-        );
-    }
-    if order["account"] == "nobody" {
-        return Reply::Problem(
-            422,
-            json!({"title": "no such account", "code": "unknown_account"}),
-        );
-    }
-    Reply::Ok
+    mend_e2e::app::order_problem(d).unwrap_or(Reply::Ok)
 }
 
 async fn processor(w: &World, rules: &std::path::Path, extra: &str) -> anyhow::Result<MendProcess> {

@@ -206,22 +206,7 @@ async fn partitions_of(
 /// account is `unknown_account` (parked by them); everything else is processed, slowly enough that
 /// several keys are in flight.
 fn orders_app(d: &Delivery) -> Reply {
-    let Some(order) = d.json.as_ref() else {
-        return Reply::Status(400);
-    };
-    if order["amount"].is_string() {
-        return Reply::Problem(
-            422,
-            json!({"title": "amount must be a number", "code": "bad_type", "field": "/amount"}),
-        );
-    }
-    if order["account"] == "nobody" {
-        return Reply::Problem(
-            422,
-            json!({"title": "no such account", "code": "unknown_account"}),
-        );
-    }
-    Reply::Slow(Duration::from_millis(5))
+    mend_e2e::app::order_problem(d).unwrap_or(Reply::Slow(Duration::from_millis(5)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
