@@ -503,10 +503,15 @@ async fn dispatch(router: &Router, i: usize, inbound: Inbound) {
     later(router, inbound.into_message(), NOT_HERE_DELAY).await;
 }
 
+/// The reply subject of a message the router handles itself (not a JetStream message: none).
+fn reply_of(router: &Router, msg: &Message) -> Option<ack::Reply> {
+    let subject = msg.reply.clone()?;
+    Some(ack::Reply::new(subject, router.epoch.current()))
+}
+
 /// Hands a message back to be redelivered after `delay` (to whichever instance pulls first).
 async fn later(router: &Router, msg: Message, delay: Duration) {
-    if let Some(reply) = msg.message.reply {
-        let reply = ack::Reply::new(reply, router.epoch.current());
+    if let Some(reply) = reply_of(router, &msg) {
         ack::hand_back_after(&router.client, &reply, delay).await;
     }
 }
@@ -546,10 +551,9 @@ async fn forward(router: &Router, msg: Message, inbox: Inbox, k: u32) {
             headers.append(name.clone(), value.clone());
         }
     }
-    let Some(reply) = msg.reply.clone() else {
+    let Some(reply) = reply_of(router, &msg) else {
         return;
     };
-    let reply = ack::Reply::new(reply, router.epoch.current());
     match publish::durably(
         &router.js,
         &router.shutdown,
@@ -641,8 +645,7 @@ async fn refuse_control(router: &Router, msg: Message, reason: &str) {
     metrics::counter!(crate::telemetry::CONTROL_REFUSED, "service" => router.service.clone())
         .increment(1);
     tracing::error!(reason, payload = %String::from_utf8_lossy(&msg.payload), "Command refused.");
-    if let Some(reply) = msg.message.reply {
-        let reply = ack::Reply::new(reply, router.epoch.current());
+    if let Some(reply) = reply_of(router, &msg) {
         ack::terminate(&router.client, &reply).await;
     }
 }
@@ -832,10 +835,9 @@ async fn park_unroutable(router: &Router, msg: Message, detail: &str) {
     let mut out = async_nats::HeaderMap::new();
     out.insert("Content-Type", "application/json");
     out.insert(h::MEND_ID, envelope.id.as_str());
-    let Some(reply) = msg.reply.clone() else {
+    let Some(reply) = reply_of(router, &msg) else {
         return;
     };
-    let reply = ack::Reply::new(reply, router.epoch.current());
     match publish::durably(
         &router.js,
         &router.shutdown,
