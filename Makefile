@@ -7,9 +7,16 @@ NEXTEST := $(shell cargo nextest --version >/dev/null 2>&1 && echo yes)
 
 .PHONY: tools test lint unit e2e bench demo clean-tools
 
-## Install the pinned, hash-checked nats-server into .tools/.
+## Install what is missing: the pinned, hash-checked nats-server into .tools/; PostgreSQL's server
+## binaries (Debian's postgresql) for the tests' throw-away databases; Debian's chromium and
+## playwright-core (tests/browser/node_modules) for the browser tests; helm and kubernetes-validate
+## (into .tools/) for the chart's tests; hadolint (into .tools/) for the Dockerfile's.
 tools:
 	@scripts/install-nats-server.sh
+	@scripts/install-postgres.sh
+	@scripts/install-browser.sh
+	@scripts/install-helm.sh
+	@scripts/install-hadolint.sh
 
 ## Everything CI checks: formatting, lints, the pure-core invariant, every test.
 test: tools lint
@@ -30,10 +37,13 @@ bench: tools
 	cargo build --release --bin mend --bin mend-bench
 	target/release/mend-bench $(BENCH_ARGS)
 
-## Runs mend on this machine against a throw-away nats-server and a demo app.
-demo: tools
-	cargo build --release --bin mend --bin mend-demo
-	target/release/mend-demo
+## `mend dev`: everything on this machine (a throw-away nats-server, the demo orders app, sidecar,
+## processor, dashboard at http://127.0.0.1:8080/, a producer). Ctrl-C stops it. DEMO_ARGS passes
+## options, e.g. `make demo DEMO_ARGS="--listen 127.0.0.1:9090 --rate 50"`.
+demo:
+	@scripts/install-nats-server.sh
+	cargo build --release --bin mend
+	target/release/mend dev $(DEMO_ARGS)
 
 clean-tools:
 	rm -rf .tools

@@ -1,5 +1,122 @@
 //! mend's dashboard (SPEC §9): ingest of MEND_PARKED and MEND_EVENTS into a sqlx store, the
 //! server-rendered web UI and the JSON API, resubmission and control commands.
 //!
-//! The crate is part of the workspace layout from the start; its code arrives with the dashboard
-//! itself. Architecture invariant for then: it is the only crate that runs SQL.
+//! The `mend` binary (crate `mend`) connects to NATS, opens the store and hands both to [`run`].
+//! Architecture invariant: this is the only crate that runs SQL.
+
+pub mod actions;
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod holds;
+pub mod ingest;
+pub mod jobs;
+pub mod store;
+pub mod ui;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use tokio_util::sync::CancellationToken;
+
+pub use app::{RulesSource, Settings, User};
+
+use crate::app::AppState;
+use crate::store::{Store, now_ms};
+
+/// What the dashboard is given besides its settings.
+pub struct Deps {
+    pub client: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    pub store: Store,
+    pub rules: RulesSource,
+    /// `/healthz`, `/readyz`, `/metrics`, served on the dashboard's own address.
+    pub ops: Router,
+}
+
+/// Serves the dashboard and runs its ingest until `shutdown`; then stops taking requests, lets the
+/// ingest finish what it holds and returns.
+pub async fn run(
+    settings: Settings,
+    deps: Deps,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let (parked, events) = ingest::bind(&deps.js, settings.ack_wait)
+        .await
+        .context("cannot create the dashboard's consumers on MEND_PARKED and MEND_EVENTS")?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let local = listener.local_addr()?;
+    let state = Arc::new(AppState {
+        limiter: auth::LoginLimiter::default(),
+        jobs: jobs::Jobs::default(),
+        store: deps.store.clone(),
+        js: deps.js.clone(),
+        client: deps.client.clone(),
+        rules: deps.rules,
+        settings,
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(ingest::parked(parked, deps.store.clone(), shutdown.clone()));
+    tasks.spawn(ingest::events(events, deps.store.clone(), shutdown.clone()));
+    tasks.spawn(prune(
+        deps.store.clone(),
+        state.settings.events_retention,
+        shutdown.clone(),
+    ));
+
+    let app = with_ops(state.clone(), deps.ops);
+    tracing::info!(listen = %local, "Dashboard serving on http://{local}/");
+    let stop = shutdown.clone();
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { stop.cancelled().await })
+    .await
+    .context("the web server failed")?;
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Every route of the dashboard, with its limits and security headers.
+pub fn router(state: app::Shared) -> Router {
+    with_ops(state, Router::new())
+}
+
+/// [`router`] with the operations endpoints (`/healthz`, `/readyz`, `/metrics`) beside it; the
+/// limits and security headers cover everything, unknown paths included.
+pub fn with_ops(state: app::Shared, ops: Router) -> Router {
+    let max_body = state.settings.max_body_bytes;
+    api::routes()
+        .merge(ui::routes())
+        .fallback(ui::not_found)
+        .with_state(state.clone())
+        .merge(ops)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(state, app::security))
+}
+
+/// Drops announcements past their retention and expired sessions, hourly.
+async fn prune(store: Store, retention: Duration, shutdown: CancellationToken) {
+    loop {
+        let now = now_ms();
+        let before = now - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        match store.prune_events(before).await {
+            Ok(n) if n > 0 => tracing::info!(dropped = n, "Old announcements dropped."),
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "Cannot drop old announcements."),
+        }
+        if let Err(error) = store.prune_sessions(now).await {
+            tracing::warn!(%error, "Cannot drop expired sessions.");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}

@@ -35,6 +35,39 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve the web dashboard and its API; take in what was parked.
+    Dashboard {
+        /// The dashboard's TOML config.
+        #[arg(long, short, env = "MEND_CONFIG")]
+        config: PathBuf,
+    },
+    /// Everything on this machine for trying mend: NATS, a demo orders app that fails now and then,
+    /// the sidecar in front of it, the processor with the example rules, the dashboard (no login)
+    /// and a producer. Ctrl-C stops it all.
+    Dev {
+        /// Use this NATS server (JetStream, 2.11 or later) instead of starting a nats-server.
+        #[arg(long, value_name = "URL")]
+        nats_url: Option<String>,
+        /// The nats-server binary to start (default: `.tools/venv/bin/nats-server` of a mend
+        /// checkout, then `nats-server` on PATH).
+        #[arg(long, env = "MEND_NATS_SERVER", value_name = "PATH")]
+        nats_server: Option<PathBuf>,
+        /// Where the dashboard listens. It has no login under `mend dev`: keep it on loopback.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// Events per second from the demo producer (0: none; publish your own to `orders.>`).
+        #[arg(long, default_value_t = 10)]
+        rate: u32,
+        /// Keep NATS' store, the dashboard's database, the configs and the rules in this folder
+        /// (default: a temporary folder, removed on exit).
+        #[arg(long, value_name = "DIR")]
+        data: Option<PathBuf>,
+        /// Time between status lines.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        status_every: std::time::Duration,
+    },
+    /// Read a password from standard input and print its hash for `[[user]] password_hash`.
+    HashPassword,
     /// Repair failures from MEND_FAILED by rules; send repairs back, park the rest.
     Processor {
         /// The processor's TOML config.
@@ -83,8 +116,54 @@ pub enum RulesCommand {
 /// Runs the command line; returns the process exit status.
 pub async fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init_logging(cli.log_format);
+    // Under `mend dev` the status lines are the output: logs show warnings and errors, without
+    // the demo app's expected 503s (each a retry warning of the sidecar).
+    let quiet = matches!(cli.command, Command::Dev { .. });
+    telemetry::init_logging(
+        cli.log_format,
+        if quiet {
+            "warn,mend::consume=error"
+        } else {
+            "info"
+        },
+    );
     match cli.command {
+        Command::HashPassword => crate::dashboard::hash_password(),
+        Command::Dev {
+            nats_url,
+            nats_server,
+            listen,
+            rate,
+            data,
+            status_every,
+        } => {
+            let shutdown = CancellationToken::new();
+            tokio::spawn(on_signal(shutdown.clone()));
+            let options = crate::dev::Options {
+                nats_url,
+                nats_server,
+                listen,
+                rate,
+                data,
+                status_every,
+            };
+            exit("dev", crate::dev::run(options, shutdown).await)
+        }
+        Command::Dashboard { config } => {
+            let config = match crate::config::DashboardConfig::load(&config, std::env::vars()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("mend dashboard: bad config: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            let shutdown = CancellationToken::new();
+            tokio::spawn(on_signal(shutdown.clone()));
+            exit(
+                "dashboard",
+                crate::dashboard::run(config, crate::dashboard::Access::Login, shutdown).await,
+            )
+        }
         Command::Rules { command } => match command {
             RulesCommand::Check { paths } => {
                 crate::rules_cli::check(&paths, &repair_rules::rules::Limits::default())

@@ -301,6 +301,173 @@ impl ProcessorConfig {
     }
 }
 
+/// The whole `dashboard.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DashboardConfig {
+    #[serde(default = "default_nats_url")]
+    pub nats_url: String,
+    /// `sqlite://path` (created if missing; relative to the working directory) or `postgres://…`.
+    #[serde(default = "default_database_url")]
+    pub database_url: String,
+    /// Where the web UI, the API and `/healthz`, `/readyz`, `/metrics` are served.
+    #[serde(default = "default_dashboard_listen")]
+    pub listen: SocketAddr,
+    /// The processor's rules (a file or a directory), for dry-runs; relative to the config's folder.
+    pub rules: Option<PathBuf>,
+    /// Web logins.
+    #[serde(default, rename = "user")]
+    pub users: Vec<UserConfig>,
+    /// Bearer tokens of the API.
+    #[serde(default, rename = "api_token")]
+    pub api_tokens: Vec<TokenConfig>,
+    /// JSON Pointers of payload fields hidden from viewers (`*` matches any key or index).
+    #[serde(default)]
+    pub mask: Vec<String>,
+    /// How long a login lasts.
+    #[serde(default = "default_session_ttl", with = "humantime_serde")]
+    pub session_ttl: Duration,
+    /// How long announcements are kept for timelines and rule counts.
+    #[serde(default = "default_events_retention", with = "humantime_serde")]
+    pub events_retention: Duration,
+    /// The largest request body accepted (an edited payload, a draft rule).
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// Messages per second a bulk resubmission or discard sends (after the canary).
+    #[serde(default = "default_bulk_rate", deserialize_with = "positive_u32")]
+    pub bulk_rate: u32,
+    /// How long a bulk resubmission waits for its canary's outcome.
+    #[serde(default = "default_canary_timeout", with = "humantime_serde")]
+    pub canary_timeout: Duration,
+    /// The ack wait of the dashboards' consumers: what a crashed dashboard had taken but not stored
+    /// is offered again after it.
+    #[serde(default = "default_dashboard_ack_wait", with = "humantime_serde")]
+    pub ack_wait: Duration,
+    /// How long a graceful shutdown waits.
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    #[serde(default)]
+    pub nats: NatsConfig,
+}
+
+/// A `[[user]]` of the dashboard.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    pub role: mend_dashboard::auth::Role,
+    /// Argon2 PHC string from `mend hash-password`.
+    pub password_hash: String,
+}
+
+/// An `[[api_token]]` of the dashboard.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    pub name: String,
+    pub role: mend_dashboard::auth::Role,
+    /// Hex SHA-256 of the token.
+    pub sha256: String,
+}
+
+impl DashboardConfig {
+    /// Reads `path` with `MEND_*` overrides (`MEND_USER_<NAME>_PASSWORD_HASH`, …) and checks the
+    /// users, tokens and masks; a relative `rules` path is taken from the config's folder.
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut config: Self = envcfg::load(path, env, &["user", "api_token"])?;
+        if let Some(rules) = &config.rules
+            && rules.is_relative()
+            && let Some(dir) = path.parent()
+        {
+            config.rules = Some(dir.join(rules));
+        }
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            message,
+        };
+        for (i, u) in self.users.iter().enumerate() {
+            if u.name.trim().is_empty() {
+                return Err(invalid("user.name".into(), "a user needs a name".into()));
+            }
+            if self.users[..i].iter().any(|o| o.name == u.name) {
+                return Err(invalid(
+                    format!("user.name = {:?}", u.name),
+                    "user names must be unique".into(),
+                ));
+            }
+            mend_dashboard::auth::check_hash(&u.password_hash).map_err(|m| {
+                invalid(
+                    format!("user {:?} password_hash", u.name),
+                    format!("{m} (make one with `mend hash-password`)"),
+                )
+            })?;
+        }
+        self.tokens()
+            .map_err(|e| invalid("api_token".into(), e.to_string()))?;
+        for (i, m) in self.mask.iter().enumerate() {
+            mend_dashboard::auth::check_pointer(m).map_err(|e| invalid(format!("mask[{i}]"), e))?;
+        }
+        if self.ack_wait < Duration::from_secs(1) {
+            return Err(invalid("ack_wait".into(), "must be at least 1s".into()));
+        }
+        if self.max_body_bytes < 1024 {
+            return Err(invalid(
+                "max_body_bytes".into(),
+                "must be at least 1024".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The API tokens, checked.
+    pub fn tokens(&self) -> Result<mend_dashboard::auth::Tokens, mend_dashboard::auth::AuthError> {
+        mend_dashboard::auth::Tokens::new(
+            self.api_tokens
+                .iter()
+                .map(|t| (t.name.clone(), t.role, t.sha256.as_str())),
+        )
+    }
+
+    /// Whether anyone can log in or call the API.
+    pub fn has_credentials(&self) -> bool {
+        !self.users.is_empty() || !self.api_tokens.is_empty()
+    }
+}
+
+fn default_database_url() -> String {
+    "sqlite://mend.db".into()
+}
+fn default_dashboard_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+const fn default_session_ttl() -> Duration {
+    Duration::from_secs(12 * 3600)
+}
+const fn default_events_retention() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+const fn default_max_body_bytes() -> usize {
+    1024 * 1024
+}
+const fn default_bulk_rate() -> u32 {
+    20
+}
+const fn default_dashboard_ack_wait() -> Duration {
+    Duration::from_secs(30)
+}
+const fn default_canary_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
 const fn default_max_repairs() -> u32 {
     3
 }

@@ -14,6 +14,10 @@
 //!   `mend rules check` and `mend rules try`.
 //! - [`retry`] consumes `mend.retry.<service>` and routes repaired and resubmitted messages to
 //!   their binding's lanes.
+//! - [`dashboard`] is `mend dashboard` (and `mend hash-password`): NATS, the store and the rules
+//!   handed to the `mend-dashboard` crate, which serves the UI and the API.
+//! - [`dev`] is `mend dev`: a nats-server child, a demo app and producer, and the three roles in
+//!   one process.
 //! - [`health`] serves `/healthz`, `/readyz`, `/metrics`; [`telemetry`] sets up logs and metrics.
 
 pub mod ack;
@@ -21,8 +25,10 @@ pub mod circuit;
 pub mod cli;
 pub mod config;
 pub mod consume;
+pub mod dashboard;
 pub mod delegate;
 pub mod deliver;
+pub mod dev;
 pub mod envcfg;
 pub mod headers;
 pub mod health;

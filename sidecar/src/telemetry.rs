@@ -97,9 +97,9 @@ pub enum LogFormat {
     Json,
 }
 
-/// Starts logging to stderr; the filter comes from `MEND_LOG` (default `info`).
-pub fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("MEND_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+/// Starts logging to stderr; the filter comes from `MEND_LOG` (else `default`, e.g. `info`).
+pub fn init_logging(format: LogFormat, default: &str) {
+    let filter = EnvFilter::try_from_env("MEND_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

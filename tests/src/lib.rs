@@ -4,15 +4,20 @@
 //!   ready when it says so, restartable on the same port and store, killed on drop.
 //! - [`app::FakeApp`]: a programmable HTTP app that records every delivery and answers per message.
 //! - [`mend::MendProcess`]: the built `mend` binary run with a config, killable and restartable.
+//! - [`dashboard::Dashboard`]: `mend dashboard` on a temp SQLite file, with a client for its API.
 //! - [`js`]: publishing, reading mend's streams, and consumer state.
+//! - [`postgres::Postgres`]: a throw-away PostgreSQL server on a free loopback port and a temp
+//!   cluster, ready when a query answers, stopped and deleted on drop.
 //! - [`wait`]: waiting for conditions with a deadline (never sleeping and hoping).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test harness code
 
 pub mod app;
+pub mod dashboard;
 pub mod js;
 pub mod mend;
 pub mod nats;
+pub mod postgres;
 pub mod wait;
 
 use std::path::PathBuf;

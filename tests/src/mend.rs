@@ -89,6 +89,33 @@ impl MendProcess {
         Ok(p)
     }
 
+    /// Runs `mend <args…>` (a role without a config file, such as `mend dev`) with `env` added.
+    pub fn run(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut p = Self {
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            child: None,
+            log: Arc::new(Mutex::new(Vec::new())),
+            changed: watch::channel(0).0,
+            _dir: None,
+        };
+        p.spawn()?;
+        Ok(p)
+    }
+
+    /// Sends `signal` (a `kill` name such as `INT`) to the process.
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let pid = self.pid().context("not running")?;
+        let status = std::process::Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -{signal} {pid} failed");
+        Ok(())
+    }
+
     fn spawn(&mut self) -> anyhow::Result<()> {
         let mut cmd = Command::new(mend_bin()?);
         cmd.args(&self.args)
@@ -169,12 +196,12 @@ impl MendProcess {
         }
     }
 
-    /// Waits until the sidecar (or processor) consumes.
+    /// Waits until the sidecar (or processor) consumes, or the dashboard serves.
     pub async fn ready(&self) -> anyhow::Result<()> {
-        let text = if self.args.first().map(String::as_str) == Some("processor") {
-            "Processor consuming"
-        } else {
-            "Sidecar consuming"
+        let text = match self.args.first().map(String::as_str) {
+            Some("processor") => "Processor consuming",
+            Some("dashboard") => "Dashboard serving",
+            _ => "Sidecar consuming",
         };
         self.wait_log(text, Duration::from_secs(30)).await
     }

@@ -60,6 +60,11 @@ impl NatsServer {
         self.port
     }
 
+    /// The server's process id while it runs (the benchmark reads its CPU time).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
     /// Stops the server (SIGKILL: the harshest stop; file storage keeps what was acknowledged).
     pub async fn stop(&mut self) -> anyhow::Result<()> {
         if let Some(mut child) = self.child.take() {

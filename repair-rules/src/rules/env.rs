@@ -7,6 +7,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use cel::common::types::{
+    CelBool, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString,
+};
+use cel::common::value::Val;
 use cel::objects::Key;
 use cel::{Context, Value as Cel};
 use serde_json::Value as Json;
@@ -14,24 +18,30 @@ use serde_json::Value as Json;
 use super::file::Uses;
 use crate::envelope::FailureEnvelope;
 
-/// A CEL value from JSON.
-pub fn to_cel(json: &Json) -> Cel {
+/// A CEL value from JSON, built directly as the interpreter's values (no intermediate `Value`
+/// tree) and borrowing the JSON's strings rather than copying them.
+pub fn to_cel<'v>(json: &'v Json) -> Box<dyn Val + 'v> {
     match json {
-        Json::Null => Cel::Null,
-        Json::Bool(b) => Cel::Bool(*b),
+        Json::Null => Box::new(CelNull),
+        Json::Bool(b) => Box::new(CelBool::from(*b)),
         Json::Number(n) => match n.as_i64() {
-            Some(i) => Cel::Int(i),
-            None => Cel::Float(n.as_f64().unwrap_or(f64::NAN)),
+            Some(i) => Box::new(CelInt::from(i)),
+            None => Box::new(CelDouble::from(n.as_f64().unwrap_or(f64::NAN))),
         },
-        Json::String(s) => Cel::String(Arc::new(s.clone())),
-        Json::Array(items) => Cel::List(Arc::new(items.iter().map(to_cel).collect())),
-        Json::Object(map) => {
-            let map: HashMap<Key, Cel> = map
-                .iter()
-                .map(|(k, v)| (Key::from(k.clone()), to_cel(v)))
-                .collect();
-            Cel::Map(map.into())
-        }
+        Json::String(s) => Box::new(CelString::from(s.as_str())),
+        Json::Array(items) => Box::new(CelList::from(items.iter().map(to_cel).collect::<Vec<_>>())),
+        Json::Object(map) => Box::new(CelMap::from(
+            map.iter()
+                .map(|(k, v)| (CelMapKey::from(k.as_str()), to_cel(v)))
+                .collect::<HashMap<_, _>>(),
+        )),
+    }
+}
+
+fn text<'v>(value: Option<&'v str>) -> Box<dyn Val + 'v> {
+    match value {
+        Some(s) => Box::new(CelString::from(s)),
+        None => Box::new(CelNull),
     }
 }
 
@@ -78,86 +88,77 @@ thread_local! {
 }
 
 /// Runs `f` with the evaluation context of `envelope`, holding the variables in `uses` (the others
-/// are never referenced, so they are not built).
-pub fn with_context<R>(
-    envelope: &FailureEnvelope,
+/// are never referenced, so they are not built). The variables borrow the envelope's strings.
+pub fn with_context<'e, R>(
+    envelope: &'e FailureEnvelope,
     uses: Uses,
-    f: impl FnOnce(&Context<'_, '_>) -> R,
+    f: impl FnOnce(&Context<'_, 'e>) -> R,
 ) -> R {
     ROOT.with(|root| {
+        let root: &Context<'_, 'e> = root;
         let mut ctx = root.new_inner_scope();
         add_variables(&mut ctx, envelope, uses);
         f(&ctx)
     })
 }
 
-fn add_variables(ctx: &mut Context<'_, '_>, envelope: &FailureEnvelope, uses: Uses) {
+fn add_variables<'e>(ctx: &mut Context<'_, 'e>, envelope: &'e FailureEnvelope, uses: Uses) {
     if uses.subject {
-        ctx.add_variable_from_value("subject", Cel::String(Arc::new(envelope.subject.clone())));
+        ctx.add_variable_as_val("subject", text(Some(&envelope.subject)));
     }
     if uses.key {
-        ctx.add_variable_from_value(
-            "key",
-            envelope
-                .key
-                .as_ref()
-                .map_or(Cel::Null, |k| Cel::String(Arc::new(k.clone()))),
-        );
+        ctx.add_variable_as_val("key", text(envelope.key.as_deref()));
     }
     if uses.headers {
-        add_headers(ctx, envelope);
+        let headers: HashMap<CelMapKey<'e>, Box<dyn Val + 'e>> = envelope
+            .headers
+            .iter()
+            .map(|(k, vs)| {
+                let values: Vec<Box<dyn Val + 'e>> =
+                    vs.iter().map(|v| text(Some(v.as_str()))).collect();
+                let list: Box<dyn Val + 'e> = Box::new(CelList::from(values));
+                (CelMapKey::from(k.as_str()), list)
+            })
+            .collect();
+        ctx.add_variable_as_val("headers", Box::new(CelMap::from(headers)));
     }
     if uses.payload {
-        ctx.add_variable_from_value("payload", to_cel(&envelope.payload));
+        ctx.add_variable_as_val("payload", to_cel(&envelope.payload));
     }
     if uses.error {
-        add_error(ctx, envelope);
+        ctx.add_variable_as_val("error", error(envelope));
     }
     if uses.attempt {
-        ctx.add_variable_from_value("attempt", Cel::Int(i64::from(envelope.attempt)));
+        ctx.add_variable_as_val(
+            "attempt",
+            Box::new(CelInt::from(i64::from(envelope.attempt))),
+        );
     }
 }
 
-fn add_headers(ctx: &mut Context<'_, '_>, envelope: &FailureEnvelope) {
-    let headers: HashMap<Key, Cel> = envelope
-        .headers
-        .iter()
-        .map(|(k, vs)| {
-            let values = vs
-                .iter()
-                .map(|v| Cel::String(Arc::new(v.clone())))
-                .collect();
-            (Key::from(k.clone()), Cel::List(Arc::new(values)))
-        })
-        .collect();
-    ctx.add_variable_from_value("headers", Cel::Map(headers.into()));
-}
-
-fn add_error(ctx: &mut Context<'_, '_>, envelope: &FailureEnvelope) {
-    // Every documented field is present (null when unknown), so `error.code == "x"` never fails.
+/// `error`: every documented field is present (null when unknown), so `error.code == "x"` never
+/// fails.
+fn error(envelope: &FailureEnvelope) -> Box<dyn Val + '_> {
     let e = &envelope.error;
-    let text = |v: &Option<String>| {
-        v.as_ref()
-            .map_or(Cel::Null, |s| Cel::String(Arc::new(s.clone())))
+    let status: Box<dyn Val> = match e.status {
+        Some(s) => Box::new(CelInt::from(i64::from(s))),
+        None => Box::new(CelNull),
     };
-    let kind = e.kind.as_str().to_owned();
-    let error: HashMap<Key, Cel> = [
-        ("kind", Cel::String(Arc::new(kind))),
-        (
-            "status",
-            e.status.map_or(Cel::Null, |s| Cel::Int(i64::from(s))),
-        ),
-        ("type", text(&e.type_uri)),
-        ("code", text(&e.code)),
-        ("field", text(&e.field)),
-        ("title", text(&e.title)),
-        ("detail", text(&e.detail)),
-        ("body", text(&e.body)),
-    ]
-    .into_iter()
-    .map(|(k, v)| (Key::from(k.to_owned()), v))
-    .collect();
-    ctx.add_variable_from_value("error", Cel::Map(error.into()));
+    let fields: [(&str, Box<dyn Val>); 8] = [
+        ("kind", text(Some(e.kind.as_str()))),
+        ("status", status),
+        ("type", text(e.type_uri.as_deref())),
+        ("code", text(e.code.as_deref())),
+        ("field", text(e.field.as_deref())),
+        ("title", text(e.title.as_deref())),
+        ("detail", text(e.detail.as_deref())),
+        ("body", text(e.body.as_deref())),
+    ];
+    let map: HashMap<CelMapKey, Box<dyn Val>> = fields
+        .into_iter()
+        .map(|(k, v)| (CelMapKey::from(k), v))
+        .collect();
+    Box::new(CelMap::from(map))
 }
 
 fn add_functions(ctx: &mut Context<'static, 'static>) {
@@ -174,8 +175,11 @@ mod tests {
     #[test]
     fn json_round_trips_and_integers_are_int() {
         let j = json!({"a": [1, 2.5, "x", true, null], "b": {"c": -3}});
-        let c = to_cel(&j);
+        let c = Cel::try_from(to_cel(&j).as_ref()).unwrap();
         assert_eq!(to_json(&c).unwrap(), j);
-        assert!(matches!(to_cel(&json!(7)), Cel::Int(7)));
+        assert!(matches!(
+            Cel::try_from(to_cel(&json!(7)).as_ref()),
+            Ok(Cel::Int(7))
+        ));
     }
 }

@@ -8,8 +8,9 @@
 //! (c) the sidecar doing the same through its full code path;
 //! (d) the loop of (b) one message at a time (what a naive consumer does).
 //! Then the latency the sidecar adds over (b) with one message in flight, and the sidecar's peak RSS.
-//! Then repairs (the processor alone, and the whole loop), holds (the sidecar with 5% repairable
-//! failures against 0%, the processor running for both), and the release of a 10k-message hold.
+//! Then repairs (the processor alone, against its broker work done by a hand-written client, and the
+//! whole loop), holds (the sidecar with 5% repairable failures against 0%, the processor running for
+//! both), and the release of a 10k-message hold.
 //! The no-op app is a separate process (this binary with `--serve-app`), as a real app is, for every
 //! run alike.
 //!
@@ -136,7 +137,11 @@ async fn main() -> anyhow::Result<()> {
 
     // Repairs: the processor on its own, then the whole loop app → sidecar → processor → sidecar → app.
     let m = (n / 10).max(1000);
-    let (took, cpu) = processor_alone(&nats, &js, m).await?;
+    let (floor_took, floor_server, _) = processor_floor(&nats, &js, &client, m, 0).await?;
+    let floor_rate = rate(m, floor_took);
+    let floor_server = floor_server.as_secs_f64() * 1e6 / m as f64;
+    eprintln!("processor's broker work alone: {floor_rate:.0} envelopes/s");
+    let (took, cpu, _) = processor_alone(&nats, &js, m, 0).await?;
     let processor_rate = rate(m, took);
     let processor_cpu = cpu.as_secs_f64() * 1e6 / m as f64;
     eprintln!("processor alone: {processor_rate:.0} envelopes/s, {processor_cpu:.0} µs CPU each");
@@ -165,8 +170,15 @@ async fn main() -> anyhow::Result<()> {
     let h = n.min(50_000);
     let (mut clean, mut failing) = (Vec::new(), Vec::new());
     for round in 0..ROUNDS {
-        let r0 = rate(h, holds_run(&nats, &js, &app, h, keys, 0, round).await?);
-        let r5 = rate(h, holds_run(&nats, &js, &app, h, keys, 5, round).await?);
+        let others = [("processor", processor.pid()), ("app", app.pid())];
+        let r0 = rate(
+            h,
+            holds_run(&nats, &js, &app, h, keys, 0, round, &others).await?,
+        );
+        let r5 = rate(
+            h,
+            holds_run(&nats, &js, &app, h, keys, 5, round, &others).await?,
+        );
         eprintln!("holds: 0% failures {r0:.0} msg/s, 5% repairable failures {r5:.0} msg/s");
         clean.push(r0);
         failing.push(r5);
@@ -218,6 +230,11 @@ async fn main() -> anyhow::Result<()> {
          whole loop {loop_rate:.0} repairs/s (over {k})"
     );
     println!(
+        "the processor's broker work alone (publishes and acks, no parsing, no rules): {floor_rate:.0} envelopes/s, \
+         {floor_server:.0} µs of server CPU per envelope; processor/floor {:.2}",
+        processor_rate / floor_rate
+    );
+    println!(
         "repair round trip, app failure -> repaired delivery: one at a time p50 {:.2} ms p99 {:.2} ms (target p50 <= 10 ms); \
          under load p50 {:.2} ms p99 {:.2} ms",
         ms(p(&single_rt, 0.5)),
@@ -249,8 +266,15 @@ async fn holds_only(n: usize, keys: usize, rounds: usize) -> anyhow::Result<()> 
     .await?;
     processor.ready().await?;
     for round in 0..rounds {
-        let r0 = rate(n, holds_run(&nats, &js, &app, n, keys, 0, round).await?);
-        let r5 = rate(n, holds_run(&nats, &js, &app, n, keys, 5, round).await?);
+        let others = [("processor", processor.pid()), ("app", app.pid())];
+        let r0 = rate(
+            n,
+            holds_run(&nats, &js, &app, n, keys, 0, round, &others).await?,
+        );
+        let r5 = rate(
+            n,
+            holds_run(&nats, &js, &app, n, keys, 5, round, &others).await?,
+        );
         println!(
             "0% failures {r0:.0} msg/s, 5% repairable {r5:.0} msg/s, ratio {:.2}",
             r5 / r0
@@ -264,7 +288,9 @@ async fn holds_only(n: usize, keys: usize, rounds: usize) -> anyhow::Result<()> 
 
 /// A sidecar on a fresh stream of `n` messages over `keys` keys, `percent` of them with a string
 /// amount (a 422 the processor repairs): from ready until every message is through (consumed, no
-/// failure or retry waiting, every hold queue empty).
+/// failure or retry waiting, every hold queue empty). Prints the CPU time per message of the sidecar
+/// (start-up included), of nats-server and of `others` (name, pid) over the run: where a failure's
+/// cost goes on a machine they all share.
 #[allow(clippy::too_many_arguments)]
 async fn holds_run(
     nats: &NatsServer,
@@ -274,6 +300,7 @@ async fn holds_run(
     keys: usize,
     percent: usize,
     round: usize,
+    others: &[(&str, Option<u32>)],
 ) -> anyhow::Result<Duration> {
     let name = format!("HOLDS{percent}R{round}");
     let subject = format!("holds{percent}r{round}");
@@ -302,10 +329,22 @@ async fn holds_run(
     );
     let mut sidecar = MendProcess::start("sidecar", &config).await?;
     sidecar.ready().await?;
+    let mut pids = vec![("nats-server", nats.pid())];
+    pids.extend_from_slice(others);
+    pids.push(("bench (polling)", Some(std::process::id())));
+    let before: Vec<Duration> = pids
+        .iter()
+        .map(|(_, pid)| pid.and_then(cpu_time).unwrap_or_default())
+        .collect();
     let started = Instant::now();
     let consumer = format!("mend-{service}-{service}");
+    let mut consumed = None;
     loop {
-        if through(js, &name, &consumer, &service).await? {
+        let (all, stream_done) = through(js, &name, &consumer, &service).await?;
+        if stream_done && consumed.is_none() {
+            consumed = Some(started.elapsed());
+        }
+        if all {
             break;
         }
         anyhow::ensure!(
@@ -315,23 +354,34 @@ async fn holds_run(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let took = started.elapsed();
-    let cpu = sidecar.pid().and_then(cpu_time).unwrap_or_default();
-    eprintln!(
-        "  {percent}% failures: sidecar CPU {:.0} µs per message (start-up included)",
-        cpu.as_secs_f64() * 1e6 / n as f64
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
+    let mut line = format!(
+        "  {percent}% failures: stream consumed after {:.2} s, all through after {:.2} s; CPU µs per message: sidecar {:.0}",
+        consumed.unwrap_or(took).as_secs_f64(),
+        took.as_secs_f64(),
+        per(sidecar.pid().and_then(cpu_time).unwrap_or_default())
     );
+    for ((name, pid), before) in pids.iter().zip(before) {
+        let after = pid.and_then(cpu_time).unwrap_or_default();
+        line.push_str(&format!(
+            ", {name} {:.0}",
+            per(after.saturating_sub(before))
+        ));
+    }
+    eprintln!("{line}");
     sidecar.terminate(Duration::from_secs(30)).await?;
     Ok(took)
 }
 
 /// Whether everything of the stream is through: the consumer has nothing pending or unacked, and no
-/// failure, retry or held message of `service` waits anywhere.
+/// failure, retry or held message of `service` waits anywhere. The second flag says the consumer is
+/// done (the stream is consumed).
 async fn through(
     js: &jetstream::Context,
     stream: &str,
     consumer: &str,
     service: &str,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<(bool, bool)> {
     let mut c: PullConsumer = js
         .get_stream(stream)
         .await?
@@ -340,7 +390,7 @@ async fn through(
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let info = c.info().await?;
     if info.num_pending > 0 || info.num_ack_pending > 0 {
-        return Ok(false);
+        return Ok((false, false));
     }
     for (s, filter) in [
         ("MEND_FAILED", format!("mend.failed.{service}")),
@@ -350,11 +400,11 @@ async fn through(
         let mut counts = js.get_stream(s).await?.info_with_subjects(filter).await?;
         while let Some((_, count)) = counts.try_next().await? {
             if count > 0 {
-                return Ok(false);
+                return Ok((false, true));
             }
         }
     }
-    Ok(true)
+    Ok((true, true))
 }
 
 /// The example rules without their `service` filters, in a temporary folder (kept alive by the
@@ -421,7 +471,10 @@ async fn big_hold(
     processor.ready().await?;
     let started = Instant::now();
     loop {
-        if through(js, "BIGHOLD", "mend-bighold-bighold", "bighold").await? {
+        if through(js, "BIGHOLD", "mend-bighold-bighold", "bighold")
+            .await?
+            .0
+        {
             break;
         }
         anyhow::ensure!(
@@ -454,20 +507,23 @@ fn repairable(seq: usize) -> Out {
     }
 }
 
-/// A processor working through `m` waiting failures: from ready to drained, and the CPU time the
-/// processor used (start-up included). Its repairs are purged.
+/// A processor working through `m` waiting failures: from ready to drained, the CPU time the
+/// processor used (start-up included) and the server's over the run. Its repairs are purged.
 async fn processor_alone(
     nats: &NatsServer,
     js: &jetstream::Context,
     m: usize,
-) -> anyhow::Result<(Duration, Duration)> {
-    js::publish_all(js, (0..m).map(repairable).collect()).await?;
+    round: usize,
+) -> anyhow::Result<(Duration, Duration, Duration)> {
+    // Fresh lineages each round, so no publish is dropped as a duplicate of an earlier round's.
+    js::publish_all(js, (round * m..(round + 1) * m).map(repairable).collect()).await?;
     let p = MendProcess::start(
         "processor",
         &processor_config(&nats.url(), &example_rules(), ""),
     )
     .await?;
     p.ready().await?;
+    let server_cpu = nats.pid().and_then(cpu_time).unwrap_or_default();
     let started = Instant::now();
     js::consumer_drained(
         js,
@@ -478,15 +534,163 @@ async fn processor_alone(
     .await?;
     let took = started.elapsed();
     let cpu = p.pid().and_then(cpu_time).unwrap_or_default();
+    let server = nats.pid().and_then(cpu_time).unwrap_or_default();
     drop(p);
     js.get_stream("MEND_RETRY").await?.purge().await?;
-    Ok((took, cpu))
+    Ok((took, cpu, server.saturating_sub(server_cpu)))
+}
+
+/// The processor's broker work with nothing else, hand-written: `m` envelopes waiting on a work queue,
+/// 256 in flight; each is answered with a publish of a repaired message (10 headers, awaited), a
+/// publish of a CloudEvent (awaited), both with a `Nats-Msg-Id`, then an unconfirmed ack: the
+/// ceiling this machine and server put on any processor that keeps SPEC §6's order of steps. No JSON
+/// is parsed and no rule runs. Returns the duration and the server's and this process's CPU time
+/// over the run.
+async fn processor_floor(
+    nats: &NatsServer,
+    js: &jetstream::Context,
+    client: &async_nats::Client,
+    m: usize,
+    round: usize,
+) -> anyhow::Result<(Duration, Duration, Duration)> {
+    use async_nats::jetstream::stream::{Config, RetentionPolicy, StorageType};
+    let dup = Duration::from_secs(600);
+    for (name, subject, retention) in [
+        ("FLOOR_FAILED", "floor.failed.>", RetentionPolicy::WorkQueue),
+        ("FLOOR_RETRY", "floor.retry.>", RetentionPolicy::WorkQueue),
+        ("FLOOR_EVENTS", "floor.events.>", RetentionPolicy::Limits),
+    ] {
+        js.get_or_create_stream(Config {
+            name: name.into(),
+            subjects: vec![subject.into()],
+            retention,
+            storage: StorageType::File,
+            duplicate_window: dup,
+            allow_direct: true,
+            ..Default::default()
+        })
+        .await?;
+    }
+    js::publish_all(
+        js,
+        (0..m)
+            .map(|i| Out {
+                subject: "floor.failed.orders".into(),
+                ..repairable(i)
+            })
+            .collect(),
+    )
+    .await?;
+    let c = js
+        .get_stream("FLOOR_FAILED")
+        .await?
+        .create_consumer(pull::Config {
+            durable_name: Some("floor".into()),
+            ack_policy: AckPolicy::Explicit,
+            max_ack_pending: 1024,
+            ..Default::default()
+        })
+        .await?;
+    let mut headers = async_nats::HeaderMap::new();
+    for (k, v) in [
+        ("Account-Id", "k1"),
+        ("Content-Type", "application/json"),
+        ("Mend-Id", "BENCHF:1"),
+        ("Mend-Service", "orders"),
+        ("Mend-Attempt", "2"),
+        ("Mend-Repaired-By", "amount-as-number"),
+        ("Mend-Original-Subject", "orders.created"),
+        ("Mend-Key", "k1"),
+        (
+            "Mend-History",
+            r#"[{"at":"2026-11-22T10:00:00Z","what":"delegated","by":"sidecar"},{"at":"2026-11-22T10:00:01.000Z","what":"repaired","by":"rule:amount-as-number"}]"#,
+        ),
+    ] {
+        headers.insert(k, v);
+    }
+    let repaired = Bytes::from(format!(
+        r#"{{"account":"acct-7","amount":12.5,"currency":"USD","pad":"{}"}}"#,
+        "x".repeat(120)
+    ));
+    let event = Bytes::from(
+        r#"{"specversion":"1.0","id":"BENCHF:1:2:repaired","source":"urn:mend:processor","type":"mend.repaired","subject":"BENCHF:1","time":"2026-11-22T10:00:01.000Z","datacontenttype":"application/json","data":{"service":"orders","id":"BENCHF:1","attempt":2,"rule":"amount-as-number","key":"k1","subject":"orders.created"}}"#,
+    );
+    let server_cpu = nats.pid().and_then(cpu_time).unwrap_or_default();
+    let own_cpu = cpu_time(std::process::id()).unwrap_or_default();
+    let started = Instant::now();
+    let mut msgs = c.stream().max_messages_per_batch(256).messages().await?;
+    let mut running = tokio::task::JoinSet::new();
+    let mut done = 0usize;
+    while done < m {
+        if running.len() < 256 && done + running.len() < m {
+            let msg = msgs
+                .next()
+                .await
+                .context("stream ended")?
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (js, client, headers, repaired, event) = (
+                js.clone(),
+                client.clone(),
+                headers.clone(),
+                repaired.clone(),
+                event.clone(),
+            );
+            running.spawn(async move {
+                let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+                let publish = |subject: &'static str, id: String, h, body| {
+                    let js = js.clone();
+                    async move {
+                        let message = jetstream::message::PublishMessage::build()
+                            .payload(body)
+                            .headers(h)
+                            .message_id(id);
+                        js.send_publish(subject, message).await?.await?;
+                        anyhow::Ok(())
+                    }
+                };
+                publish(
+                    "floor.retry.orders",
+                    format!("F{round}:{seq}:2:retry"),
+                    headers,
+                    repaired,
+                )
+                .await?;
+                let mut eh = async_nats::HeaderMap::new();
+                eh.insert("Content-Type", "application/cloudevents+json");
+                eh.insert("Mend-Id", "BENCHF:1");
+                publish(
+                    "floor.events.orders.repaired",
+                    format!("F{round}:{seq}:2:repaired"),
+                    eh,
+                    event,
+                )
+                .await?;
+                if let Some(reply) = msg.reply.clone() {
+                    client.publish(reply, Bytes::new()).await?;
+                }
+                anyhow::Ok(())
+            });
+        } else {
+            running.join_next().await.context("no task")???;
+            done += 1;
+        }
+    }
+    let took = started.elapsed();
+    let server = nats.pid().and_then(cpu_time).unwrap_or_default();
+    let own = cpu_time(std::process::id()).unwrap_or_default();
+    js.get_stream("FLOOR_RETRY").await?.purge().await?;
+    Ok((
+        took,
+        server.saturating_sub(server_cpu),
+        own.saturating_sub(own_cpu),
+    ))
 }
 
 /// `--processor-only R`: the processor alone, R rounds of `--messages` envelopes each, then the median.
 async fn processor_only(m: usize, rounds: usize) -> anyhow::Result<()> {
     let nats = NatsServer::start().await?;
-    let js = jetstream::new(nats.client().await?);
+    let client = nats.client().await?;
+    let js = jetstream::new(client.clone());
     // A first processor lays out mend's streams.
     MendProcess::start(
         "processor",
@@ -495,18 +699,37 @@ async fn processor_only(m: usize, rounds: usize) -> anyhow::Result<()> {
     .await?
     .ready()
     .await?;
-    let (mut rates, mut cpus) = (Vec::new(), Vec::new());
+    let (mut rates, mut cpus, mut servers) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut floors, mut floor_servers) = (Vec::new(), Vec::new());
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / m as f64;
     for round in 0..rounds {
-        let (took, cpu) = processor_alone(&nats, &js, m).await?;
-        let (r, c) = (rate(m, took), cpu.as_secs_f64() * 1e6 / m as f64);
-        eprintln!("round {round}: {r:.0} envelopes/s, {c:.1} µs CPU each");
+        let (took, server, own) = processor_floor(&nats, &js, &client, m, round).await?;
+        let (f, fs) = (rate(m, took), per(server));
+        eprintln!(
+            "round {round}: floor {f:.0} envelopes/s, server {fs:.1} µs CPU each, client {:.1} µs CPU each",
+            per(own)
+        );
+        let (took, cpu, server) = processor_alone(&nats, &js, m, round).await?;
+        let (r, c, s) = (rate(m, took), per(cpu), per(server));
+        eprintln!(
+            "round {round}: processor {r:.0} envelopes/s, {c:.1} µs CPU each, server {s:.1} µs CPU each"
+        );
         rates.push(r);
         cpus.push(c);
+        servers.push(s);
+        floors.push(f);
+        floor_servers.push(fs);
     }
+    let (r, f) = (median(&mut rates), median(&mut floors));
     println!(
-        "processor alone (example rules): median {:.0} envelopes/s, {:.1} µs of processor CPU per envelope, over {rounds} rounds of {m} (target >= 20000)",
-        median(&mut rates),
-        median(&mut cpus)
+        "processor alone (example rules): median {r:.0} envelopes/s, {:.1} µs of processor CPU and {:.1} µs of server CPU per envelope, over {rounds} rounds of {m} (target >= 20000)",
+        median(&mut cpus),
+        median(&mut servers)
+    );
+    println!(
+        "its broker work alone (no parsing, no rules): {f:.0} envelopes/s, {:.1} µs of server CPU per envelope; processor/floor {:.2}",
+        median(&mut floor_servers),
+        r / f
     );
     Ok(())
 }
@@ -789,6 +1012,7 @@ async fn latency(
 /// The no-op app, running as a child process; receipt times of latency probes come back on its stdout.
 struct NoopApp {
     url: String,
+    pid: Option<u32>,
     lat: tokio::sync::Mutex<mpsc::UnboundedReceiver<SystemTime>>,
     /// Repair round trips the app saw: from its failure answer to the repaired delivery.
     repaired: tokio::sync::Mutex<mpsc::UnboundedReceiver<Duration>>,
@@ -796,6 +1020,10 @@ struct NoopApp {
 }
 
 impl NoopApp {
+    fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
     async fn start() -> anyhow::Result<Self> {
         let mut child = tokio::process::Command::new(std::env::current_exe()?)
             .arg("--serve-app")
@@ -804,6 +1032,7 @@ impl NoopApp {
             .spawn()?;
         let mut lines = BufReader::new(child.stdout.take().context("app stdout")?).lines();
         let url = lines.next_line().await?.context("app did not start")?;
+        let pid = child.id();
         let (tx, rx) = mpsc::unbounded_channel();
         let (rt_tx, rt_rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
@@ -818,6 +1047,7 @@ impl NoopApp {
         });
         Ok(Self {
             url,
+            pid,
             lat: tokio::sync::Mutex::new(rx),
             repaired: tokio::sync::Mutex::new(rt_rx),
             _child: child,

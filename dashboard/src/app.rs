@@ -1,0 +1,345 @@
+//! The dashboard's web app: settings, shared state, who is asking (sessions, bearer tokens), the
+//! security headers every answer carries, and the JSON error shape of SPEC §9.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::header::{self, HeaderValue};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use repair_rules::rules::RuleSet;
+
+use crate::auth::{LoginLimiter, Role, Tokens};
+use crate::jobs::Jobs;
+use crate::store::{Store, StoreError, now_ms};
+
+/// The name of the session cookie.
+pub const SESSION_COOKIE: &str = "mend_session";
+
+/// A web user from the config.
+#[derive(Debug, Clone)]
+pub struct User {
+    pub name: String,
+    pub role: Role,
+    /// Argon2 PHC string.
+    pub password_hash: String,
+}
+
+/// Everything the dashboard is told at start.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub users: Vec<User>,
+    pub tokens: Tokens,
+    /// JSON Pointers of payload fields masked for viewers.
+    pub mask: Vec<String>,
+    pub session_ttl: Duration,
+    /// How long announcements are kept for timelines and rule counts.
+    pub events_retention: Duration,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// Messages per second a bulk resubmission sends after its canary.
+    pub bulk_rate: u32,
+    /// How long a bulk resubmission waits for its canary's outcome.
+    pub canary_timeout: Duration,
+    /// `mend dev`: no login; everyone acts as this role.
+    pub anonymous: Option<Role>,
+    /// How long a parked failure or an announcement taken by a dashboard may stay unacked before
+    /// NATS offers it again (to this or another dashboard).
+    pub ack_wait: Duration,
+}
+
+/// The loaded rules, for dry-runs (`None`: no rules configured).
+pub type RulesSource = Arc<dyn Fn() -> Option<Arc<RuleSet>> + Send + Sync>;
+
+/// What every handler shares.
+pub struct AppState {
+    pub settings: Settings,
+    pub store: Store,
+    pub js: async_nats::jetstream::Context,
+    pub client: async_nats::Client,
+    pub rules: RulesSource,
+    pub limiter: LoginLimiter,
+    pub jobs: Jobs,
+}
+
+pub type Shared = Arc<AppState>;
+
+/// Who is asking, and how.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub name: String,
+    pub role: Role,
+    /// The session's CSRF token (web sessions only).
+    pub csrf: Option<String>,
+    /// The session id (web sessions only), to log out.
+    pub session: Option<String>,
+}
+
+impl Principal {
+    /// `Ok` when the principal's role includes `needed`, else a 403.
+    pub fn require(&self, needed: Role) -> Result<(), ApiError> {
+        if self.role.allows(needed) {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "this needs the {needed} role; {} is {}",
+                    self.name, self.role
+                ),
+            ))
+        }
+    }
+
+    /// Whether payload fields are masked for this principal.
+    pub fn masked(&self) -> bool {
+        self.role == Role::Viewer
+    }
+}
+
+/// An API caller: a bearer token (or anyone under `mend dev`). 401 otherwise.
+pub struct ApiCaller(pub Principal);
+
+impl FromRequestParts<Shared> for ApiCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, ApiError> {
+        if let Some(role) = state.settings.anonymous {
+            return Ok(ApiCaller(anonymous(role)));
+        }
+        let presented = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim);
+        let Some(token) = presented else {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "an API token is required: Authorization: Bearer <token>",
+            ));
+        };
+        match state.settings.tokens.check(token) {
+            Some((name, role)) => Ok(ApiCaller(Principal {
+                name: format!("token:{name}"),
+                role,
+                csrf: None,
+                session: None,
+            })),
+            None => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "the API token is not valid",
+            )),
+        }
+    }
+}
+
+/// A web user with a live session (or anyone under `mend dev`); others are sent to the login page.
+pub struct WebUser(pub Principal);
+
+impl FromRequestParts<Shared> for WebUser {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, Response> {
+        if let Some(role) = state.settings.anonymous {
+            let mut p = anonymous(role);
+            // Forms still carry a token; without sessions it is fixed per process.
+            p.csrf = Some(state.dev_csrf());
+            return Ok(WebUser(p));
+        }
+        let to_login = || {
+            let next = parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_else(|| "/".into());
+            let location = format!("/login?next={}", crate::ui::query_escape(&next));
+            (StatusCode::SEE_OTHER, [(header::LOCATION, location)]).into_response()
+        };
+        let Some(id) = cookie(&parts.headers, SESSION_COOKIE) else {
+            return Err(to_login());
+        };
+        match state.store.session(&id, now_ms()).await {
+            Ok(Some(s)) => {
+                let role = s.role.parse().map_err(|_| to_login())?;
+                Ok(WebUser(Principal {
+                    name: s.username,
+                    role,
+                    csrf: Some(s.csrf),
+                    session: Some(id),
+                }))
+            }
+            Ok(None) => Err(to_login()),
+            Err(e) => Err(ApiError::from(e).into_response()),
+        }
+    }
+}
+
+impl AppState {
+    /// The CSRF token of forms under `mend dev` (no sessions there).
+    pub fn dev_csrf(&self) -> String {
+        static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        TOKEN.get_or_init(crate::auth::new_secret).clone()
+    }
+}
+
+fn anonymous(role: Role) -> Principal {
+    Principal {
+        name: "dev".into(),
+        role,
+        csrf: None,
+        session: None,
+    }
+}
+
+/// The value of cookie `name`.
+pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_owned())
+}
+
+/// Whether the request reached us over TLS (directly, or as a TLS-terminating proxy says).
+pub fn over_tls(headers: &HeaderMap) -> bool {
+    headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("https"))
+}
+
+/// An error answer: `{"error": {"code": …, "message": …}}` with a fitting status.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", message)
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", message)
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        if crate::store::is_bad_cursor(&e) {
+            return ApiError::bad_request(e.to_string());
+        }
+        tracing::error!(error = %e, "Store error.");
+        ApiError::unavailable(format!("the store failed: {e}"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+/// The Content-Security-Policy of every page: only our own scripts, styles and forms.
+pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+     connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+/// Adds the security headers to every answer and gives API errors of the layers below (an
+/// oversize body, an unknown route) the JSON shape.
+pub async fn security(State(_state): State<Shared>, req: Request, next: Next) -> Response {
+    let api = req.uri().path().starts_with("/api/");
+    let mut res = next.run(req).await;
+    if api
+        && res
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_none_or(|v| v != "application/json")
+    {
+        let status = res.status();
+        let shaped = match status {
+            StatusCode::PAYLOAD_TOO_LARGE => Some(ApiError::new(
+                status,
+                "too_large",
+                "the request body is larger than max_body_bytes",
+            )),
+            StatusCode::NOT_FOUND => Some(ApiError::not_found("no such route")),
+            StatusCode::METHOD_NOT_ALLOWED => Some(ApiError::new(
+                status,
+                "method_not_allowed",
+                "this route does not take that method",
+            )),
+            s if s.is_client_error() => Some(ApiError::bad_request(format!(
+                "the request was refused ({})",
+                s.canonical_reason().unwrap_or("client error")
+            ))),
+            _ => None,
+        };
+        if let Some(e) = shaped {
+            res = e.into_response();
+        }
+    }
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(
+        "cross-origin-opener-policy",
+        HeaderValue::from_static("same-origin"),
+    );
+    h.insert(
+        "cross-origin-resource-policy",
+        HeaderValue::from_static("same-origin"),
+    );
+    if !h.contains_key(header::CACHE_CONTROL) {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    res
+}

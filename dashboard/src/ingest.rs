@@ -1,0 +1,316 @@
+//! Ingest (SPEC §9): durable consumers on MEND_PARKED and MEND_EVENTS feeding the store. A message
+//! is acked only after the transaction that stored it has committed, so a crash redelivers it, and
+//! the store recognises what it has already taken in: nothing is lost and nothing doubled.
+//!
+//! Several dashboards on one PostgreSQL share the two durable consumers (competing consumers).
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
+use async_nats::jetstream::{self, AckKind, Message};
+use base64::Engine as _;
+use futures::{FutureExt as _, StreamExt as _};
+use repair_rules::{ENVELOPE_VERSION, ErrorKind, FailureEnvelope, FailureError, HistoryEntry};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{Event, Store, now_ms};
+
+/// The durable consumer of parked failures.
+pub const PARKED_CONSUMER: &str = "mend-dashboard-parked";
+/// The durable consumer of announcements.
+pub const EVENTS_CONSUMER: &str = "mend-dashboard-events";
+/// Announcements stored in one transaction at most.
+const EVENTS_BATCH: usize = 256;
+/// Pause before a message the store could not take is offered again.
+const RETRY_AFTER: Duration = Duration::from_secs(2);
+
+/// Creates (or updates) the two durable consumers. `ack_wait`: how long a message may stay unacked
+/// (a slow database, a crashed dashboard) before the server offers it again.
+pub async fn bind(
+    js: &jetstream::Context,
+    ack_wait: Duration,
+) -> anyhow::Result<(PullConsumer, PullConsumer)> {
+    let parked = js
+        .get_stream("MEND_PARKED")
+        .await?
+        .create_consumer(pull::Config {
+            durable_name: Some(PARKED_CONSUMER.into()),
+            description: Some("mend dashboards: parked failures into the store".into()),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait,
+            max_ack_pending: 1024,
+            ..Default::default()
+        })
+        .await?;
+    let events = js
+        .get_stream("MEND_EVENTS")
+        .await?
+        .create_consumer(pull::Config {
+            durable_name: Some(EVENTS_CONSUMER.into()),
+            description: Some("mend dashboards: announcements into the store".into()),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait,
+            deliver_policy: DeliverPolicy::All,
+            max_ack_pending: 4096,
+            ..Default::default()
+        })
+        .await?;
+    Ok((parked, events))
+}
+
+/// Takes in parked failures until `shutdown`.
+pub async fn parked(consumer: PullConsumer, store: Store, shutdown: CancellationToken) {
+    let mut messages = None;
+    loop {
+        let stream = match &mut messages {
+            Some(s) => s,
+            None => match open(&consumer, 64, &shutdown).await {
+                Some(s) => messages.insert(s),
+                None => return,
+            },
+        };
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            next = stream.next() => next,
+        };
+        let msg = match next {
+            Some(Ok(msg)) => msg,
+            Some(Err(error)) => {
+                tracing::warn!(%error, "Pulling parked failures failed; continuing.");
+                continue;
+            }
+            None => {
+                messages = None;
+                continue;
+            }
+        };
+        let envelope = envelope_of(&msg);
+        match store.ingest_parked(&envelope, now_ms()).await {
+            Ok(outcome) => {
+                tracing::debug!(mend_id = %envelope.id, ?outcome, "Parked failure stored.");
+                metrics::counter!("mend_dashboard_ingested_total", "what" => "parked").increment(1);
+                ack(&msg, AckKind::Ack).await;
+            }
+            Err(error) => {
+                tracing::error!(%error, mend_id = %envelope.id, "Cannot store a parked failure; it is offered again.");
+                metrics::counter!("mend_dashboard_ingest_errors_total", "what" => "parked")
+                    .increment(1);
+                ack(&msg, AckKind::Nak(Some(RETRY_AFTER))).await;
+            }
+        }
+    }
+}
+
+/// Takes in announcements until `shutdown`, up to [`EVENTS_BATCH`] per transaction.
+pub async fn events(consumer: PullConsumer, store: Store, shutdown: CancellationToken) {
+    let mut messages = None;
+    loop {
+        let stream = match &mut messages {
+            Some(s) => s,
+            None => match open(&consumer, EVENTS_BATCH, &shutdown).await {
+                Some(s) => messages.insert(s),
+                None => return,
+            },
+        };
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            next = stream.next() => next,
+        };
+        let mut batch = Vec::new();
+        let mut next = first;
+        let ended = loop {
+            match next {
+                Some(Ok(msg)) => batch.push(msg),
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "Pulling announcements failed; continuing.")
+                }
+                None => break true,
+            }
+            if batch.len() >= EVENTS_BATCH {
+                break false;
+            }
+            // What has arrived already joins the batch; nothing more is waited for.
+            match stream.next().now_or_never() {
+                Some(more) => next = more,
+                None => break false,
+            }
+        };
+        if ended {
+            messages = None;
+        }
+        let mut parsed = Vec::with_capacity(batch.len());
+        let mut stored = Vec::with_capacity(batch.len());
+        for msg in batch {
+            match event_of(&msg.payload) {
+                Ok(ev) => {
+                    parsed.push(ev);
+                    stored.push(msg);
+                }
+                Err(error) => {
+                    // Not something any mend component sends: logged, counted and dropped.
+                    let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+                    tracing::warn!(%error, seq, subject = %msg.subject, "Not a mend announcement; skipped.");
+                    metrics::counter!("mend_dashboard_ingest_errors_total", "what" => "event")
+                        .increment(1);
+                    ack(&msg, AckKind::Term).await;
+                }
+            }
+        }
+        if parsed.is_empty() {
+            continue;
+        }
+        match store.ingest_events(&parsed, now_ms()).await {
+            Ok(new) => {
+                metrics::counter!("mend_dashboard_ingested_total", "what" => "event")
+                    .increment(new as u64);
+                for msg in &stored {
+                    ack(msg, AckKind::Ack).await;
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, count = stored.len(), "Cannot store announcements; they are offered again.");
+                for msg in &stored {
+                    ack(msg, AckKind::Nak(Some(RETRY_AFTER))).await;
+                }
+            }
+        }
+    }
+}
+
+async fn open(
+    consumer: &PullConsumer,
+    batch: usize,
+    shutdown: &CancellationToken,
+) -> Option<pull::Stream> {
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match consumer
+            .stream()
+            .max_messages_per_batch(batch)
+            .heartbeat(Duration::from_secs(5))
+            .messages()
+            .await
+        {
+            Ok(s) => return Some(s),
+            Err(error) => tracing::warn!(%error, "Cannot pull yet; retrying."),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.cancelled() => return None,
+        }
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn ack(msg: &Message, kind: AckKind) {
+    if let Err(error) = msg.ack_with(kind).await {
+        tracing::warn!(%error, "Ack not sent; the message will be redelivered.");
+    }
+}
+
+/// The envelope in a message on MEND_PARKED. Anything else is kept as a raw envelope of its own
+/// (`MEND_PARKED:<seq>`), so a person sees it instead of it being dropped.
+pub fn envelope_of(msg: &Message) -> FailureEnvelope {
+    let parsed = serde_json::from_slice::<FailureEnvelope>(&msg.payload)
+        .map_err(|e| e.to_string())
+        .and_then(|e| e.check().map(|()| e));
+    match parsed {
+        Ok(envelope) => envelope,
+        Err(error) => {
+            let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+            tracing::error!(%error, seq, "Not a failure envelope on MEND_PARKED; kept raw.");
+            let service = msg
+                .subject
+                .as_str()
+                .strip_prefix("mend.parked.")
+                .filter(|s| !s.is_empty() && !s.contains('.'))
+                .unwrap_or("unknown")
+                .to_owned();
+            let mut failure = FailureError::bare(ErrorKind::Message, None);
+            failure.title = Some("malformed parked message".into());
+            failure.detail = Some(error);
+            let at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+            FailureEnvelope {
+                version: ENVELOPE_VERSION,
+                id: format!("MEND_PARKED:{seq}"),
+                service,
+                binding: String::new(),
+                stream: "MEND_PARKED".into(),
+                seq,
+                subject: msg.subject.to_string(),
+                key: None,
+                headers: Default::default(),
+                payload: serde_json::Value::Null,
+                payload_base64: Some(
+                    base64::engine::general_purpose::STANDARD.encode(&msg.payload),
+                ),
+                payload_ref: None,
+                error: failure,
+                attempt: 1,
+                first_failed_at: at.clone(),
+                failed_at: at.clone(),
+                reason: Some("the message on MEND_PARKED is not a failure envelope".into()),
+                history: vec![HistoryEntry {
+                    at,
+                    what: "parked".into(),
+                    by: "dashboard".into(),
+                    error: None,
+                    note: Some("kept raw: not a failure envelope".into()),
+                }],
+            }
+        }
+    }
+}
+
+/// A CloudEvent as mend components write it (structured JSON).
+#[derive(Deserialize)]
+struct CloudEvent {
+    id: String,
+    source: String,
+    #[serde(rename = "type")]
+    kind: String,
+    time: Option<String>,
+    data: EventData,
+}
+
+#[derive(Deserialize)]
+struct EventData {
+    service: String,
+    id: String,
+    attempt: u32,
+    #[serde(default)]
+    rule: Option<String>,
+}
+
+/// The announcement in a message on MEND_EVENTS.
+pub fn event_of(payload: &[u8]) -> Result<Event, String> {
+    let ce: CloudEvent = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+    let kind = ce
+        .kind
+        .strip_prefix("mend.")
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| format!("type `{}` is not a mend.* type", ce.kind))?
+        .to_owned();
+    let data: serde_json::Value = serde_json::from_slice(payload)
+        .ok()
+        .and_then(|mut v: serde_json::Value| v.get_mut("data").map(serde_json::Value::take))
+        .unwrap_or_default();
+    let at = ce
+        .time
+        .as_deref()
+        .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or_else(now_ms, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    Ok(Event {
+        id: ce.id,
+        message_id: ce.data.id,
+        service: ce.data.service,
+        kind,
+        attempt: ce.data.attempt,
+        at,
+        rule: ce.data.rule,
+        source: ce.source,
+        data: data.to_string(),
+    })
+}

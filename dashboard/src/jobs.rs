@@ -1,0 +1,272 @@
+//! Bulk actions on a failure group or a selection (SPEC §9): a resubmission goes canary first (one
+//! message, then its outcome is awaited), then the rest at `bulk_rate` per second; a discard goes
+//! at that rate at once. Progress can be watched and the job stopped. Jobs live in the dashboard
+//! that started them; every message they touch is audited like a single action.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::actions;
+use crate::app::{Principal, Shared};
+use crate::store::{Status, now_ms};
+
+/// What a bulk job does to each message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Resubmit,
+    Discard,
+}
+
+/// Where a job stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// The canary was resubmitted; its outcome is awaited.
+    Canary,
+    Running,
+    Finished,
+    Stopped,
+    /// The canary failed again (or had no outcome in time): the rest were not sent.
+    CanaryFailed,
+}
+
+/// A job's progress, as the API and the UI show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Progress {
+    pub id: String,
+    pub kind: Kind,
+    pub group: Option<String>,
+    pub by: String,
+    pub state: JobState,
+    pub total: usize,
+    pub done: usize,
+    /// Messages no longer parked when their turn came (someone else acted).
+    pub skipped: usize,
+    pub failed: usize,
+    pub canary: Option<String>,
+    /// The last problem, if any.
+    pub message: Option<String>,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+}
+
+struct Job {
+    progress: Mutex<Progress>,
+    stop: CancellationToken,
+}
+
+/// The jobs of this dashboard.
+#[derive(Default)]
+pub struct Jobs {
+    jobs: Mutex<HashMap<String, Arc<Job>>>,
+}
+
+impl Jobs {
+    /// The progress of job `id`.
+    pub fn get(&self, id: &str) -> Option<Progress> {
+        let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        jobs.get(id).map(|j| snapshot(j))
+    }
+
+    /// Every job, newest first.
+    pub fn all(&self) -> Vec<Progress> {
+        let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all: Vec<Progress> = jobs.values().map(|j| snapshot(j)).collect();
+        all.sort_by(|a, b| b.started_at.cmp(&a.started_at).then(b.id.cmp(&a.id)));
+        all
+    }
+
+    /// Asks job `id` to stop; false if there is no such job.
+    pub fn stop(&self, id: &str) -> bool {
+        let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        match jobs.get(id) {
+            Some(j) => {
+                j.stop.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+fn snapshot(job: &Job) -> Progress {
+    job.progress
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+}
+
+fn update(job: &Job, f: impl FnOnce(&mut Progress)) {
+    f(&mut job.progress.lock().unwrap_or_else(|p| p.into_inner()));
+}
+
+/// Starts a bulk job over `members` (id, attempt shown), returns its first progress.
+pub fn start(
+    state: Shared,
+    who: Principal,
+    kind: Kind,
+    group: Option<String>,
+    members: Vec<(String, u32)>,
+    note: Option<String>,
+) -> Progress {
+    let id = crate::auth::new_secret()[..12].to_owned();
+    let progress = Progress {
+        id: id.clone(),
+        kind,
+        group,
+        by: who.name.clone(),
+        state: if kind == Kind::Resubmit {
+            JobState::Canary
+        } else {
+            JobState::Running
+        },
+        total: members.len(),
+        done: 0,
+        skipped: 0,
+        failed: 0,
+        canary: None,
+        message: None,
+        started_at: now_ms(),
+        finished_at: None,
+    };
+    let job = Arc::new(Job {
+        progress: Mutex::new(progress.clone()),
+        stop: CancellationToken::new(),
+    });
+    state
+        .jobs
+        .jobs
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id, job.clone());
+    tokio::spawn(run(state, who, kind, members, note, job));
+    progress
+}
+
+async fn run(
+    state: Shared,
+    who: Principal,
+    kind: Kind,
+    members: Vec<(String, u32)>,
+    note: Option<String>,
+    job: Arc<Job>,
+) {
+    let rate = state.settings.bulk_rate.max(1);
+    let pause = Duration::from_secs_f64(1.0 / f64::from(rate));
+    let mut rest = members.as_slice();
+    if kind == Kind::Resubmit
+        && let Some(((canary, attempt), others)) = rest.split_first()
+    {
+        update(&job, |p| p.canary = Some(canary.clone()));
+        match actions::resubmit(&state, &who, canary, Some(*attempt), None, note.as_deref()).await {
+            Ok(_) => {}
+            Err(e) => {
+                return finish(&job, JobState::CanaryFailed, Some(e.message));
+            }
+        }
+        update(&job, |p| p.done = 1);
+        match canary_outcome(&state, canary, *attempt, &job.stop).await {
+            Ok(()) => {}
+            Err((state, why)) => return finish(&job, state, Some(why)),
+        }
+        update(&job, |p| p.state = JobState::Running);
+        rest = others;
+    }
+    for (id, attempt) in rest {
+        if job.stop.is_cancelled() {
+            return finish(&job, JobState::Stopped, None);
+        }
+        let result = match kind {
+            Kind::Resubmit => {
+                actions::resubmit(&state, &who, id, Some(*attempt), None, note.as_deref())
+                    .await
+                    .map(drop)
+            }
+            Kind::Discard => actions::discard(&state, &who, id, Some(*attempt), note.as_deref())
+                .await
+                .map(drop),
+        };
+        match result {
+            Ok(()) => update(&job, |p| p.done += 1),
+            Err(e) if e.status == axum::http::StatusCode::CONFLICT => {
+                update(&job, |p| p.skipped += 1)
+            }
+            Err(e) => update(&job, |p| {
+                p.failed += 1;
+                p.message = Some(format!("{id}: {}", e.message));
+            }),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = job.stop.cancelled() => return finish(&job, JobState::Stopped, None),
+        }
+    }
+    finish(&job, JobState::Finished, None);
+}
+
+/// Waits until the canary is resolved; its failing again, being discarded, the timeout or a stop
+/// end the job.
+async fn canary_outcome(
+    state: &Shared,
+    id: &str,
+    attempt: u32,
+    stop: &CancellationToken,
+) -> Result<(), (JobState, String)> {
+    let deadline = tokio::time::Instant::now() + state.settings.canary_timeout;
+    loop {
+        match state.store.get(id).await {
+            Ok(Some(m)) => match m.status {
+                Status::Resolved => return Ok(()),
+                Status::Parked if m.attempt > attempt => {
+                    let why = m
+                        .envelope
+                        .error
+                        .title
+                        .clone()
+                        .or(m.envelope.error.code.clone())
+                        .unwrap_or_else(|| "the app failed again".into());
+                    return Err((
+                        JobState::CanaryFailed,
+                        format!("the canary {id} failed again: {why}; the rest were not sent"),
+                    ));
+                }
+                Status::Discarded => {
+                    return Err((JobState::Stopped, format!("the canary {id} was discarded")));
+                }
+                _ => {}
+            },
+            Ok(None) => {
+                return Err((JobState::CanaryFailed, format!("the canary {id} is gone")));
+            }
+            Err(e) => tracing::warn!(error = %e, "Cannot read the canary's status; retrying."),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err((
+                JobState::CanaryFailed,
+                format!(
+                    "no outcome for the canary {id} within {}s; the rest were not sent",
+                    state.settings.canary_timeout.as_secs()
+                ),
+            ));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = stop.cancelled() => return Err((JobState::Stopped, "stopped while waiting for the canary".into())),
+        }
+    }
+}
+
+fn finish(job: &Job, state: JobState, message: Option<String>) {
+    update(job, |p| {
+        p.state = state;
+        if message.is_some() {
+            p.message = message;
+        }
+        p.finished_at = Some(now_ms());
+    });
+}

@@ -1,0 +1,554 @@
+//! The web UI (SPEC §9): server-rendered askama pages that work without JavaScript. Every form that
+//! changes something carries the session's CSRF token; every page is escaped by askama.
+//!
+//! Pages: the overview and login here; `messages` (list, bulk, detail, resubmit, discard),
+//! `try_rules` (dry-runs on a message or a group), `groups`, `jobs`, `holds`, `rules`, `audit`.
+//! Every action goes through `actions` or `jobs` (so it is audited) after `check_csrf`; a finished
+//! action redirects with `?done=<what>`, shown as a fixed text ([`done_text`]).
+
+use std::net::SocketAddr;
+
+use askama::Template;
+use askama_web::WebTemplate;
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{AppendHeaders, IntoResponse, Redirect, Response};
+use axum::routing::get;
+use axum::{Form, Router};
+use serde::Deserialize;
+
+use crate::app::{ApiError, Principal, SESSION_COOKIE, Shared, WebUser, cookie, over_tls};
+use crate::auth::{Role, new_secret, secrets_equal, verify_password};
+use crate::store::{Session, now_ms};
+
+mod audit;
+mod groups;
+mod holds;
+mod jobs;
+mod messages;
+mod rules;
+mod try_rules;
+
+pub use audit::AuditPage;
+pub use groups::GroupsPage;
+pub use holds::HoldsPage;
+pub use jobs::{JobPage, JobRow, JobsPage};
+pub use messages::{MessagePage, MessagesPage};
+pub use rules::RulesPage;
+pub use try_rules::TryPage;
+
+/// The cookie carrying the login form's CSRF token (before there is a session).
+const LOGIN_CSRF_COOKIE: &str = "mend_login";
+
+/// The routes of the web UI.
+pub fn routes() -> Router<Shared> {
+    Router::new()
+        .route("/", get(overview))
+        .route("/login", get(login_form).post(login))
+        .route("/logout", axum::routing::post(logout))
+        .route("/static/mend.css", get(css))
+        .merge(messages::routes())
+        .merge(groups::routes())
+        .merge(jobs::routes())
+        .merge(holds::routes())
+        .merge(rules::routes())
+        .merge(audit::routes())
+}
+
+/// What the page frame needs: who is logged in, the CSRF token for its forms, the current page.
+pub struct Nav {
+    pub who: Option<String>,
+    pub role: String,
+    pub csrf: String,
+    pub page: &'static str,
+    pub can_logout: bool,
+    pub flash: Option<String>,
+}
+
+impl Nav {
+    pub fn new(who: &Principal, page: &'static str) -> Nav {
+        Nav {
+            who: Some(who.name.clone()),
+            role: who.role.to_string(),
+            csrf: who.csrf.clone().unwrap_or_default(),
+            page,
+            can_logout: who.session.is_some(),
+            flash: None,
+        }
+    }
+
+    /// The frame with the fixed text of a finished action (`?done=…`), never the text given.
+    pub fn with_done(mut self, done: Option<&str>) -> Nav {
+        self.flash = done.and_then(done_text).map(str::to_owned);
+        self
+    }
+
+    pub fn anonymous() -> Nav {
+        Nav {
+            who: None,
+            role: String::new(),
+            csrf: String::new(),
+            page: "",
+            can_logout: false,
+            flash: None,
+        }
+    }
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "error.html")]
+pub struct ErrorPage {
+    pub nav: Nav,
+    pub title: String,
+    pub message: String,
+    pub back: String,
+}
+
+/// An error as a page, with the status of the API's error.
+pub fn error_page(who: Option<&Principal>, e: ApiError, back: &str) -> Response {
+    let nav = match who {
+        Some(w) => Nav::new(w, ""),
+        None => Nav::anonymous(),
+    };
+    let title = match e.status {
+        _ if e.code == "csrf" => "Form expired",
+        _ if e.code == "no_rules" => "No rules loaded",
+        StatusCode::FORBIDDEN => "Not allowed",
+        StatusCode::NOT_FOUND => "Not found",
+        StatusCode::CONFLICT => "Changed meanwhile",
+        StatusCode::UNPROCESSABLE_ENTITY => "Not accepted",
+        StatusCode::PAYLOAD_TOO_LARGE => "Too large",
+        StatusCode::TOO_MANY_REQUESTS => "Too many attempts",
+        s if s.is_server_error() => "Not available",
+        _ => "Not accepted",
+    };
+    let page = ErrorPage {
+        nav,
+        title: title.into(),
+        message: e.message,
+        back: back.into(),
+    };
+    (e.status, page).into_response()
+}
+
+/// Any path nothing else answers: a JSON 404 under `/api`, a page elsewhere.
+pub async fn not_found(uri: axum::http::Uri) -> Response {
+    let e = ApiError::not_found(format!("nothing at {}", uri.path()));
+    if uri.path().starts_with("/api/") {
+        e.into_response()
+    } else {
+        error_page(None, e, "/")
+    }
+}
+
+/// Checks a form's CSRF token against the session's; a 403 page otherwise.
+pub fn check_csrf(who: &Principal, given: &str) -> Result<(), Box<Response>> {
+    match &who.csrf {
+        Some(expected) if !given.is_empty() && secrets_equal(expected, given) => Ok(()),
+        _ => Err(Box::new(error_page(
+            Some(who),
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                "csrf",
+                "the form's security token is missing or stale; reload the page and try again",
+            ),
+            "/",
+        ))),
+    }
+}
+
+/// Percent-encodes `s` for a query string or a path segment.
+pub fn query_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The fixed flash text of a finished action named in `?done=`.
+pub fn done_text(done: &str) -> Option<&'static str> {
+    Some(match done {
+        "resubmitted" => {
+            "Resubmitted: the message is on its way back to its service. Its status changes when the outcome is known."
+        }
+        "discarded" => {
+            "Discarded. If it was the head of a held key, the key's held messages are released."
+        }
+        "released" => {
+            "Released: the key's held messages are delivered without waiting for the head, which stays parked."
+        }
+        "stopped" => "Stop requested: the job stops before its next message.",
+        _ => return None,
+    })
+}
+
+/// Whether `who` may act (resubmit, discard, release, run bulk jobs).
+pub fn can_act(who: &Principal) -> bool {
+    who.role.allows(Role::Operator)
+}
+
+/// A 303 to `location` (a path of this site).
+pub fn see_other(location: &str) -> Response {
+    Redirect::to(location).into_response()
+}
+
+/// JSON as indented text.
+pub fn pretty(v: &serde_json::Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+}
+
+/// `text` for a page: indented when it is JSON; for a masked reader, its masked fields hidden,
+/// and text that is not JSON (whose fields cannot be told apart) withheld.
+pub fn shown_payload(text: &str, masked: &[String]) -> String {
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(mut v) => {
+            if !masked.is_empty() {
+                crate::auth::mask(&mut v, masked);
+            }
+            pretty(&v)
+        }
+        Err(_) if masked.is_empty() => text.to_owned(),
+        Err(_) => WITHHELD.to_owned(),
+    }
+}
+
+/// What a masked reader sees instead of a payload that is not JSON.
+pub const WITHHELD: &str =
+    "(withheld: the payload is not JSON, so its masked fields cannot be hidden)";
+
+/// A form field: `None` when empty or only spaces.
+pub fn non_empty(s: &str) -> Option<&str> {
+    let t = s.trim();
+    (!t.is_empty()).then_some(t)
+}
+
+/// A time in epoch ms as UTC text.
+pub fn when(ms: i64) -> String {
+    let t =
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// A duration in seconds, short (`3m 20s`).
+pub fn age(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m {}s", s / 60, s % 60),
+        s if s < 86400 => format!("{}h {}m", s / 3600, (s % 3600) / 60),
+        s => format!("{}d {}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+async fn css() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=86400"),
+        ],
+        include_str!("../static/mend.css"),
+    )
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "login.html")]
+struct LoginPage {
+    nav: Nav,
+    csrf: String,
+    next: String,
+    username: String,
+    error: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct NextQuery {
+    next: Option<String>,
+}
+
+/// Where to go after logging in: only a path of this site.
+fn safe_next(next: Option<&str>) -> String {
+    match next {
+        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_owned(),
+        _ => "/".into(),
+    }
+}
+
+fn login_page(
+    status: StatusCode,
+    headers: &HeaderMap,
+    next: String,
+    username: String,
+    error: Option<String>,
+) -> Response {
+    let csrf = new_secret();
+    let secure = if over_tls(headers) { "; Secure" } else { "" };
+    let cookie = format!(
+        "{LOGIN_CSRF_COOKIE}={csrf}; HttpOnly; SameSite=Strict; Path=/login; Max-Age=3600{secure}"
+    );
+    let page = LoginPage {
+        nav: Nav::anonymous(),
+        csrf,
+        next,
+        username,
+        error,
+    };
+    (status, [(header::SET_COOKIE, cookie)], page).into_response()
+}
+
+async fn login_form(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Query(q): Query<NextQuery>,
+) -> Response {
+    let next = safe_next(q.next.as_deref());
+    if s.settings.anonymous.is_some() {
+        return Redirect::to(&next).into_response();
+    }
+    login_page(StatusCode::OK, &headers, next, String::new(), None)
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    next: String,
+    #[serde(default)]
+    username: String,
+    #[serde(default)]
+    password: String,
+}
+
+async fn login(
+    State(s): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Form(f): Form<LoginForm>,
+) -> Response {
+    let next = safe_next(Some(&f.next));
+    let expected = cookie(&headers, LOGIN_CSRF_COOKIE).unwrap_or_default();
+    if expected.is_empty() || !secrets_equal(&expected, &f.csrf) {
+        return login_page(
+            StatusCode::FORBIDDEN,
+            &headers,
+            next,
+            f.username,
+            Some("The form expired; please log in again.".into()),
+        );
+    }
+    let key = format!("{}|{}", peer.ip(), f.username);
+    let now = std::time::Instant::now();
+    if let Err(wait) = s.limiter.check(&key, now) {
+        return login_page(
+            StatusCode::TOO_MANY_REQUESTS,
+            &headers,
+            next,
+            f.username,
+            Some(format!(
+                "Too many failed attempts; try again in {}.",
+                age(wait.as_secs().max(1))
+            )),
+        );
+    }
+    let user = s
+        .settings
+        .users
+        .iter()
+        .find(|u| u.name == f.username)
+        .cloned();
+    let password = f.password.clone();
+    // Hashing takes tens of milliseconds: off the async threads. An unknown user is checked
+    // against a fixed hash so both cases take as long.
+    let ok = tokio::task::spawn_blocking(move || match &user {
+        Some(u) => verify_password(&u.password_hash, &password).then(|| u.clone()),
+        None => {
+            let _ = verify_password(dummy_hash(), &password);
+            None
+        }
+    })
+    .await
+    .ok()
+    .flatten();
+    let Some(user) = ok else {
+        s.limiter.failed(&key, now);
+        tracing::warn!(user = f.username, peer = %peer.ip(), "Failed login.");
+        return login_page(
+            StatusCode::UNAUTHORIZED,
+            &headers,
+            next,
+            f.username,
+            Some("Wrong name or password.".into()),
+        );
+    };
+    s.limiter.succeeded(&key);
+    let id = new_secret();
+    let ttl = s.settings.session_ttl;
+    let session = Session {
+        username: user.name.clone(),
+        role: user.role.to_string(),
+        csrf: new_secret(),
+        expires_at: now_ms() + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2),
+    };
+    if let Err(e) = s.store.create_session(&id, &session).await {
+        return error_page(None, e.into(), "/login");
+    }
+    tracing::info!(user = user.name, "Logged in.");
+    let secure = if over_tls(&headers) { "; Secure" } else { "" };
+    let cookie = format!(
+        "{SESSION_COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{secure}",
+        ttl.as_secs()
+    );
+    let clear = format!("{LOGIN_CSRF_COOKIE}=; HttpOnly; SameSite=Strict; Path=/login; Max-Age=0");
+    // Appended, not inserted: both cookies must reach the browser.
+    (
+        StatusCode::SEE_OTHER,
+        AppendHeaders([
+            (header::SET_COOKIE, cookie),
+            (header::SET_COOKIE, clear),
+            (header::LOCATION, next),
+        ]),
+    )
+        .into_response()
+}
+
+/// An Argon2 hash of a random password, to spend the same time on unknown users.
+fn dummy_hash() -> &'static str {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| crate::auth::hash_password(&new_secret()).unwrap_or_default())
+}
+
+#[derive(Deserialize)]
+struct CsrfForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+async fn logout(
+    State(s): State<Shared>,
+    WebUser(who): WebUser,
+    Form(f): Form<CsrfForm>,
+) -> Response {
+    if let Err(page) = check_csrf(&who, &f.csrf) {
+        return *page;
+    }
+    if let Some(id) = &who.session
+        && let Err(e) = s.store.delete_session(id).await
+    {
+        return error_page(Some(&who), e.into(), "/");
+    }
+    let clear = format!("{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0");
+    (
+        StatusCode::SEE_OTHER,
+        [
+            (header::SET_COOKIE, clear),
+            (header::LOCATION, "/login".to_owned()),
+        ],
+    )
+        .into_response()
+}
+
+struct CountRow {
+    service: String,
+    parked: i64,
+    resubmitted: i64,
+    resolved: i64,
+    discarded: i64,
+}
+
+struct RuleRow {
+    rule: String,
+    repaired: i64,
+    parked: i64,
+    per_hour: String,
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "overview.html")]
+struct OverviewPage {
+    nav: Nav,
+    parked: i64,
+    held_keys: usize,
+    held_messages: u64,
+    oldest: String,
+    oldest_id: Option<String>,
+    counts: Vec<CountRow>,
+    rules: Vec<RuleRow>,
+}
+
+async fn overview(State(s): State<Shared>, WebUser(who): WebUser) -> Response {
+    let since = now_ms() - 24 * 3600 * 1000;
+    let o = match s.store.overview(since).await {
+        Ok(o) => o,
+        Err(e) => return error_page(Some(&who), e.into(), "/"),
+    };
+    let holds = crate::holds::list(&s.js, None)
+        .await
+        .unwrap_or_else(|error| {
+            tracing::warn!(%error, "Cannot read holds for the overview.");
+            Vec::new()
+        });
+    let mut counts: Vec<CountRow> = Vec::new();
+    for (service, status, n) in &o.counts {
+        if counts.last().is_none_or(|r| &r.service != service) {
+            counts.push(CountRow {
+                service: service.clone(),
+                parked: 0,
+                resubmitted: 0,
+                resolved: 0,
+                discarded: 0,
+            });
+        }
+        if let Some(row) = counts.last_mut() {
+            match status.as_str() {
+                "parked" => row.parked = *n,
+                "resubmitted" => row.resubmitted = *n,
+                "resolved" => row.resolved = *n,
+                "discarded" => row.discarded = *n,
+                _ => {}
+            }
+        }
+    }
+    let mut rules: Vec<RuleRow> = Vec::new();
+    for (rule, kind, n) in &o.rules {
+        if rules.last().is_none_or(|r| &r.rule != rule) {
+            rules.push(RuleRow {
+                rule: rule.clone(),
+                repaired: 0,
+                parked: 0,
+                per_hour: String::new(),
+            });
+        }
+        if let Some(row) = rules.last_mut() {
+            match kind.as_str() {
+                "repaired" => row.repaired = *n,
+                "parked" => row.parked = *n,
+                _ => {}
+            }
+        }
+    }
+    for r in &mut rules {
+        r.per_hour = format!("{:.1}", r.repaired as f64 / 24.0);
+    }
+    let (oldest, oldest_id) = match &o.oldest_parked {
+        Some((id, at)) => (
+            age(u64::try_from((now_ms() - at) / 1000).unwrap_or(0)),
+            Some(id.clone()),
+        ),
+        None => ("–".into(), None),
+    };
+    OverviewPage {
+        nav: Nav::new(&who, "overview"),
+        parked: counts.iter().map(|c| c.parked).sum(),
+        held_keys: holds.len(),
+        held_messages: holds.iter().map(|h| h.count).sum(),
+        oldest,
+        oldest_id,
+        counts,
+        rules,
+    }
+    .into_response()
+}

@@ -1,0 +1,574 @@
+//! The store against a real SQLite file and a real PostgreSQL (a throw-away server each run): the
+//! same checks on both, through the one code path.
+
+// Test helpers outside #[test] functions unwrap too.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use mend_dashboard::store::{
+    Audit, Backend, Changed, Event, Filter, Ingested, Session, Status, Store, StoreError,
+    is_bad_cursor,
+};
+use mend_e2e::postgres::Postgres;
+use repair_rules::{ENVELOPE_VERSION, ErrorKind, FailureEnvelope, FailureError, HistoryEntry};
+use serde_json::json;
+
+fn envelope(
+    stream: &str,
+    seq: u64,
+    attempt: u32,
+    code: &str,
+    payload: serde_json::Value,
+) -> FailureEnvelope {
+    let mut error = FailureError::bare(ErrorKind::Message, Some(422));
+    error.code = Some(code.to_owned());
+    error.title = Some(format!("{code} title"));
+    FailureEnvelope {
+        version: ENVELOPE_VERSION,
+        id: format!("{stream}:{seq}"),
+        service: "orders".into(),
+        binding: "orders".into(),
+        stream: stream.into(),
+        seq,
+        subject: "orders.created".into(),
+        key: Some(format!("acct-{}", seq % 3)),
+        headers: Default::default(),
+        payload,
+        payload_base64: None,
+        payload_ref: None,
+        error,
+        attempt,
+        first_failed_at: "2026-11-23T10:00:00Z".into(),
+        failed_at: "2026-11-23T10:00:00Z".into(),
+        reason: Some("no_rule: no rule matched".into()),
+        history: vec![HistoryEntry {
+            at: "2026-11-23T10:00:00Z".into(),
+            what: "parked".into(),
+            by: "processor".into(),
+            error: None,
+            note: None,
+        }],
+    }
+}
+
+fn event(id: &str, kind: &str, attempt: u32, at: i64, rule: Option<&str>) -> Event {
+    Event {
+        id: format!("{id}:{attempt}:{kind}"),
+        message_id: id.into(),
+        service: "orders".into(),
+        kind: kind.into(),
+        attempt,
+        at,
+        rule: rule.map(str::to_owned),
+        source: "urn:mend:test".into(),
+        data: "{}".into(),
+    }
+}
+
+fn audit<'a>(action: &'a str, id: &'a str) -> Audit<'a> {
+    Audit {
+        actor: "alice",
+        action,
+        message_id: Some(id),
+        service: Some("orders"),
+        note: Some("checked by hand"),
+        before: Some(r#"{"amount":"x"}"#),
+        after: Some(r#"{"amount":1}"#),
+        ..Default::default()
+    }
+}
+
+/// Everything the dashboard relies on, on one store.
+async fn exercise(store: &Store) {
+    // Parkings: new, redelivered, a later attempt, a late earlier one.
+    let first = envelope(
+        "ORDERS",
+        1,
+        1,
+        "unknown_account",
+        json!({"account": "acct-9", "amount": 5}),
+    );
+    assert_eq!(
+        store.ingest_parked(&first, 1000).await.unwrap(),
+        Ingested::New
+    );
+    assert_eq!(
+        store.ingest_parked(&first, 1001).await.unwrap(),
+        Ingested::Duplicate
+    );
+    let m = store.get("ORDERS:1").await.unwrap().unwrap();
+    assert_eq!(
+        (m.status, m.attempt, m.parked_at),
+        (Status::Parked, 1, 1000)
+    );
+    assert_eq!(m.envelope, first);
+    let again = envelope(
+        "ORDERS",
+        1,
+        3,
+        "unknown_account",
+        json!({"account": "acct-10"}),
+    );
+    assert_eq!(
+        store.ingest_parked(&again, 2000).await.unwrap(),
+        Ingested::Reparked
+    );
+    let late = envelope("ORDERS", 1, 2, "unknown_account", json!({}));
+    assert_eq!(
+        store.ingest_parked(&late, 2100).await.unwrap(),
+        Ingested::Stale
+    );
+    let m = store.get("ORDERS:1").await.unwrap().unwrap();
+    assert_eq!(
+        (m.status, m.attempt, m.parked_at, m.updated_at),
+        (Status::Parked, 3, 1000, 2000)
+    );
+    assert_eq!(m.envelope.payload, json!({"account": "acct-10"}));
+    assert!(store.get("ORDERS:404").await.unwrap().is_none());
+
+    // Resubmission: only from parked at the shown attempt, with its audit record; the message
+    // shows the envelope as sent from then on.
+    let mut sent = again.clone();
+    sent.payload = json!({"account": "acct-11"});
+    sent.history.push(HistoryEntry {
+        at: "2026-11-23T10:05:00Z".into(),
+        what: "resubmitted".into(),
+        by: "alice".into(),
+        error: None,
+        note: None,
+    });
+    assert_eq!(
+        store
+            .mark_resubmitted("ORDERS:1", 2, &sent, &audit("resubmit", "ORDERS:1"), 3000)
+            .await
+            .unwrap(),
+        Changed::Conflict(Status::Parked)
+    );
+    assert_eq!(
+        store
+            .mark_resubmitted("ORDERS:1", 3, &sent, &audit("resubmit", "ORDERS:1"), 3000)
+            .await
+            .unwrap(),
+        Changed::Done
+    );
+    assert_eq!(
+        store
+            .mark_resubmitted("ORDERS:1", 3, &sent, &audit("resubmit", "ORDERS:1"), 3001)
+            .await
+            .unwrap(),
+        Changed::Conflict(Status::Resubmitted)
+    );
+    assert_eq!(
+        store
+            .mark_resubmitted(
+                "ORDERS:404",
+                1,
+                &sent,
+                &audit("resubmit", "ORDERS:404"),
+                3002
+            )
+            .await
+            .unwrap(),
+        Changed::Missing
+    );
+    let m = store.get("ORDERS:1").await.unwrap().unwrap();
+    assert_eq!((m.status, m.attempt), (Status::Resubmitted, 4));
+    assert_eq!(m.envelope, sent);
+
+    // Events: stored once; `resolved` of the resubmitted attempt resolves it.
+    let evs = vec![
+        event("ORDERS:1", "delegated", 4, 3500, None),
+        event("ORDERS:1", "delegated", 4, 3500, None),
+        event("ORDERS:1", "resolved", 3, 3600, None),
+    ];
+    assert_eq!(store.ingest_events(&evs, 3700).await.unwrap(), 2);
+    assert_eq!(
+        store.get("ORDERS:1").await.unwrap().unwrap().status,
+        Status::Resubmitted,
+        "an older attempt's resolved changes nothing"
+    );
+    assert_eq!(
+        store
+            .ingest_events(&[event("ORDERS:1", "resolved", 4, 3800, None)], 3900)
+            .await
+            .unwrap(),
+        1
+    );
+    let m = store.get("ORDERS:1").await.unwrap().unwrap();
+    assert_eq!((m.status, m.updated_at), (Status::Resolved, 3900));
+    let timeline = store.timeline("ORDERS:1").await.unwrap();
+    let kinds: Vec<(&str, u32)> = timeline
+        .iter()
+        .map(|e| (e.kind.as_str(), e.attempt))
+        .collect();
+    assert_eq!(kinds, [("resolved", 3), ("delegated", 4), ("resolved", 4)]);
+
+    // A parked message resolved by a retry of a later attempt (resubmitted elsewhere), but not by
+    // a `resolved` of its own failed attempt.
+    let second = envelope("ORDERS", 2, 2, "bad_type", json!({"amount": "12,50"}));
+    store.ingest_parked(&second, 4000).await.unwrap();
+    store
+        .ingest_events(&[event("ORDERS:2", "resolved", 2, 4100, None)], 4100)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get("ORDERS:2").await.unwrap().unwrap().status,
+        Status::Parked
+    );
+    store
+        .ingest_events(&[event("ORDERS:2", "resolved", 3, 4200, None)], 4200)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get("ORDERS:2").await.unwrap().unwrap().status,
+        Status::Resolved
+    );
+
+    // Discard.
+    let third = envelope("ORDERS", 3, 1, "bad_type", json!({"amount": "7%_off"}));
+    store.ingest_parked(&third, 5000).await.unwrap();
+    assert_eq!(
+        store
+            .mark_discarded("ORDERS:3", 1, &audit("discard", "ORDERS:3"), 5100)
+            .await
+            .unwrap(),
+        Changed::Done
+    );
+    assert_eq!(
+        store.get("ORDERS:3").await.unwrap().unwrap().status,
+        Status::Discarded
+    );
+
+    // More parked ones for lists and groups.
+    for seq in 10..17 {
+        let code = if seq % 2 == 0 {
+            "bad_type"
+        } else {
+            "unknown_account"
+        };
+        store
+            .ingest_parked(
+                &envelope(
+                    "ORDERS",
+                    seq,
+                    1,
+                    code,
+                    json!({"n": seq, "note": format!("Mixed CASE {seq}")}),
+                ),
+                6000 + seq as i64,
+            )
+            .await
+            .unwrap();
+    }
+    let all = store.list(&Filter::default(), 50, None).await.unwrap();
+    let ids: Vec<&str> = all.items.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids.first(), Some(&"ORDERS:16"), "newest first");
+    assert_eq!(ids.len(), 10);
+    assert!(all.next_cursor.is_none());
+
+    let parked = Filter {
+        status: Some(Status::Parked),
+        ..Default::default()
+    };
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let page = store.list(&parked, 3, cursor.as_deref()).await.unwrap();
+        pages += 1;
+        seen.extend(page.items.iter().map(|m| m.id.clone()));
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen.len(), 7, "pages neither skip nor repeat: {seen:?}");
+    seen.dedup();
+    assert_eq!(seen.len(), 7);
+
+    let code = Filter {
+        code: Some("bad_type".into()),
+        status: Some(Status::Parked),
+        ..Default::default()
+    };
+    assert_eq!(store.list(&code, 50, None).await.unwrap().items.len(), 4);
+    let text = Filter {
+        q: Some("mixed case 13".into()),
+        ..Default::default()
+    };
+    let found = store.list(&text, 50, None).await.unwrap();
+    assert_eq!(
+        found
+            .items
+            .iter()
+            .map(|m| m.id.as_str())
+            .collect::<Vec<_>>(),
+        ["ORDERS:13"]
+    );
+    let wildcard = Filter {
+        q: Some("7%_".into()),
+        ..Default::default()
+    };
+    let found = store.list(&wildcard, 50, None).await.unwrap();
+    assert_eq!(
+        found
+            .items
+            .iter()
+            .map(|m| m.id.as_str())
+            .collect::<Vec<_>>(),
+        ["ORDERS:3"],
+        "% and _ are literal"
+    );
+    let other = Filter {
+        service: Some("payments".into()),
+        ..Default::default()
+    };
+    assert!(store.list(&other, 50, None).await.unwrap().items.is_empty());
+    let bad = store
+        .list(&Filter::default(), 5, Some("not-a-cursor"))
+        .await
+        .unwrap_err();
+    assert!(is_bad_cursor(&bad), "{bad}");
+
+    // Groups of parked messages.
+    let groups = store.groups().await.unwrap();
+    let sizes: Vec<(Option<&str>, i64)> = groups
+        .iter()
+        .map(|g| (g.error_code.as_deref(), g.count))
+        .collect();
+    assert_eq!(sizes, [(Some("bad_type"), 4), (Some("unknown_account"), 3)]);
+    let members = store.group_members(&groups[0].id).await.unwrap();
+    assert_eq!(
+        members
+            .iter()
+            .map(|(id, _)| id.as_str())
+            .collect::<Vec<_>>(),
+        ["ORDERS:10", "ORDERS:12", "ORDERS:14", "ORDERS:16"]
+    );
+    let by_group = Filter {
+        group: Some(groups[1].id.clone()),
+        ..Default::default()
+    };
+    // The group's parked three, and ORDERS:1 (resolved) which failed alike.
+    assert_eq!(
+        store.list(&by_group, 50, None).await.unwrap().items.len(),
+        4
+    );
+    let parked_in_group = Filter {
+        status: Some(Status::Parked),
+        ..by_group
+    };
+    assert_eq!(
+        store
+            .list(&parked_in_group, 50, None)
+            .await
+            .unwrap()
+            .items
+            .len(),
+        3
+    );
+
+    // Overview.
+    store
+        .ingest_events(
+            &[
+                event("ORDERS:20", "repaired", 2, 7000, Some("amount-as-number")),
+                event("ORDERS:21", "repaired", 2, 7001, Some("amount-as-number")),
+                event("ORDERS:22", "parked", 1, 7002, Some("unknown-account")),
+                event("ORDERS:23", "repaired", 2, 10, Some("too-old")),
+                event("ORDERS:20", "delegated", 2, 7003, None),
+            ],
+            7100,
+        )
+        .await
+        .unwrap();
+    let o = store.overview(1000).await.unwrap();
+    assert!(
+        o.counts.contains(&("orders".into(), "parked".into(), 7)),
+        "{:?}",
+        o.counts
+    );
+    assert!(o.counts.contains(&("orders".into(), "resolved".into(), 2)));
+    assert!(o.counts.contains(&("orders".into(), "discarded".into(), 1)));
+    assert_eq!(o.oldest_parked, Some(("ORDERS:10".into(), 6010)));
+    assert_eq!(
+        o.rules,
+        [
+            ("amount-as-number".to_owned(), "failed".to_owned(), 1),
+            ("amount-as-number".to_owned(), "repaired".to_owned(), 2),
+            ("unknown-account".to_owned(), "parked".to_owned(), 1)
+        ],
+        "the repair of ORDERS:20 failed again"
+    );
+    assert_eq!(store.prune_events(20).await.unwrap(), 1);
+
+    // Audit, newest first, paged.
+    store
+        .record(
+            &Audit {
+                actor: "bob",
+                action: "release",
+                service: Some("orders"),
+                key: Some("acct-1"),
+                ..Default::default()
+            },
+            8000,
+        )
+        .await
+        .unwrap();
+    let page = store.audit(2, None).await.unwrap();
+    assert_eq!(
+        page.items
+            .iter()
+            .map(|a| a.action.as_str())
+            .collect::<Vec<_>>(),
+        ["release", "discard"]
+    );
+    let rest = store.audit(2, page.next_cursor.as_deref()).await.unwrap();
+    assert_eq!(
+        rest.items
+            .iter()
+            .map(|a| a.action.as_str())
+            .collect::<Vec<_>>(),
+        ["resubmit"]
+    );
+    assert!(rest.next_cursor.is_none());
+    let r = &rest.items[0];
+    assert_eq!(
+        (r.actor.as_str(), r.message_id.as_deref(), r.note.as_deref()),
+        ("alice", Some("ORDERS:1"), Some("checked by hand"))
+    );
+    assert_eq!(
+        (r.before.as_deref(), r.after.as_deref()),
+        (Some(r#"{"amount":"x"}"#), Some(r#"{"amount":1}"#))
+    );
+
+    // Sessions.
+    let s = Session {
+        username: "alice".into(),
+        role: "operator".into(),
+        csrf: "c".into(),
+        expires_at: 10_000,
+    };
+    store.create_session("secret-id", &s).await.unwrap();
+    assert_eq!(
+        store.session("secret-id", 9_000).await.unwrap(),
+        Some(s.clone())
+    );
+    assert_eq!(
+        store.session("secret-id", 10_000).await.unwrap(),
+        None,
+        "expired"
+    );
+    assert_eq!(store.session("other", 9_000).await.unwrap(), None);
+    store
+        .create_session(
+            "second",
+            &Session {
+                expires_at: 20_000,
+                ..s.clone()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.prune_sessions(15_000).await.unwrap(), 1);
+    store.delete_session("second").await.unwrap();
+    assert_eq!(store.session("second", 9_000).await.unwrap(), None);
+    store.ping().await.unwrap();
+
+    // A retry that went through (and whose `resolved` was taken in) before its resubmission was
+    // recorded: the message stays resolved, takes the new attempt, and the action is audited.
+    let fast = envelope("RACE", 5, 1, "bad_type", json!({"amount": "1"}));
+    store.ingest_parked(&fast, 4300).await.unwrap();
+    store
+        .ingest_events(&[event("RACE:5", "resolved", 2, 4310, None)], 4310)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .mark_resubmitted("RACE:5", 1, &fast, &audit("resubmit", "RACE:5"), 4320)
+            .await
+            .unwrap(),
+        Changed::Done
+    );
+    let m = store.get("RACE:5").await.unwrap().unwrap();
+    assert_eq!((m.status, m.attempt), (Status::Resolved, 2));
+
+    // A retry that failed again, and whose new parking was taken in, before its resubmission was
+    // recorded: the message stays parked at the new attempt, and the action is audited.
+    let again = envelope("RACE", 6, 1, "bad_type", json!({"amount": "1"}));
+    store.ingest_parked(&again, 4400).await.unwrap();
+    let reparked = envelope("RACE", 6, 2, "bad_type", json!({"amount": "1"}));
+    store.ingest_parked(&reparked, 4410).await.unwrap();
+    assert_eq!(
+        store
+            .mark_resubmitted("RACE:6", 1, &again, &audit("resubmit", "RACE:6"), 4420)
+            .await
+            .unwrap(),
+        Changed::Done
+    );
+    let m = store.get("RACE:6").await.unwrap().unwrap();
+    assert_eq!((m.status, m.attempt), (Status::Parked, 2));
+    let log = store.audit(10, None).await.unwrap();
+    assert_eq!(log.items[0].message_id.as_deref(), Some("RACE:6"));
+    // An attempt that has not come yet is still a conflict.
+    assert!(matches!(
+        store
+            .mark_resubmitted("RACE:6", 3, &again, &audit("resubmit", "RACE:6"), 4430)
+            .await
+            .unwrap(),
+        Changed::Conflict(Status::Parked)
+    ));
+}
+
+#[tokio::test]
+async fn sqlite_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("mend.db").display());
+    let store = Store::open(&url).await.unwrap();
+    assert_eq!(store.backend(), Backend::Sqlite);
+    exercise(&store).await;
+    store.close().await;
+    // Reopened: the migrations are not applied twice and the data is there.
+    let store = Store::open(&url).await.unwrap();
+    assert_eq!(
+        store.get("ORDERS:1").await.unwrap().unwrap().status,
+        Status::Resolved
+    );
+}
+
+#[tokio::test]
+async fn postgres() {
+    let pg = Postgres::start().await.unwrap();
+    let url = pg.database("mend").await.unwrap();
+    let store = Store::open(&url).await.unwrap();
+    assert_eq!(store.backend(), Backend::Postgres);
+    exercise(&store).await;
+    store.close().await;
+    let store = Store::open(&url).await.unwrap();
+    assert_eq!(
+        store.get("ORDERS:1").await.unwrap().unwrap().status,
+        Status::Resolved
+    );
+}
+
+#[tokio::test]
+async fn bad_urls_are_refused_clearly() {
+    for url in ["mysql://x", "mend.db", "sqlite::memory:"] {
+        match Store::open(url).await {
+            Err(StoreError::BadUrl(u)) => assert!(u.contains(url), "{u}"),
+            Err(other) => panic!("{url}: {other}"),
+            Ok(_) => panic!("{url} opened"),
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let missing = format!(
+        "sqlite://{}",
+        dir.path().join("no/such/dir/mend.db").display()
+    );
+    let err = Store::open(&missing)
+        .await
+        .err()
+        .expect("a missing directory fails");
+    assert!(matches!(err, StoreError::Connect(_)), "{err}");
+}

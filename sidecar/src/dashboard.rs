@@ -1,0 +1,172 @@
+//! `mend dashboard` (SPEC §1, §9): connects to NATS, opens the store, loads the rules for dry-runs,
+//! then hands everything to the dashboard crate, which serves the UI, the API and the operations
+//! endpoints on one address and runs the ingest.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_nats::connection::State;
+use mend_dashboard::auth::Role;
+use mend_dashboard::store::Store;
+use mend_dashboard::{Deps, RulesSource, Settings, User};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::DashboardConfig;
+use crate::rules_live::LiveRules;
+use crate::{RunError, health, nats, telemetry};
+
+/// How the dashboard runs: with logins (production) or open to anyone as admin (`mend dev`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Login,
+    Open,
+}
+
+/// Runs the dashboard until `shutdown`.
+pub async fn run(
+    config: DashboardConfig,
+    access: Access,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    if access == Access::Login && !config.has_credentials() {
+        return Err(RunError::Config(anyhow::anyhow!(
+            "no [[user]] and no [[api_token]]: nobody could log in, and the dashboard does not run \
+             open (only `mend dev` does); add a user with a hash from `mend hash-password`"
+        )));
+    }
+    let tokens = config
+        .tokens()
+        .map_err(|e| RunError::Config(anyhow::anyhow!("api_token: {e}")))?;
+    let metrics = telemetry::metrics().map_err(RunError::Startup)?;
+    let rules: RulesSource = match &config.rules {
+        Some(path) => {
+            let live = Arc::new(
+                LiveRules::load(path)
+                    .map_err(|e| RunError::Config(anyhow::anyhow!("rules: {e}")))?,
+            );
+            tokio::spawn({
+                let (live, shutdown) = (live.clone(), shutdown.clone());
+                async move {
+                    if let Err(error) = crate::rules_live::watch(live, shutdown).await {
+                        tracing::error!(%error, "Cannot watch the rules; changes need a restart.");
+                    }
+                }
+            });
+            Arc::new(move || Some(live.get()))
+        }
+        None => Arc::new(|| None),
+    };
+    let (client, js, _epoch) = nats::start(&config.nats_url, &config.nats, "mend-dashboard")
+        .await
+        .map_err(|e| RunError::Startup(e.into()))?;
+    let store = Store::open(&config.database_url)
+        .await
+        .map_err(|e| RunError::Startup(anyhow::anyhow!("{e}")))?;
+    tracing::info!(backend = ?store.backend(), "Store open.");
+
+    // Ready while NATS is connected and the store answers (checked every few seconds).
+    let store_ok = Arc::new(AtomicBool::new(true));
+    tokio::spawn({
+        let (store, ok, shutdown) = (store.clone(), store_ok.clone(), shutdown.clone());
+        async move {
+            loop {
+                let answered = tokio::time::timeout(Duration::from_secs(3), store.ping())
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+                if ok.swap(answered, Ordering::Relaxed) != answered {
+                    if answered {
+                        tracing::info!("The store answers again.");
+                    } else {
+                        tracing::warn!("The store does not answer.");
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        }
+    });
+    let ready: health::ReadyCheck = {
+        let (client, shutdown, store_ok) = (client.clone(), shutdown.clone(), store_ok.clone());
+        Arc::new(move || {
+            if shutdown.is_cancelled() {
+                Err("shutting down".into())
+            } else if client.connection_state() != State::Connected {
+                Err("NATS is not connected".into())
+            } else if !store_ok.load(Ordering::Relaxed) {
+                Err("the store does not answer".into())
+            } else {
+                Ok(())
+            }
+        })
+    };
+    let settings = Settings {
+        listen: config.listen,
+        users: config
+            .users
+            .iter()
+            .map(|u| User {
+                name: u.name.clone(),
+                role: u.role,
+                password_hash: u.password_hash.clone(),
+            })
+            .collect(),
+        tokens,
+        mask: config.mask.clone(),
+        session_ttl: config.session_ttl,
+        events_retention: config.events_retention,
+        max_body_bytes: config.max_body_bytes,
+        bulk_rate: config.bulk_rate,
+        canary_timeout: config.canary_timeout,
+        anonymous: (access == Access::Open).then_some(Role::Admin),
+        ack_wait: config.ack_wait,
+    };
+    let deps = Deps {
+        client: client.clone(),
+        js,
+        store: store.clone(),
+        rules,
+        ops: health::router(ready, metrics),
+    };
+    let result = mend_dashboard::run(settings, deps, shutdown).await;
+    if let Err(error) = client.flush().await {
+        tracing::warn!(%error, "Final flush failed; unsent acks lead to redeliveries.");
+    }
+    store.close().await;
+    tracing::info!("Dashboard stopped.");
+    result.map_err(|e| {
+        if e.to_string().starts_with("cannot listen") {
+            RunError::Startup(e)
+        } else {
+            RunError::Runtime(e)
+        }
+    })
+}
+
+/// `mend hash-password`: reads a password from standard input (one line; a terminal is not
+/// required) and prints its Argon2id hash for `[[user]] password_hash`.
+pub fn hash_password() -> std::process::ExitCode {
+    use std::io::BufRead as _;
+    let mut line = String::new();
+    if let Err(e) = std::io::stdin().lock().read_line(&mut line) {
+        eprintln!("mend hash-password: cannot read the password from standard input: {e}");
+        return std::process::ExitCode::from(64);
+    }
+    let password = line.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        eprintln!("mend hash-password: the password is empty (give it on standard input)");
+        return std::process::ExitCode::from(64);
+    }
+    match mend_dashboard::auth::hash_password(password) {
+        Ok(hash) => {
+            println!("{hash}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mend hash-password: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! Running `mend dashboard` for a test: its config (a SQLite file in a temp dir, or a given
+//! database URL; API tokens and users of every role), the process, and a small JSON API client.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::app::{Delivery, Reply};
+use crate::js::Out;
+use crate::mend::{MendProcess, example_rules, free_port, processor_config};
+use crate::world::{KEY_HEADER, World};
+
+/// API tokens the test config accepts, by role.
+pub const OPERATOR_TOKEN: &str = "test-operator-token-0123456789";
+pub const VIEWER_TOKEN: &str = "test-viewer-token-0123456789";
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+/// Web users of the test config (name, password, role).
+pub const USERS: [(&str, &str, &str); 2] = [
+    ("alice", "alice-password", "operator"),
+    ("victor", "victor-password", "viewer"),
+];
+
+/// The lowercase hex SHA-256 of `token`.
+pub fn sha256_hex(token: &str) -> String {
+    mend_dashboard::auth::token_digest(token)
+}
+
+/// Password hashes of [`USERS`], made once per test binary (hashing takes tens of milliseconds).
+fn user_hashes() -> &'static [String] {
+    static HASHES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    HASHES.get_or_init(|| {
+        USERS
+            .iter()
+            .map(|(_, pw, _)| mend_dashboard::auth::hash_password(pw).expect("hash"))
+            .collect()
+    })
+}
+
+/// A dashboard config on `database_url` with the test tokens and users, plus `extra` top-level keys.
+pub fn dashboard_config(nats_url: &str, database_url: &str, extra: &str) -> String {
+    let mut c = format!(
+        "nats_url = \"{nats_url}\"\ndatabase_url = \"{database_url}\"\nlisten = \"127.0.0.1:{}\"\nshutdown_timeout = \"10s\"\n{extra}\n",
+        free_port()
+    );
+    for (name, token) in [
+        ("ops", OPERATOR_TOKEN),
+        ("viewer", VIEWER_TOKEN),
+        ("admin", ADMIN_TOKEN),
+    ] {
+        let role = if name == "ops" { "operator" } else { name };
+        c.push_str(&format!(
+            "\n[[api_token]]\nname = \"{name}\"\nrole = \"{role}\"\nsha256 = \"{}\"\n",
+            sha256_hex(token)
+        ));
+    }
+    for ((name, _, role), hash) in USERS.iter().zip(user_hashes()) {
+        c.push_str(&format!(
+            "\n[[user]]\nname = \"{name}\"\nrole = \"{role}\"\npassword_hash = \"{hash}\"\n"
+        ));
+    }
+    c
+}
+
+/// A running dashboard and a client for its API.
+pub struct Dashboard {
+    pub process: MendProcess,
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+    pub http: reqwest::Client,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Dashboard {
+    /// Starts a dashboard on a fresh SQLite file, with `extra` top-level config keys.
+    pub async fn start(nats_url: &str, extra: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let db = format!("sqlite://{}", dir.path().join("mend.db").display());
+        let mut d = Self::start_on(nats_url, &db, extra).await?;
+        d._dir = Some(dir);
+        Ok(d)
+    }
+
+    /// Starts a dashboard on `database_url`.
+    pub async fn start_on(nats_url: &str, database_url: &str, extra: &str) -> anyhow::Result<Self> {
+        let config = dashboard_config(nats_url, database_url, extra);
+        let url = format!("http://{}", crate::mend::listen_addr(&config));
+        let process = MendProcess::start("dashboard", &config).await?;
+        process.ready().await?;
+        Ok(Self {
+            process,
+            url,
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()?,
+            _dir: None,
+        })
+    }
+
+    /// `GET path` with `token`; the status and the JSON body (`Null` when not JSON).
+    pub async fn get(
+        &self,
+        path: &str,
+        token: Option<&str>,
+    ) -> anyhow::Result<(StatusCode, Value)> {
+        let mut req = self.http.get(format!("{}{path}", self.url));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let res = req.send().await?;
+        let status = res.status();
+        Ok((status, res.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// `POST path` with a JSON `body` and `token`.
+    pub async fn post(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        body: &Value,
+    ) -> anyhow::Result<(StatusCode, Value)> {
+        let mut req = self.http.post(format!("{}{path}", self.url)).json(body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let res = req.send().await?;
+        let status = res.status();
+        Ok((status, res.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// `GET path` as the operator, which must answer 200.
+    pub async fn ok(&self, path: &str) -> anyhow::Result<Value> {
+        let (status, body) = self.get(path, Some(OPERATOR_TOKEN)).await?;
+        anyhow::ensure!(status == StatusCode::OK, "GET {path}: {status} {body}");
+        Ok(body)
+    }
+
+    /// The messages listed for `query` (e.g. `status=parked`), every page.
+    pub async fn messages(&self, query: &str) -> anyhow::Result<Vec<Value>> {
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let path = match &cursor {
+                Some(c) => format!("/api/messages?{query}&limit=200&cursor={c}"),
+                None => format!("/api/messages?{query}&limit=200"),
+            };
+            let page = self.ok(&path).await?;
+            out.extend(page["items"].as_array().cloned().unwrap_or_default());
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// Waits until `query` lists exactly `n` messages; returns them.
+    pub async fn wait_messages(
+        &self,
+        query: &str,
+        n: usize,
+        limit: Duration,
+    ) -> anyhow::Result<Vec<Value>> {
+        crate::wait::until(&format!("{n} messages for {query}"), limit, || async {
+            let items = self.messages(query).await?;
+            Ok((items.len() == n).then_some(items))
+        })
+        .await
+    }
+
+    /// Waits until message `id` has `status`; returns it.
+    pub async fn wait_status(
+        &self,
+        id: &str,
+        status: &str,
+        limit: Duration,
+    ) -> anyhow::Result<Value> {
+        crate::wait::until(&format!("{id} {status}"), limit, || async {
+            let (code, m) = self
+                .get(&format!("/api/messages/{id}"), Some(OPERATOR_TOKEN))
+                .await?;
+            Ok((code == StatusCode::OK && m["status"] == status).then_some(m))
+        })
+        .await
+        .with_context(|| format!("dashboard log:\n{}", self.process.log()))
+    }
+}
+
+/// The whole loop for dashboard tests: a world whose app is the orders service (the account
+/// `nobody` is unknown, so the example rules park it), a sidecar keyed by `Account-Id`, a
+/// processor with the example rules, and a dashboard (`extra` config keys; on `database_url`, else
+/// a temp SQLite file).
+pub struct Stack {
+    pub world: World,
+    pub sidecar: MendProcess,
+    pub processor: MendProcess,
+    pub dashboard: Dashboard,
+}
+
+impl Stack {
+    pub async fn start(database_url: Option<&str>, extra: &str) -> anyhow::Result<Stack> {
+        let world = World::new().await?;
+        world
+            .app
+            .script(|d| crate::app::order_problem(d).unwrap_or(Reply::Ok));
+        let sidecar = world.sidecar(&world.keyed_config("app", "")).await?;
+        let processor = MendProcess::start(
+            "processor",
+            &processor_config(&world.nats.url(), &example_rules(), ""),
+        )
+        .await?;
+        processor.ready().await?;
+        let dashboard = match database_url {
+            Some(url) => Dashboard::start_on(&world.nats.url(), url, extra).await?,
+            None => Dashboard::start(&world.nats.url(), extra).await?,
+        };
+        Ok(Stack {
+            world,
+            sidecar,
+            processor,
+            dashboard,
+        })
+    }
+}
+
+/// An order of key `key` (header and field), number `n`, for `account`, with `extra` fields.
+pub fn order(key: &str, n: u64, account: &str, extra: Value) -> Out {
+    let mut body = serde_json::json!({"key": key, "n": n, "account": account, "amount": 10});
+    if let (Some(b), Value::Object(more)) = (body.as_object_mut(), extra) {
+        b.extend(more);
+    }
+    Out::keyed("app.created", KEY_HEADER, key, body)
+}
+
+/// The `n` of every successful delivery of `key`, in the order the app saw them.
+pub fn delivered(log: &[Delivery], key: &str) -> Vec<u64> {
+    log.iter()
+        .filter(|d| d.ok() && d.field("key").and_then(Value::as_str) == Some(key))
+        .map(|d| d.field("n").and_then(Value::as_u64).unwrap_or(u64::MAX))
+        .collect()
+}
