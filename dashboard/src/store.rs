@@ -577,17 +577,19 @@ impl Store {
         .await?;
         let mut changed = done.rows_affected();
         if changed == 0 {
-            // Or the retry failed again and its new parking was taken in first: the row is at a
-            // later attempt already. The resubmission happened all the same; it is audited and
-            // the row keeps what came after it.
-            let later: Option<i64> =
-                sqlx::query("SELECT attempt FROM messages WHERE id = $1 AND attempt > $2")
-                    .bind(id)
-                    .bind(i64::from(attempt))
-                    .fetch_optional(&mut *tx)
-                    .await?
-                    .map(|r| r.try_get(0))
-                    .transpose()?;
+            // Or the retry failed again and its new parking was taken in first: the row is at the
+            // retry's attempt already (only a resubmission takes a parked message to the next
+            // attempt). The resubmission happened all the same; it is audited and the row keeps
+            // what came after it.
+            let later: Option<i64> = sqlx::query(
+                "SELECT attempt FROM messages WHERE id = $1 AND attempt = $2 AND status = 'parked'",
+            )
+            .bind(id)
+            .bind(i64::from(attempt) + 1)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| r.try_get(0))
+            .transpose()?;
             changed = u64::from(later.is_some());
         }
         finish_change(tx, id, changed, audit, now).await

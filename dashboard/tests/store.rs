@@ -138,7 +138,7 @@ async fn exercise(store: &Store) {
     });
     assert_eq!(
         store
-            .mark_resubmitted("ORDERS:1", 2, &sent, &audit("resubmit", "ORDERS:1"), 3000)
+            .mark_resubmitted("ORDERS:1", 1, &sent, &audit("resubmit", "ORDERS:1"), 3000)
             .await
             .unwrap(),
         Changed::Conflict(Status::Parked)
