@@ -70,27 +70,24 @@ impl MendProcess {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join(format!("{role}.toml"));
         std::fs::write(&path, config)?;
-        let mut p = Self {
-            args: [role, "--config", &path.display().to_string()]
-                .into_iter()
-                .chain(args.iter().copied())
-                .map(str::to_owned)
-                .collect(),
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            child: None,
-            log: Arc::new(Mutex::new(Vec::new())),
-            changed: watch::channel(0).0,
-            _dir: Some(dir),
-        };
-        p.spawn()?;
-        Ok(p)
+        let path = path.display().to_string();
+        let all: Vec<&str> = [role, "--config", &path]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect();
+        Self::spawned(&all, env, Some(dir))
     }
 
     /// Runs `mend <args…>` (a role without a config file, such as `mend dev`) with `env` added.
     pub fn run(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::spawned(args, env, None)
+    }
+
+    fn spawned(
+        args: &[&str],
+        env: &[(&str, &str)],
+        dir: Option<tempfile::TempDir>,
+    ) -> anyhow::Result<Self> {
         let mut p = Self {
             args: args.iter().map(|s| s.to_string()).collect(),
             env: env
@@ -100,7 +97,7 @@ impl MendProcess {
             child: None,
             log: Arc::new(Mutex::new(Vec::new())),
             changed: watch::channel(0).0,
-            _dir: None,
+            _dir: dir,
         };
         p.spawn()?;
         Ok(p)
