@@ -104,6 +104,9 @@ pub struct FakeApp {
     addr: SocketAddr,
     shared: Arc<Shared>,
     server: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
+    /// While down: the port, bound but not listening, so connections are refused and no other
+    /// process of a parallel test run is given the port meanwhile.
+    reserved: Option<tokio::net::TcpSocket>,
 }
 
 impl FakeApp {
@@ -120,6 +123,7 @@ impl FakeApp {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             shared,
             server: None,
+            reserved: None,
         };
         app.up().await?;
         Ok(app)
@@ -179,11 +183,18 @@ impl FakeApp {
             let _ = stop.send(());
             task.await?;
         }
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_reuseaddr(true)?;
+        socket
+            .bind(self.addr)
+            .context("cannot keep the app's port while it is down")?;
+        self.reserved = Some(socket);
         Ok(())
     }
 
     /// Starts answering again on the same port.
     pub async fn up(&mut self) -> anyhow::Result<()> {
+        self.reserved = None;
         let socket = tokio::net::TcpSocket::new_v4()?;
         socket.set_reuseaddr(true)?;
         socket.bind(self.addr)?;

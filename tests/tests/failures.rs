@@ -1,6 +1,7 @@
 //! How the sidecar handles the app's answers: message errors delegated with a complete envelope,
 //! transient failures retried in place, an app that is down, timeouts, `Mend-Action` (SPEC §4, §5).
 
+use anyhow::Context as _;
 use std::time::Duration;
 
 use mend_e2e::app::Reply;
@@ -298,7 +299,8 @@ async fn app_down_for_ten_seconds_delegates_nothing() -> anyhow::Result<()> {
             .any(|l| l.starts_with("mend_circuit_open{") && l.ends_with(" 1"))
             .then_some(()))
     })
-    .await?;
+    .await
+    .with_context(|| format!("sidecar log:\n{}", sidecar.log()))?;
     // The scenario itself: the app stays down for ten seconds.
     tokio::time::sleep_until(went_down + Duration::from_secs(10)).await;
     assert!(
