@@ -137,8 +137,6 @@ pub async fn main() -> ExitCode {
             data,
             status_every,
         } => {
-            let shutdown = CancellationToken::new();
-            tokio::spawn(on_signal(shutdown.clone()));
             let options = crate::dev::Options {
                 nats_url,
                 nats_server,
@@ -147,22 +145,20 @@ pub async fn main() -> ExitCode {
                 data,
                 status_every,
             };
-            exit("dev", crate::dev::run(options, shutdown).await)
+            role(
+                "dev",
+                Ok::<_, std::convert::Infallible>(options),
+                crate::dev::run,
+            )
+            .await
         }
         Command::Dashboard { config } => {
-            let config = match crate::config::DashboardConfig::load(&config, std::env::vars()) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("mend dashboard: bad config: {e}");
-                    return ExitCode::from(EXIT_USAGE);
-                }
-            };
-            let shutdown = CancellationToken::new();
-            tokio::spawn(on_signal(shutdown.clone()));
-            exit(
+            role(
                 "dashboard",
-                crate::dashboard::run(config, crate::dashboard::Access::Login, shutdown).await,
+                crate::config::DashboardConfig::load(&config, std::env::vars()),
+                |c, shutdown| crate::dashboard::run(c, crate::dashboard::Access::Login, shutdown),
             )
+            .await
         }
         Command::Rules { command } => match command {
             RulesCommand::Check { paths } => {
@@ -181,30 +177,45 @@ pub async fn main() -> ExitCode {
             }
         },
         Command::Processor { config } => {
-            let config = match crate::config::ProcessorConfig::load(&config, std::env::vars()) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("mend processor: bad config: {e}");
-                    return ExitCode::from(EXIT_USAGE);
-                }
-            };
-            let shutdown = CancellationToken::new();
-            tokio::spawn(on_signal(shutdown.clone()));
-            exit("processor", crate::processor::run(config, shutdown).await)
+            role(
+                "processor",
+                crate::config::ProcessorConfig::load(&config, std::env::vars()),
+                crate::processor::run,
+            )
+            .await
         }
         Command::Sidecar { config, partition } => {
-            let config = match SidecarConfig::load_for(&config, std::env::vars(), partition) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("mend sidecar: bad config: {e}");
-                    return ExitCode::from(EXIT_USAGE);
-                }
-            };
-            let shutdown = CancellationToken::new();
-            tokio::spawn(on_signal(shutdown.clone()));
-            exit("sidecar", sidecar::run(config, shutdown).await)
+            role(
+                "sidecar",
+                SidecarConfig::load_for(&config, std::env::vars(), partition),
+                sidecar::run,
+            )
+            .await
         }
     }
+}
+
+/// Runs a long-lived role with its loaded config until SIGTERM or SIGINT: a config that did not
+/// load exits with EX_USAGE, and how the role ended gives the exit status.
+async fn role<C, E, F>(
+    name: &str,
+    config: Result<C, E>,
+    run: impl FnOnce(C, CancellationToken) -> F,
+) -> ExitCode
+where
+    E: std::fmt::Display,
+    F: Future<Output = Result<(), RunError>>,
+{
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mend {name}: bad config: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(on_signal(shutdown.clone()));
+    exit(name, run(config, shutdown).await)
 }
 
 /// The exit status of a role that ran.
