@@ -33,6 +33,12 @@ pub struct Deps {
     pub js: async_nats::jetstream::Context,
     pub store: Store,
     pub rules: RulesSource,
+    /// The ingest's consumers on MEND_PARKED and MEND_EVENTS ([`ingest::bind`]; the caller waits for
+    /// JetStream to answer).
+    pub consumers: (
+        async_nats::jetstream::consumer::PullConsumer,
+        async_nats::jetstream::consumer::PullConsumer,
+    ),
     /// `/healthz`, `/readyz`, `/metrics`, served on the dashboard's own address.
     pub ops: Router,
 }
@@ -44,9 +50,7 @@ pub async fn run(
     deps: Deps,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let (parked, events) = ingest::bind(&deps.js, settings.ack_wait)
-        .await
-        .context("cannot create the dashboard's consumers on MEND_PARKED and MEND_EVENTS")?;
+    let (parked, events) = deps.consumers;
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;

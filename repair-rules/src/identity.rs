@@ -72,20 +72,35 @@ impl MessageKey {
     }
 }
 
+/// Keys up to this many bytes are spelled out in their token; longer ones get a digest (SPEC §8.5),
+/// which keeps hold subjects and KV keys far below nats-server's 4 KiB control line.
+pub const MAX_SPELLED_KEY_BYTES: usize = 256;
+
 impl MessageKey {
-    /// The key's `<keytoken>` (SPEC §2): `K` followed by the key's UTF-8 bytes in unpadded base64url.
-    /// Deterministic, reversible, one subject token and a valid KV key for any key, the empty one
-    /// included; the `K` leaves room for other encodings later.
+    /// The key's `<keytoken>` (SPEC §2): one subject token and a valid KV key for any key, the empty
+    /// one included, at most 344 characters.
+    /// - A key of up to [`MAX_SPELLED_KEY_BYTES`] bytes: `K` followed by its UTF-8 bytes in
+    ///   unpadded base64url (reversible: [`MessageKey::from_token`]).
+    /// - A longer key: `H` followed by the SHA-256 of its bytes in unpadded base64url. The key itself
+    ///   travels in `Mend-Key` and in the hold entry.
     pub fn token(&self) -> String {
         use base64::Engine as _;
+        use sha2::Digest as _;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        if self.0.len() > MAX_SPELLED_KEY_BYTES {
+            let mut token = String::with_capacity(44);
+            token.push('H');
+            b64.encode_string(sha2::Sha256::digest(self.0.as_bytes()), &mut token);
+            return token;
+        }
         let mut token = String::with_capacity(1 + self.0.len().div_ceil(3) * 4);
         token.push('K');
-        base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode_string(self.0.as_bytes(), &mut token);
+        b64.encode_string(self.0.as_bytes(), &mut token);
         token
     }
 
-    /// The key a [`MessageKey::token`] stands for; `None` for text that is not such a token.
+    /// The key a spelled-out [`MessageKey::token`] stands for; `None` for a digest token or text
+    /// that is not a token.
     pub fn from_token(token: &str) -> Option<Self> {
         use base64::Engine as _;
         let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -179,6 +194,24 @@ mod tests {
         );
         for bad in ["", "YWNj", "K!", "K_w"] {
             assert_eq!(MessageKey::from_token(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn long_keys_get_short_digest_tokens() {
+        let at_limit = MessageKey("k".repeat(MAX_SPELLED_KEY_BYTES));
+        assert!(at_limit.token().starts_with('K'));
+        assert_eq!(MessageKey::from_token(&at_limit.token()), Some(at_limit));
+        for len in [MAX_SPELLED_KEY_BYTES + 1, 4096, 64 * 1024] {
+            let key = MessageKey("é".repeat(len / 2 + 1));
+            let token = key.token();
+            assert!(token.starts_with('H'), "{token}");
+            assert_eq!(token.len(), 44);
+            assert!(is_subject_token(&token), "{token}");
+            assert_eq!(MessageKey::from_token(&token), None);
+            let other = MessageKey(format!("{}x", key.0));
+            assert_ne!(other.token(), token);
+            assert_eq!(key.token(), token, "deterministic");
         }
     }
 

@@ -57,9 +57,12 @@ pub async fn run(
         }
         None => Arc::new(|| None),
     };
-    let (client, js, _epoch) = nats::start(&config.nats_url, &config.nats, "mend-dashboard")
-        .await
-        .map_err(|e| RunError::Startup(e.into()))?;
+    let (client, js, _epoch) =
+        match nats::start(&config.nats_url, &config.nats, "mend-dashboard", &shutdown).await {
+            Ok(started) => started,
+            Err(nats::ConnectError::Stopped) => return Ok(()),
+            Err(e) => return Err(RunError::Startup(e.into())),
+        };
     let store = Store::open(&config.database_url)
         .await
         .map_err(|e| RunError::Startup(anyhow::anyhow!("{e}")))?;
@@ -123,9 +126,21 @@ pub async fn run(
         anonymous: (access == Access::Open).then_some(Role::Admin),
         ack_wait: config.ack_wait,
     };
+    let consumers = match nats::when_available(
+        "the dashboard's consumers on MEND_PARKED and MEND_EVENTS",
+        &shutdown,
+        || mend_dashboard::ingest::bind(&js, config.ack_wait),
+    )
+    .await
+    {
+        Ok(Some(consumers)) => consumers,
+        Ok(None) => return Ok(()),
+        Err(e) => return Err(RunError::Startup(e)),
+    };
     let deps = Deps {
         client: client.clone(),
         js,
+        consumers,
         store: store.clone(),
         rules,
         ops: health::router(ready, metrics),

@@ -127,9 +127,12 @@ async fn run_with(
     child: &mut Option<NatsChild>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let (_client, js, _) = crate::nats::start(url, &NatsConfig::default(), "mend-dev")
-        .await
-        .map_err(|e| RunError::Startup(e.into()))?;
+    let (_client, js, _) =
+        match crate::nats::start(url, &NatsConfig::default(), "mend-dev", &shutdown).await {
+            Ok(started) => started,
+            Err(crate::nats::ConnectError::Stopped) => return Ok(()),
+            Err(e) => return Err(RunError::Startup(e.into())),
+        };
     demo_stream(&js).await.map_err(RunError::Startup)?;
     let app = DemoApp::start().await.map_err(RunError::Startup)?;
     let configs =

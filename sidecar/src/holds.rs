@@ -19,7 +19,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::context::Context;
 use async_nats::jetstream::kv::{self, CreateErrorKind, UpdateErrorKind};
 use async_nats::jetstream::message::StreamMessage;
-use async_nats::jetstream::stream::{DirectGetErrorKind, Stream};
+use async_nats::jetstream::stream::{RawMessageErrorKind, Stream};
 use bytes::Bytes;
 use futures::TryStreamExt;
 use repair_rules::MessageKey;
@@ -106,11 +106,21 @@ impl Holds {
     ) -> anyhow::Result<Self> {
         let kv = js.get_key_value(HOLDS_BUCKET).await?;
         let queues = js.get_stream("MEND_HOLD").await?;
-        let prefix = format!("{service}.");
-        let names: Vec<String> = kv.keys().await?.try_collect().await?;
+        // The entries' names from the bucket stream's subjects: stream info is answered by the
+        // leader, while listing keys through a consumer may be served by a lagging replica.
+        let mut names = Vec::new();
+        let mut listed = kv
+            .stream
+            .info_with_subjects(format!("{}{service}.>", kv.prefix))
+            .await?;
+        while let Some((subject, _)) = listed.try_next().await? {
+            if let Some(name) = subject.strip_prefix(kv.prefix.as_str()) {
+                names.push(name.to_owned());
+            }
+        }
         let mut entries = HashMap::new();
-        for name in names.into_iter().filter(|n| n.starts_with(&prefix)) {
-            let Some(entry) = kv.entry(name.as_str()).await? else {
+        for name in names {
+            let Some(entry) = crate::nats::leader_entry(&kv, name.as_str()).await? else {
                 continue;
             };
             if entry.operation != kv::Operation::Put {
@@ -137,18 +147,18 @@ impl Holds {
             );
         }
         // How many messages each key's queue holds, from the stream's per-subject counts.
+        // A long key's token is a digest, so tokens are mapped back through the entries.
+        let by_token: HashMap<String, &MessageKey> =
+            entries.keys().map(|k| (k.token(), k)).collect();
         let mut queued = HashMap::new();
         let prefix = subjects::hold(service, "");
         let mut counts = queues.info_with_subjects(format!("{prefix}>")).await?;
         while let Some((subject, count)) = counts.try_next().await? {
-            let Some(key) = subject
+            let key = subject
                 .strip_prefix(prefix.as_str())
-                .and_then(MessageKey::from_token)
-            else {
-                continue;
-            };
-            if entries.contains_key(&key) {
-                queued.insert(key, count as u64);
+                .and_then(|token| by_token.get(token));
+            if let Some(key) = key {
+                queued.insert((*key).clone(), count as u64);
             }
         }
         Ok(Self {
@@ -314,7 +324,7 @@ impl Holds {
                 Err((true, _)) => {
                     // Either an earlier try of this write was stored and its answer lost, or
                     // another instance wrote.
-                    match self.kv.entry(name.as_str()).await {
+                    match crate::nats::leader_entry(&self.kv, name.as_str()).await {
                         Ok(Some(entry)) if entry.value == value => {
                             self.state().entries.insert(
                                 key.clone(),
@@ -426,21 +436,15 @@ impl Holds {
         let subject = subjects::hold(&self.service, &key.token());
         let mut pause = publish::RETRY_MIN;
         loop {
-            let found = match from {
-                None => {
-                    self.queues
-                        .direct_get_first_for_subject(subject.as_str())
-                        .await
-                }
-                Some(seq) => {
-                    self.queues
-                        .direct_get_next_for_subject(subject.as_str(), Some(seq))
-                        .await
-                }
-            };
+            // From the stream's leader: a replica that is behind could say "nothing more" while a
+            // held message is stored, and the release would then purge it or resolve the key.
+            let found = self
+                .queues
+                .get_first_raw_message_by_subject(subject.as_str(), from.unwrap_or(1).max(1))
+                .await;
             match found {
                 Ok(msg) => return Ok(Some(msg)),
-                Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(None),
+                Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => return Ok(None),
                 Err(error) => {
                     tracing::warn!(%error, subject, "Hold queue unreadable; retrying.");
                 }
@@ -456,7 +460,7 @@ impl Holds {
         // One try: on failure, the next step reads it again.
         if let Ok(next) = self
             .queues
-            .direct_get_next_for_subject(subject.as_str(), Some(seq + 1))
+            .get_first_raw_message_by_subject(subject.as_str(), seq + 1)
             .await
         {
             self.state().next.insert(key.clone(), next);

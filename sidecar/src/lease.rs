@@ -225,7 +225,7 @@ impl Lease {
         let mut pause = RETRY_MIN;
         loop {
             let read = tokio::select! {
-                read = kv.entry(key.as_str()) => read,
+                read = crate::nats::leader_entry(&kv, key.as_str()) => read,
                 _ = shutdown.cancelled() => return Err(Stopped),
             };
             let entry = match read {
@@ -453,7 +453,7 @@ async fn renew(held: &mut Held, stop: &CancellationToken) -> Renewal {
                 // Every try is on the same revision, so the one answered is the one stored.
                 Ok(revision) => return Tried::Stored(revision, at),
                 Err(error) if error.kind() == UpdateErrorKind::WrongLastRevision => {
-                    match held.kv.entry(held.key.as_str()).await {
+                    match crate::nats::leader_entry(&held.kv, held.key.as_str()).await {
                         // An earlier try was stored and its answer lost; which one is unknown, so
                         // take the earliest send time.
                         Ok(Some(entry))
@@ -517,7 +517,7 @@ async fn delete(held: Held) {
             match held.kv.delete_expect_revision(key, Some(revision)).await {
                 Ok(()) => return,
                 Err(error) if error.kind() == UpdateErrorKind::WrongLastRevision => {
-                    match held.kv.entry(key).await {
+                    match crate::nats::leader_entry(&held.kv, key).await {
                         // A renewal still in flight when the heartbeat stopped was stored.
                         Ok(Some(entry)) if held.is_ours(&entry) && entry.revision > revision => {
                             revision = entry.revision;

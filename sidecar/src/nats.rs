@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
-use async_nats::{Client, ConnectOptions};
+use async_nats::{Client, ConnectOptions, ServerAddr};
+use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::NatsConfig;
@@ -25,6 +26,8 @@ pub enum ConnectError {
         #[source]
         source: std::io::Error,
     },
+    #[error("`{url}` is not a NATS URL or a comma-separated seed list of them: {message}")]
+    BadUrl { url: String, message: String },
     #[error("cannot connect to NATS at {url}: {source}")]
     Connect {
         url: String,
@@ -37,6 +40,31 @@ pub enum ConnectError {
     NoJetStream { url: String },
     #[error("cannot create {what}: {message}")]
     Layout { what: String, message: String },
+    #[error("stopped before start-up was done")]
+    Stopped,
+}
+
+/// The servers of `url`: one NATS URL, or a comma-separated seed list of them (`nats://a:4222,
+/// nats://b:4222`), the NATS convention for a cluster. async-nats parses a string as one address, so
+/// the list is split here; after connecting, the client also learns the cluster's other servers.
+pub fn seed_list(url: &str) -> Result<Vec<ServerAddr>, ConnectError> {
+    let bad = |message: String| ConnectError::BadUrl {
+        url: url.to_owned(),
+        message,
+    };
+    let servers = url
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<ServerAddr>()
+                .map_err(|e| bad(format!("{s}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if servers.is_empty() {
+        return Err(bad("no server given".to_owned()));
+    }
+    Ok(servers)
 }
 
 /// Connects with the configured auth and TLS; after the first connection the client reconnects by
@@ -101,8 +129,9 @@ pub async fn connect(
             }
         }
     });
+    let servers = seed_list(url)?;
     let client = opts
-        .connect(url)
+        .connect(servers)
         .await
         .map_err(|source| ConnectError::Connect {
             url: url.to_owned(),
@@ -123,17 +152,129 @@ pub async fn connect(
     Ok(client)
 }
 
-/// The start of every role: connect, then make sure mend's streams and bucket exist.
+/// The start of every role: connect, then make sure mend's streams and buckets exist, waiting while
+/// a cluster elects its leaders (`Stopped` if `shutdown` comes first).
 pub async fn start(
     url: &str,
     cfg: &NatsConfig,
     name: &str,
+    shutdown: &CancellationToken,
 ) -> Result<(Client, jetstream::Context, crate::ack::Epoch), ConnectError> {
     let epoch = crate::ack::Epoch::default();
     let client = connect(url, cfg, name, &epoch).await?;
     let js = jetstream::new(client.clone());
-    ensure_layout(&js, cfg).await?;
+    ensure_layout(&js, cfg, shutdown).await?;
     Ok((client, js, epoch))
+}
+
+/// JetStream error codes that mean "not now" rather than "no": the cluster has no leader for the
+/// asset yet, or its peers are not all known yet (right after a cluster starts).
+const UNAVAILABLE_CODES: [jetstream::ErrorCode; 7] = [
+    jetstream::ErrorCode::CLUSTER_INCOMPLETE,
+    jetstream::ErrorCode::CLUSTER_NO_PEERS,
+    jetstream::ErrorCode::CLUSTER_NOT_ASSIGNED,
+    jetstream::ErrorCode::CLUSTER_NOT_AVAILABLE,
+    jetstream::ErrorCode::CLUSTER_NOT_LEADER,
+    jetstream::ErrorCode::STREAM_OFFLINE,
+    jetstream::ErrorCode::CONSUMER_OFFLINE,
+];
+
+/// The JetStream API's own answer inside `error`, if the failure is one (and not a time-out, a
+/// missing responder or a lost connection).
+pub fn api_error(error: &(dyn std::error::Error + 'static)) -> Option<jetstream::Error> {
+    use async_nats::jetstream::context::{
+        CreateStreamError, CreateStreamErrorKind, GetStreamError, GetStreamErrorKind,
+    };
+    use async_nats::jetstream::stream::{ConsumerError, ConsumerErrorKind};
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(js) = e.downcast_ref::<jetstream::Error>() {
+            return Some(js.clone());
+        }
+        // The kinds carry the API's answer in themselves, not as a source.
+        let found = if let Some(e) = e.downcast_ref::<CreateStreamError>() {
+            match e.kind() {
+                CreateStreamErrorKind::JetStream(js) => Some(js),
+                _ => None,
+            }
+        } else if let Some(e) = e.downcast_ref::<GetStreamError>() {
+            match e.kind() {
+                GetStreamErrorKind::JetStream(js) => Some(js),
+                _ => None,
+            }
+        } else if let Some(e) = e.downcast_ref::<ConsumerError>() {
+            match e.kind() {
+                ConsumerErrorKind::JetStream(js) => Some(js),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        if found.is_some() {
+            return found;
+        }
+        next = e.source();
+    }
+    None
+}
+
+/// Whether a failed JetStream API call may succeed later without anyone changing anything: a
+/// time-out, no responders, a lost connection, or an answer that says the cluster is electing or
+/// catching up. Anything else is a refusal (a bad name, a conflicting config, a missing stream).
+pub fn is_unavailable(error: &(dyn std::error::Error + 'static)) -> bool {
+    match api_error(error) {
+        None => true,
+        Some(api) => {
+            api.code() == 503 || api.code() == 504 || UNAVAILABLE_CODES.contains(&api.error_code())
+        }
+    }
+}
+
+/// Runs a start-up step (creating or binding something on JetStream) until it succeeds: while
+/// JetStream cannot answer (a cluster electing its leaders, a restarting server), it retries with
+/// backoff and says what it waits for; a refusal is returned at once. `Ok(None)` when `shutdown`
+/// comes first.
+pub async fn when_available<T, F, Fut>(
+    what: &str,
+    shutdown: &CancellationToken,
+    mut step: F,
+) -> anyhow::Result<Option<T>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    let mut pause = crate::publish::RETRY_MIN;
+    let mut tries = 0u32;
+    loop {
+        let result = tokio::select! {
+            result = step() => result,
+            _ = shutdown.cancelled() => return Ok(None),
+        };
+        match result {
+            Ok(value) => {
+                if tries > 0 {
+                    info!(what, tries = tries + 1, "JetStream answered.");
+                }
+                return Ok(Some(value));
+            }
+            Err(error) if is_unavailable(error.as_ref()) => {
+                tries += 1;
+                tracing::warn!(
+                    what,
+                    error = format!("{error:#}"),
+                    retry_in_ms = pause.as_millis() as u64,
+                    "Waiting for JetStream (a cluster electing its leaders?)."
+                );
+            }
+            Err(error) => return Err(error),
+        }
+        if crate::publish::back_off(shutdown, &mut pause)
+            .await
+            .is_err()
+        {
+            return Ok(None);
+        }
+    }
 }
 
 /// Idle heartbeat of pull requests: a silent server is noticed within twice this.
@@ -166,6 +307,50 @@ pub async fn pull(
     }
 }
 
+/// The latest entry of `key` in a key-value bucket, read from the bucket stream's leader.
+///
+/// async-nats reads entries with a direct get when the bucket allows it (every bucket it creates
+/// does), and any replica may answer a direct get, also one that is behind the leader: a hold entry
+/// or lease written a moment ago could look absent or old. `$JS.API.STREAM.MSG.GET` is answered by
+/// the leader alone.
+pub async fn leader_entry(
+    kv: &jetstream::kv::Store,
+    key: &str,
+) -> Result<Option<jetstream::kv::Entry>, jetstream::stream::LastRawMessageError> {
+    use jetstream::kv::Operation;
+    use jetstream::stream::LastRawMessageErrorKind;
+    let subject = format!("{}{key}", kv.prefix);
+    let message = match kv.stream.get_last_raw_message_by_subject(&subject).await {
+        Ok(message) => message,
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let operation = match message
+        .headers
+        .get("KV-Operation")
+        .map(|v| v.as_str())
+        .or_else(|| {
+            message
+                .headers
+                .get("Nats-Marker-Reason")
+                .map(|v| v.as_str())
+        }) {
+        Some("DEL" | "Remove") => Operation::Delete,
+        Some("PURGE" | "Purge" | "MaxAge") => Operation::Purge,
+        _ => Operation::Put,
+    };
+    Ok(Some(jetstream::kv::Entry {
+        bucket: kv.name.clone(),
+        key: key.to_owned(),
+        value: message.payload,
+        revision: message.sequence,
+        delta: 0,
+        created: message.time,
+        operation,
+        seen_current: false,
+    }))
+}
+
 /// Whether a server version like `2.15.1` (or `2.11.0-beta`) is at least `min`.
 pub fn version_at_least(version: &str, min: (u64, u64)) -> bool {
     let mut parts = version
@@ -176,8 +361,13 @@ pub fn version_at_least(version: &str, min: (u64, u64)) -> bool {
     (major, minor) >= min
 }
 
-/// Creates mend's streams and buckets (holds, leases) if missing; leaves existing ones alone.
-pub async fn ensure_layout(js: &jetstream::Context, cfg: &NatsConfig) -> Result<(), ConnectError> {
+/// Creates mend's streams and buckets (holds, leases) if missing; leaves existing ones alone. Waits
+/// while JetStream cannot answer.
+pub async fn ensure_layout(
+    js: &jetstream::Context,
+    cfg: &NatsConfig,
+    shutdown: &CancellationToken,
+) -> Result<(), ConnectError> {
     use stream::RetentionPolicy::{Limits, WorkQueue};
     let streams = [
         ("MEND_FAILED", "mend.failed.>", WorkQueue, Duration::ZERO),
@@ -203,28 +393,40 @@ pub async fn ensure_layout(js: &jetstream::Context, cfg: &NatsConfig) -> Result<
             allow_direct: true,
             ..Default::default()
         };
-        js.get_or_create_stream(config)
-            .await
-            .map_err(|e| ConnectError::Layout {
-                what: format!("stream {name}"),
-                message: e.to_string(),
-            })?;
+        let what = format!("stream {name}");
+        when_available(&what, shutdown, || async {
+            Ok(js.get_or_create_stream(config.clone()).await?)
+        })
+        .await
+        .map_err(|e| ConnectError::Layout {
+            what: what.clone(),
+            message: format!("{e:#}"),
+        })?
+        .ok_or(ConnectError::Stopped)?;
     }
     for bucket in [HOLDS_BUCKET, crate::lease::LEASES_BUCKET] {
-        if js.get_key_value(bucket).await.is_err() {
-            js.create_key_value(jetstream::kv::Config {
-                bucket: bucket.to_owned(),
-                history: 1,
-                storage: stream::StorageType::File,
-                num_replicas: cfg.replicas,
-                ..Default::default()
-            })
+        let what = format!("key-value bucket {bucket}");
+        let config = jetstream::kv::Config {
+            bucket: bucket.to_owned(),
+            history: 1,
+            storage: stream::StorageType::File,
+            num_replicas: cfg.replicas,
+            ..Default::default()
+        };
+        let step = || async {
+            match js.get_key_value(bucket).await {
+                Ok(_) => Ok(()),
+                // Not there (or not answering): creating it says which, and is idempotent.
+                Err(_) => Ok(js.create_key_value(config.clone()).await.map(|_| ())?),
+            }
+        };
+        when_available(&what, shutdown, step)
             .await
             .map_err(|e| ConnectError::Layout {
-                what: format!("key-value bucket {bucket}"),
-                message: e.to_string(),
-            })?;
-        }
+                what: what.clone(),
+                message: format!("{e:#}"),
+            })?
+            .ok_or(ConnectError::Stopped)?;
     }
     Ok(())
 }

@@ -53,12 +53,22 @@ pub async fn run(config: ProcessorConfig, shutdown: CancellationToken) -> Result
         LiveRules::load(&config.rules)
             .map_err(|e| RunError::Config(anyhow::anyhow!("rules: {e}")))?,
     );
-    let (client, js, epoch) = nats::start(&config.nats_url, &config.nats, "mend-processor")
+    let (client, js, epoch) =
+        match nats::start(&config.nats_url, &config.nats, "mend-processor", &shutdown).await {
+            Ok(started) => started,
+            Err(nats::ConnectError::Stopped) => return Ok(()),
+            Err(e) => return Err(RunError::Startup(e.into())),
+        };
+    let consumer =
+        match nats::when_available("consumer mend-processor on MEND_FAILED", &shutdown, || {
+            bind(&js, config.concurrency, config.ack_wait)
+        })
         .await
-        .map_err(|e| RunError::Startup(e.into()))?;
-    let consumer = bind(&js, config.concurrency, config.ack_wait)
-        .await
-        .map_err(RunError::Startup)?;
+        {
+            Ok(Some(consumer)) => consumer,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(RunError::Startup(e)),
+        };
 
     let ready: health::ReadyCheck = {
         let (client, shutdown) = (client.clone(), shutdown.clone());

@@ -16,7 +16,7 @@ use anyhow::Context as _;
 use async_nats::connection::State;
 use async_nats::jetstream;
 use async_nats::jetstream::consumer::{self, PullConsumer};
-use async_nats::jetstream::stream::{self, ConsumerErrorKind};
+use async_nats::jetstream::stream::ConsumerErrorKind;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -31,19 +31,26 @@ use crate::{RunError, circuit::Circuit, health, nats, telemetry};
 /// Runs the sidecar until `shutdown` is cancelled, then shuts down gracefully.
 pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(), RunError> {
     let metrics = telemetry::metrics().map_err(RunError::Startup)?;
-    let (client, js, epoch) = nats::start(
+    let (client, js, epoch) = match nats::start(
         &config.nats_url,
         &config.nats,
         &format!("mend-sidecar-{}", config.service),
+        &shutdown,
     )
     .await
-    .map_err(|e| RunError::Startup(e.into()))?;
+    {
+        Ok(started) => started,
+        Err(nats::ConnectError::Stopped) => return Ok(()),
+        Err(e) => return Err(RunError::Startup(e.into())),
+    };
 
     // What can be checked before any lease: the app streams exist and fit the partitions, and each
     // binding's HTTP client can be built.
     let mut apps = Vec::new();
     for binding in &config.bindings {
-        check_app_stream(&js, binding).await?;
+        if check_app_stream(&js, binding, &shutdown).await?.is_none() {
+            return Ok(());
+        }
         apps.push(
             App::new(binding)
                 .context("cannot build the HTTP client")
@@ -97,18 +104,25 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
         inboxes.push(Some(config.partition));
     }
     for partition in inboxes {
-        let retries = retry::bind(
-            &js,
-            &config.service,
-            partition,
-            total_slots * 4,
-            retry_ack_wait,
-        )
+        let bound = nats::when_available("the retry and control consumers", &shutdown, || async {
+            let retries = retry::bind(
+                &js,
+                &config.service,
+                partition,
+                total_slots * 4,
+                retry_ack_wait,
+            )
+            .await?;
+            let commands =
+                retry::bind_control(&js, &config.service, partition, retry_ack_wait).await?;
+            Ok((retries, commands))
+        })
         .await
         .map_err(RunError::Startup)?;
-        let commands = retry::bind_control(&js, &config.service, partition, retry_ack_wait)
-            .await
-            .map_err(RunError::Startup)?;
+        let Some((retries, commands)) = bound else {
+            ops.stop().await;
+            return Ok(());
+        };
         tokio::spawn(retry::route(router.clone(), retries));
         tokio::spawn(retry::route_control(router.clone(), commands));
     }
@@ -417,12 +431,11 @@ async fn bind(
         match created {
             Ok(consumer) => return Ok(Some(consumer)),
             Err(error) => {
-                let refused = matches!(
-                    error.kind(),
-                    ConsumerErrorKind::JetStream(_)
-                        | ConsumerErrorKind::InvalidName
-                        | ConsumerErrorKind::InvalidConsumerType
-                );
+                let refused = match error.kind() {
+                    ConsumerErrorKind::JetStream(_) => !nats::is_unavailable(&error),
+                    ConsumerErrorKind::InvalidName | ConsumerErrorKind::InvalidConsumerType => true,
+                    _ => false,
+                };
                 if refused && first {
                     return Err(RunError::Startup(anyhow::Error::new(error).context(
                         format!(
@@ -469,16 +482,28 @@ async fn load_holds(
 }
 
 /// Refuses to start when a binding's app stream is missing, or is partitioned into another number
-/// of partitions than the binding says.
-async fn check_app_stream(js: &jetstream::Context, b: &BindingConfig) -> Result<(), RunError> {
-    let app_stream: stream::Stream = js.get_stream(&b.stream).await.with_context(|| {
-        format!(
-            "binding {}: the app stream {} does not exist or cannot be read (mend never creates the app's streams)",
-            b.name, b.stream
-        )
-    }).map_err(RunError::Startup)?;
+/// of partitions than the binding says; waits while JetStream cannot answer (`None`: shutdown came
+/// first).
+async fn check_app_stream(
+    js: &jetstream::Context,
+    b: &BindingConfig,
+    shutdown: &CancellationToken,
+) -> Result<Option<()>, RunError> {
+    let what = format!("binding {}: the app stream {}", b.name, b.stream);
+    let found = nats::when_available(&what, shutdown, || async { Ok(js.get_stream(&b.stream).await?) })
+        .await
+        .with_context(|| {
+            format!(
+                "binding {}: the app stream {} does not exist or cannot be read (mend never creates the app's streams)",
+                b.name, b.stream
+            )
+        })
+        .map_err(RunError::Startup)?;
+    let Some(app_stream) = found else {
+        return Ok(None);
+    };
     if !b.is_partitioned() {
-        return Ok(());
+        return Ok(Some(()));
     }
     let transform = app_stream.cached_info().config.subject_transform.as_ref();
     let counts = transform.map_or_else(Vec::new, |t| partition_counts(&t.destination));
@@ -498,7 +523,7 @@ async fn check_app_stream(js: &jetstream::Context, b: &BindingConfig) -> Result<
                 .unwrap_or_default()
         )));
     }
-    Ok(())
+    Ok(Some(()))
 }
 
 /// The partition counts `N` of the `{{partition(N, …)}}` mapping functions in a transform's

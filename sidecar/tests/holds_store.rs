@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 async fn entries_persist_conflicts_are_refused_and_queues_keep_order() -> anyhow::Result<()> {
     let nats = NatsServer::start().await?;
     let js = async_nats::jetstream::new(nats.client().await?);
-    mend::nats::ensure_layout(&js, &NatsConfig::default()).await?;
+    mend::nats::ensure_layout(&js, &NatsConfig::default(), &Default::default()).await?;
     let stop = CancellationToken::new();
     let key = MessageKey("acct 7/ü".into());
 

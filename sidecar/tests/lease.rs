@@ -27,7 +27,7 @@ async fn setup() -> anyhow::Result<(NatsServer, jetstream::Context, kv::Store)> 
         .try_init();
     let nats = NatsServer::start().await?;
     let js = jetstream::new(nats.client().await?);
-    mend::nats::ensure_layout(&js, &NatsConfig::default()).await?;
+    mend::nats::ensure_layout(&js, &NatsConfig::default(), &Default::default()).await?;
     let kv = js.get_key_value(LEASES_BUCKET).await?;
     Ok((nats, js, kv))
 }
