@@ -604,8 +604,9 @@ fn default_listen() -> SocketAddr {
 const fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(20)
 }
+/// Long enough that a renewal may wait out a leader election of the leases bucket (half the ttl).
 const fn default_lease_ttl() -> Duration {
-    Duration::from_secs(10)
+    Duration::from_secs(30)
 }
 const fn default_partitions() -> u32 {
     1
@@ -915,7 +916,7 @@ timeout     = "10s"
     fn lease_ttl_and_partition_defaults_file_and_env() {
         let f = write(GOOD);
         let c = SidecarConfig::load(f.path(), []).unwrap();
-        assert_eq!(c.lease_ttl, Duration::from_secs(10));
+        assert_eq!(c.lease_ttl, Duration::from_secs(30));
         assert_eq!(c.partition, 0);
         assert_eq!(c.bindings[0].partitions, 1);
         assert!(!c.bindings[0].is_partitioned());

@@ -9,13 +9,16 @@
 //! instance's own monotonic clock, and the entry's revision (a JetStream sequence, strictly
 //! increasing) is the only thing instances compare.
 //!
-//! - **Holding.** The holder renews every `ttl / 3` by rewriting its own value with a
-//!   compare-and-set on the revision it last wrote. Its lease is valid until `ttl / 2` after the
-//!   *send time* of the write that produced that revision (a write is stored after it is sent, so
-//!   this never overestimates). When renewals keep failing (NATS unreachable) until then, or a
-//!   renewal finds that the entry is no longer its value (another instance took it, or it was
-//!   deleted), the lease is lost: [`Lease::lost`] fires and the heartbeat stops. Lease never
-//!   re-acquires by itself; the caller may call [`Lease::acquire`] again.
+//! - **Holding.** The holder renews every `ttl / 6` by rewriting its own value with a
+//!   compare-and-set on the revision it last wrote. Its lease is valid until `2 × ttl / 3` after
+//!   the *send time* of the write that produced that revision (a write is stored after it is sent,
+//!   so this never overestimates). A renewal may so take half the ttl (15 s with the default 30 s):
+//!   longer than a JetStream leader election of the bucket, which takes seconds. When renewals
+//!   keep failing (NATS unreachable) until then, or a renewal finds that the entry is no longer its
+//!   value (another instance took it, or it was deleted), the lease is lost: [`Lease::lost`] fires
+//!   and the heartbeat stops. Lease never re-acquires by itself; the caller may call
+//!   [`Lease::acquire`] again, and hand it the lost lease ([`Lease::expired`]): if the entry still
+//!   holds our last write, nobody took it meanwhile and it is taken back at once.
 //! - **Waiting.** A waiter polls the entry every `ttl / 4`. An absent, deleted or purged entry is
 //!   taken with `create`, which fails if someone else created it first. A live entry's revision is
 //!   remembered with the instant it was first *read* (after the answer arrived, so after the
@@ -24,9 +27,9 @@
 //!   exactly that revision, which fails if the holder renewed meanwhile.
 //! - **Together.** Say a takeover on revision `r` succeeds. Then `r` was still the last revision,
 //!   so the old holder's last stored write was `r`, sent no later than the waiter first read it.
-//!   The old holder stopped `ttl / 2` after that send; the waiter starts a full ttl after its first
-//!   read. Two instances never consume at once, with a margin of `ttl / 2` for the old holder to
-//!   notice and stop (rate differences between monotonic clocks must stay well under 2×).
+//!   The old holder stopped `2 × ttl / 3` after that send; the waiter starts a full ttl after its first
+//!   read. Two instances never consume at once, with a margin of `ttl / 3` for the old holder to
+//!   notice and stop (rate differences between monotonic clocks must stay well under 1.5×).
 //! - **Lost answers.** A write whose answer was lost may still have been stored. The value carries
 //!   a nonce drawn per acquisition, so reading the entry tells without doubt whether it is ours: a
 //!   renewal that fails with a wrong last revision reads the entry, and the same value means the
@@ -40,8 +43,8 @@
 //!   so a waiter creates it on its next poll. A dropped `Lease` (a crash, in effect) stops the
 //!   heartbeat without deleting: the entry stays until a waiter takes over after the ttl.
 //!
-//! A ttl must be comfortably longer than six round trips of a KV write: a renewal answered more
-//! than `ttl / 6` late loses the lease.
+//! A ttl must be comfortably longer than a leader election: a renewal answered more than `ttl / 2`
+//! after it was due loses the lease.
 
 use std::time::Duration;
 
@@ -58,8 +61,8 @@ use crate::publish::{self, RETRY_MIN, back_off};
 
 /// The key-value bucket of leases.
 pub const LEASES_BUCKET: &str = "mend_leases";
-/// The shortest ttl: a shorter one is raised to it, because a renewal must be answered within a
-/// sixth of the ttl.
+/// The shortest ttl: a shorter one is raised to it, because a renewal must be answered within half
+/// the ttl.
 pub const MIN_TTL: Duration = Duration::from_millis(500);
 /// The longest ttl: a longer one is lowered to it (and so is a holder's ttl read from the bucket),
 /// which keeps every deadline representable.
@@ -107,10 +110,15 @@ struct Held {
 }
 
 impl Held {
-    /// Until when this instance may consume: half the ttl after our last stored write was sent (no
-    /// waiter takes over before a full ttl).
+    /// Until when this instance may consume: two thirds of the ttl after our last stored write was
+    /// sent (no waiter takes over before a full ttl).
     fn valid_until(&self) -> Instant {
-        self.sent + self.ttl / 2
+        self.sent + self.ttl * 2 / 3
+    }
+
+    /// When the next renewal is due.
+    fn renew_at(&self) -> Instant {
+        self.sent + self.ttl / 6
     }
 
     /// Whether `entry` is our value, so written by us.
@@ -146,6 +154,14 @@ const WRITES_REMEMBERED: usize = 16;
 struct Writes(std::collections::VecDeque<(Bytes, Instant)>);
 
 impl Writes {
+    /// Remembers a write of an earlier acquisition, sent so long ago that it vouches for nothing:
+    /// seeing it stored only says that nobody wrote since.
+    fn earlier(&mut self, value: Bytes, ttl: Duration) {
+        let now = Instant::now();
+        self.0
+            .push_back((value, now.checked_sub(ttl).unwrap_or(now)));
+    }
+
     /// Notes that `value` is about to be sent; returns the send time.
     fn sending(&mut self, value: &Bytes) -> Instant {
         if self.0.len() == WRITES_REMEMBERED {
@@ -162,6 +178,13 @@ impl Writes {
     }
 }
 
+/// A lease that ran out because its renewals were not answered in time (say, while its bucket's
+/// stream elected a leader): handed to [`Lease::acquire_noting`], it lets this instance take the
+/// lease back at once if the entry still holds its last write.
+pub struct Reclaim {
+    value: Bytes,
+}
+
 /// A live entry a waiter is watching.
 struct Watched {
     revision: u64,
@@ -174,7 +197,7 @@ struct Watched {
 
 impl Lease {
     /// Waits until this instance owns the lease of (`service`, `binding`, `partition`), then keeps
-    /// it alive with a heartbeat task (renewing every `ttl / 3`). `owner` names this instance for
+    /// it alive with a heartbeat task (renewing every `ttl / 6`). `owner` names this instance for
     /// people (host and pid, say); a nonce drawn here makes the value unique. Returns `Stopped` if
     /// `shutdown` is cancelled first. Logs once, at info, that it waits and who holds the lease.
     pub async fn acquire(
@@ -196,12 +219,15 @@ impl Lease {
             ttl,
             shutdown,
             &mut ignore,
+            None,
         )
         .await
     }
 
     /// [`Lease::acquire`], telling `waiting` who holds the lease whenever a new holder is seen
-    /// (for readiness probes and the like).
+    /// (for readiness probes and the like). `reclaim`: this instance's lease of the same key that
+    /// ran out; if the entry still holds its last write, the lease is taken back with a
+    /// compare-and-set on that revision instead of waiting a ttl.
     #[allow(clippy::too_many_arguments)]
     pub async fn acquire_noting(
         js: &Context,
@@ -212,6 +238,7 @@ impl Lease {
         ttl: Duration,
         shutdown: &CancellationToken,
         waiting: &mut (dyn FnMut(&str) + Send),
+        reclaim: Option<Reclaim>,
     ) -> Result<Lease, Stopped> {
         let ttl = ttl.clamp(MIN_TTL, MAX_TTL);
         let key = lease_key(service, binding, partition);
@@ -220,6 +247,9 @@ impl Lease {
         let poll = ttl / 4;
         // Our recent writes, with when each was sent: a stored one is recognised by its value.
         let mut writes = Writes::default();
+        if let Some(reclaim) = reclaim {
+            writes.earlier(reclaim.value, ttl);
+        }
         let mut watched: Option<Watched> = None;
         let mut announced = false;
         let mut pause = RETRY_MIN;
@@ -265,7 +295,7 @@ impl Lease {
             if let Some(at) = writes.sent(&entry.value) {
                 // One of our writes was stored and its answer lost. Its send time vouches for the
                 // lease only until it is due for renewal; past that, renew before consuming.
-                if Instant::now() < at + ttl / 3 {
+                if Instant::now() < at + ttl / 6 {
                     tracing::info!(lease = key, owner, "Lease acquired.");
                     return Ok(Lease::start(kv, key, entry.value, entry.revision, at, ttl));
                 }
@@ -342,6 +372,16 @@ impl Lease {
         }
     }
 
+    /// After the lease was lost: what lets [`Lease::acquire_noting`] take it back at once, if it
+    /// ran out (renewals unanswered) rather than being taken or given up.
+    pub async fn expired(mut self) -> Option<Reclaim> {
+        let heartbeat = self.heartbeat.take()?;
+        match heartbeat.await {
+            Ok(Ending::Expired(held)) => Some(Reclaim { value: held.value }),
+            Ok(Ending::Released(_) | Ending::Taken) | Err(_) => None,
+        }
+    }
+
     /// Cancelled when the lease is lost (another instance took it, or renewals failed long enough
     /// that another could take it); also by [`Lease::release`] and by dropping the lease, since it
     /// means "no longer held". The holder must stop consuming at once when it fires.
@@ -413,11 +453,11 @@ impl Drop for Lease {
     }
 }
 
-/// Renews the lease every `ttl / 3` until it is lost or `stop` is cancelled.
+/// Renews the lease every `ttl / 6` until it is lost or `stop` is cancelled.
 async fn heartbeat(mut held: Held, lost: CancellationToken, stop: CancellationToken) -> Ending {
     loop {
         tokio::select! {
-            _ = tokio::time::sleep_until(held.sent + held.ttl / 3) => {}
+            _ = tokio::time::sleep_until(held.renew_at()) => {}
             _ = stop.cancelled() => return Ending::Released(held),
         }
         match renew(&mut held, &stop).await {

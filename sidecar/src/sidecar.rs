@@ -217,6 +217,9 @@ async fn supervise(
     let partition = cfg.partition_for(sh.partition);
     let mut pause = None;
     let mut first = true;
+    // The lease this instance lost by running out (not by being taken): taken back at once if
+    // nobody wrote it since.
+    let mut reclaim = None;
     loop {
         sh.phases.set(i, Phase::Waiting { holder: None });
         if let Some(pause) = pause.take() {
@@ -243,6 +246,7 @@ async fn supervise(
             sh.lease_ttl,
             &sh.shutdown,
             &mut noting,
+            reclaim.take(),
         )
         .await
         {
@@ -280,9 +284,12 @@ async fn supervise(
                 lease.release().await;
                 return Ok(());
             }
-            Turn::Lost => tracing::error!(
-                "Lease lost: this instance stopped consuming the binding; waiting for the lease again."
-            ),
+            Turn::Lost => {
+                tracing::error!(
+                    "Lease lost: this instance stopped consuming the binding; waiting for the lease again."
+                );
+                reclaim = lease.expired().await;
+            }
             Turn::StoppedItself => {
                 tracing::error!(
                     pause = %humantime::format_duration(sh.lease_ttl),

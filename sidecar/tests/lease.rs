@@ -178,3 +178,62 @@ async fn a_holder_cut_off_from_nats_loses_the_lease_within_the_ttl() -> anyhow::
     b.release().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_that_ran_out_is_taken_back_at_once_when_nobody_wrote_it() -> anyhow::Result<()> {
+    // Renewals that cannot be answered (here: the server is down; on a cluster: the bucket's
+    // stream electing a leader) make the lease run out. Once NATS answers again, the entry still
+    // holds the holder's last write: nobody took it, so the holder takes it back at once instead
+    // of waiting a ttl like any other instance.
+    const LONG: Duration = Duration::from_secs(4);
+    let (mut nats, js, kv) = setup().await?;
+    let key = lease_key("orders", "orders", 3);
+    let stop = CancellationToken::new();
+    let a = timeout(
+        PROMPT,
+        Lease::acquire(&js, "orders", "orders", 3, "a", LONG, &stop),
+    )
+    .await??;
+    let before = kv.entry(key.as_str()).await?.expect("entry");
+
+    nats.stop().await?;
+    timeout(LONG, a.lost().cancelled()).await?;
+    let reclaim = a.expired().await;
+    assert!(reclaim.is_some(), "an expired lease can be reclaimed");
+    nats.restart().await?;
+
+    let started = Instant::now();
+    let mut noting = |_: &str| {};
+    let a = timeout(
+        LONG * 2,
+        Lease::acquire_noting(
+            &js,
+            "orders",
+            "orders",
+            3,
+            "a",
+            LONG,
+            &stop,
+            &mut noting,
+            reclaim,
+        ),
+    )
+    .await??;
+    let took = started.elapsed();
+    // Any instance without the reclaim watches the entry for a full ttl before taking it over.
+    assert!(took < LONG, "taken back after {took:?}");
+    let after = kv.entry(key.as_str()).await?.expect("entry");
+    assert!(after.revision > before.revision);
+    assert_eq!(owner_of(&after), "a");
+    assert!(!a.lost().is_cancelled());
+
+    // A lease that was taken by someone else is not reclaimed: the entry is not ours any more.
+    kv.put(key.as_str(), r#"{"owner":"b","ttl_ms":4000}"#.into())
+        .await?;
+    timeout(LONG, a.lost().cancelled()).await?;
+    assert!(
+        a.expired().await.is_none(),
+        "a taken lease is not reclaimable"
+    );
+    Ok(())
+}
