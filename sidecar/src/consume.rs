@@ -41,6 +41,8 @@ use crate::telemetry as t;
 /// Messages held per unit of concurrency (the consumer's max ack pending is the product): enough that
 /// `concurrency` distinct keys are usually among them.
 pub const BUFFER_PER_SLOT: usize = 16;
+/// The error code of a message parked because its key cannot be read.
+pub const UNREADABLE_KEY: &str = "mend_unreadable_key";
 /// Messages asked for per pull request, at most.
 const PULL_BATCH: usize = 256;
 
@@ -213,12 +215,14 @@ pub(crate) enum Work {
     },
     /// Forget the key's resolved hold, its duplicate window over.
     Forget,
+    /// A message of a keyed binding whose key cannot be read (and why): parked, never delivered.
+    Unkeyable(Delivery, String),
 }
 
 impl Work {
     fn held_id(&self) -> Option<HeldId> {
         match self {
-            Work::Message(d) => d.held_id(),
+            Work::Message(d) | Work::Unkeyable(d, _) => d.held_id(),
             Work::Command { id, .. } => Some(*id),
             Work::Release | Work::Forget => None,
         }
@@ -231,6 +235,13 @@ impl Work {
                 source: Source::Consumer { reply, .. },
                 ..
             })
+            | Work::Unkeyable(
+                Delivery {
+                    source: Source::Consumer { reply, .. },
+                    ..
+                },
+                _,
+            )
             | Work::Command { reply, .. } => Some(reply),
             _ => None,
         }
@@ -527,7 +538,11 @@ fn admit(
     let Some(reply) = hold(rt, held, held_id, subject) else {
         return;
     };
-    let key = rt.cfg.key.as_ref().and_then(|source| key_of(source, &msg));
+    let (key, unkeyable) = match rt.cfg.key.as_ref().map(|source| key_of(source, &msg)) {
+        None | Some(Ok(None)) => (None, None),
+        Some(Ok(Some(key))) => (Some(key), None),
+        Some(Err(why)) => (None, Some(why)),
+    };
     let meta = DeliveryMeta {
         service: rt.service.clone(),
         lineage: LineageId::new(rt.cfg.stream.clone(), seq),
@@ -545,6 +560,12 @@ fn admit(
         history: Vec::new(),
         source: Source::Consumer { id: held_id, reply },
     };
+    // A keyed binding fails closed: a message whose key cannot be read is never delivered outside
+    // its key's order; it goes to a person.
+    if let Some(why) = unkeyable {
+        lanes.push(None, Work::Unkeyable(d, why));
+        return;
+    }
     match quarantine {
         Some(q) => {
             if delivered > 1 {
@@ -584,27 +605,37 @@ pub(crate) fn hold(
     Some(reply)
 }
 
-/// The key of `msg` per the binding's key source; a message without one is delivered unordered.
-pub fn key_of(source: &KeySource, msg: &Message) -> Option<MessageKey> {
+/// The key of `msg` per the binding's key source: `None` when the message has none (no such
+/// header, no such member, or `null`: delivered unordered); an error saying why when it may have
+/// one that cannot be read (a payload that is not JSON or nests deeper than the JSON reader goes, a
+/// member that is an object or an array).
+pub fn key_of(source: &KeySource, msg: &Message) -> Result<Option<MessageKey>, String> {
     let key = match source {
         KeySource::Header(name) => msg
             .headers
             .as_ref()
             .and_then(|h| h.get(name.as_str()))
             .map(|v| v.as_str().to_owned()),
-        KeySource::Json(pointer) => serde_json::from_slice::<serde_json::Value>(&msg.payload)
-            .ok()
-            .and_then(|v| match v.pointer(pointer)? {
-                serde_json::Value::String(s) => Some(s.clone()),
-                serde_json::Value::Number(n) => Some(n.to_string()),
-                serde_json::Value::Bool(b) => Some(b.to_string()),
-                _ => None,
-            }),
+        KeySource::Json(pointer) => {
+            let value = serde_json::from_slice::<serde_json::Value>(&msg.payload).map_err(|e| {
+                format!("the payload is not JSON ({e}), so its key {pointer} cannot be read")
+            })?;
+            match value.pointer(pointer) {
+                None | Some(serde_json::Value::Null) => None,
+                Some(serde_json::Value::String(s)) => Some(s.clone()),
+                Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+                Some(serde_json::Value::Bool(b)) => Some(b.to_string()),
+                Some(other) => {
+                    let what = if other.is_array() { "an array" } else { "an object" };
+                    return Err(format!("its key {pointer} is {what}, not a value"));
+                }
+            }
+        }
     };
     if key.is_none() {
         tracing::debug!(subject = %msg.subject, "Message has no key; delivered without order.");
     }
-    key.map(MessageKey)
+    Ok(key.map(MessageKey))
 }
 
 /// Runs one piece of a lane's work. Returns when the key may take its next.
@@ -642,6 +673,22 @@ async fn process(rt: Arc<BindingRuntime>, key: Option<MessageKey>, work: Work) -
                 holds.forget(key, crate::nats::DUPLICATE_WINDOW).await;
             }
             (None, Chore::Forget)
+        }
+        Work::Unkeyable(d, why) => {
+            tracing::warn!(mend_id = %d.meta.lineage, why, "Key unreadable; parking the message.");
+            let mut error = FailureError::bare(ErrorKind::Message, None);
+            error.code = Some(UNREADABLE_KEY.to_owned());
+            error.title = Some("the message's key cannot be read".to_owned());
+            error.detail = Some(why);
+            let how = match delegate::failure(&rt, &d, error, Destination::Unkeyable).await {
+                Ok(()) => {
+                    rt.metrics.parked.increment(1);
+                    Settle::Ack
+                }
+                Err(e) => e.into(),
+            };
+            settle(&rt, &d, how).await;
+            (None, Chore::None)
         }
     };
     Done {

@@ -24,6 +24,9 @@ pub enum Destination {
     Failed,
     /// MEND_PARKED, straight to the dashboard (`Mend-Action: park`).
     Parked,
+    /// MEND_PARKED, because the message cannot be delivered in its key's order: the binding's key
+    /// cannot be read from it.
+    Unkeyable,
 }
 
 /// Publishes the envelope of `d` with `error` to `to` and announces it. Returns once both are stored.
@@ -39,6 +42,15 @@ pub async fn failure(
             subjects::parked(&rt.service),
             "parked",
             Some("the app asked to park it (Mend-Action: park)".to_owned()),
+        ),
+        Destination::Unkeyable => (
+            subjects::parked(&rt.service),
+            "parked",
+            Some(
+                "its key cannot be read, so it cannot be delivered in its key's order: fix it and \
+                 resubmit, or discard it"
+                    .to_owned(),
+            ),
         ),
     };
     let mut envelope = envelope(rt, d, error, what, reason);

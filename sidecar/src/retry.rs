@@ -776,10 +776,29 @@ async fn park_unroutable(router: &Router, msg: Message, detail: &str) {
         detail,
         "A retry no binding consumes; parking it."
     );
-    let lineage = id
-        .as_deref()
-        .and_then(|i| i.parse::<LineageId>().ok())
-        .unwrap_or_else(|| LineageId::new("MEND_RETRY", seq));
+    let header = |name: &str| {
+        msg.headers
+            .as_ref()
+            .and_then(|m| m.get(name))
+            .map(|v| v.as_str().to_owned())
+    };
+    let named = id.as_deref().and_then(|i| i.parse::<LineageId>().ok());
+    let is_retry = named.is_some();
+    // A retry of a lineage keeps its attempt (at least 2: the original was delivery 1) and its
+    // history, so the dashboard takes it as the lineage's next parking, not a copy of the first.
+    let (attempt, mut history) = match &named {
+        Some(_) => (
+            header(h::MEND_ATTEMPT)
+                .and_then(|a| a.parse::<u32>().ok())
+                .unwrap_or(2)
+                .max(2),
+            header(MEND_HISTORY)
+                .and_then(|h| serde_json::from_str::<Vec<HistoryEntry>>(&h).ok())
+                .unwrap_or_default(),
+        ),
+        None => (1, Vec::new()),
+    };
+    let lineage = named.unwrap_or_else(|| LineageId::new("MEND_RETRY", seq));
     let (payload, payload_base64) = match serde_json::from_slice(&msg.payload) {
         Ok(v) => (v, None),
         Err(_) => (
@@ -796,6 +815,11 @@ async fn park_unroutable(router: &Router, msg: Message, detail: &str) {
         .as_ref()
         .map(|m| {
             m.iter()
+                // A retry's mend headers are its lineage, which the envelope has as fields.
+                .filter(|(k, _)| {
+                    let lower = k.to_string().to_ascii_lowercase();
+                    !(is_retry && (lower.starts_with("mend-") || lower.starts_with("nats-")))
+                })
                 .map(|(k, v)| {
                     (
                         k.to_string(),
@@ -805,6 +829,16 @@ async fn park_unroutable(router: &Router, msg: Message, detail: &str) {
                 .collect()
         })
         .unwrap_or_default();
+    let first_failed_at = history
+        .first()
+        .map_or_else(|| at.clone(), |entry| entry.at.clone());
+    history.push(HistoryEntry {
+        at: at.clone(),
+        what: "parked".into(),
+        by: "sidecar".into(),
+        error: None,
+        note: None,
+    });
     let envelope = FailureEnvelope {
         version: ENVELOPE_VERSION,
         id: lineage.to_string(),
@@ -812,24 +846,18 @@ async fn park_unroutable(router: &Router, msg: Message, detail: &str) {
         binding: String::new(),
         stream: lineage.stream.clone(),
         seq: lineage.seq,
-        subject: msg.subject.to_string(),
-        key: None,
+        subject: header(h::MEND_ORIGINAL_SUBJECT).unwrap_or_else(|| msg.subject.to_string()),
+        key: header(h::MEND_KEY).map(|k| h::decode_value(&k)),
         headers,
         payload,
         payload_base64,
         payload_ref: None,
         error,
-        attempt: 1,
-        first_failed_at: at.clone(),
-        failed_at: at.clone(),
+        attempt,
+        first_failed_at,
+        failed_at: at,
         reason: Some("a retry that no binding of this sidecar can deliver".into()),
-        history: vec![HistoryEntry {
-            at,
-            what: "parked".into(),
-            by: "sidecar".into(),
-            error: None,
-            note: None,
-        }],
+        history,
     };
     let msg_id = LineageId::new("MEND_RETRY", seq).msg_id(1, "parked");
     let mut out = async_nats::HeaderMap::new();

@@ -174,23 +174,32 @@ async fn oversize_payload_is_delegated_by_reference() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn missing_key_is_delivered_without_order_and_json_keys_work() -> anyhow::Result<()> {
+async fn missing_key_is_delivered_without_order_and_an_unreadable_one_is_parked() -> anyhow::Result<()> {
     let w = World::new().await?;
+    let json = |v: serde_json::Value| Out::keyed("app.k", "Other", "x", v);
+    let raw = |bytes: Vec<u8>| Out {
+        subject: "app.k".into(),
+        headers: async_nats::HeaderMap::new(),
+        payload: Bytes::from(bytes),
+    };
+    // Nested deeper than any JSON reader of the sidecar goes (serde_json stops at 128).
+    let deep = format!(
+        "{}{{\"account\": \"a1\"}}{}",
+        "[".repeat(200),
+        "]".repeat(200)
+    );
     let msgs = vec![
-        Out::keyed(
-            "app.k",
-            "Other",
-            "x",
-            serde_json::json!({"account": "a1", "n": 0}),
-        ),
-        Out::keyed("app.k", "Other", "x", serde_json::json!({"n": 1})),
-        Out {
-            subject: "app.k".into(),
-            headers: async_nats::HeaderMap::new(),
-            payload: Bytes::from_static(b"not json"),
-        },
+        json(serde_json::json!({"account": "a1", "n": 0})),
+        // No key: delivered without order.
+        json(serde_json::json!({"n": 1})),
+        json(serde_json::json!({"account": null, "n": 2})),
+        // A key that cannot be read: parked, never delivered outside its key's order.
+        raw(b"not json".to_vec()),
+        raw(deep.into_bytes()),
+        json(serde_json::json!({"account": {"id": "a1"}, "n": 5})),
+        json(serde_json::json!({"account": 7, "n": 6})),
     ];
-    js::publish_all(&w.js, msgs).await?;
+    let seqs = js::publish_all(&w.js, msgs).await?;
     let config = sidecar_config(
         "jk",
         &w.nats.url(),
@@ -199,13 +208,69 @@ async fn missing_key_is_delivered_without_order_and_json_keys_work() -> anyhow::
         &w.app.endpoint(),
         "key = { json = \"/account\" }",
     );
-    let _s = w.sidecar(&config).await?;
+    let s = w.sidecar(&config).await?;
     let log = w
         .app
-        .wait_for("three deliveries", TEST_TIMEOUT, |log| log.len() >= 3)
+        .wait_for("four deliveries", TEST_TIMEOUT, |log| log.len() >= 4)
         .await?;
     w.drained("jk").await?;
-    let keyed: Vec<_> = log.iter().filter_map(|d| d.header("mend-key")).collect();
-    assert_eq!(keyed, vec!["a1"]);
+    assert_eq!(w.app.log().len(), 4, "unreadable keys are not delivered");
+    let mut keyed: Vec<_> = log.iter().filter_map(|d| d.header("mend-key")).collect();
+    keyed.sort();
+    assert_eq!(keyed, vec!["7", "a1"]);
+    let mut parked = js::parked(&w.js, "jk").await?;
+    parked.sort_by_key(|e| e.seq);
+    assert_eq!(
+        parked.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![seqs[3], seqs[4], seqs[5]]
+    );
+    for e in &parked {
+        assert_eq!(e.error.code.as_deref(), Some("mend_unreadable_key"), "{e:?}");
+        assert_eq!(e.key, None);
+        assert!(e.reason.as_deref().is_some_and(|r| r.contains("key cannot be read")));
+    }
+    // The bytes are kept: the non-JSON payloads as base64.
+    assert_eq!(
+        parked[0].payload_base64.as_deref(),
+        Some("bm90IGpzb24=")
+    );
+    assert!(parked[1].payload_base64.is_some());
+    assert!(!s.log().contains("panicked"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_no_binding_takes_is_parked_as_its_lineage_next_attempt() -> anyhow::Result<()> {
+    let w = World::new().await?;
+    let _s = w.sidecar(&w.keyed_config("ur", "")).await?;
+    // A retry of a lineage of a stream this sidecar does not consume (a binding removed, say),
+    // at its third delivery with the history so far.
+    let history = serde_json::json!([
+        {"at": "2026-11-22T10:00:00Z", "what": "delegated", "by": "sidecar"},
+        {"at": "2026-11-22T10:00:01Z", "what": "repaired", "by": "rule:x"},
+    ]);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Mend-Id", "GONE:41");
+    headers.insert("Mend-Attempt", "3");
+    headers.insert("Mend-Key", "acct-9");
+    headers.insert("Mend-Original-Subject", "gone.created");
+    headers.insert("Mend-History", history.to_string().as_str());
+    headers.insert("Account-Id", "acct-9");
+    w.js.publish_with_headers("mend.retry.ur", headers, r#"{"n": 1}"#.into())
+        .await?
+        .await?;
+    let parked = mend_e2e::wait::until("the retry parked", TEST_TIMEOUT, || async {
+        Ok(js::parked(&w.js, "ur").await?.pop())
+    })
+    .await?;
+    assert_eq!(parked.id, "GONE:41");
+    assert_eq!(parked.attempt, 3, "the lineage's attempt, not a first parking");
+    assert_eq!(parked.key.as_deref(), Some("acct-9"));
+    assert_eq!(parked.subject, "gone.created");
+    assert_eq!(parked.history.len(), 3);
+    assert_eq!(parked.first_failed_at, "2026-11-22T10:00:00Z");
+    assert_eq!(parked.history[2].what, "parked");
+    assert!(parked.headers.contains_key("Account-Id"));
+    assert!(!parked.headers.keys().any(|k| k.starts_with("Mend-")));
     Ok(())
 }
