@@ -68,7 +68,12 @@ pub async fn resubmit(
             }
         }
     };
-    let attempt = m.attempt + 1;
+    let attempt = m.attempt.checked_add(1).ok_or_else(|| {
+        ApiError::conflict(format!(
+            "attempt {} of {id} is the last one counted; it cannot be resubmitted",
+            m.attempt
+        ))
+    })?;
     let lineage = env.lineage();
     let step = HistoryEntry {
         at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),

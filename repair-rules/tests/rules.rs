@@ -148,6 +148,27 @@ fn first_matching_rule_wins() {
 }
 
 #[test]
+fn the_last_countable_attempt_is_parked_not_repaired() {
+    let set = rules(EXAMPLES);
+    let mut env = envelope(json!({"amount": "12.50"}), "bad_type", Some("/amount"));
+    env.attempt = u32::MAX - 1;
+    let d = evaluate(&set, &env, &Limits::default());
+    assert!(matches!(d, Decision::Repaired { .. }), "{d:?}");
+    env.attempt = u32::MAX;
+    let d = evaluate(&set, &env, &Limits::default());
+    assert!(
+        matches!(
+            d,
+            Decision::Park {
+                reason: ParkReason::MaxRepairs,
+                ..
+            }
+        ),
+        "{d:?}"
+    );
+}
+
+#[test]
 fn max_repairs_and_same_rule_failing_again_park() {
     let set = rules(EXAMPLES);
     let mut env = envelope(json!({"amount": "12.50"}), "bad_type", Some("/amount"));

@@ -285,7 +285,8 @@ async fn retry(
     rule: &str,
     payload: &serde_json::Value,
 ) -> Result<(), NotStored> {
-    let attempt = envelope.attempt + 1;
+    // `evaluate` parks the last countable attempt, so this never saturates.
+    let attempt = envelope.attempt.saturating_add(1);
     let step = HistoryEntry {
         at: publish::now(),
         what: "repaired".into(),

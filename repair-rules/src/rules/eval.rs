@@ -165,6 +165,14 @@ fn decide(
     if let Some(note) = &rule.park {
         return park(Some(rule), ParkReason::RulePark, note.clone());
     }
+    // A repair is delivered as the next attempt; there is none after the counter's last value.
+    if envelope.attempt == u32::MAX {
+        return park(
+            Some(rule),
+            ParkReason::MaxRepairs,
+            format!("attempt {} is the last one counted", envelope.attempt),
+        );
+    }
     let repairs = envelope
         .history
         .iter()
