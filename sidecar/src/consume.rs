@@ -446,8 +446,22 @@ pub async fn run(
                 return;
             }
         }
-        while let Some((key, work)) = lanes.start_next() {
-            running.push(Box::pin(process(rt.clone(), key, work)));
+        if stopping {
+            // Nothing new starts once stopping (shutdown, or the lease lost): follow-up work of
+            // what finished (a release's next turn) is left to whoever consumes the key next, and
+            // a message queued meanwhile is handed back.
+            for work in lanes.drain_queued() {
+                if let Some(id) = work.held_id() {
+                    held.remove(&id);
+                }
+                if let Some(reply) = work.reply() {
+                    ack::hand_back(&rt.client, reply).await;
+                }
+            }
+        } else {
+            while let Some((key, work)) = lanes.start_next() {
+                running.push(Box::pin(process(rt.clone(), key, work)));
+            }
         }
         rt.metrics.in_flight.set(running.len() as f64);
         rt.metrics

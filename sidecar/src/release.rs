@@ -143,6 +143,11 @@ const RELEASE_BATCH: usize = 64;
 /// head's retry if one waits in the queue. Returns the next turn, if there is one.
 pub(crate) async fn step(rt: &BindingRuntime, holds: &Holds, key: &MessageKey) -> Option<Work> {
     for _ in 0..RELEASE_BATCH {
+        // Stopping, or the lease is lost: another instance may own the key from now on. The
+        // release resumes wherever the key is consumed next (its entry says `releasing`).
+        if rt.shutdown.is_cancelled() {
+            return None;
+        }
         let next = one_step(rt, holds, key).await?;
         let releasing = holds
             .get(key)
