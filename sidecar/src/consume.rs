@@ -640,7 +640,11 @@ pub fn key_of(source: &KeySource, msg: &Message) -> Result<Option<MessageKey>, S
                 Some(serde_json::Value::Number(n)) => Some(n.to_string()),
                 Some(serde_json::Value::Bool(b)) => Some(b.to_string()),
                 Some(other) => {
-                    let what = if other.is_array() { "an array" } else { "an object" };
+                    let what = if other.is_array() {
+                        "an array"
+                    } else {
+                        "an object"
+                    };
                     return Err(format!("its key {pointer} is {what}, not a value"));
                 }
             }

@@ -14,6 +14,10 @@ pub const MIN_SERVER: (u64, u64) = (2, 11);
 /// How long JetStream remembers a `Nats-Msg-Id`: a publish repeated after a crash within this window
 /// is dropped as a duplicate. It must outlast a crashed sidecar's ack wait, so config checks that.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(10 * 60);
+/// How often the client pings its server. A server that stops answering without closing the
+/// connection (a paused or partitioned cluster node) is noticed after two unanswered pings, and
+/// the client moves to another server of the cluster; async-nats's default is a minute.
+const PING_INTERVAL: Duration = Duration::from_secs(5);
 /// The key-value bucket of held keys.
 pub const HOLDS_BUCKET: &str = "mend_holds";
 
@@ -79,6 +83,7 @@ pub async fn connect(
     let mut opts = ConnectOptions::new()
         .name(name)
         .connection_timeout(cfg.connect_timeout)
+        .ping_interval(PING_INTERVAL)
         .max_reconnects(None);
     if let Some(path) = &cfg.creds {
         opts = ConnectOptions::with_credentials_file(path)
@@ -89,6 +94,7 @@ pub async fn connect(
             })?
             .name(name)
             .connection_timeout(cfg.connect_timeout)
+            .ping_interval(PING_INTERVAL)
             .max_reconnects(None);
     }
     if let Some(path) = &cfg.nkey_seed_file {

@@ -2,6 +2,9 @@
 //!
 //! - [`nats::NatsServer`]: a real nats-server with JetStream on a free loopback port and a temp store,
 //!   ready when it says so, restartable on the same port and store, killed on drop.
+//! - [`cluster::Cluster`]: three nats-server nodes with routes on loopback and JetStream, ready once a
+//!   meta leader is elected; nodes can be killed, restarted, paused and resumed, and stream leaders
+//!   found.
 //! - [`app::FakeApp`]: a programmable HTTP app that records every delivery and answers per message.
 //! - [`mend::MendProcess`]: the built `mend` binary run with a config, killable and restartable.
 //! - [`dashboard::Dashboard`]: `mend dashboard` on a temp SQLite file, with a client for its API.
@@ -13,6 +16,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test harness code
 
 pub mod app;
+pub mod cluster;
 pub mod dashboard;
 pub mod js;
 pub mod mend;

@@ -174,7 +174,8 @@ async fn oversize_payload_is_delegated_by_reference() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn missing_key_is_delivered_without_order_and_an_unreadable_one_is_parked() -> anyhow::Result<()> {
+async fn missing_key_is_delivered_without_order_and_an_unreadable_one_is_parked()
+-> anyhow::Result<()> {
     let w = World::new().await?;
     let json = |v: serde_json::Value| Out::keyed("app.k", "Other", "x", v);
     let raw = |bytes: Vec<u8>| Out {
@@ -225,15 +226,20 @@ async fn missing_key_is_delivered_without_order_and_an_unreadable_one_is_parked(
         vec![seqs[3], seqs[4], seqs[5]]
     );
     for e in &parked {
-        assert_eq!(e.error.code.as_deref(), Some("mend_unreadable_key"), "{e:?}");
+        assert_eq!(
+            e.error.code.as_deref(),
+            Some("mend_unreadable_key"),
+            "{e:?}"
+        );
         assert_eq!(e.key, None);
-        assert!(e.reason.as_deref().is_some_and(|r| r.contains("key cannot be read")));
+        assert!(
+            e.reason
+                .as_deref()
+                .is_some_and(|r| r.contains("key cannot be read"))
+        );
     }
     // The bytes are kept: the non-JSON payloads as base64.
-    assert_eq!(
-        parked[0].payload_base64.as_deref(),
-        Some("bm90IGpzb24=")
-    );
+    assert_eq!(parked[0].payload_base64.as_deref(), Some("bm90IGpzb24="));
     assert!(parked[1].payload_base64.is_some());
     assert!(!s.log().contains("panicked"));
     Ok(())
@@ -264,7 +270,10 @@ async fn a_retry_no_binding_takes_is_parked_as_its_lineage_next_attempt() -> any
     })
     .await?;
     assert_eq!(parked.id, "GONE:41");
-    assert_eq!(parked.attempt, 3, "the lineage's attempt, not a first parking");
+    assert_eq!(
+        parked.attempt, 3,
+        "the lineage's attempt, not a first parking"
+    );
     assert_eq!(parked.key.as_deref(), Some("acct-9"));
     assert_eq!(parked.subject, "gone.created");
     assert_eq!(parked.history.len(), 3);
