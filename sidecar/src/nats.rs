@@ -399,16 +399,10 @@ pub async fn ensure_layout(
             allow_direct: true,
             ..Default::default()
         };
-        let what = format!("stream {name}");
-        when_available(&what, shutdown, || async {
+        create(&format!("stream {name}"), shutdown, || async {
             Ok(js.get_or_create_stream(config.clone()).await?)
         })
-        .await
-        .map_err(|e| ConnectError::Layout {
-            what: what.clone(),
-            message: format!("{e:#}"),
-        })?
-        .ok_or(ConnectError::Stopped)?;
+        .await?;
     }
     for bucket in [HOLDS_BUCKET, crate::lease::LEASES_BUCKET] {
         let what = format!("key-value bucket {bucket}");
@@ -426,15 +420,28 @@ pub async fn ensure_layout(
                 Err(_) => Ok(js.create_key_value(config.clone()).await.map(|_| ())?),
             }
         };
-        when_available(&what, shutdown, step)
-            .await
-            .map_err(|e| ConnectError::Layout {
-                what: what.clone(),
-                message: format!("{e:#}"),
-            })?
-            .ok_or(ConnectError::Stopped)?;
+        create(&what, shutdown, step).await?;
     }
     Ok(())
+}
+
+/// One part of the layout, created once JetStream answers.
+async fn create<T, F, Fut>(
+    what: &str,
+    shutdown: &CancellationToken,
+    step: F,
+) -> Result<T, ConnectError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    when_available(what, shutdown, step)
+        .await
+        .map_err(|e| ConnectError::Layout {
+            what: what.to_owned(),
+            message: format!("{e:#}"),
+        })?
+        .ok_or(ConnectError::Stopped)
 }
 
 #[cfg(test)]
