@@ -136,13 +136,26 @@ pub async fn connect(
         }
     });
     let servers = seed_list(url)?;
-    let client = opts
-        .connect(servers)
-        .await
-        .map_err(|source| ConnectError::Connect {
-            url: url.to_owned(),
-            source,
-        })?;
+    // A server restarting (or a cluster coming up) refuses connections for a moment: the first
+    // connection is retried until `connect_timeout` has passed, as the config promises.
+    let deadline = tokio::time::Instant::now() + cfg.connect_timeout;
+    let mut pause = Duration::from_millis(100);
+    let client = loop {
+        match opts.clone().connect(servers.clone()).await {
+            Ok(client) => break client,
+            Err(source) if tokio::time::Instant::now() + pause >= deadline => {
+                return Err(ConnectError::Connect {
+                    url: url.to_owned(),
+                    source,
+                });
+            }
+            Err(error) => {
+                tracing::warn!(%error, "NATS not reachable yet; retrying.");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+        }
+    };
     let info = client.server_info();
     if !version_at_least(&info.version, MIN_SERVER) {
         return Err(ConnectError::TooOld {
