@@ -246,6 +246,7 @@ pub fn envelope_of(msg: &Message) -> FailureEnvelope {
                     base64::engine::general_purpose::STANDARD.encode(&msg.payload),
                 ),
                 payload_ref: None,
+                headers_base64: None,
                 error: failure,
                 attempt: 1,
                 first_failed_at: at.clone(),

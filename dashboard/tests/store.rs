@@ -35,6 +35,7 @@ fn envelope(
         payload,
         payload_base64: None,
         payload_ref: None,
+        headers_base64: None,
         error,
         attempt,
         first_failed_at: "2026-11-23T10:00:00Z".into(),

@@ -194,6 +194,7 @@ fn envelope(seq: u64, code: &str, payload: serde_json::Value) -> FailureEnvelope
         payload,
         payload_base64: None,
         payload_ref: None,
+        headers_base64: None,
         error,
         attempt: 1,
         first_failed_at: "2026-11-23T10:00:00Z".into(),

@@ -26,6 +26,11 @@ pub struct FailureEnvelope {
     /// The message's NATS headers, each name with all its values.
     #[serde(default)]
     pub headers: BTreeMap<String, Vec<String>>,
+    /// The message's NATS header block as it was sent (base64), when it cannot be read as NATS
+    /// headers (a value that is not UTF-8, or holds a bare CR or LF); `headers` then has what could
+    /// be read of it, with unreadable bytes replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers_base64: Option<String>,
     /// The payload as a JSON value when it is JSON (then `payload_base64` is null).
     #[serde(default)]
     pub payload: Value,

@@ -9,7 +9,7 @@
 //! dispatcher holds, queued or in flight, is kept alive with in-progress acks, so the server never
 //! redelivers a message that is merely waiting for its key's turn.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -36,6 +36,7 @@ use crate::deliver::{Answer, App};
 use crate::headers::{self, DeliveryMeta};
 use crate::holds::{HoldError, Holds};
 use crate::publish::NotStored;
+use crate::rescue;
 use crate::telemetry as t;
 
 /// Messages held per unit of concurrency (the consumer's max ack pending is the product): enough that
@@ -43,6 +44,8 @@ use crate::telemetry as t;
 pub const BUFFER_PER_SLOT: usize = 16;
 /// The error code of a message parked because its key cannot be read.
 pub const UNREADABLE_KEY: &str = "mend_unreadable_key";
+/// The error code of a message parked because its NATS headers cannot be read.
+pub const UNREADABLE_HEADERS: &str = "mend_unreadable_headers";
 /// Messages asked for per pull request, at most.
 const PULL_BATCH: usize = 256;
 
@@ -60,6 +63,8 @@ pub struct BindingRuntime {
     pub circuit: Circuit,
     pub shutdown: CancellationToken,
     pub shutdown_timeout: Duration,
+    /// Opens the app stream's own connection ([`Puller`]).
+    pub connector: Arc<crate::nats::Connector>,
     pub metrics: BindingMetrics,
     /// The binding's holds (bindings with a key only).
     pub holds: Option<Holds>,
@@ -140,6 +145,9 @@ pub struct Delivery {
     /// The lineage's history so far (empty for an original; from `Mend-History` for a retry).
     pub history: Vec<HistoryEntry>,
     pub source: Source,
+    /// Set when its NATS header block cannot be read by mend's NATS client: it is parked with the
+    /// block's bytes instead of delivered (`headers` has what could be read of it).
+    pub unreadable: Option<Box<crate::rescue::Unreadable>>,
 }
 
 /// Where a delivery came from, which says how it is settled.
@@ -220,6 +228,14 @@ pub(crate) enum Work {
 }
 
 impl Work {
+    /// The stream sequence of the message it works on (0 for chores).
+    fn seq(&self) -> u64 {
+        match self {
+            Work::Message(d) | Work::Unkeyable(d, _) => d.meta.lineage.seq,
+            _ => 0,
+        }
+    }
+
     fn held_id(&self) -> Option<HeldId> {
         match self {
             Work::Message(d) | Work::Unkeyable(d, _) => d.held_id(),
@@ -258,11 +274,30 @@ pub(crate) struct Held {
 /// out, while newer messages would be delivered at once: that would break per-key order. So on start,
 /// while the consumer has unacked messages, newly pulled messages are held back until as many
 /// redeliveries have arrived (or one ack wait has passed), then released in stream order.
+///
+/// The same holding back keeps the lanes waiting while deliveries lost on the way are read from
+/// the stream ([`Lost`]): a lost message goes into its lane before its key's newer ones.
 struct Quarantine {
-    until: Instant,
+    /// Until when the previous run's unacked messages are waited for; `None` once they are in (or
+    /// when not waiting for them).
+    until: Option<Instant>,
     expected: u64,
     redelivered: u64,
-    held_back: Vec<(Option<MessageKey>, Delivery)>,
+    /// Whether lost deliveries are being read.
+    rescuing: bool,
+    held_back: Vec<(Option<MessageKey>, Work)>,
+}
+
+impl Quarantine {
+    fn rescue_only() -> Self {
+        Self {
+            until: None,
+            expected: 0,
+            redelivered: 0,
+            rescuing: true,
+            held_back: Vec::new(),
+        }
+    }
 }
 
 /// A finished piece of work: its key may take its next; `then` goes to the back of the key's lane.
@@ -324,6 +359,8 @@ impl Chores {
     }
 }
 
+/// How often the consumer's delivered count is compared with what arrived (lost deliveries).
+const LOOK_EVERY: Duration = Duration::from_secs(1);
 /// How often the hold gauges are set.
 const GAUGES_EVERY: Duration = Duration::from_secs(1);
 /// How often resolved holds are checked for being old enough to forget.
@@ -360,8 +397,18 @@ pub async fn run(
     let keepalive_every = rt.cfg.ack_wait / 4;
     let mut keepalive = tokio::time::interval(keepalive_every);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut quarantine = quarantine_on_start(&rt, &consumer).await;
-    let mut messages = crate::nats::pull(&consumer, max_held.min(PULL_BATCH), &rt.shutdown).await;
+    let (mut quarantine, delivered) = quarantine_on_start(&rt, &consumer).await;
+    let mut lost = Lost::new(delivered);
+    let mut look = tokio::time::interval(LOOK_EVERY);
+    look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut puller = Puller::new(
+        rt.connector.clone(),
+        &rt.cfg.stream,
+        &consumer.cached_info().name,
+    );
+    let batch = max_held.min(PULL_BATCH);
+    let mut info_consumer = consumer.clone();
+    let mut messages = puller.open(batch, &rt.shutdown).await;
     let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
     let mut stopping = false;
 
@@ -389,7 +436,8 @@ pub async fn run(
                         }
                     }
                 }
-                release(&mut quarantine, &mut lanes);
+                lost.search = None;
+                release_now(&mut quarantine, &mut lanes);
                 for work in lanes.drain_queued() {
                     if let Some(id) = work.held_id() {
                         held.remove(&id);
@@ -410,13 +458,13 @@ pub async fn run(
                 None => retries = None,
             },
             next = next_message(&mut messages), if pulling => match next {
-                Some(Ok(msg)) => admit(&rt, msg, &mut lanes, &mut held, &mut quarantine),
+                Some(Ok(msg)) => admit(&rt, msg, &mut lanes, &mut held, &mut quarantine, &mut lost),
                 Some(Err(error)) => {
                     tracing::warn!(%error, binding = %rt.cfg.name, "Pull failed; continuing.");
                 }
                 None => {
                     tracing::warn!(binding = %rt.cfg.name, "Pull stream ended; reopening.");
-                    messages = crate::nats::pull(&consumer, max_held.min(PULL_BATCH), &rt.shutdown).await;
+                    messages = puller.open(batch, &rt.shutdown).await;
                 }
             },
             _ = keepalive.tick() => {
@@ -434,9 +482,56 @@ pub async fn run(
                     }
                 }
             }
-            _ = async { if let Some(q) = &quarantine { tokio::time::sleep_until(q.until.into()).await } },
-                if quarantine.is_some() => {
+            _ = async {
+                match quarantine.as_ref().and_then(|q| q.until) {
+                    Some(until) => tokio::time::sleep_until(until.into()).await,
+                    None => std::future::pending().await,
+                }
+            }, if quarantine.as_ref().is_some_and(|q| q.until.is_some()) => {
+                if let Some(q) = quarantine.as_mut() {
+                    q.until = None;
+                }
                 release(&mut quarantine, &mut lanes);
+            }
+            found = async {
+                match lost.search.as_mut() {
+                    Some(search) => search.await,
+                    None => std::future::pending().await,
+                }
+            }, if lost.search.is_some() => {
+                lost.search = None;
+                for d in found {
+                    let Some(id) = d.held_id() else { continue };
+                    lost.tracker.rescued(id.seq);
+                    // Arrived by itself meanwhile: the one held stays.
+                    if held.contains_key(&id) {
+                        continue;
+                    }
+                    if let Source::Consumer { reply, .. } = &d.source {
+                        held.insert(id, Held { reply: reply.clone(), touched: Instant::now() });
+                    }
+                    enter(&rt, d, false, &mut lanes, &mut quarantine);
+                }
+                if lost.waiting.is_empty() {
+                    if let Some(q) = quarantine.as_mut() {
+                        q.rescuing = false;
+                    }
+                    release(&mut quarantine, &mut lanes);
+                }
+            }
+            _ = look.tick(), if pulling && lost.search.is_none() => {
+                match info_consumer.info().await {
+                    Ok(info) => {
+                        if let Some(found) = lost.tracker.looked(
+                            info.delivered.consumer_sequence,
+                            info.delivered.stream_sequence,
+                            info.ack_floor.stream_sequence,
+                        ) {
+                            lost.begin(found, &mut quarantine);
+                        }
+                    }
+                    Err(error) => tracing::debug!(%error, "Consumer state unavailable."),
+                }
             }
             _ = async { if let Some(d) = deadline.as_mut() { d.await } }, if deadline.is_some() => {
                 tracing::warn!(in_flight = running.len(), "Shutdown deadline reached; handing back in-flight messages.");
@@ -445,6 +540,9 @@ pub async fn run(
                 }
                 return;
             }
+        }
+        if !stopping {
+            lost.next_search(&rt, &consumer, &held);
         }
         if stopping {
             // Nothing new starts once stopping (shutdown, or the lease lost): follow-up work of
@@ -473,44 +571,73 @@ pub async fn run(
     }
 }
 
-async fn quarantine_on_start(rt: &BindingRuntime, consumer: &PullConsumer) -> Option<Quarantine> {
+/// The start-up quarantine, if the consumer has unacked messages, and where the consumer's
+/// deliveries stand (its delivered count and stream sequence; `None` if unknown).
+async fn quarantine_on_start(
+    rt: &BindingRuntime,
+    consumer: &PullConsumer,
+) -> (Option<Quarantine>, Option<(u64, u64)>) {
     let mut consumer = consumer.clone();
-    let unacked = match consumer.info().await {
-        Ok(info) => info.num_ack_pending as u64,
+    let (unacked, delivered) = match consumer.info().await {
+        Ok(info) => (
+            info.num_ack_pending as u64,
+            Some((
+                info.delivered.consumer_sequence,
+                info.delivered.stream_sequence,
+            )),
+        ),
         Err(error) => {
             tracing::warn!(%error, "Consumer state unknown; holding back new messages for one ack wait.");
-            u64::MAX
+            (u64::MAX, None)
         }
     };
     if unacked == 0 {
-        return None;
+        return (None, delivered);
     }
     tracing::info!(
         unacked,
         "Unacked messages of a previous run: they come first, then newer ones, in stream order."
     );
-    Some(Quarantine {
-        until: Instant::now() + rt.cfg.ack_wait + Duration::from_secs(1),
+    let quarantine = Quarantine {
+        until: Some(Instant::now() + rt.cfg.ack_wait + Duration::from_secs(1)),
         expected: unacked,
         redelivered: 0,
+        rescuing: false,
         held_back: Vec::new(),
-    })
+    };
+    (Some(quarantine), delivered)
 }
 
-/// Ends the start-up quarantine: everything held back enters its lane in stream order.
+/// Ends holding back once neither the previous run's messages nor lost deliveries are waited for:
+/// everything held back enters its lane in stream order.
 fn release(quarantine: &mut Option<Quarantine>, lanes: &mut crate::lanes::Lanes<Work>) {
+    if quarantine
+        .as_ref()
+        .is_none_or(|q| q.until.is_some() || q.rescuing)
+    {
+        return;
+    }
     let Some(mut q) = quarantine.take() else {
         return;
     };
-    q.held_back.sort_by_key(|(_, d)| d.meta.lineage.seq);
+    q.held_back.sort_by_key(|(_, work)| work.seq());
     tracing::info!(
         released = q.held_back.len(),
         redelivered = q.redelivered,
-        "Start-up hold-back over."
+        "Hold-back over."
     );
-    for (key, d) in q.held_back {
-        lanes.push(key, Work::Message(d));
+    for (key, work) in q.held_back {
+        lanes.push(key, work);
     }
+}
+
+/// Ends holding back at once (shutdown): everything held back enters its lane, to be handed back.
+fn release_now(quarantine: &mut Option<Quarantine>, lanes: &mut crate::lanes::Lanes<Work>) {
+    if let Some(q) = quarantine.as_mut() {
+        q.until = None;
+        q.rescuing = false;
+    }
+    release(quarantine, lanes);
 }
 
 async fn next_message(
@@ -530,10 +657,12 @@ fn admit(
     lanes: &mut crate::lanes::Lanes<Work>,
     held: &mut HashMap<HeldId, Held>,
     quarantine: &mut Option<Quarantine>,
+    lost: &mut Lost,
 ) {
-    let (seq, published, delivered) = match msg.info() {
+    let (seq, cseq, published, delivered) = match msg.info() {
         Ok(info) => (
             info.stream_sequence,
+            info.consumer_sequence,
             SystemTime::from(info.published),
             info.delivered,
         ),
@@ -549,18 +678,20 @@ fn admit(
         inlet: Inlet::App,
         seq,
     };
+    let delivered = u64::try_from(delivered).unwrap_or(1);
+    if let Some(found) = lost
+        .tracker
+        .received(seq, cseq, delivered, subject.as_str())
+    {
+        lost.begin(found, quarantine);
+    }
     let Some(reply) = hold(rt, held, held_id, subject) else {
         return;
-    };
-    let (key, unkeyable) = match rt.cfg.key.as_ref().map(|source| key_of(source, &msg)) {
-        None | Some(Ok(None)) => (None, None),
-        Some(Ok(Some(key))) => (Some(key), None),
-        Some(Err(why)) => (None, Some(why)),
     };
     let meta = DeliveryMeta {
         service: rt.service.clone(),
         lineage: LineageId::new(rt.cfg.stream.clone(), seq),
-        key: key.clone(),
+        key: None,
         attempt: 1,
         subject: msg.subject.to_string(),
         published,
@@ -573,24 +704,308 @@ fn admit(
         meta,
         history: Vec::new(),
         source: Source::Consumer { id: held_id, reply },
+        unreadable: None,
     };
+    let redelivery = delivered > 1;
+    enter(rt, d, redelivery, lanes, quarantine);
+}
+
+/// Puts a message of the app stream into its key's lane, or holds it back while the lanes wait for
+/// earlier messages (the previous run's, or deliveries being rescued).
+fn enter(
+    rt: &BindingRuntime,
+    mut d: Delivery,
+    redelivery: bool,
+    lanes: &mut crate::lanes::Lanes<Work>,
+    quarantine: &mut Option<Quarantine>,
+) {
+    let keyed = rt
+        .cfg
+        .key
+        .as_ref()
+        .map(|source| key_of(source, d.headers.as_ref(), &d.payload));
     // A keyed binding fails closed: a message whose key cannot be read is never delivered outside
     // its key's order; it goes to a person.
-    if let Some(why) = unkeyable {
-        lanes.push(None, Work::Unkeyable(d, why));
-        return;
-    }
+    let (key, work) = match keyed {
+        None | Some(Ok(None)) => (None, None),
+        Some(Ok(Some(key))) => (Some(key), None),
+        Some(Err(why)) => (None, Some(why)),
+    };
+    d.meta.key = key.clone();
+    let work = match work {
+        Some(why) => Work::Unkeyable(d, why),
+        None => Work::Message(d),
+    };
     match quarantine {
         Some(q) => {
-            if delivered > 1 {
+            if redelivery {
                 q.redelivered += 1;
             }
-            q.held_back.push((key, d));
+            q.held_back.push((key, work));
             if q.redelivered >= q.expected {
-                release(quarantine, lanes);
+                q.until = None;
+            }
+            release(quarantine, lanes);
+        }
+        None => lanes.push(key, work),
+    }
+}
+
+/// Deliveries lost on the way (see [`crate::rescue`]): the tracker of the consumer's deliveries,
+/// losses waiting to be looked for, and the search under way.
+pub(crate) struct Lost {
+    tracker: rescue::Tracker,
+    waiting: VecDeque<rescue::Lost>,
+    search: Option<Pin<Box<dyn Future<Output = Vec<Delivery>> + Send>>>,
+}
+
+impl Lost {
+    fn new(delivered: Option<(u64, u64)>) -> Self {
+        Self {
+            tracker: rescue::Tracker::new(delivered),
+            waiting: VecDeque::new(),
+            search: None,
+        }
+    }
+
+    /// Deliveries were lost: the lanes wait (newer messages are held back) until they are found.
+    fn begin(&mut self, found: rescue::Lost, quarantine: &mut Option<Quarantine>) {
+        tracing::warn!(
+            ?found,
+            "Deliveries lost on the way (a message the NATS client could not \
+            read?); reading them from the stream."
+        );
+        self.waiting.push_back(found);
+        match quarantine {
+            Some(q) => q.rescuing = true,
+            None => *quarantine = Some(Quarantine::rescue_only()),
+        }
+    }
+
+    /// Starts looking for the next loss, if none is being looked for.
+    fn next_search(
+        &mut self,
+        rt: &Arc<BindingRuntime>,
+        consumer: &PullConsumer,
+        held: &HashMap<HeldId, Held>,
+    ) {
+        if self.search.is_some() {
+            return;
+        }
+        let Some(lost) = self.waiting.pop_front() else {
+            return;
+        };
+        let mut skip: HashSet<u64> = held
+            .keys()
+            .filter(|id| id.inlet == Inlet::App)
+            .map(|id| id.seq)
+            .collect();
+        skip.extend(self.tracker.rescued_seqs());
+        let sample = self.tracker.sample().map(str::to_owned);
+        self.search = Some(Box::pin(search(
+            rt.clone(),
+            consumer.clone(),
+            lost,
+            skip,
+            sample,
+        )));
+    }
+}
+
+/// Reads the messages of a loss from the stream's leader, as deliveries settled on built ack
+/// subjects: every unseen one of a [`rescue::Lost::Range`], the unreadable ones of a
+/// [`rescue::Lost::Unreadable`] (the others come again by themselves). Gives up (logged) when the
+/// stream cannot be read; the messages then come again after their ack wait.
+async fn search(
+    rt: Arc<BindingRuntime>,
+    mut consumer: PullConsumer,
+    lost: rescue::Lost,
+    skip: HashSet<u64>,
+    sample: Option<String>,
+) -> Vec<Delivery> {
+    let (from, to, count, unreadable_only) = match lost {
+        rescue::Lost::Range { from, to, count } => (from, to, count, false),
+        rescue::Lost::Unreadable { to } => match consumer.info().await {
+            Ok(info) => (
+                info.ack_floor.stream_sequence.saturating_add(1),
+                to,
+                u64::MAX,
+                true,
+            ),
+            Err(error) => {
+                tracing::warn!(%error, "Consumer state unknown; lost deliveries not looked for.");
+                return Vec::new();
+            }
+        },
+    };
+    let name = consumer.cached_info().name.clone();
+    // With one filter subject the server skips the stream's other subjects.
+    let by_subject = match rt.cfg.subjects.as_slice() {
+        [one] => Some(one.as_str()),
+        _ => None,
+    };
+    let mut found = Vec::new();
+    let (mut seq, mut reads, mut failures) = (from, 0, 0);
+    while seq <= to && reads < rescue::MAX_READ && (found.len() as u64) < count {
+        if rt.shutdown.is_cancelled() {
+            break;
+        }
+        reads += 1;
+        let m = match rescue::get(&rt.client, &rt.cfg.stream, seq, by_subject).await {
+            Ok(Some(m)) => m,
+            Ok(None) if by_subject.is_some() => break,
+            Ok(None) => {
+                seq += 1;
+                continue;
+            }
+            Err(error) => {
+                failures += 1;
+                tracing::warn!(%error, seq, "Cannot read a lost delivery yet.");
+                if failures >= 5 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        seq = m.seq + 1;
+        let ours = rt
+            .cfg
+            .subjects
+            .iter()
+            .any(|f| repair_rules::rules::subject::matches(f, &m.subject));
+        if m.seq > to || !ours || skip.contains(&m.seq) {
+            if m.seq > to {
+                break;
+            }
+            continue;
+        }
+        let problem = m.header_block.as_deref().and_then(rescue::header_problem);
+        if unreadable_only && problem.is_none() {
+            continue;
+        }
+        let headers = m.header_block.as_deref().map(rescue::lenient_headers);
+        let unreadable = match (problem, m.header_block) {
+            (Some(why), Some(raw)) => Some(Box::new(rescue::Unreadable { why, raw })),
+            _ => None,
+        };
+        tracing::warn!(
+            seq = m.seq,
+            unreadable = unreadable.as_ref().map(|u| u.why.as_str()),
+            "Lost delivery read from the stream."
+        );
+        let reply = ack::Reply::new(
+            rescue::ack_subject(sample.as_deref(), &rt.cfg.stream, &name, 1, m.seq, 0),
+            rt.epoch.current(),
+        );
+        found.push(Delivery {
+            payload: m.payload,
+            headers,
+            meta: DeliveryMeta {
+                service: rt.service.clone(),
+                lineage: LineageId::new(rt.cfg.stream.clone(), m.seq),
+                key: None,
+                attempt: 1,
+                subject: m.subject,
+                published: m.time,
+                repaired_by: None,
+                resubmitted_by: None,
+            },
+            history: Vec::new(),
+            source: Source::Consumer {
+                id: HeldId {
+                    inlet: Inlet::App,
+                    seq: m.seq,
+                },
+                reply,
+            },
+            unreadable,
+        });
+    }
+    found
+}
+
+/// The app stream's own connection. A message whose header block the NATS client cannot parse
+/// takes down the connection it arrives on (see [`crate::rescue`]): on this one, that costs only the
+/// pull, never the acks, publishes and leases of the main connection. When the connection's task
+/// died, a new connection replaces it.
+pub struct Puller {
+    connector: Arc<crate::nats::Connector>,
+    stream: String,
+    consumer: String,
+    client: Option<Client>,
+}
+
+/// How long a connection may take to answer a flush before it counts as dead.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Puller {
+    pub fn new(connector: Arc<crate::nats::Connector>, stream: &str, consumer: &str) -> Self {
+        Self {
+            connector,
+            stream: stream.to_owned(),
+            consumer: consumer.to_owned(),
+            client: None,
+        }
+    }
+
+    /// Opens a pull stream (`batch` messages per request) on the pull connection, connecting anew
+    /// when it died, retrying with backoff until it opens or `shutdown` is cancelled (then `None`).
+    pub async fn open(&mut self, batch: usize, shutdown: &CancellationToken) -> Option<PullStream> {
+        let mut pause = crate::publish::RETRY_MIN;
+        loop {
+            if let Some(client) = &self.client {
+                let flushed = tokio::time::timeout(FLUSH_TIMEOUT, client.flush()).await;
+                if !matches!(flushed, Ok(Ok(()))) {
+                    tracing::warn!("The app stream's connection does not answer; connecting anew.");
+                    self.client = None;
+                }
+            }
+            if self.client.is_none() {
+                match self.connector.connect().await {
+                    Ok(client) => self.client = Some(client),
+                    Err(error) => tracing::warn!(%error, "Cannot connect for the app stream yet."),
+                }
+            }
+            if let Some(client) = &self.client {
+                let js = jetstream::new(client.clone());
+                let consumer = js
+                    .get_stream_no_info(&self.stream)
+                    .await
+                    .map_err(anyhow::Error::from);
+                let consumer = match consumer {
+                    Ok(stream) => stream
+                        .get_consumer::<async_nats::jetstream::consumer::pull::Config>(
+                            &self.consumer,
+                        )
+                        .await
+                        .map_err(|e| anyhow::anyhow!("{e}")),
+                    Err(e) => Err(e),
+                };
+                let opened = match consumer {
+                    Ok(consumer) => consumer
+                        .stream()
+                        .max_messages_per_batch(batch)
+                        .heartbeat(crate::nats::PULL_HEARTBEAT)
+                        .messages()
+                        .await
+                        .map_err(anyhow::Error::from),
+                    Err(e) => Err(e),
+                };
+                match opened {
+                    Ok(stream) => return Some(stream),
+                    Err(error) => {
+                        tracing::warn!(error = format!("{error:#}"), "Cannot pull yet; retrying.")
+                    }
+                }
+            }
+            if crate::publish::back_off(shutdown, &mut pause)
+                .await
+                .is_err()
+            {
+                return None;
             }
         }
-        None => lanes.push(key, Work::Message(d)),
     }
 }
 
@@ -623,15 +1038,17 @@ pub(crate) fn hold(
 /// header, no such member, or `null`: delivered unordered); an error saying why when it may have
 /// one that cannot be read (a payload that is not JSON or nests deeper than the JSON reader goes, a
 /// member that is an object or an array).
-pub fn key_of(source: &KeySource, msg: &Message) -> Result<Option<MessageKey>, String> {
+pub fn key_of(
+    source: &KeySource,
+    headers: Option<&async_nats::HeaderMap>,
+    payload: &[u8],
+) -> Result<Option<MessageKey>, String> {
     let key = match source {
-        KeySource::Header(name) => msg
-            .headers
-            .as_ref()
+        KeySource::Header(name) => headers
             .and_then(|h| h.get(name.as_str()))
             .map(|v| v.as_str().to_owned()),
         KeySource::Json(pointer) => {
-            let value = serde_json::from_slice::<serde_json::Value>(&msg.payload).map_err(|e| {
+            let value = serde_json::from_slice::<serde_json::Value>(payload).map_err(|e| {
                 format!("the payload is not JSON ({e}), so its key {pointer} cannot be read")
             })?;
             match value.pointer(pointer) {
@@ -651,7 +1068,7 @@ pub fn key_of(source: &KeySource, msg: &Message) -> Result<Option<MessageKey>, S
         }
     };
     if key.is_none() {
-        tracing::debug!(subject = %msg.subject, "Message has no key; delivered without order.");
+        tracing::debug!("Message has no key; delivered without order.");
     }
     Ok(key.map(MessageKey))
 }
@@ -832,6 +1249,20 @@ async fn message(rt: &BindingRuntime, key: Option<&MessageKey>, d: Delivery) -> 
 /// answer asks for: nothing, an envelope for the processor or the dashboard, or a `dropped`
 /// announcement. It is not settled here.
 pub(crate) async fn deliver(rt: &BindingRuntime, d: &Delivery) -> Result<Outcome, Settle> {
+    if let Some(unreadable) = &d.unreadable {
+        // Its headers cannot be passed on as they are: a person decides.
+        tracing::warn!(
+            why = unreadable.why,
+            "NATS headers unreadable; parking the message."
+        );
+        let mut error = FailureError::bare(ErrorKind::Message, None);
+        error.code = Some(UNREADABLE_HEADERS.to_owned());
+        error.title = Some("the message's NATS headers cannot be read".to_owned());
+        error.detail = Some(unreadable.why.clone());
+        delegate::failure(rt, d, error, Destination::Unreadable).await?;
+        rt.metrics.parked.increment(1);
+        return Ok(Outcome::Unresolved);
+    }
     let mut tries = 0;
     let mut pause = rt.cfg.backoff_initial;
     loop {

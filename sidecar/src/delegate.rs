@@ -27,6 +27,8 @@ pub enum Destination {
     /// MEND_PARKED, because the message cannot be delivered in its key's order: the binding's key
     /// cannot be read from it.
     Unkeyable,
+    /// MEND_PARKED, because its NATS headers cannot be read (and so not passed on as they are).
+    Unreadable,
 }
 
 /// Publishes the envelope of `d` with `error` to `to` and announces it. Returns once both are stored.
@@ -42,6 +44,15 @@ pub async fn failure(
             subjects::parked(&rt.service),
             "parked",
             Some("the app asked to park it (Mend-Action: park)".to_owned()),
+        ),
+        Destination::Unreadable => (
+            subjects::parked(&rt.service),
+            "parked",
+            Some(
+                "its NATS headers cannot be read, so it cannot be passed on as it was sent: its \
+                 header block is kept (headers_base64); fix and resubmit, or discard it"
+                    .to_owned(),
+            ),
         ),
         Destination::Unkeyable => (
             subjects::parked(&rt.service),
@@ -176,6 +187,10 @@ fn envelope(
         payload,
         payload_base64,
         payload_ref: None,
+        headers_base64: d
+            .unreadable
+            .as_ref()
+            .map(|u| base64::engine::general_purpose::STANDARD.encode(&u.raw)),
         error: error.clone(),
         attempt: d.meta.attempt,
         first_failed_at: d

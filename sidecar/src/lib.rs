@@ -39,6 +39,7 @@ pub mod nats;
 pub mod processor;
 pub mod publish;
 pub mod release;
+pub mod rescue;
 pub mod retry;
 pub mod rules_cli;
 pub mod rules_live;

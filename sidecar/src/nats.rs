@@ -171,6 +171,27 @@ pub async fn connect(
     Ok(client)
 }
 
+/// What it takes to open another connection like a role's own (the sidecar pulls each app stream
+/// on a connection of its own).
+#[derive(Debug, Clone)]
+pub struct Connector {
+    pub url: String,
+    pub cfg: NatsConfig,
+    pub name: String,
+}
+
+impl Connector {
+    pub async fn connect(&self) -> Result<Client, ConnectError> {
+        connect(
+            &self.url,
+            &self.cfg,
+            &self.name,
+            &crate::ack::Epoch::default(),
+        )
+        .await
+    }
+}
+
 /// The start of every role: connect, then make sure mend's streams and buckets exist, waiting while
 /// a cluster elects its leaders (`Stopped` if `shutdown` comes first).
 pub async fn start(
@@ -297,7 +318,7 @@ where
 }
 
 /// Idle heartbeat of pull requests: a silent server is noticed within twice this.
-const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
+pub(crate) const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
 
 /// Opens a pull stream on `consumer` (`batch` messages per request), retrying with backoff while
 /// NATS is unreachable, until it opens or `shutdown` is cancelled (then `None`).

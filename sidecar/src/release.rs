@@ -6,6 +6,7 @@
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::message::StreamMessage;
+use base64::Engine as _;
 use repair_rules::headers as h;
 use repair_rules::holds::{
     self as protocol, Change, Hold, HoldState, Origin, Outcome, ReleaseStep,
@@ -369,14 +370,29 @@ fn queued(rt: &BindingRuntime, msg: StreamMessage) -> Delivery {
     let fallback = LineageId::new("MEND_HOLD", msg.sequence);
     let (meta, history) =
         crate::retry::meta_from(rt, Some(&msg.headers), msg.subject.as_str(), 1, fallback);
+    // A message whose own header block could not be read keeps that block in a header of its copy.
+    let unreadable = header(&msg.headers, MEND_UNREADABLE_HEADERS)
+        .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
+        .map(|raw| {
+            let why = crate::rescue::header_problem(&raw)
+                .unwrap_or_else(|| "its header block was unreadable".to_owned());
+            Box::new(crate::rescue::Unreadable {
+                why,
+                raw: raw.into(),
+            })
+        });
     Delivery {
         payload: msg.payload,
         headers: Some(msg.headers),
         meta,
         history,
         source: Source::Queue { seq: msg.sequence },
+        unreadable,
     }
 }
+
+/// In a hold queue, the header block (base64) of a message whose own headers could not be read.
+const MEND_UNREADABLE_HEADERS: &str = "Mend-Unreadable-Headers";
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).map(|v| v.as_str())
@@ -418,6 +434,10 @@ fn held_headers(d: &Delivery) -> HeaderMap {
     }
     if let Some(by) = &m.resubmitted_by {
         out.insert(h::MEND_RESUBMITTED_BY, by.as_str());
+    }
+    if let Some(unreadable) = &d.unreadable {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&unreadable.raw);
+        out.insert(MEND_UNREADABLE_HEADERS, b64.as_str());
     }
     if !d.history.is_empty() {
         out.insert(

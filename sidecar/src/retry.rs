@@ -705,6 +705,7 @@ pub(crate) fn admit(
                 meta,
                 history,
                 source: Source::Consumer { id, reply },
+                unreadable: None,
             };
             // A retry may be its held key's head: it goes before the key's newer messages (which
             // would only be held behind it) and ahead of other keys' turns.
@@ -852,6 +853,7 @@ async fn park_unroutable(router: &Router, msg: Message, detail: &str) {
         payload,
         payload_base64,
         payload_ref: None,
+        headers_base64: None,
         error,
         attempt,
         first_failed_at,

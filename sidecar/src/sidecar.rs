@@ -128,6 +128,8 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
     }
 
     let shared = Arc::new(Shared {
+        nats_url: config.nats_url.clone(),
+        nats: config.nats.clone(),
         service: config.service.clone(),
         owner: owner(),
         lease_ttl: config.lease_ttl,
@@ -177,6 +179,8 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
 
 /// What every binding's supervisor shares.
 struct Shared {
+    nats_url: String,
+    nats: crate::config::NatsConfig,
     service: String,
     /// Names this instance in the leases it holds: host and process id.
     owner: String,
@@ -338,6 +342,11 @@ async fn consume_while_owned(
         circuit,
         shutdown: run.clone(),
         shutdown_timeout: sh.shutdown_timeout,
+        connector: Arc::new(nats::Connector {
+            url: sh.nats_url.clone(),
+            cfg: sh.nats.clone(),
+            name: format!("mend-sidecar-{}-{}-pull", sh.service, cfg.name),
+        }),
         metrics,
         holds,
     });

@@ -176,3 +176,57 @@ pub async fn consumer_drained(
     })
     .await
 }
+
+/// Publishes one message the way any producer may, on a raw protocol connection (`HPUB`) of its
+/// own: `header_lines` go into the header block as they are (`name: value\r\n` each, any bytes),
+/// which no NATS client library would let through. Returns once the server answered a PING after
+/// it, so the message is in the stream when the subject is bound to one.
+pub async fn publish_raw(
+    port: u16,
+    subject: &str,
+    header_lines: &[&[u8]],
+    payload: &[u8],
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut conn = BufReader::new(stream);
+    let mut line = String::new();
+    conn.read_line(&mut line).await?; // INFO
+    anyhow::ensure!(
+        line.starts_with("INFO"),
+        "no INFO from the server: {line:?}"
+    );
+    let mut block = b"NATS/1.0\r\n".to_vec();
+    for h in header_lines {
+        block.extend_from_slice(h);
+        block.extend_from_slice(b"\r\n");
+    }
+    block.extend_from_slice(b"\r\n");
+    let mut out =
+        b"CONNECT {\"verbose\":false,\"pedantic\":false,\"headers\":true,\"protocol\":1}\r\n"
+            .to_vec();
+    out.extend_from_slice(
+        format!(
+            "HPUB {subject} {} {}\r\n",
+            block.len(),
+            block.len() + payload.len()
+        )
+        .as_bytes(),
+    );
+    out.extend_from_slice(&block);
+    out.extend_from_slice(payload);
+    out.extend_from_slice(b"\r\nPING\r\n");
+    conn.get_mut().write_all(&out).await?;
+    loop {
+        line.clear();
+        if conn.read_line(&mut line).await? == 0 {
+            anyhow::bail!("the server closed the raw connection");
+        }
+        if line.starts_with("-ERR") {
+            anyhow::bail!("the server refused the raw publish: {line}");
+        }
+        if line.starts_with("PONG") {
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! Poison tolerance (SPEC §8.5): messages published by a raw-protocol producer with header bytes
+//! mend's NATS client cannot read. Each ends parked with its header block kept, its key held
+//! behind it, and every other key (and the messages lost in transit with it) keeps flowing long
+//! before any ack wait runs out.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use mend_e2e::js::{self, Out};
+use mend_e2e::world::{KEY_HEADER, World};
+use serde_json::json;
+
+/// Far longer than the test may take: nothing may wait for a redelivery.
+const ACK_WAIT: &str = "ack_wait = \"120s\"";
+/// How long everything may take.
+const PROMPT: Duration = Duration::from_secs(30);
+
+fn keyed(key: &str, n: u64) -> Out {
+    Out::keyed("app.created", KEY_HEADER, key, json!({"key": key, "n": n}))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_headers_are_parked_and_nothing_else_stalls() -> anyhow::Result<()> {
+    let w = World::new().await?;
+    let s = w.sidecar(&w.keyed_config("px", ACK_WAIT)).await?;
+    let port = w.nats.port();
+    js::publish_all(&w.js, vec![keyed("k1", 0)]).await?;
+    w.app
+        .wait_for("the first delivery", PROMPT, |log| !log.is_empty())
+        .await?;
+
+    // A value that is not UTF-8 (Latin-1 é): the client drops its connection on it.
+    js::publish_raw(
+        port,
+        "app.created",
+        &[b"Account-Id: k1", b"Customer: Jos\xe9"],
+        br#"{"key": "k1", "n": 1}"#,
+    )
+    .await?;
+    let after = js::publish_all(&w.js, vec![keyed("k1", 2), keyed("k2", 3)]).await?;
+    // A bare CR inside a value: the client's connection task panics on it.
+    js::publish_raw(
+        port,
+        "app.created",
+        &[b"Account-Id: k3", b"Note: ab\rcd"],
+        br#"{"key": "k3", "n": 4}"#,
+    )
+    .await?;
+    js::publish_all(&w.js, vec![keyed("k3", 5), keyed("k4", 6), keyed("k5", 7)]).await?;
+
+    // Every other key flows, well within the ack wait.
+    let log = w
+        .app
+        .wait_for("k2, k4 and k5 delivered", PROMPT, |log| {
+            [3, 6, 7]
+                .iter()
+                .all(|n| log.iter().any(|d| d.field("n") == Some(&json!(n))))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:#}\nsidecar log:\n{}", s.log()))?;
+    let ns: Vec<_> = log.iter().filter_map(|d| d.field("n").cloned()).collect();
+    for poisoned in [1, 4] {
+        assert!(
+            !ns.contains(&json!(poisoned)),
+            "a poison message was delivered: {ns:?}"
+        );
+    }
+
+    // Both are parked with their header blocks, and their keys hold what came after them.
+    let parked = mend_e2e::wait::until("two parked", PROMPT, || async {
+        let p = js::parked(&w.js, "px").await?;
+        Ok((p.len() >= 2).then_some(p))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e:#}\nsidecar log:\n{}", s.log()))?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    for (e, key, raw) in [
+        (&parked[0], "k1", &b"Customer: Jos\xe9"[..]),
+        (&parked[1], "k3", &b"Note: ab\rcd"[..]),
+    ] {
+        assert_eq!(e.key.as_deref(), Some(key));
+        assert_eq!(e.error.code.as_deref(), Some("mend_unreadable_headers"));
+        let block = b64.decode(e.headers_base64.as_deref().expect("header block"))?;
+        assert!(block.windows(raw.len()).any(|w| w == raw), "{block:?}");
+        assert_eq!(e.headers["Account-Id"], vec![key.to_owned()]);
+        assert!(e.payload["n"].is_u64());
+    }
+    // k1's and k3's later messages wait behind their parked heads.
+    assert!(!ns.contains(&json!(2)) && !ns.contains(&json!(5)), "{ns:?}");
+    let held = js::read_all(
+        &w.js,
+        "MEND_HOLD",
+        &format!(
+            "mend.hold.px.{}",
+            repair_rules::MessageKey("k1".into()).token()
+        ),
+    )
+    .await?;
+    assert_eq!(held.len(), 1);
+    assert_eq!(after.len(), 2);
+    js::consumer_drained(&w.js, "APP", "mend-px-px", PROMPT).await?;
+    if std::env::var_os("SHOW_LOG").is_some() {
+        eprintln!("{}", s.log());
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bare_cr_kills_only_the_pull_connection_which_is_rebuilt() -> anyhow::Result<()> {
+    let w = World::new().await?;
+    let s = w.sidecar(&w.keyed_config("cr", ACK_WAIT)).await?;
+    js::publish_all(&w.js, vec![keyed("a", 0)]).await?;
+    w.app
+        .wait_for("the first delivery", PROMPT, |log| !log.is_empty())
+        .await?;
+    // Alone on an idle connection: it reaches the client, whose connection task dies on it.
+    js::publish_raw(
+        w.nats.port(),
+        "app.created",
+        &[b"Account-Id: b", b"Note: line\rbreak"],
+        br#"{"key": "b", "n": 1}"#,
+    )
+    .await?;
+    let parked = mend_e2e::wait::until("the poison parked", PROMPT, || async {
+        Ok(js::parked(&w.js, "cr").await?.pop())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e:#}\nsidecar log:\n{}", s.log()))?;
+    assert_eq!(
+        parked.error.code.as_deref(),
+        Some("mend_unreadable_headers")
+    );
+    assert!(
+        parked
+            .error
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("bare CR")),
+        "{parked:?}"
+    );
+    // A header value with a NUL is readable: delivered like any message.
+    js::publish_raw(
+        w.nats.port(),
+        "app.created",
+        &[b"Account-Id: c", b"Note: nul\x00here"],
+        br#"{"key": "c", "n": 2}"#,
+    )
+    .await?;
+    // The sidecar pulls again (a new connection) and the acks of the main one went on.
+    js::publish_all(&w.js, (3..13).map(|n| keyed(&format!("k{n}"), n)).collect()).await?;
+    w.app
+        .wait_for("everything else delivered", PROMPT, |log| {
+            (2..13).all(|n| log.iter().any(|d| d.field("n") == Some(&json!(n))))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:#}\nsidecar log:\n{}", s.log()))?;
+    js::consumer_drained(&w.js, "APP", "mend-cr-cr", PROMPT).await?;
+    if std::env::var_os("SHOW_LOG").is_some() {
+        eprintln!("{}", s.log());
+    }
+    assert!(
+        s.log().contains("connecting anew") || s.log().contains("Deliveries lost"),
+        "{}",
+        s.log()
+    );
+    Ok(())
+}
