@@ -121,7 +121,8 @@ pub async fn resubmit(
     headers.insert(h::MEND_RESUBMITTED_BY, h::encode_value(&who.name).as_ref());
     headers.insert(h::MEND_ORIGINAL_SUBJECT, env.subject.as_str());
     if let Some(key) = &env.key {
-        headers.insert(h::MEND_KEY, h::encode_value(key).as_ref());
+        let (name, value) = h::key_header(&repair_rules::MessageKey(key.clone()));
+        headers.insert(name, value.as_str());
     }
     headers.insert(
         MEND_HISTORY,

@@ -2,8 +2,27 @@
 
 /// The lineage id `<stream>:<sequence>` of the original message; the app's idempotency key.
 pub const MEND_ID: &str = "Mend-Id";
-/// The business key of the message, when its binding has one.
+/// The business key of the message, when its binding has one (percent-encoded, see
+/// [`encode_value`]), if it fits in [`MAX_KEY_HEADER_BYTES`]; a longer key is named by
+/// [`MEND_KEY_TOKEN`] instead.
 pub const MEND_KEY: &str = "Mend-Key";
+/// The key token (`H` + SHA-256) of a key too long for [`MEND_KEY`]: JetStream refuses header blocks
+/// over 64 KiB and many HTTP servers headers over a few KiB. The key itself travels in the failure
+/// envelope, the hold entry and the message.
+pub const MEND_KEY_TOKEN: &str = "Mend-Key-Token";
+/// The longest `Mend-Key` value (after percent-encoding).
+pub const MAX_KEY_HEADER_BYTES: usize = 4096;
+
+/// How a key is named in headers: `(MEND_KEY, encoded key)` when it fits, else
+/// `(MEND_KEY_TOKEN, its digest token)`.
+pub fn key_header(key: &crate::MessageKey) -> (&'static str, String) {
+    let encoded = encode_value(key.as_str());
+    if encoded.len() <= MAX_KEY_HEADER_BYTES {
+        (MEND_KEY, encoded.into_owned())
+    } else {
+        (MEND_KEY_TOKEN, key.token())
+    }
+}
 /// The service whose sidecar delivered the message.
 pub const MEND_SERVICE: &str = "Mend-Service";
 /// How many deliveries of this lineage the app has seen, counting this one (1 for the original).

@@ -19,8 +19,8 @@ use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::consumer::pull::Stream as PullStream;
 use async_nats::jetstream::{self, Message};
 use bytes::Bytes;
-use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use metrics::{Counter, Gauge, Histogram};
 use repair_rules::holds::{self as protocol, HoldState, Origin, Outcome, Route};
 use repair_rules::{ErrorKind, FailureError, HistoryEntry, LineageId, MessageKey};
@@ -425,7 +425,16 @@ pub async fn run(
             }
             _ = rt.shutdown.cancelled(), if !stopping => {
                 stopping = true;
+                // What the pull brought and the loop has not taken yet enters its lane, to be
+                // handed back below; what was delivered but never arrived is handed back by its
+                // stream sequence once the pull has stopped.
+                while let Some(Some(next)) = messages.as_mut().and_then(|m| m.next().now_or_never()) {
+                    if let Ok(msg) = next {
+                        admit(&rt, msg, &mut lanes, &mut held, &mut quarantine, &mut lost);
+                    }
+                }
                 messages = None;
+                hand_back_unarrived(&rt, &puller, &mut info_consumer, &lost.tracker).await;
                 // Retries and commands routed here and not yet taken go back at once too.
                 if let Some(mut inbound) = retries.take() {
                     inbound.close();
@@ -568,6 +577,58 @@ pub async fn run(
         if stopping && running.is_empty() {
             return;
         }
+    }
+}
+
+/// Most deliveries handed back by their stream sequence when a pull stops: more are left to their
+/// ack wait.
+const HAND_BACK_UNARRIVED_MAX: u64 = 10_000;
+
+/// Once the pull has stopped (its subscription dropped), hands back what the consumer delivered
+/// to this instance that never arrived: first deliveries come in stream order, so every stream
+/// sequence past the highest one received, up to the consumer's delivered sequence, was on its way
+/// (a sequence the consumer does not hold pending is ignored by the server). Without this, such
+/// messages would wait out their ack wait before another instance (or the next run) gets them.
+async fn hand_back_unarrived(
+    rt: &BindingRuntime,
+    puller: &Puller,
+    consumer: &mut PullConsumer,
+    tracker: &rescue::Tracker,
+) {
+    // The flush's answer comes after the server has taken the unsubscribe: nothing more is sent.
+    if let Some(client) = &puller.client {
+        let _ = tokio::time::timeout(FLUSH_TIMEOUT, client.flush()).await;
+    }
+    let info = match tokio::time::timeout(FLUSH_TIMEOUT, consumer.info()).await {
+        Ok(Ok(info)) => info.clone(),
+        _ => {
+            tracing::debug!(
+                "Consumer state unavailable; unarrived deliveries wait for their ack wait."
+            );
+            return;
+        }
+    };
+    let to = info.delivered.stream_sequence;
+    let from = tracker.high().saturating_add(1);
+    if to < from || info.num_ack_pending == 0 {
+        return;
+    }
+    let to = to.min(from.saturating_add(HAND_BACK_UNARRIVED_MAX - 1));
+    tracing::info!(
+        from,
+        to,
+        "Handing back deliveries that were still on their way."
+    );
+    for sseq in from..=to {
+        let subject = rescue::ack_subject(
+            tracker.sample(),
+            &rt.cfg.stream,
+            &info.name,
+            1,
+            sseq,
+            info.delivered.consumer_sequence,
+        );
+        ack::hand_back(&rt.client, &ack::Reply::new(subject, rt.epoch.current())).await;
     }
 }
 
@@ -802,12 +863,13 @@ impl Lost {
             .collect();
         skip.extend(self.tracker.rescued_seqs());
         let sample = self.tracker.sample().map(str::to_owned);
+        let cseq = self.tracker.last_cseq().unwrap_or(0);
         self.search = Some(Box::pin(search(
             rt.clone(),
             consumer.clone(),
             lost,
             skip,
-            sample,
+            (sample, cseq),
         )));
     }
 }
@@ -821,7 +883,7 @@ async fn search(
     mut consumer: PullConsumer,
     lost: rescue::Lost,
     skip: HashSet<u64>,
-    sample: Option<String>,
+    (sample, cseq): (Option<String>, u64),
 ) -> Vec<Delivery> {
     let (from, to, count, unreadable_only) = match lost {
         rescue::Lost::Range { from, to, count } => (from, to, count, false),
@@ -895,7 +957,7 @@ async fn search(
             "Lost delivery read from the stream."
         );
         let reply = ack::Reply::new(
-            rescue::ack_subject(sample.as_deref(), &rt.cfg.stream, &name, 1, m.seq, 0),
+            rescue::ack_subject(sample.as_deref(), &rt.cfg.stream, &name, 1, m.seq, cseq),
             rt.epoch.current(),
         );
         found.push(Delivery {

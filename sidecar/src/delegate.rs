@@ -221,7 +221,8 @@ fn envelope_headers(d: &Delivery) -> async_nats::HeaderMap {
     headers.insert(h::MEND_SERVICE, d.meta.service.as_str());
     headers.insert(h::MEND_ORIGINAL_SUBJECT, d.meta.subject.as_str());
     if let Some(key) = &d.meta.key {
-        headers.insert(h::MEND_KEY, h::encode_value(key.as_str()).as_ref());
+        let (name, value) = h::key_header(key);
+        headers.insert(name, value.as_str());
     }
     for name in [h::TRACEPARENT, h::TRACESTATE] {
         if let Some(v) = d.headers.as_ref().and_then(|m| m.get(name)) {

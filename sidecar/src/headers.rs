@@ -119,9 +119,16 @@ pub fn app_request(
     );
     out.insert(HeaderName::from_static("mend-original-subject"), subject);
     if let Some(key) = &meta.key {
-        let key = encode(key.as_str());
-        out.insert(HeaderName::from_static("ce-subject"), key.clone());
-        out.insert(HeaderName::from_static("mend-key"), key);
+        match h::key_header(key) {
+            (h::MEND_KEY, _) => {
+                let key = encode(key.as_str());
+                out.insert(HeaderName::from_static("ce-subject"), key.clone());
+                out.insert(HeaderName::from_static("mend-key"), key);
+            }
+            (_, token) => {
+                out.insert(HeaderName::from_static("mend-key-token"), encode(&token));
+            }
+        }
     }
     if let Some(rules) = &meta.repaired_by {
         out.insert(HeaderName::from_static("mend-repaired-by"), encode(rules));

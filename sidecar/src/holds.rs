@@ -186,6 +186,15 @@ impl Holds {
         }
     }
 
+    /// The key whose token is `token`, if it has an entry (long keys' tokens are digests).
+    pub fn key_of_token(&self, token: &str) -> Option<MessageKey> {
+        self.state()
+            .entries
+            .keys()
+            .find(|k| k.token() == token)
+            .cloned()
+    }
+
     /// The entry of `key`, if it has one.
     pub fn get(&self, key: &MessageKey) -> Option<Hold> {
         self.state().entries.get(key).map(|c| c.hold.clone())

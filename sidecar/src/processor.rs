@@ -319,7 +319,8 @@ async fn retry(
     headers.insert(h::MEND_REPAIRED_BY, repaired_by.join(",").as_str());
     headers.insert(h::MEND_ORIGINAL_SUBJECT, envelope.subject.as_str());
     if let Some(key) = &envelope.key {
-        headers.insert(h::MEND_KEY, h::encode_value(key).as_ref());
+        let (name, value) = h::key_header(&repair_rules::MessageKey(key.clone()));
+        headers.insert(name, value.as_str());
     }
     headers.insert(
         MEND_HISTORY,

@@ -79,13 +79,21 @@ pub async fn durably(
                     duplicate: ack.duplicate,
                 });
             }
-            Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+            Err(e)
+                if e.kind() == PublishErrorKind::MaxPayloadExceeded || refused_as_too_large(&e) =>
+            {
                 return Ok(Published::TooLarge);
             }
             Err(error) => tracing::warn!(%error, subject, "Publish not acknowledged; retrying."),
         }
         back_off(shutdown, &mut pause).await?;
     }
+}
+
+/// JetStream's refusals of a message for its size, which no retry changes: a header block over
+/// 64 KiB (10097), a message over the stream's own `max_msg_size` (10054).
+fn refused_as_too_large(error: &async_nats::jetstream::context::PublishError) -> bool {
+    crate::nats::api_error(error).is_some_and(|api| matches!(api.error_code().0, 10054 | 10097))
 }
 
 /// One announcement on `mend.events.<service>.<kind>`.

@@ -368,8 +368,14 @@ pub(crate) async fn command(
 /// A message of a hold queue as a delivery; its lineage and attempt come from its headers.
 fn queued(rt: &BindingRuntime, msg: StreamMessage) -> Delivery {
     let fallback = LineageId::new("MEND_HOLD", msg.sequence);
-    let (meta, history) =
-        crate::retry::meta_from(rt, Some(&msg.headers), msg.subject.as_str(), 1, fallback);
+    let (meta, history) = crate::retry::meta_from(
+        rt,
+        Some(&msg.headers),
+        &msg.payload,
+        msg.subject.as_str(),
+        1,
+        fallback,
+    );
     // A message whose own header block could not be read keeps that block in a header of its copy.
     let unreadable = header(&msg.headers, MEND_UNREADABLE_HEADERS)
         .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
@@ -427,7 +433,8 @@ fn held_headers(d: &Delivery) -> HeaderMap {
     out.insert(h::MEND_ATTEMPT, m.attempt.to_string().as_str());
     out.insert(h::MEND_ORIGINAL_SUBJECT, m.subject.as_str());
     if let Some(key) = &m.key {
-        out.insert(h::MEND_KEY, h::encode_value(key.as_str()).as_ref());
+        let (name, value) = h::key_header(key);
+        out.insert(name, value.as_str());
     }
     if let Some(by) = &m.repaired_by {
         out.insert(h::MEND_REPAIRED_BY, by.as_str());

@@ -193,7 +193,8 @@ pub async fn get(
 /// The ack subject of a delivery of stream sequence `sseq` to `consumer`: built like `sample` (a
 /// reply subject of an earlier delivery of the same consumer, in either format of ADR-15) with the
 /// delivery count and sequences replaced, else in the original nine-token format. The server finds
-/// the delivery by its stream sequence and takes the consumer sequence from its own record.
+/// the delivery by its stream sequence and takes the consumer sequence from its own record; a nak
+/// is ignored unless `cseq` is above the consumer's ack floor and at most its delivered sequence.
 pub fn ack_subject(
     sample: Option<&str>,
     stream: &str,
@@ -259,6 +260,18 @@ impl Tracker {
             last_cseq: delivered.map(|(cseq, _)| cseq),
             ..Self::default()
         }
+    }
+
+    /// The highest stream sequence received (or delivered before this instance started).
+    pub fn high(&self) -> u64 {
+        self.high
+    }
+
+    /// The consumer's delivery sequence of the latest delivery known, if any: a built ack subject
+    /// carries it, since the server ignores a nak whose delivery sequence is outside the range of
+    /// its pending deliveries (it takes the delivery's own sequence from its record otherwise).
+    pub fn last_cseq(&self) -> Option<u64> {
+        self.last_cseq
     }
 
     /// A reply subject to model built ack subjects on.

@@ -696,8 +696,14 @@ pub(crate) fn admit(
     match inbound {
         Inbound::Retry(msg) => {
             let fallback = LineageId::new(rt.cfg.stream.clone(), 0);
-            let (meta, history) =
-                meta_from(rt, msg.headers.as_ref(), msg.subject.as_str(), 2, fallback);
+            let (meta, history) = meta_from(
+                rt,
+                msg.headers.as_ref(),
+                &msg.payload,
+                msg.subject.as_str(),
+                2,
+                fallback,
+            );
             let key = meta.key.clone();
             let d = Delivery {
                 payload: msg.message.payload,
@@ -720,11 +726,40 @@ pub(crate) fn admit(
     }
 }
 
+/// The key a `Mend-Key-Token` stands for: a held key's (its hold entry has the key), else the key
+/// the binding reads from the message itself, if its token is the one given.
+fn key_of_token(
+    rt: &BindingRuntime,
+    token: &str,
+    headers: Option<&async_nats::HeaderMap>,
+    payload: &[u8],
+) -> Option<MessageKey> {
+    if let Some(key) = rt
+        .holds
+        .as_ref()
+        .and_then(|holds| holds.key_of_token(token))
+    {
+        return Some(key);
+    }
+    let source = rt.cfg.key.as_ref()?;
+    let key = consume::key_of(source, headers, payload).ok()??;
+    if key.token() == token {
+        Some(key)
+    } else {
+        tracing::warn!(
+            token,
+            "Mend-Key-Token names no key known here; delivered without order."
+        );
+        None
+    }
+}
+
 /// The delivery metadata and history of a message that carries its lineage in mend's headers (a
 /// routed retry, or a message of a hold queue); `min_attempt` is 2 for retries, 1 for held messages.
 pub(crate) fn meta_from(
     rt: &BindingRuntime,
     headers: Option<&async_nats::HeaderMap>,
+    payload: &[u8],
     subject: &str,
     min_attempt: u32,
     fallback: LineageId,
@@ -753,7 +788,9 @@ pub(crate) fn meta_from(
     let meta = DeliveryMeta {
         service: rt.service.clone(),
         lineage,
-        key: header(h::MEND_KEY).map(|k| MessageKey(h::decode_value(&k))),
+        key: header(h::MEND_KEY)
+            .map(|k| MessageKey(h::decode_value(&k)))
+            .or_else(|| key_of_token(rt, &header(h::MEND_KEY_TOKEN)?, headers, payload)),
         attempt,
         subject: header(h::MEND_ORIGINAL_SUBJECT).unwrap_or_else(|| subject.to_owned()),
         published: SystemTime::now(),

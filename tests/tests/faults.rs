@@ -185,7 +185,8 @@ async fn sigterm_finishes_in_flight_and_hands_back_the_rest() -> anyhow::Result<
                 .len()
                 >= 200
         })
-        .await?;
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:#}\nsidecar log:\n{}", sidecar.log()))?;
     js::consumer_drained(&w.js, "APP", "mend-term-term", Duration::from_secs(30)).await?;
     first_successes_in_order(&log).map_err(anyhow::Error::msg)?;
     Ok(())

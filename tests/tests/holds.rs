@@ -532,3 +532,88 @@ async fn holds_survive_a_sidecar_restart() -> anyhow::Result<()> {
     holds_cleared(&w, &w.js).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_of_4_and_64_kib_hold_and_release_in_order() -> anyhow::Result<()> {
+    // Spelled out in hold subjects and KV keys, such keys would pass nats-server's 4 KiB control
+    // line and close the sidecar's connection, and in a header JetStream's 64 KiB header limit:
+    // their key tokens are digests, and a key too long for `Mend-Key` is named by `Mend-Key-Token`.
+    let w = World::new().await?;
+    w.app.script(orders_app);
+    let p = processor(&w, "").await?;
+    let config = mend_e2e::mend::sidecar_config(
+        "orders",
+        &w.nats.url(),
+        "APP",
+        &["app.>"],
+        &w.app.endpoint(),
+        "key = { json = \"/account\" }",
+    );
+    let s = w.sidecar(&config).await?;
+    let keys = ["a".repeat(4000), "é".repeat(32 * 1024), "short".to_owned()];
+    let mut msgs = Vec::new();
+    for round in 0..3u64 {
+        for (i, key) in keys.iter().enumerate() {
+            let n = round * 10 + i as u64;
+            // Each key's first order is repairable: the key is held until its repair goes through.
+            let amount = if round == 0 { json!("12.5") } else { json!(3) };
+            msgs.push(Out {
+                subject: "app.created".into(),
+                headers: HeaderMap::new(),
+                payload: Bytes::from(
+                    json!({"key": format!("key{i}"), "account": key, "n": n, "amount": amount})
+                        .to_string(),
+                ),
+            });
+        }
+    }
+    js::publish_all(&w.js, msgs).await?;
+    let log = w
+        .app
+        .wait_for("every order delivered", TEST_TIMEOUT, |log| {
+            log.iter()
+                .filter(|d| d.ok())
+                .map(n_of)
+                .collect::<HashSet<_>>()
+                .len()
+                == 9
+        })
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{e:#}\nsidecar log:\n{}\nprocessor log:\n{}",
+                s.log(),
+                p.log()
+            )
+        })?;
+    for (i, key) in keys.iter().enumerate() {
+        let mine = |d: &&Delivery| d.field("key") == Some(&json!(format!("key{i}")));
+        let mut seen = HashSet::new();
+        let firsts: Vec<u64> = log
+            .iter()
+            .filter(|d| d.ok())
+            .filter(mine)
+            .map(n_of)
+            .filter(|n| seen.insert(*n))
+            .collect();
+        assert_eq!(
+            firsts,
+            vec![i as u64, 10 + i as u64, 20 + i as u64],
+            "key{i}"
+        );
+        let repaired = log
+            .iter()
+            .filter(mine)
+            .find(|d| d.ok() && n_of(d) == i as u64)
+            .expect("the repaired first order");
+        assert_eq!(repaired.header("mend-attempt"), Some("2"));
+        let token = repair_rules::MessageKey(key.clone()).token();
+        match repaired.header("mend-key") {
+            Some(sent) => assert_eq!(repair_rules::headers::decode_value(sent), *key),
+            None => assert_eq!(repaired.header("mend-key-token"), Some(token.as_str())),
+        }
+    }
+    assert!(!s.log().contains("maximum control line"), "{}", s.log());
+    holds_cleared(&w, &w.js).await?;
+    Ok(())
+}
