@@ -85,6 +85,7 @@ pub async fn resubmit(
     // The envelope as resubmitted: what the dashboard shows from now on.
     let mut sent = env.clone();
     sent.history.push(step);
+    repair_rules::envelope::bound_history(&mut sent.history, repair_rules::envelope::HISTORY_LIMIT);
     if let Some(text) = &edited {
         if is_json {
             sent.payload = serde_json::from_str(text).unwrap_or(Value::Null);

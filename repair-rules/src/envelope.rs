@@ -149,7 +149,47 @@ pub struct FailureError {
     pub body: Option<String>,
 }
 
+/// The most bytes a history keeps when it travels (`Mend-History`) or is stored in an envelope:
+/// its first step and the newest that fit, the ones between counted in one `omitted` step.
+pub const HISTORY_LIMIT: usize = 16 * 1024;
+
+/// The most bytes kept of an error's `title`, `detail` or `body`.
+pub const ERROR_TEXT_LIMIT: usize = crate::problem::BODY_LIMIT;
+
+/// The most bytes kept of an error's `type`, `code` or `field`.
+pub const ERROR_MEMBER_LIMIT: usize = 1024;
+
+/// `text` cut to at most `limit` bytes on a character boundary, marked with `…` when cut.
+fn cut(text: &mut String, limit: usize) {
+    if text.len() <= limit {
+        return;
+    }
+    let mut end = limit.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push('…');
+}
+
 impl FailureError {
+    /// Cuts every text member to its limit, so an app's (or a hand-made history's) error cannot
+    /// grow an envelope or a header without bound.
+    pub fn bound(&mut self) {
+        for (member, limit) in [
+            (&mut self.type_uri, ERROR_MEMBER_LIMIT),
+            (&mut self.code, ERROR_MEMBER_LIMIT),
+            (&mut self.field, ERROR_MEMBER_LIMIT),
+            (&mut self.title, ERROR_TEXT_LIMIT),
+            (&mut self.detail, ERROR_TEXT_LIMIT),
+            (&mut self.body, ERROR_TEXT_LIMIT),
+        ] {
+            if let Some(text) = member {
+                cut(text, limit);
+            }
+        }
+    }
+
     /// An error record with only a kind and status set.
     pub fn bare(kind: ErrorKind, status: Option<u16>) -> Self {
         Self {
@@ -177,9 +217,232 @@ pub struct HistoryEntry {
     pub note: Option<String>,
 }
 
+/// The header an envelope made to fit names the headers it left out in (a `Mend-` header, so a
+/// resubmission does not send it on).
+pub const OMITTED_HEADERS: &str = "Mend-Omitted-Headers";
+
+/// What an `omitted` step is called in a history.
+pub const OMITTED: &str = "omitted";
+
+/// Keeps `history` under `limit` bytes of JSON: each step's error and note cut to their limits,
+/// then the first step and the newest steps that fit, the ones between replaced by a single
+/// `omitted` step that counts them (and those an earlier cut counted). A history always keeps
+/// its first and its newest step.
+pub fn bound_history(history: &mut Vec<HistoryEntry>, limit: usize) {
+    for entry in history.iter_mut() {
+        if let Some(error) = &mut entry.error {
+            error.bound();
+        }
+        if let Some(note) = &mut entry.note {
+            cut(note, ERROR_TEXT_LIMIT);
+        }
+        cut(&mut entry.what, ERROR_MEMBER_LIMIT);
+        cut(&mut entry.by, ERROR_MEMBER_LIMIT);
+        cut(&mut entry.at, ERROR_MEMBER_LIMIT);
+    }
+    let size = |e: &HistoryEntry| serde_json::to_vec(e).map_or(0, |v| v.len() + 1);
+    let total: usize = history.iter().map(size).sum::<usize>() + 2;
+    if total <= limit || history.len() <= 2 {
+        return;
+    }
+    // Steps counted by an earlier cut are counted again.
+    let omitted_before: u64 = history
+        .iter()
+        .filter(|e| e.what == OMITTED && e.by == "mend")
+        .filter_map(|e| e.note.as_deref()?.split(' ').next()?.parse::<u64>().ok())
+        .sum();
+    let first = history.remove(0);
+    // Room for the first step, the marker and the brackets.
+    let mut room = limit.saturating_sub(size(&first) + 160);
+    let mut kept = Vec::new();
+    while let Some(last) = history.pop() {
+        let s = size(&last);
+        if !kept.is_empty() && s > room {
+            history.push(last);
+            break;
+        }
+        room = room.saturating_sub(s);
+        kept.push(last);
+    }
+    let dropped = history
+        .iter()
+        .filter(|e| !(e.what == OMITTED && e.by == "mend"))
+        .count() as u64;
+    let at = history
+        .last()
+        .map_or_else(|| first.at.clone(), |e| e.at.clone());
+    let mut bounded = vec![first];
+    let omitted = dropped + omitted_before;
+    if omitted > 0 {
+        bounded.push(HistoryEntry {
+            at,
+            what: OMITTED.to_owned(),
+            by: "mend".to_owned(),
+            error: None,
+            note: Some(format!(
+                "{omitted} steps left out to keep the history under {limit} bytes"
+            )),
+        });
+    }
+    bounded.extend(
+        kept.into_iter()
+            .rev()
+            .filter(|e| !(e.what == OMITTED && e.by == "mend")),
+    );
+    *history = bounded;
+}
+
+impl FailureEnvelope {
+    /// Shrinks the envelope until its JSON is at most `limit` bytes, where it can: its error cut,
+    /// its history bounded (to [`HISTORY_LIMIT`], then to its first and newest step), header
+    /// values cut, its reason cut. The payload is left as it is (a caller moves it out first).
+    /// Returns whether it fits now.
+    pub fn fit(&mut self, limit: usize) -> bool {
+        let fits = |e: &FailureEnvelope| serde_json::to_vec(e).is_ok_and(|v| v.len() <= limit);
+        self.error.bound();
+        bound_history(&mut self.history, HISTORY_LIMIT);
+        if let Some(reason) = &mut self.reason {
+            cut(reason, ERROR_TEXT_LIMIT);
+        }
+        if fits(self) {
+            return true;
+        }
+        for values in self.headers.values_mut() {
+            for v in values.iter_mut() {
+                cut(v, ERROR_MEMBER_LIMIT);
+            }
+        }
+        if fits(self) {
+            return true;
+        }
+        // The first headers up to a quarter of the limit stay; the others are counted.
+        let mut room = limit / 4;
+        let mut left_out = 0usize;
+        self.headers.retain(|name, values| {
+            let size = name.len() + values.iter().map(|v| v.len() + 4).sum::<usize>() + 8;
+            if size <= room {
+                room -= size;
+                true
+            } else {
+                left_out += values.len();
+                false
+            }
+        });
+        if left_out > 0 {
+            self.headers.insert(
+                OMITTED_HEADERS.to_owned(),
+                vec![format!(
+                    "{left_out} header values left out to fit the envelope"
+                )],
+            );
+        }
+        if fits(self) {
+            return true;
+        }
+        bound_history(&mut self.history, 0);
+        fits(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn step(i: usize, detail_len: usize) -> HistoryEntry {
+        let mut error = FailureError::bare(ErrorKind::Message, Some(422));
+        error.detail = Some("é".repeat(detail_len / 2));
+        HistoryEntry {
+            at: format!("2026-11-22T10:00:{i:02}Z"),
+            what: if i.is_multiple_of(2) { "delegated" } else { "repaired" }.into(),
+            by: format!("step-{i}"),
+            error: Some(error),
+            note: None,
+        }
+    }
+
+    fn json_len(history: &[HistoryEntry]) -> usize {
+        serde_json::to_vec(history).unwrap().len()
+    }
+
+    fn omitted_count(history: &[HistoryEntry]) -> u64 {
+        let marker = history.iter().find(|e| e.what == OMITTED).unwrap();
+        marker
+            .note
+            .as_deref()
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// A history grown past any message size is cut to its first step, a count of what was left
+    /// out, and its newest steps; cutting again counts what earlier cuts left out.
+    #[test]
+    fn a_grown_history_keeps_its_first_and_newest_steps_within_the_limit() {
+        let mut history: Vec<HistoryEntry> = (0..500).map(|i| step(i, 64 * 1024)).collect();
+        assert!(json_len(&history) > 1024 * 1024);
+        bound_history(&mut history, HISTORY_LIMIT);
+        assert!(
+            json_len(&history) <= HISTORY_LIMIT,
+            "{}",
+            json_len(&history)
+        );
+        assert_eq!(history[0].by, "step-0");
+        assert_eq!(history.last().unwrap().by, "step-499");
+        let kept = history.iter().filter(|e| e.by.starts_with("step-")).count() as u64;
+        assert_eq!(omitted_count(&history), 500 - kept);
+        // Each step's error was cut to its limit.
+        let detail = history[0].error.as_ref().unwrap().detail.as_ref().unwrap();
+        assert!(detail.len() <= ERROR_TEXT_LIMIT && detail.ends_with('…'));
+
+        history.extend((500..600).map(|i| step(i, 8 * 1024)));
+        bound_history(&mut history, HISTORY_LIMIT);
+        assert!(json_len(&history) <= HISTORY_LIMIT);
+        assert_eq!(history.iter().filter(|e| e.what == OMITTED).count(), 1);
+        let kept = history.iter().filter(|e| e.by.starts_with("step-")).count() as u64;
+        assert_eq!(omitted_count(&history), 600 - kept);
+        assert_eq!(history.last().unwrap().by, "step-599");
+
+        let mut short: Vec<HistoryEntry> = (0..3).map(|i| step(i, 10)).collect();
+        let before = short.clone();
+        bound_history(&mut short, HISTORY_LIMIT);
+        assert_eq!(short, before, "a history within the limit is left as it is");
+    }
+
+    /// An envelope whose error, history and headers have grown is made to fit.
+    #[test]
+    fn an_envelope_grown_past_the_limit_is_made_to_fit() {
+        let mut env = FailureEnvelope {
+            version: ENVELOPE_VERSION,
+            id: "S:1".into(),
+            service: "orders".into(),
+            binding: "orders".into(),
+            stream: "S".into(),
+            seq: 1,
+            subject: "app.x".into(),
+            key: Some("k".into()),
+            headers: (0..64)
+                .map(|i| (format!("X-{i}"), vec!["v".repeat(32 * 1024)]))
+                .collect(),
+            headers_base64: None,
+            payload: Value::Null,
+            payload_base64: None,
+            payload_ref: None,
+            error: step(0, 2 * 1024 * 1024).error.unwrap(),
+            attempt: 300,
+            first_failed_at: "2026-11-22T10:00:00Z".into(),
+            failed_at: "2026-11-22T10:00:00Z".into(),
+            reason: Some("r".repeat(1024 * 1024)),
+            history: (0..300).map(|i| step(i, 16 * 1024)).collect(),
+        };
+        assert!(serde_json::to_vec(&env).unwrap().len() > 4 * 1024 * 1024);
+        assert!(env.fit(64 * 1024));
+        assert!(serde_json::to_vec(&env).unwrap().len() <= 64 * 1024);
+        assert_eq!(env.history.last().unwrap().by, "step-299");
+        assert!(env.fit(64 * 1024), "fitting again changes nothing");
+    }
 
     /// The example of SPEC §5 (without its comments) reads into the type and writes back the same JSON.
     #[test]

@@ -26,6 +26,7 @@ pub fn from_answer(status: u16, content_type: Option<&str>, body: &[u8]) -> Fail
             error.field = text("field");
             error.title = text("title");
             error.detail = text("detail");
+            error.bound();
             return error;
         }
     }

@@ -98,15 +98,36 @@ pub async fn failure(
                 &rt.shutdown,
                 &subject,
                 &msg_id,
-                headers,
+                headers.clone(),
                 to_bytes(&envelope),
             )
             .await?
             {
-                tracing::error!(
-                    "Envelope too large even without its payload; left unacked for redelivery."
+                // Its error, history or headers have grown: they are cut to fit.
+                let limit = envelope_limit(&rt.client);
+                tracing::warn!(
+                    limit,
+                    "Envelope too large even without its payload; cutting its history and headers."
                 );
-                return Err(NotStored::Unpublishable);
+                if !envelope.fit(limit)
+                    || matches!(
+                        publish::durably(
+                            &rt.js,
+                            &rt.shutdown,
+                            &subject,
+                            &msg_id,
+                            headers,
+                            to_bytes(&envelope),
+                        )
+                        .await?,
+                        Published::TooLarge
+                    )
+                {
+                    tracing::error!(
+                        "Envelope too large even cut to its least; left unacked for redelivery."
+                    );
+                    return Err(NotStored::Unpublishable);
+                }
             }
         }
     }
@@ -117,6 +138,15 @@ pub async fn failure(
         json!({ "error": envelope.error, "reason": envelope.reason }),
     )
     .await
+}
+
+/// The most bytes an envelope may take on `client`'s server: its max_payload, less room for the
+/// envelope's NATS headers (a key header takes up to 4 KiB).
+pub fn envelope_limit(client: &async_nats::Client) -> usize {
+    client
+        .server_info()
+        .max_payload
+        .saturating_sub(repair_rules::headers::MAX_KEY_HEADER_BYTES + 4096)
 }
 
 /// Announces `kind` for delivery `d` (with `extra` data) before the caller acks the original.

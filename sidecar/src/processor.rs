@@ -294,7 +294,14 @@ async fn retry(
         error: None,
         note: None,
     };
-    let history = Appended(&envelope.history, &step);
+    let mut history =
+        serde_json::to_string(&Appended(&envelope.history, &step)).unwrap_or_default();
+    if history.len() > repair_rules::envelope::HISTORY_LIMIT {
+        let mut bounded = envelope.history.clone();
+        bounded.push(step.clone());
+        repair_rules::envelope::bound_history(&mut bounded, repair_rules::envelope::HISTORY_LIMIT);
+        history = serde_json::to_string(&bounded).unwrap_or_default();
+    }
     let repaired_by: Vec<&str> = envelope
         .history
         .iter()
@@ -322,10 +329,7 @@ async fn retry(
         let (name, value) = h::key_header(&repair_rules::MessageKey(key.clone()));
         headers.insert(name, value.as_str());
     }
-    headers.insert(
-        MEND_HISTORY,
-        serde_json::to_string(&history).unwrap_or_default().as_str(),
-    );
+    headers.insert(MEND_HISTORY, history.as_str());
     let lineage = envelope.lineage();
     let msg_id = lineage.msg_id(attempt, "retry");
     let subject = subjects::retry(&envelope.service);
@@ -401,13 +405,37 @@ async fn park(
         &p.shutdown,
         &subject,
         &msg_id,
-        headers,
+        headers.clone(),
         to_bytes(&parked),
     )
     .await?
     {
         Published::Stored { .. } => {}
-        Published::TooLarge => return Err(NotStored::Unpublishable),
+        Published::TooLarge => {
+            // The parked form grew past max_payload (its history, its reason): cut to fit.
+            let limit = crate::delegate::envelope_limit(&p.client);
+            tracing::warn!(
+                limit,
+                "Parked envelope too large; cutting its history and headers."
+            );
+            let fitted = parked.fit(limit)
+                && matches!(
+                    publish::durably(
+                        &p.js,
+                        &p.shutdown,
+                        &subject,
+                        &msg_id,
+                        headers,
+                        to_bytes(&parked),
+                    )
+                    .await?,
+                    Published::Stored { .. }
+                );
+            if !fitted {
+                tracing::error!("Parked envelope too large even cut to its least; left unacked.");
+                return Err(NotStored::Unpublishable);
+            }
+        }
     }
     announce(
         p,

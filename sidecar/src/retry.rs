@@ -778,7 +778,14 @@ pub(crate) fn meta_from(
         .max(min_attempt);
     let history = match header(MEND_HISTORY).map(|h| serde_json::from_str::<Vec<HistoryEntry>>(&h))
     {
-        Some(Ok(history)) => history,
+        Some(Ok(mut history)) => {
+            // Whoever sent it, a history only travels on bounded.
+            repair_rules::envelope::bound_history(
+                &mut history,
+                repair_rules::envelope::HISTORY_LIMIT,
+            );
+            history
+        }
         Some(Err(error)) => {
             tracing::warn!(%error, %lineage, "Mend-History is not a history; starting a new one.");
             Vec::new()

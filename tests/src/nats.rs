@@ -39,7 +39,16 @@ impl NatsServer {
         Self::start_with(&[]).await
     }
 
-    /// Starts a server with extra command-line arguments (e.g. `--max_payload`).
+    /// Starts a server whose `max_payload` is `bytes` (set by a config file: there is no flag).
+    pub async fn start_with_max_payload(bytes: usize) -> anyhow::Result<Self> {
+        let conf = tempfile::Builder::new().suffix(".conf").tempfile()?;
+        std::fs::write(conf.path(), format!("max_payload: {bytes}\n"))?;
+        let (_, path) = conf.keep()?;
+        let path = path.to_string_lossy().into_owned();
+        Self::start_with(&["-c", &path]).await
+    }
+
+    /// Starts a server with extra command-line arguments (e.g. `--auth`).
     pub async fn start_with(extra: &[&str]) -> anyhow::Result<Self> {
         let store = tempfile::tempdir()?;
         let mut server = Self {

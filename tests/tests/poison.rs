@@ -165,3 +165,74 @@ async fn a_bare_cr_kills_only_the_pull_connection_which_is_rebuilt() -> anyhow::
     );
     Ok(())
 }
+
+/// An app error that fills its 64 KiB answer, twice in one lineage: error and history together
+/// would pass the server's max_payload (128 KiB here) in the envelope, even with the payload left
+/// out. They are cut to fit, so the message is repaired, fails again and is parked like any other,
+/// and every other key keeps flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grown_errors_and_history_are_cut_to_fit_and_the_message_parks() -> anyhow::Result<()> {
+    let nats = mend_e2e::nats::NatsServer::start_with_max_payload(128 * 1024).await?;
+    let w = World::with_server(nats).await?;
+    let huge = "x".repeat(60 * 1024);
+    w.app.script(move |d| {
+        if d.field("key") != Some(&json!("big")) {
+            return mend_e2e::app::Reply::Ok;
+        }
+        // First the amount (the example rules repair it), then the account (they park it).
+        let code = if d.field("amount").is_some_and(|a| a.is_string()) {
+            "bad_type"
+        } else {
+            "unknown_account"
+        };
+        mend_e2e::app::Reply::Problem(
+            422,
+            json!({"title": "rejected", "code": code, "field": "/amount", "detail": huge}),
+        )
+    });
+    let config =
+        mend_e2e::mend::processor_config(&w.nats.url(), &mend_e2e::mend::example_rules(), "");
+    let p = mend_e2e::mend::MendProcess::start("processor", &config).await?;
+    p.ready().await?;
+    let s = w.sidecar(&w.keyed_config("orders", ACK_WAIT)).await?;
+    let big = Out::keyed(
+        "app.created",
+        KEY_HEADER,
+        "big",
+        json!({"key": "big", "n": 0, "account": "big", "amount": "12.5"}),
+    );
+    let others: Vec<Out> = (1..=6).map(|n| keyed(&format!("k{n}"), n)).collect();
+    js::publish_all(&w.js, std::iter::once(big).chain(others).collect()).await?;
+
+    let logs = || format!("sidecar log:\n{}\nprocessor log:\n{}", s.log(), p.log());
+    w.app
+        .wait_for("every other key delivered", PROMPT, |log| {
+            (1..=6u64).all(|n| {
+                log.iter()
+                    .any(|d| d.ok() && d.field("n") == Some(&json!(n)))
+            })
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:#}\n{}", logs()))?;
+    let parked = mend_e2e::wait::until("the big order parked", PROMPT, || async {
+        let parked = js::parked(&w.js, "orders").await?;
+        Ok(parked.into_iter().find(|e| e.key.as_deref() == Some("big")))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e:#}\n{}", logs()))?;
+    assert_eq!(parked.error.code.as_deref(), Some("unknown_account"));
+    let detail = parked.error.detail.as_deref().unwrap_or_default();
+    assert!(
+        detail.len() <= repair_rules::envelope::ERROR_TEXT_LIMIT && detail.ends_with('…'),
+        "{} bytes",
+        detail.len()
+    );
+    let steps: Vec<&str> = parked.history.iter().map(|e| e.what.as_str()).collect();
+    assert_eq!(steps, ["delegated", "repaired", "delegated", "parked"]);
+    assert_eq!(
+        parked.payload["amount"],
+        json!(12.5),
+        "the repaired payload is kept"
+    );
+    Ok(())
+}
