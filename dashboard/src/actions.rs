@@ -228,9 +228,11 @@ pub async fn release(
     note: Option<&str>,
 ) -> Result<(), ApiError> {
     who.require(Role::Operator)?;
+    // The hold names the partition that owns the key: the sidecars need not look the head up in
+    // the app stream, where it may be gone.
     let command = json!({
         "action": "release", "key": hold.key, "id": hold.head, "binding": hold.binding,
-        "by": who.name, "note": note,
+        "partition": hold.partition, "by": who.name, "note": note,
     });
     // Each click is its own command; releasing a key that is no longer held changes nothing.
     let msg_id = format!("release:{}:{}:{}", hold.service, hold.head, now_ms());

@@ -353,7 +353,12 @@ mod tests {
         error.detail = Some("é".repeat(detail_len / 2));
         HistoryEntry {
             at: format!("2026-11-22T10:00:{i:02}Z"),
-            what: if i.is_multiple_of(2) { "delegated" } else { "repaired" }.into(),
+            what: if i.is_multiple_of(2) {
+                "delegated"
+            } else {
+                "repaired"
+            }
+            .into(),
             by: format!("step-{i}"),
             error: Some(error),
             note: None,

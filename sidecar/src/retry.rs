@@ -191,6 +191,11 @@ struct ControlMessage {
     /// command of a partitioned binding without reading the app stream.
     #[serde(default)]
     subject: Option<String>,
+    /// The partition that owns the key, when the sender knows it (the hold entry of a key names
+    /// its partition): routes the command of a partitioned binding even when the message `id` is
+    /// gone from the app stream (always, once acked, on a work-queue or interest stream).
+    #[serde(default)]
+    partition: Option<u32>,
     /// Who asked (the dashboard's user), for the logs.
     #[serde(default)]
     by: Option<String>,
@@ -434,6 +439,15 @@ async fn partition_of_command(
     b: &BindingConfig,
     parsed: &Parsed,
 ) -> Result<u32, Unknown> {
+    if let Some(p) = parsed.cm.partition {
+        if p < b.partitions {
+            return Ok(p);
+        }
+        return Err(Unknown::Refuse(format!(
+            "binding {} has {} partitions, not a partition {p}",
+            b.name, b.partitions
+        )));
+    }
     let subject = match (&parsed.cm.subject, &parsed.lineage) {
         (Some(subject), _) => subject.clone(),
         (None, Some(lineage)) => original_subject(&router.js, lineage).await?,

@@ -546,3 +546,103 @@ async fn a_stream_split_into_other_partitions_is_refused() -> anyhow::Result<()>
     assert!(log.contains("maps subjects into 4 partitions"), "{log}");
     Ok(())
 }
+
+/// A partitioned binding on a work-queue stream: a parked head's original is gone from the app
+/// stream once acked, so the sidecar cannot read which partition owns the key from it. A release
+/// by hand in the dashboard still reaches the owning partition (the hold entry names it), and the
+/// held messages are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_release_reaches_its_partition_when_the_head_is_gone_from_the_stream()
+-> anyhow::Result<()> {
+    use async_nats::jetstream::stream;
+    let w = World::new().await?;
+    w.js.create_stream(stream::Config {
+        name: PART_STREAM.to_owned(),
+        subjects: vec!["part.>".to_owned()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        subject_transform: Some(stream::SubjectTransform {
+            source: "part.*.*".to_owned(),
+            destination: format!(
+                "part.{{{{partition({PARTITIONS},1)}}}}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}"
+            ),
+        }),
+        ..Default::default()
+    })
+    .await?;
+    let keys: Vec<String> = (0..20).map(|i| format!("acct-{i}")).collect();
+    let partition = partitions_of(&w.js, &keys).await?;
+    let key = keys
+        .iter()
+        .find(|k| partition[*k] == 1)
+        .expect("a key of partition 1")
+        .clone();
+    w.app.script(orders_app);
+    let config = |p: u32| {
+        let c = sidecar_config(
+            "orders",
+            &w.nats.url(),
+            PART_STREAM,
+            &["part.{partition}.>"],
+            &w.app.endpoint(),
+            &format!("key = {{ header = \"{KEY_HEADER}\" }}\npartitions = {PARTITIONS}\n{TIMINGS}"),
+        );
+        with_top_level(&with_lease_ttl(&c), &format!("partition = {p}"))
+    };
+    // Both partitions run: the command may be pulled by either.
+    let p0 = w.sidecar(&config(0)).await?;
+    let p1 = w.sidecar(&config(1)).await?;
+    let processor = MendProcess::start(
+        "processor",
+        &processor_config(&w.nats.url(), &example_rules(), ""),
+    )
+    .await?;
+    processor.ready().await?;
+    let dashboard = mend_e2e::dashboard::Dashboard::start(&w.nats.url(), "").await?;
+
+    let orders = (0..3u64)
+        .map(|n| {
+            let account = if n == 0 { "nobody" } else { key.as_str() };
+            Out::keyed(
+                &format!("part.{key}.created"),
+                KEY_HEADER,
+                &key,
+                json!({"key": key, "n": n, "account": account, "amount": n}),
+            )
+        })
+        .collect();
+    let seqs = js::publish_all(&w.js, orders).await?;
+    let parked = dashboard
+        .wait_messages("status=parked", 1, TEST_TIMEOUT)
+        .await?;
+    assert_eq!(parked[0]["id"], format!("{PART_STREAM}:{}", seqs[0]));
+    // Everything was taken off the work queue: the head's original is gone.
+    wait::until("the work queue emptied", TEST_TIMEOUT, || async {
+        let mut stream = w.js.get_stream(PART_STREAM).await?;
+        Ok((stream.info().await?.state.messages == 0).then_some(()))
+    })
+    .await?;
+    let stream = w.js.get_stream(PART_STREAM).await?;
+    assert!(stream.get_raw_message(seqs[0]).await.is_err());
+
+    let (status, body) = dashboard
+        .post(
+            &format!("/api/holds/orders/{key}/release"),
+            Some(mend_e2e::dashboard::OPERATOR_TOKEN),
+            &json!({"note": "order does not matter here"}),
+        )
+        .await?;
+    assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+    w.app
+        .wait_for("the held orders delivered", TEST_TIMEOUT, |log| {
+            let ok: Vec<u64> = log.iter().filter(|d| d.ok()).map(n_of).collect();
+            ok == [1, 2]
+        })
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!("{e:#}\n--- p0 ---\n{}\n--- p1 ---\n{}", p0.log(), p1.log())
+        })?;
+    for s in [&p0, &p1] {
+        assert!(!s.log().contains("Command refused"), "{}", s.log());
+    }
+    Ok(())
+}
