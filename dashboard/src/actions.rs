@@ -331,6 +331,15 @@ pub async fn payload_text(state: &AppState, env: &FailureEnvelope) -> Result<Pay
             is_json: false,
         });
     }
+    if let Some(object) = env.payload_ref.as_ref().and_then(|r| r.object.as_deref()) {
+        let bytes = read_object(state, object).await?;
+        let is_json = serde_json::from_slice::<Value>(&bytes).is_ok();
+        return Ok(Payload {
+            text: String::from_utf8_lossy(&bytes).into_owned(),
+            bytes,
+            is_json,
+        });
+    }
     if let Some(r) = &env.payload_ref {
         let stream = state.js.get_stream(&r.stream).await.map_err(|e| {
             ApiError::unavailable(format!(
@@ -440,4 +449,35 @@ async fn announce(
         Bytes::from(event.to_string()),
     )
     .await
+}
+
+/// The bytes of the object `name` of the bucket `mend_payloads` (a payload too large for its
+/// envelope).
+async fn read_object(state: &AppState, name: &str) -> Result<Bytes, ApiError> {
+    use tokio::io::AsyncReadExt;
+    let unavailable = |e: &dyn std::fmt::Display| {
+        ApiError::unavailable(format!("cannot read the payload {name}: {e}"))
+    };
+    let bucket = state
+        .js
+        .get_object_store("mend_payloads")
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let mut object = match bucket.get(name).await {
+        Ok(object) => object,
+        Err(e) if e.kind() == async_nats::jetstream::object_store::GetErrorKind::NotFound => {
+            return Err(ApiError::new(
+                StatusCode::GONE,
+                "gone",
+                format!("the payload {name} is no longer in the bucket mend_payloads"),
+            ));
+        }
+        Err(e) => return Err(unavailable(&e)),
+    };
+    let mut bytes = Vec::new();
+    object
+        .read_to_end(&mut bytes)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    Ok(Bytes::from(bytes))
 }

@@ -97,13 +97,17 @@ impl FailureEnvelope {
     }
 }
 
-/// Where a payload too large for an envelope can be read: the original message in its stream.
+/// Where a payload too large for an envelope can be read: the object `object` of the object store
+/// bucket `mend_payloads` when set (its bytes as they were), else the original message in its stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PayloadRef {
     pub stream: String,
     pub seq: u64,
     /// The payload's size in bytes.
     pub size: usize,
+    /// The payload's object in the bucket `mend_payloads`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
 }
 
 /// What kind of failure the app reported.

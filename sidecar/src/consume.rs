@@ -148,6 +148,9 @@ pub struct Delivery {
     /// Set when its NATS header block cannot be read by mend's NATS client: it is parked with the
     /// block's bytes instead of delivered (`headers` has what could be read of it).
     pub unreadable: Option<Box<crate::rescue::Unreadable>>,
+    /// The object of [`crate::payloads::PAYLOADS_BUCKET`] its payload was read from (a message
+    /// too large for its hold queue's copy): an envelope refers to it rather than store it again.
+    pub payload_object: Option<String>,
 }
 
 /// Where a delivery came from, which says how it is settled.
@@ -766,6 +769,7 @@ fn admit(
         history: Vec::new(),
         source: Source::Consumer { id: held_id, reply },
         unreadable: None,
+        payload_object: None,
     };
     let redelivery = delivered > 1;
     enter(rt, d, redelivery, lanes, quarantine);
@@ -982,6 +986,7 @@ async fn search(
                 reply,
             },
             unreadable,
+            payload_object: None,
         });
     }
     found

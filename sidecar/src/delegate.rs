@@ -86,12 +86,24 @@ pub async fn failure(
                 size = d.payload.len(),
                 "Payload too large for the failure envelope; delegating a reference to it."
             );
+            // Its bytes are kept as an object (once): the original may leave its stream as soon
+            // as it is acked (work-queue and interest streams) or ages out.
+            let object = match &d.payload_object {
+                Some(object) => object.clone(),
+                None => {
+                    let object =
+                        crate::payloads::object_name(&d.meta.lineage, d.meta.attempt, "failed");
+                    crate::payloads::store(&rt.js, &rt.shutdown, &object, &d.payload).await?;
+                    object
+                }
+            };
             envelope.payload = Value::Null;
             envelope.payload_base64 = None;
             envelope.payload_ref = Some(repair_rules::envelope::PayloadRef {
                 stream: d.meta.lineage.stream.clone(),
                 seq: d.meta.lineage.seq,
                 size: d.payload.len(),
+                object: Some(object),
             });
             if let Published::TooLarge = publish::durably(
                 &rt.js,

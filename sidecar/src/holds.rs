@@ -403,17 +403,48 @@ impl Holds {
         }
     }
 
-    /// Appends a message to the hold queue of `key`, de-duplicated by `msg_id`.
+    /// Appends a message to the hold queue of `key`, de-duplicated by `msg_id`. A message too
+    /// large for the queue has its payload kept as the object `by_reference`, if given.
     pub async fn append(
         &self,
         key: &MessageKey,
         msg_id: &str,
         headers: HeaderMap,
         payload: Bytes,
+        by_reference: Option<&str>,
     ) -> Result<(), NotStored> {
         let subject = subjects::hold(&self.service, &key.token());
-        match publish::durably(&self.js, &self.shutdown, &subject, msg_id, headers, payload).await?
-        {
+        let mut published = publish::durably(
+            &self.js,
+            &self.shutdown,
+            &subject,
+            msg_id,
+            headers.clone(),
+            payload.clone(),
+        )
+        .await?;
+        if let (Published::TooLarge, Some(object)) = (&published, by_reference) {
+            // At the server's max_payload already, the message has no room for a copy's headers:
+            // its payload is kept as an object, and the copy names it.
+            tracing::warn!(
+                size = payload.len(),
+                object,
+                "Message too large for its hold queue; its payload is kept as an object."
+            );
+            crate::payloads::store(&self.js, &self.shutdown, object, &payload).await?;
+            let mut headers = headers;
+            headers.insert(crate::payloads::MEND_PAYLOAD_OBJECT, object);
+            published = publish::durably(
+                &self.js,
+                &self.shutdown,
+                &subject,
+                msg_id,
+                headers,
+                Bytes::new(),
+            )
+            .await?;
+        }
+        match published {
             // Counted even as a duplicate: the first try may have been stored with its answer lost,
             // and a count too high only costs a look at the queue.
             Published::Stored { .. } => {

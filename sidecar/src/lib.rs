@@ -36,6 +36,7 @@ pub mod holds;
 pub mod lanes;
 pub mod lease;
 pub mod nats;
+pub mod payloads;
 pub mod processor;
 pub mod publish;
 pub mod release;

@@ -456,6 +456,21 @@ pub async fn ensure_layout(
         };
         create(&what, shutdown, step).await?;
     }
+    let bucket = crate::payloads::PAYLOADS_BUCKET;
+    let config = jetstream::object_store::Config {
+        bucket: bucket.to_owned(),
+        description: Some("mend: payloads too large for a hold queue or an envelope".to_owned()),
+        storage: stream::StorageType::File,
+        num_replicas: cfg.replicas,
+        ..Default::default()
+    };
+    let step = || async {
+        match js.get_object_store(bucket).await {
+            Ok(_) => Ok(()),
+            Err(_) => Ok(js.create_object_store(config.clone()).await.map(|_| ())?),
+        }
+    };
+    create(&format!("object store {bucket}"), shutdown, step).await?;
     Ok(())
 }
 

@@ -31,6 +31,7 @@ pub(crate) async fn hold_back(
     hold: Option<&Hold>,
 ) -> Settle {
     let msg_id = d.meta.lineage.msg_id(d.meta.attempt, "held");
+    let object = crate::payloads::object_name(&d.meta.lineage, d.meta.attempt, "held");
     let first = holds.queued(key) == 0;
     let announce = async {
         if !first {
@@ -42,7 +43,13 @@ pub(crate) async fn hold_back(
     // Both stored before the ack; at once, as neither depends on the other. (Should the append
     // fail, the message is not acked and comes back; the repeated announcement is a duplicate.)
     let (appended, announced) = tokio::join!(
-        holds.append(key, &msg_id, held_headers(d), d.payload.clone()),
+        holds.append(
+            key,
+            &msg_id,
+            held_headers(d),
+            d.payload.clone(),
+            Some(&object),
+        ),
         announce,
     );
     if let Err(error) = appended {
@@ -238,7 +245,7 @@ async fn release_next(
             let Some(msg) = first else {
                 return Ok(None);
             };
-            let d = queued(rt, msg);
+            let d = queued(rt, msg).await?;
             let lineage = d.meta.lineage.to_string();
             let (outcome, ()) = tokio::join!(consume::deliver(rt, &d), holds.prefetch(key, seq));
             let outcome = outcome?;
@@ -257,6 +264,9 @@ async fn release_next(
                     resolved(rt, &d, None).await?;
                 }
                 holds.advance(key, seq).await?;
+                if let Some(object) = &d.payload_object {
+                    crate::payloads::forget(&rt.js, object).await;
+                }
             }
             Ok(Some(Work::Release))
         }
@@ -290,7 +300,7 @@ async fn head_retry(
             attempt,
             "The head's retry waited in its own queue; delivering it."
         );
-        let d = queued(rt, msg);
+        let d = queued(rt, msg).await?;
         let outcome = consume::deliver(rt, &d).await?;
         let change = protocol::after_delivery(
             Some(hold),
@@ -365,8 +375,50 @@ pub(crate) async fn command(
     then
 }
 
-/// A message of a hold queue as a delivery; its lineage and attempt come from its headers.
-fn queued(rt: &BindingRuntime, msg: StreamMessage) -> Delivery {
+/// A message of a hold queue as a delivery; its lineage and attempt come from its headers, its
+/// payload from the object its copy names, if it names one.
+async fn queued(rt: &BindingRuntime, mut msg: StreamMessage) -> Result<Delivery, Stop> {
+    let mut payload_object = None;
+    if let Some(object) = header(&msg.headers, crate::payloads::MEND_PAYLOAD_OBJECT) {
+        let object = object.to_owned();
+        match crate::payloads::load(&rt.js, &object).await {
+            Ok(Some(bytes)) => msg.payload = bytes,
+            Ok(None) => {
+                tracing::error!(
+                    object,
+                    "The payload object of a held message is gone; the release waits for it."
+                );
+                return Err(Stop::Delivery(Settle::Leave));
+            }
+            Err(error) => {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    object,
+                    "Payload object not read yet."
+                );
+                return Err(Stop::Delivery(Settle::Leave));
+            }
+        }
+        let mut headers = HeaderMap::new();
+        for (name, values) in msg.headers.iter() {
+            let name: &str = name.as_ref();
+            if !name.eq_ignore_ascii_case(crate::payloads::MEND_PAYLOAD_OBJECT) {
+                for v in values {
+                    headers.append(name, v.as_str());
+                }
+            }
+        }
+        msg.headers = headers;
+        payload_object = Some(object);
+    }
+    Ok(queued_with(rt, msg, payload_object))
+}
+
+fn queued_with(
+    rt: &BindingRuntime,
+    msg: StreamMessage,
+    payload_object: Option<String>,
+) -> Delivery {
     let fallback = LineageId::new("MEND_HOLD", msg.sequence);
     let (meta, history) = crate::retry::meta_from(
         rt,
@@ -394,6 +446,7 @@ fn queued(rt: &BindingRuntime, msg: StreamMessage) -> Delivery {
         history,
         source: Source::Queue { seq: msg.sequence },
         unreadable,
+        payload_object,
     }
 }
 

@@ -726,6 +726,7 @@ pub(crate) fn admit(
                 history,
                 source: Source::Consumer { id, reply },
                 unreadable: None,
+                payload_object: None,
             };
             // A retry may be its held key's head: it goes before the key's newer messages (which
             // would only be held behind it) and ahead of other keys' turns.

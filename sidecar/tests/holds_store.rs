@@ -84,7 +84,7 @@ async fn entries_persist_conflicts_are_refused_and_queues_keep_order() -> anyhow
     {
         let mut headers = HeaderMap::new();
         headers.insert("Mend-Id", &id[..5]);
-        c.append(&key, id, headers, Bytes::from(format!("{i}")))
+        c.append(&key, id, headers, Bytes::from(format!("{i}")), None)
             .await?;
     }
     // The repeated append is a duplicate: three are stored. The count may be higher (a duplicate

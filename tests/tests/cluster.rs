@@ -68,6 +68,7 @@ async fn every_role_starts_while_the_cluster_elects_and_connects_by_seed_list() 
         "MEND_HOLD",
         "KV_mend_holds",
         "KV_mend_leases",
+        "OBJ_mend_payloads",
     ] {
         let info = cluster.stream_info(name).await?;
         assert_eq!(info["config"]["num_replicas"], 3, "{name}: {info}");

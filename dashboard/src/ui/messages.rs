@@ -389,10 +389,16 @@ async fn payload_view(s: &Shared, m: &Message, masked: &[String]) -> PayloadView
         };
     }
     if let Some(r) = &env.payload_ref {
-        let kind = format!(
-            "read from stream {} at sequence {} ({} bytes, too large for the envelope)",
-            r.stream, r.seq, r.size
-        );
+        let kind = match &r.object {
+            Some(object) => format!(
+                "kept as {object} in the bucket mend_payloads ({} bytes, too large for the envelope)",
+                r.size
+            ),
+            None => format!(
+                "read from stream {} at sequence {} ({} bytes, too large for the envelope)",
+                r.stream, r.seq, r.size
+            ),
+        };
         return match actions::payload_text(s, env).await {
             Ok(p) if p.is_json => {
                 let edit = serde_json::from_str::<Value>(&p.text)
