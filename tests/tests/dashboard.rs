@@ -674,3 +674,52 @@ async fn hash_password_reads_stdin_and_prints_a_hash_that_verifies() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("empty"));
 }
+
+/// A lineage at the last attempt a `u32` counts cannot be resubmitted: `attempt + 1` would wrap
+/// to 0 (or panic), and the dashboard answers 409 with the reason instead.
+#[tokio::test]
+async fn the_last_countable_attempt_is_not_resubmitted() {
+    let world = World::new().await.unwrap();
+    let processor = MendProcess::start(
+        "processor",
+        &processor_config(&world.nats.url(), &example_rules(), ""),
+    )
+    .await
+    .unwrap();
+    processor.ready().await.unwrap();
+    let last = u64::from(u32::MAX);
+    let envelope = json!({
+        "version": 1, "id": "ORDERS:9", "service": "orders", "binding": "orders",
+        "stream": "ORDERS", "seq": 9, "subject": "orders.created", "key": "a1",
+        "headers": {}, "payload": {"n": 9}, "payload_base64": null,
+        "error": {"kind": "message", "status": 422, "code": "unknown_account"},
+        "attempt": last, "first_failed_at": "2026-11-23T10:00:00Z", "failed_at": "2026-11-23T10:00:00Z",
+        "reason": "attempts exhausted", "history": [],
+    });
+    js::publish_all(
+        &world.js,
+        vec![Out {
+            subject: "mend.parked.orders".into(),
+            headers: Default::default(),
+            payload: bytes::Bytes::from(envelope.to_string()),
+        }],
+    )
+    .await
+    .unwrap();
+    let d = Dashboard::start(&world.nats.url(), "").await.unwrap();
+    d.wait_messages("service=orders", 1, TEST_TIMEOUT)
+        .await
+        .unwrap();
+    let (status, body) = d
+        .post(
+            "/api/messages/ORDERS:9/resubmit",
+            Some(OPERATOR_TOKEN),
+            &json!({"attempt": last}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let m = d.ok("/api/messages/ORDERS:9").await.unwrap();
+    assert_eq!(m["status"], "parked", "{m}");
+    assert_eq!(m["attempt"], last, "{m}");
+}
