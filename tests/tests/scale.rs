@@ -646,3 +646,76 @@ async fn a_hand_release_reaches_its_partition_when_the_head_is_gone_from_the_str
     }
     Ok(())
 }
+
+/// A release under way stops with its binding when the lease is lost: no held message is
+/// delivered by an instance that no longer owns the key (the next owner resumes the release).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_stops_when_the_lease_is_lost() -> anyhow::Result<()> {
+    let w = World::new().await?;
+    w.app.script(|d| {
+        if n_of(d) == 0 {
+            Reply::Status(422)
+        } else {
+            Reply::Slow(Duration::from_millis(20))
+        }
+    });
+    let config = with_lease_ttl(&w.keyed_config("rel", TIMINGS));
+    let s = w.sidecar(&config).await?;
+    const HELD: u64 = 300;
+    let orders: Vec<Out> = (0..=HELD)
+        .map(|n| Out::keyed("app.created", KEY_HEADER, "k", json!({"key": "k", "n": n})))
+        .collect();
+    let seqs = js::publish_all(&w.js, orders).await?;
+    js::consumer_drained(&w.js, "APP", "mend-rel-rel", TEST_TIMEOUT).await?;
+
+    // The head is discarded: the release of the 300 held messages begins.
+    let discard =
+        json!({"action": "discard", "key": "k", "id": format!("APP:{}", seqs[0]), "by": "test"});
+    w.js.publish("mend.control.rel", discard.to_string().into())
+        .await?
+        .await?;
+    w.app
+        .wait_for("the release under way", TEST_TIMEOUT, |log| {
+            log.iter().filter(|d| d.ok()).count() >= 30
+        })
+        .await?;
+    let leases = w.js.get_key_value("mend_leases").await?;
+    let intruder = json!({"owner": "intruder", "nonce": "x", "ttl_ms": 60000, "acquired": ""});
+    leases.put("rel.rel.0", intruder.to_string().into()).await?;
+    s.wait_log("Lease lost", TEST_TIMEOUT).await?;
+    let lost_at = Instant::now();
+    let delivered_then = w.app.log().len();
+    assert!(delivered_then < HELD as usize, "lost before the end");
+
+    // Watched for two seconds: at most the delivery that was in flight finishes.
+    let watch = async {
+        loop {
+            let late = w
+                .app
+                .log()
+                .iter()
+                .filter(|d| d.at > lost_at + Duration::from_millis(500))
+                .count();
+            if late > 0 {
+                anyhow::bail!("{late} deliveries after the lease was lost\n{}", s.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(2), watch).await {
+        Ok(result) => result?,
+        Err(_watched_long_enough) => {}
+    }
+
+    // The lease comes free: the release resumes and ends, in order.
+    leases.delete("rel.rel.0").await?;
+    let log = w
+        .app
+        .wait_for("every held message delivered", TEST_TIMEOUT, |log| {
+            let ok: HashSet<u64> = log.iter().filter(|d| d.ok()).map(n_of).collect();
+            ok.len() as u64 >= HELD
+        })
+        .await?;
+    first_successes_in_order(&log).map_err(anyhow::Error::msg)?;
+    Ok(())
+}
