@@ -64,7 +64,17 @@ pub async fn durably(
     body: Bytes,
 ) -> Result<Published, NotStored> {
     let mut pause = RETRY_MIN;
+    let client = js.client();
     loop {
+        // While the connection is down, nothing is handed to the client: it would keep every try
+        // and send them all once it reconnects, also after this publish was given up (a binding
+        // that lost its lease stops retrying; what it queued would still land).
+        if client.connection_state() != async_nats::connection::State::Connected {
+            // Looked at often, so the publish goes out soon after the connection is back.
+            let mut poll = RETRY_MIN;
+            back_off(shutdown, &mut poll).await?;
+            continue;
+        }
         let message = PublishMessage::build()
             .payload(body.clone())
             .headers(headers.clone())
