@@ -78,6 +78,10 @@ pub async fn parked(consumer: PullConsumer, store: Store, shutdown: Cancellation
             Some(Ok(msg)) => msg,
             Some(Err(error)) => {
                 tracing::warn!(%error, "Pulling parked failures failed; continuing.");
+                // A silent pull (its consumer's leader gone) is replaced at once.
+                if error.kind() == pull::MessagesErrorKind::MissingHeartbeat {
+                    messages = None;
+                }
                 continue;
             }
             None => {
@@ -122,6 +126,10 @@ pub async fn events(consumer: PullConsumer, store: Store, shutdown: Cancellation
         let ended = loop {
             match next {
                 Some(Ok(msg)) => batch.push(msg),
+                Some(Err(error)) if error.kind() == pull::MessagesErrorKind::MissingHeartbeat => {
+                    tracing::warn!(%error, "Pulling announcements went silent; pulling anew.");
+                    break true;
+                }
                 Some(Err(error)) => {
                     tracing::warn!(%error, "Pulling announcements failed; continuing.")
                 }

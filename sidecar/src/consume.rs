@@ -471,6 +471,10 @@ pub async fn run(
             },
             next = next_message(&mut messages), if pulling => match next {
                 Some(Ok(msg)) => admit(&rt, msg, &mut lanes, &mut held, &mut quarantine, &mut lost),
+                Some(Err(error)) if crate::nats::pull_went_silent(&error) => {
+                    tracing::warn!(%error, binding = %rt.cfg.name, "Pull went silent; pulling anew.");
+                    messages = puller.open(batch, &rt.shutdown).await;
+                }
                 Some(Err(error)) => {
                     tracing::warn!(%error, binding = %rt.cfg.name, "Pull failed; continuing.");
                 }

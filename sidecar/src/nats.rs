@@ -320,6 +320,14 @@ where
 /// Idle heartbeat of pull requests: a silent server is noticed within twice this.
 pub(crate) const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
 
+/// Whether a pull stream's error says its request went silent (missed idle heartbeats): the
+/// consumer's leader that held the request is gone (killed, or moved in an election). async-nats
+/// reports it and waits for the request to expire (30 s) before it asks again, so the caller opens
+/// a new pull at once instead.
+pub fn pull_went_silent(error: &jetstream::consumer::pull::MessagesError) -> bool {
+    error.kind() == jetstream::consumer::pull::MessagesErrorKind::MissingHeartbeat
+}
+
 /// Opens a pull stream on `consumer` (`batch` messages per request), retrying with backoff while
 /// NATS is unreachable, until it opens or `shutdown` is cancelled (then `None`).
 pub async fn pull(

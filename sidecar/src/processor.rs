@@ -166,6 +166,10 @@ async fn consume(
                         let p = p.clone();
                         running.spawn(async move { handle(&p, msg).await });
                     }
+                    Some(Err(error)) if crate::nats::pull_went_silent(&error) => {
+                        tracing::warn!(%error, "Pull on MEND_FAILED went silent; pulling anew.");
+                        messages = crate::nats::pull(&consumer, batch, &p.shutdown).await;
+                    }
                     Some(Err(error)) => tracing::warn!(%error, "Pull failed; continuing."),
                     None => {
                         tracing::warn!("Pull stream on MEND_FAILED ended; reopening.");

@@ -342,6 +342,10 @@ async fn pull_and_route(router: Arc<Router>, consumer: PullConsumer, inbox: Inbo
                     Inbox::Retry => route_retry(&router, msg).await,
                     Inbox::Control => route_command(&router, msg).await,
                 },
+                Some(Err(error)) if crate::nats::pull_went_silent(&error) => {
+                    tracing::warn!(%error, ?inbox, "Pull of retries or commands went silent; pulling anew.");
+                    break;
+                }
                 Some(Err(error)) => {
                     tracing::warn!(%error, ?inbox, "Pull of retries or commands failed; continuing.")
                 }
