@@ -10,15 +10,18 @@ NEXTEST := $(shell cargo nextest --version >/dev/null 2>&1 && echo yes)
 ## Install what is missing: the pinned, hash-checked nats-server into .tools/; PostgreSQL's server
 ## binaries (Debian's postgresql) for the tests' throw-away databases; Debian's chromium and
 ## playwright-core (tests/browser/node_modules) for the browser tests; helm and kubernetes-validate
-## (into .tools/) for the chart's tests; hadolint (into .tools/) for the Dockerfile's.
+## (into .tools/) for the chart's tests; hadolint (into .tools/) for the Dockerfile's; schemathesis
+## (into .tools/schemathesis) for the API's fuzz test.
 tools:
 	@scripts/install-nats-server.sh
 	@scripts/install-postgres.sh
 	@scripts/install-browser.sh
 	@scripts/install-helm.sh
 	@scripts/install-hadolint.sh
+	@scripts/install-schemathesis.sh
 
-## Everything CI checks: formatting, lints, the pure-core invariant, every test.
+## Everything CI checks: formatting, lints, the pure-core invariant, no import cycle among the
+## modules of the mend and repair-rules crates, every test.
 test: tools lint
 	cargo build --bin mend
 ifeq ($(NEXTEST),yes)
@@ -31,6 +34,7 @@ lint:
 	cargo fmt --all --check
 	cargo clippy --all-targets -- -D warnings
 	scripts/check-pure-core.sh
+	python3 scripts/check-module-cycles.py sidecar/src repair-rules/src
 
 ## The benchmark harness: raw JetStream vs hand-written loops vs the sidecar, in one run.
 bench: tools

@@ -1,7 +1,10 @@
 //! What a person does to a parked message or a hold, shared by the web UI and the API: resubmit
-//! (optionally with an edited payload), discard, release. Each publishes first and waits for
-//! JetStream to store it; only then does the status change, with its audit record, in one
-//! transaction. A publish that is not confirmed changes nothing and says so.
+//! (optionally with an edited payload), discard, release. An action on a message is first taken in
+//! the store as that message's one action (a resubmission and a discard of one message cannot both
+//! happen), then published, and only once JetStream has stored it is the status changed, with the
+//! audit of what was sent, in one transaction. Answers say what happened: stored, not stored
+//! (nothing changed), or unknown (not confirmed in time: found out later by sending the very same
+//! de-duplicated message again, then recorded).
 
 use std::time::Duration;
 
@@ -18,12 +21,7 @@ use serde_json::{Value, json};
 
 use crate::app::{ApiError, AppState, Principal};
 use crate::auth::Role;
-use crate::store::{Audit, Changed, Message, Status, now_ms};
-
-/// Header carrying a lineage's history on a retry (as the processor sends it).
-pub const MEND_HISTORY: &str = "Mend-History";
-/// How long a publish may wait for JetStream's confirmation.
-const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::store::{Audit, Changed, Claim, Message, Outgoing, Plan, Status, now_ms};
 
 /// A new payload for a resubmission.
 #[derive(Debug, Clone)]
@@ -98,8 +96,7 @@ pub async fn resubmit(
     }
     let mut headers = HeaderMap::new();
     for (name, values) in &env.headers {
-        let lower = name.to_ascii_lowercase();
-        if lower.starts_with("mend-") || lower.starts_with("nats-") || lower == "content-type" {
+        if !h::is_carried(name) || name.eq_ignore_ascii_case("content-type") {
             continue;
         }
         for v in values {
@@ -116,56 +113,45 @@ pub async fn resubmit(
     {
         headers.insert("Content-Type", ct.as_str());
     }
-    headers.insert(h::MEND_ID, env.id.as_str());
-    headers.insert(h::MEND_SERVICE, env.service.as_str());
-    headers.insert(h::MEND_ATTEMPT, attempt.to_string().as_str());
-    headers.insert(h::MEND_RESUBMITTED_BY, h::encode_value(&who.name).as_ref());
-    headers.insert(h::MEND_ORIGINAL_SUBJECT, env.subject.as_str());
-    if let Some(key) = &env.key {
-        let (name, value) = h::key_header(&repair_rules::MessageKey(key.clone()));
-        headers.insert(name, value.as_str());
-    }
-    headers.insert(
-        MEND_HISTORY,
-        serde_json::to_string(&sent.history)
-            .unwrap_or_default()
-            .as_str(),
-    );
-    publish(
-        state,
-        subjects::retry(&env.service),
-        &lineage.msg_id(attempt, "retry"),
-        headers,
-        body,
-    )
-    .await?;
-    announce(
-        state,
-        env,
-        "resubmitted",
+    let key = env.key.clone().map(repair_rules::MessageKey);
+    h::Lineage {
+        id: &env.id,
+        service: &env.service,
         attempt,
-        json!({"by": who.name, "note": note, "edited": edited.is_some(), "key": env.key, "subject": env.subject}),
-    )
-    .await?;
-    let audit = Audit {
-        actor: &who.name,
+        original_subject: &env.subject,
+        key: key.as_ref(),
+        repaired_by: None,
+        resubmitted_by: Some(&h::encode_value(&who.name)),
+        hold_since: None,
+        history: Some(&serde_json::to_string(&sent.history).unwrap_or_default()),
+    }
+    .write(|name, value| headers.insert(name, value));
+    let (headers, body) =
+        by_reference_if_too_large(state, &lineage, attempt, headers, body).await?;
+    let plan = Plan {
+        message_id: env.id.clone(),
+        attempt: m.attempt,
         action: if edited.is_some() {
             "edit_and_resubmit"
         } else {
             "resubmit"
-        },
-        message_id: Some(&env.id),
-        service: Some(&env.service),
-        key: env.key.as_deref(),
-        note,
-        before: edited.as_ref().map(|_| original.text.as_str()),
-        after: edited.as_deref(),
+        }
+        .into(),
+        actor: who.name.clone(),
+        note: note.map(str::to_owned),
+        service: env.service.clone(),
+        key: env.key.clone(),
+        publish: Some(outgoing(
+            subjects::retry(&env.service),
+            lineage.msg_id(attempt, "retry"),
+            &headers,
+            &body,
+        )),
+        sent: Some(sent),
+        before: edited.as_ref().map(|_| original.text.clone()),
+        after: edited,
     };
-    let change = state
-        .store
-        .mark_resubmitted(&env.id, m.attempt, &sent, &audit, now_ms())
-        .await?;
-    changed(state, change, id).await
+    carry_out(state, plan).await
 }
 
 /// Discards parked message `id` with a note. A head of a held key is discarded on its sidecar
@@ -180,43 +166,343 @@ pub async fn discard(
     who.require(Role::Operator)?;
     let m = parked(state, id, seen_attempt).await?;
     let env = &m.envelope;
-    if let Some(key) = &env.key {
+    let publish = env.key.as_ref().map(|key| {
         let command = json!({
             "action": "discard", "key": key, "id": env.id, "binding": env.binding,
             "subject": env.subject, "by": who.name, "note": note,
         });
-        publish(
-            state,
+        outgoing(
             subjects::control(&env.service),
-            &env.lineage().msg_id(m.attempt, "discard"),
-            json_headers(),
-            Bytes::from(command.to_string()),
+            env.lineage().msg_id(m.attempt, "discard"),
+            &json_headers(),
+            command.to_string().as_bytes(),
         )
-        .await?;
-    }
-    announce(
-        state,
-        env,
-        "discarded",
-        m.attempt,
-        json!({"by": who.name, "note": note, "key": env.key, "subject": env.subject}),
-    )
-    .await?;
-    let audit = Audit {
-        actor: &who.name,
-        action: "discard",
-        message_id: Some(&env.id),
-        service: Some(&env.service),
-        key: env.key.as_deref(),
-        note,
+    });
+    let plan = Plan {
+        message_id: env.id.clone(),
+        attempt: m.attempt,
+        action: "discard".into(),
+        actor: who.name.clone(),
+        note: note.map(str::to_owned),
+        service: env.service.clone(),
+        key: env.key.clone(),
+        publish,
+        sent: None,
         before: None,
         after: None,
     };
-    let change = state
+    carry_out(state, plan).await
+}
+
+/// Carries out a person's action: takes it as the message's one action in the store, publishes
+/// it, and records what was published. What the answer says is what happened:
+/// - stored: the new status, with the audit of what was sent;
+/// - not stored: nothing changed (503), and the message is free again;
+/// - not confirmed in time: the outcome is unknown (504); the message stays taken until the
+///   dashboard finds out ([`settle`]) and records it;
+/// - another action pending on the message: 409, saying whose, or, when that one's outcome was
+///   unknown, finding it out first and saying what it did;
+/// - JetStream already held this very message (a duplicate, sent by something the store has no
+///   record of): 409, nothing recorded.
+async fn carry_out(state: &AppState, plan: Plan) -> Result<Message, ApiError> {
+    let id = plan.message_id.clone();
+    let started_at = match state.store.claim_action(&plan, now_ms()).await? {
+        Claim::Taken { started_at } => started_at,
+        Claim::Missing => return Err(ApiError::not_found(format!("no message {id}"))),
+        Claim::Conflict { status, attempt } => {
+            return Err(if status == Status::Parked {
+                ApiError::conflict(format!(
+                    "message {id} failed again since it was shown (attempt {attempt} now, {} then); look again",
+                    plan.attempt
+                ))
+            } else {
+                ApiError::conflict(format!("message {id} changed meanwhile: it is {status}"))
+            });
+        }
+        Claim::Pending {
+            plan: other,
+            started_at,
+        } => return Err(pending(state, &other, started_at).await),
+    };
+    if let Some(out) = &plan.publish {
+        match send(state, out).await {
+            Sent::Stored => {}
+            Sent::Duplicate => {
+                let _ = state.store.drop_action(&id, started_at).await;
+                return Err(ApiError::conflict(format!(
+                    "NATS already holds {} (message id {}), sent before by an action this \
+                     dashboard has no record of; yours was not sent again and nothing was recorded",
+                    what(&plan),
+                    out.msg_id
+                )));
+            }
+            Sent::NotStored(e) => {
+                if let Err(error) = state.store.drop_action(&id, started_at).await {
+                    tracing::warn!(%error, id, "Cannot let go of an action that was not sent; it is settled later.");
+                }
+                return Err(ApiError::unavailable(format!(
+                    "NATS did not store {} on {}: {e}; nothing changed",
+                    what(&plan),
+                    out.subject
+                )));
+            }
+            Sent::Unknown => {
+                tracing::warn!(
+                    id,
+                    action = plan.action,
+                    "An action's publish was not confirmed in time; its outcome is found out later."
+                );
+                return Err(ApiError::unknown(format!(
+                    "NATS did not confirm {} within {}s: it may or may not have been stored. \
+                     Message {id} stays taken by this action; within {}s the dashboard finds out \
+                     and records what happened. Look again then.",
+                    what(&plan),
+                    state.settings.publish_timeout.as_secs(),
+                    claim_ttl(state).as_secs()
+                )));
+            }
+        }
+    }
+    record(state, &plan, started_at)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no message {id}")))
+}
+
+/// How long an action's claim on its message stands before its outcome is found out.
+pub fn claim_ttl(state: &AppState) -> Duration {
+    state.settings.publish_timeout.saturating_mul(3)
+}
+
+/// The answer to an action on a message another action holds: busy while that one is young;
+/// once it is stale (its outcome was unknown), that outcome is found out and recorded first, and
+/// the answer says what it did.
+async fn pending(state: &AppState, other: &Plan, started_at: i64) -> ApiError {
+    let age = Duration::from_millis(u64::try_from(now_ms() - started_at).unwrap_or(0));
+    if age < claim_ttl(state) {
+        return ApiError::new(
+            StatusCode::CONFLICT,
+            "busy",
+            format!(
+                "{} by {} on message {} is under way (for {}s); look again in a moment",
+                other.action,
+                other.actor,
+                other.message_id,
+                age.as_secs()
+            ),
+        );
+    }
+    match settle(state, other, started_at).await {
+        Ok(()) => ApiError::conflict(format!(
+            "message {} was already acted on: {} by {}{} (its outcome was not confirmed at the \
+             time, and is now); yours was not sent",
+            other.message_id,
+            other.action,
+            other.actor,
+            other
+                .after
+                .as_deref()
+                .map(|p| format!(", sending the payload {p}"))
+                .unwrap_or_default()
+        )),
+        Err(e) => e,
+    }
+}
+
+/// Finds out what became of an action whose publish was not confirmed, and records it. While its
+/// message is still where the action found it, the very same message is sent again: JetStream
+/// answers a duplicate if the first was stored, or stores it now; either way it is sent, and
+/// recorded as the action of the person who asked for it. A message that moved on was moved by
+/// that action (only a person's action takes a parked message further), so it is recorded as is.
+pub async fn settle(state: &AppState, plan: &Plan, started_at: i64) -> Result<(), ApiError> {
+    let id = &plan.message_id;
+    let m = state.store.get(id).await?;
+    let untouched = m
+        .as_ref()
+        .is_some_and(|m| m.status == Status::Parked && m.attempt == plan.attempt);
+    if untouched && let Some(out) = &plan.publish {
+        match send(state, out).await {
+            Sent::Stored | Sent::Duplicate => {}
+            Sent::NotStored(e) => {
+                return Err(ApiError::unavailable(format!(
+                    "an earlier {} by {} on message {id} has an unknown outcome, and NATS cannot \
+                     tell now: {e}; nothing was sent",
+                    plan.action, plan.actor
+                )));
+            }
+            Sent::Unknown => {
+                return Err(ApiError::unknown(format!(
+                    "an earlier {} by {} on message {id} has an unknown outcome, and NATS did not \
+                     answer now either; nothing was sent",
+                    plan.action, plan.actor
+                )));
+            }
+        }
+    }
+    tracing::info!(id, action = plan.action, actor = ?plan.actor, "An action whose outcome was unknown is recorded as sent.");
+    record(state, plan, started_at).await.map(|_| ())
+}
+
+/// Settles the actions whose claims are older than their time (the dashboard stopped, or NATS did
+/// not confirm), every so often, so their outcome is recorded without anyone acting again.
+pub async fn settle_stale(state: &AppState, shutdown: &tokio_util::sync::CancellationToken) {
+    let every = claim_ttl(state);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let before = now_ms() - i64::try_from(every.as_millis()).unwrap_or(i64::MAX);
+        let stale = match state.store.stale_actions(before).await {
+            Ok(stale) => stale,
+            Err(error) => {
+                tracing::warn!(%error, "Cannot read the actions whose outcome is unknown.");
+                continue;
+            }
+        };
+        for (plan, started_at) in stale {
+            if let Err(e) = settle(state, &plan, started_at).await {
+                tracing::warn!(
+                    id = plan.message_id,
+                    error = e.message,
+                    "An action's outcome is still unknown."
+                );
+            }
+        }
+    }
+}
+
+/// Records a published action (status, audit, end of its claim) and announces it. The
+/// announcement is best effort: what was sent was sent, whether or not others hear of it. Returns
+/// the message as it is now.
+async fn record(
+    state: &AppState,
+    plan: &Plan,
+    started_at: i64,
+) -> Result<Option<Message>, ApiError> {
+    let changed = state
         .store
-        .mark_discarded(&env.id, m.attempt, &audit, now_ms())
-        .await?;
-    changed(state, change, id).await
+        .finish_action(plan, started_at, now_ms())
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, id = plan.message_id, "An action was sent but cannot be recorded.");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "not_recorded",
+                format!(
+                    "{} was sent, but the store failed to record it: {e}; it is recorded when the \
+                     store answers again",
+                    what(plan)
+                ),
+            )
+        })?;
+    if changed != Changed::Done {
+        tracing::info!(
+            id = plan.message_id,
+            ?changed,
+            "An action was recorded after its message moved on."
+        );
+    }
+    let m = state.store.get(&plan.message_id).await?;
+    if let Some(m) = &m {
+        let env = plan.sent.as_ref().unwrap_or(&m.envelope);
+        let (kind, attempt, data) = match &plan.sent {
+            Some(_) => (
+                "resubmitted",
+                plan.attempt.saturating_add(1),
+                json!({"by": plan.actor, "note": plan.note, "edited": plan.after.is_some(), "key": env.key, "subject": env.subject}),
+            ),
+            None => (
+                "discarded",
+                plan.attempt,
+                json!({"by": plan.actor, "note": plan.note, "key": env.key, "subject": env.subject}),
+            ),
+        };
+        if let Err(e) = announce(state, env, kind, attempt, data).await {
+            tracing::warn!(
+                id = plan.message_id,
+                kind,
+                error = e.message,
+                "An action was recorded but not announced on MEND_EVENTS."
+            );
+        }
+    }
+    Ok(m)
+}
+
+/// A few words on what an action publishes, for answers.
+fn what(plan: &Plan) -> String {
+    match (&plan.sent, &plan.after) {
+        (Some(_), Some(_)) => format!(
+            "the edited resubmission of {} (attempt {})",
+            plan.message_id,
+            plan.attempt.saturating_add(1)
+        ),
+        (Some(_), None) => format!(
+            "the resubmission of {} (attempt {})",
+            plan.message_id,
+            plan.attempt.saturating_add(1)
+        ),
+        (None, _) => format!("the discard of {}", plan.message_id),
+    }
+}
+
+fn outgoing(subject: String, msg_id: String, headers: &HeaderMap, body: &[u8]) -> Outgoing {
+    let headers = headers
+        .iter()
+        .flat_map(|(name, values)| {
+            let name: &str = name.as_ref();
+            values
+                .iter()
+                .map(move |v| (name.to_owned(), v.as_str().to_owned()))
+        })
+        .collect();
+    Outgoing {
+        subject,
+        msg_id,
+        headers,
+        body: base64::engine::general_purpose::STANDARD.encode(body),
+    }
+}
+
+/// What became of a publish.
+enum Sent {
+    Stored,
+    /// JetStream had a message with this id already (within its duplicate window).
+    Duplicate,
+    /// Known not to be stored.
+    NotStored(String),
+    /// Not confirmed in time: it may have been stored.
+    Unknown,
+}
+
+async fn send(state: &AppState, out: &Outgoing) -> Sent {
+    let mut headers = HeaderMap::new();
+    for (name, value) in &out.headers {
+        headers.append(name.as_str(), value.as_str());
+    }
+    let body = match base64::engine::general_purpose::STANDARD.decode(&out.body) {
+        Ok(body) => Bytes::from(body),
+        Err(e) => return Sent::NotStored(format!("the kept message cannot be read: {e}")),
+    };
+    let message = PublishMessage::build()
+        .payload(body)
+        .headers(headers)
+        .message_id(out.msg_id.as_str());
+    let ack = async {
+        state
+            .js
+            .send_publish(out.subject.clone(), message)
+            .await
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(state.settings.publish_timeout, ack).await {
+        Ok(Ok(ack)) if ack.duplicate => Sent::Duplicate,
+        Ok(Ok(_)) => Sent::Stored,
+        Ok(Err(e)) => Sent::NotStored(e),
+        Err(_) => Sent::Unknown,
+    }
 }
 
 /// Releases a held key: its held messages are delivered without waiting for the head, which stays
@@ -291,21 +577,6 @@ async fn parked(
     Ok(m)
 }
 
-/// The message after its status change, or why the change did not happen.
-async fn changed(state: &AppState, c: Changed, id: &str) -> Result<Message, ApiError> {
-    match c {
-        Changed::Done => state
-            .store
-            .get(id)
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("no message {id}"))),
-        Changed::Missing => Err(ApiError::not_found(format!("no message {id}"))),
-        Changed::Conflict(now) => Err(ApiError::conflict(format!(
-            "message {id} changed meanwhile: it is {now}"
-        ))),
-    }
-}
-
 /// A message's payload as it would be sent again.
 pub struct Payload {
     pub bytes: Bytes,
@@ -330,6 +601,25 @@ pub async fn payload_text(state: &AppState, env: &FailureEnvelope) -> Result<Pay
             text,
             is_json: false,
         });
+    }
+    if let Some(r) = &env.payload_ref
+        && (r.stream != env.stream
+            || r.seq != env.seq
+            || r.object
+                .as_deref()
+                .is_some_and(|o| !crate::payloads::is_object_of(o, &env.lineage())))
+    {
+        // Only the envelope's own original, or its own lineage's objects, are read.
+        return Err(ApiError::invalid(format!(
+            "the envelope of {} refers to a payload of another message ({}:{}{}); it is not read",
+            env.id,
+            r.stream,
+            r.seq,
+            r.object
+                .as_deref()
+                .map(|o| format!(", object {o}"))
+                .unwrap_or_default()
+        )));
     }
     if let Some(object) = env.payload_ref.as_ref().and_then(|r| r.object.as_deref()) {
         let bytes = read_object(state, object).await?;
@@ -379,7 +669,47 @@ fn json_headers() -> HeaderMap {
     headers
 }
 
-/// Publishes with a de-duplicating id and waits for JetStream to store it.
+/// A resubmission whose payload and headers together pass the server's max_payload (a payload at the
+/// limit already, read back from `mend_payloads`, or edited to grow) goes by reference: its payload
+/// is kept as an object, and the retry names it in `Mend-Payload-Object` with an empty payload.
+async fn by_reference_if_too_large(
+    state: &AppState,
+    lineage: &repair_rules::LineageId,
+    attempt: u32,
+    mut headers: HeaderMap,
+    body: Bytes,
+) -> Result<(HeaderMap, Bytes), ApiError> {
+    // The header block as NATS writes it: `NATS/1.0\r\n`, `name: value\r\n` each, `\r\n`; plus
+    // room for the de-duplicating id and the reference itself.
+    let header_block: usize = 12
+        + headers
+            .iter()
+            .map(|(n, vs)| {
+                let name: &str = n.as_ref();
+                vs.iter()
+                    .map(|v| name.len() + v.as_str().len() + 4)
+                    .sum::<usize>()
+            })
+            .sum::<usize>();
+    let room = state.client.server_info().max_payload;
+    if body.len() + header_block + 256 <= room {
+        return Ok((headers, body));
+    }
+    let name = crate::payloads::object_name(lineage, attempt, "resubmitted");
+    crate::payloads::put(&state.js, &name, &body)
+        .await
+        .map_err(|e| {
+            ApiError::unavailable(format!(
+                "cannot keep the payload ({} bytes) in mend_payloads: {e:#}; nothing changed",
+                body.len()
+            ))
+        })?;
+    headers.insert(crate::payloads::MEND_PAYLOAD_OBJECT, name.as_str());
+    Ok((headers, Bytes::new()))
+}
+
+/// Publishes with a de-duplicating id and waits for JetStream to store it (a release command, an
+/// announcement): an error says whether anything may have changed.
 async fn publish(
     state: &AppState,
     subject: String,
@@ -387,27 +717,18 @@ async fn publish(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<(), ApiError> {
-    let message = PublishMessage::build()
-        .payload(body)
-        .headers(headers)
-        .message_id(msg_id);
-    let stored = async {
-        state
-            .js
-            .send_publish(subject.clone(), message)
-            .await
-            .map_err(|e| e.to_string())?
-            .await
-            .map_err(|e| e.to_string())
-    };
-    match tokio::time::timeout(PUBLISH_TIMEOUT, stored).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(ApiError::unavailable(format!(
-            "NATS did not store the message on {subject}: {e}; nothing changed"
+    let out = outgoing(subject, msg_id.to_owned(), &headers, &body);
+    match send(state, &out).await {
+        Sent::Stored | Sent::Duplicate => Ok(()),
+        Sent::NotStored(e) => Err(ApiError::unavailable(format!(
+            "NATS did not store the message on {}: {e}; nothing changed",
+            out.subject
         ))),
-        Err(_) => Err(ApiError::unavailable(format!(
-            "NATS did not confirm the message on {subject} within {}s; nothing changed",
-            PUBLISH_TIMEOUT.as_secs()
+        Sent::Unknown => Err(ApiError::unknown(format!(
+            "NATS did not confirm the message on {} within {}s: it may or may not have been \
+             stored; look again in a moment",
+            out.subject,
+            state.settings.publish_timeout.as_secs()
         ))),
     }
 }
@@ -454,30 +775,38 @@ async fn announce(
 /// The bytes of the object `name` of the bucket `mend_payloads` (a payload too large for its
 /// envelope).
 async fn read_object(state: &AppState, name: &str) -> Result<Bytes, ApiError> {
-    use tokio::io::AsyncReadExt;
-    let unavailable = |e: &dyn std::fmt::Display| {
-        ApiError::unavailable(format!("cannot read the payload {name}: {e}"))
+    match crate::payloads::load(&state.js, name).await {
+        Ok(Some(bytes)) => Ok(bytes),
+        Ok(None) => Err(ApiError::new(
+            StatusCode::GONE,
+            "gone",
+            format!("the payload {name} is no longer in the bucket mend_payloads"),
+        )),
+        Err(e) => Err(ApiError::unavailable(format!(
+            "cannot read the payload {name}: {e:#}"
+        ))),
+    }
+}
+
+/// Ends every web session (an admin's choice, audited): everyone logs in again, with the users and
+/// roles configured now. Returns how many sessions ended.
+pub async fn end_all_sessions(
+    state: &AppState,
+    who: &Principal,
+    note: Option<&str>,
+) -> Result<u64, ApiError> {
+    who.require(Role::Admin)?;
+    let audit = Audit {
+        actor: &who.name,
+        action: "end_all_sessions",
+        message_id: None,
+        service: None,
+        key: None,
+        note,
+        before: None,
+        after: None,
     };
-    let bucket = state
-        .js
-        .get_object_store("mend_payloads")
-        .await
-        .map_err(|e| unavailable(&e))?;
-    let mut object = match bucket.get(name).await {
-        Ok(object) => object,
-        Err(e) if e.kind() == async_nats::jetstream::object_store::GetErrorKind::NotFound => {
-            return Err(ApiError::new(
-                StatusCode::GONE,
-                "gone",
-                format!("the payload {name} is no longer in the bucket mend_payloads"),
-            ));
-        }
-        Err(e) => return Err(unavailable(&e)),
-    };
-    let mut bytes = Vec::new();
-    object
-        .read_to_end(&mut bytes)
-        .await
-        .map_err(|e| unavailable(&e))?;
-    Ok(Bytes::from(bytes))
+    let ended = state.store.end_all_sessions(&audit, now_ms()).await?;
+    tracing::warn!(by = who.name, ended, "Every web session ended.");
+    Ok(ended)
 }

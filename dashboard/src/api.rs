@@ -40,6 +40,8 @@ pub fn routes() -> Router<Shared> {
         .route("/api/holds/{service}/{key}/release", post(release))
         .route("/api/rules", get(rules))
         .route("/api/audit", get(audit))
+        .route("/api/sessions/end", post(end_sessions))
+        .route("/api/openapi.json", get(crate::openapi::document))
 }
 
 /// A JSON body (an empty one is `T::default()`), whose problems answer in the API's error shape.
@@ -98,7 +100,7 @@ pub fn message_json(m: &Message, masked: &[String]) -> Value {
     if !masked.is_empty() {
         mask(&mut payload, masked);
     }
-    json!({
+    let mut v = json!({
         "id": m.id,
         "status": m.status,
         "service": env.service,
@@ -118,7 +120,42 @@ pub fn message_json(m: &Message, masked: &[String]) -> Value {
         "failed_at": env.failed_at,
         "parked_at": m.parked_at,
         "updated_at": m.updated_at,
-    })
+    });
+    // What the masked fields hold is hidden wherever else it shows (an echoed error, a key).
+    crate::auth::redact(&mut v, &crate::auth::masked_values(&env.payload, masked));
+    v
+}
+
+/// `m` and its `timeline` as `masked` lets them be shown: the payload's masked fields, and their
+/// values wherever else they appear (key, headers, error, reason, history, announcements).
+pub fn redact_message(m: &mut Message, timeline: &mut [Event], masked: &[String]) {
+    if masked.is_empty() {
+        return;
+    }
+    let secrets = crate::auth::masked_values(&m.envelope.payload, masked);
+    if let Ok(mut v) = serde_json::to_value(&m.envelope) {
+        if let Some(payload) = v.get_mut("payload") {
+            mask(payload, masked);
+        }
+        crate::auth::redact(&mut v, &secrets);
+        if let Ok(env) = serde_json::from_value(v) {
+            m.envelope = env;
+        }
+    }
+    redact_events(timeline, &secrets);
+}
+
+/// Announcements with the `secrets` (see [`crate::auth::masked_values`]) hidden.
+pub fn redact_events(timeline: &mut [Event], secrets: &[String]) {
+    for ev in timeline {
+        let mut v = json!([ev.source, ev.rule, ev.data]);
+        crate::auth::redact(&mut v, secrets);
+        if let Value::Array(parts) = v {
+            ev.source = parts[0].as_str().unwrap_or_default().to_owned();
+            ev.rule = parts[1].as_str().map(str::to_owned);
+            ev.data = parts[2].as_str().unwrap_or_default().to_owned();
+        }
+    }
 }
 
 fn event_json(e: &Event) -> Value {
@@ -139,6 +176,24 @@ pub fn masked_for<'a>(state: &'a Shared, who: &Principal) -> &'a [String] {
         &state.settings.mask
     } else {
         &[]
+    }
+}
+
+/// `page` as a `masked` caller may see it: each message redacted ([`redact_message`]), and those it
+/// matched only through what masking hides dropped. The search column holds the whole message, so
+/// `q` would otherwise tell a viewer what a masked field holds ("4111" matches, so the card starts
+/// with 4111). A page may come back shorter; its cursor still continues the list.
+pub fn shown_page(page: &mut crate::store::Page<Message>, f: &Filter, masked: &[String]) {
+    if masked.is_empty() {
+        return;
+    }
+    for m in &mut page.items {
+        redact_message(m, &mut [], masked);
+    }
+    if let Some(q) = f.q.as_deref() {
+        let q = q.to_lowercase();
+        page.items
+            .retain(|m| crate::store::search_text(&m.envelope).contains(&q));
     }
 }
 
@@ -179,6 +234,14 @@ pub fn filter(q: &HashMap<String, String>) -> Result<Filter, ApiError> {
     })
 }
 
+#[utoipa::path(
+    get, path = "/api/overview", tag = "overview",
+    responses(
+        (status = 200, description = "Counts per service and status, the oldest parked message, held keys, rule outcomes of the last 24 hours", body = crate::openapi::OverviewView),
+        crate::openapi::Unauthorized,
+        crate::openapi::Unavailable
+    )
+)]
 async fn overview(
     State(s): State<Shared>,
     ApiCaller(_who): ApiCaller,
@@ -197,23 +260,53 @@ async fn overview(
     })))
 }
 
+#[utoipa::path(
+    get, path = "/api/messages", tag = "messages",
+    params(
+        ("status" = Option<crate::store::Status>, Query, description = "Only messages with this status"),
+        ("service" = Option<String>, Query, description = "Only this service's"),
+        ("subject" = Option<String>, Query, description = "Only this subject's"),
+        ("code" = Option<String>, Query, description = "Only failures with this error code"),
+        ("group" = Option<String>, Query, description = "Only this failure group's"),
+        ("q" = Option<String>, Query, description = "Text in the subject, key, error or payload"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 200, description = "Page size (50)"),
+        ("cursor" = Option<String>, Query, description = "Where the previous page ended"),
+    ),
+    responses(
+        (status = 200, description = "Newest parking first", body = crate::openapi::Page<crate::openapi::MessageView>),
+        crate::openapi::BadRequest,
+        crate::openapi::Unauthorized,
+        crate::openapi::Unavailable
+    )
+)]
 async fn list(
     State(s): State<Shared>,
     ApiCaller(who): ApiCaller,
     Query(q): Params,
 ) -> Result<Json<Value>, ApiError> {
     let f = filter(&q)?;
-    let page = s
+    let mut page = s
         .store
         .list(&f, limit(&q)?, q.get("cursor").map(String::as_str))
         .await?;
     let masked = masked_for(&s, &who);
+    shown_page(&mut page, &f, masked);
     Ok(Json(json!({
         "items": page.items.iter().map(|m| message_json(m, masked)).collect::<Vec<_>>(),
         "next_cursor": page.next_cursor,
     })))
 }
 
+#[utoipa::path(
+    get, path = "/api/messages/{id}", tag = "messages",
+    params(("id" = String, Path, description = "The message's Mend-Id")),
+    responses(
+        (status = 200, description = "The message with its timeline", body = crate::openapi::MessageView),
+        crate::openapi::Unauthorized,
+        crate::openapi::NotFound,
+        crate::openapi::Unavailable
+    )
+)]
 async fn one(
     State(s): State<Shared>,
     ApiCaller(who): ApiCaller,
@@ -224,13 +317,18 @@ async fn one(
         .get(&id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no message {id}")))?;
-    let timeline = s.store.timeline(&id).await?;
-    let mut v = message_json(&m, masked_for(&s, &who));
+    let mut timeline = s.store.timeline(&id).await?;
+    let masked = masked_for(&s, &who);
+    let mut v = message_json(&m, masked);
+    redact_events(
+        &mut timeline,
+        &crate::auth::masked_values(&m.envelope.payload, masked),
+    );
     v["timeline"] = timeline.iter().map(event_json).collect();
     Ok(Json(v))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ResubmitBody {
     #[serde(default)]
@@ -242,6 +340,25 @@ struct ResubmitBody {
     attempt: Option<u32>,
 }
 
+#[utoipa::path(
+    post, path = "/api/messages/{id}/resubmit", tag = "messages",
+    params(("id" = String, Path, description = "The message's Mend-Id")),
+    request_body(content = Option<ResubmitBody>, description = "All optional: an edited payload, a note, the attempt the caller saw"),
+    responses(
+        (status = 200, description = "Resubmitted: the retry is stored and the action recorded", body = crate::openapi::MessageView),
+        crate::openapi::BadRequest,
+        crate::openapi::Unauthorized,
+        crate::openapi::Forbidden,
+        crate::openapi::NotFound,
+        crate::openapi::Conflict,
+        crate::openapi::TooLarge,
+        crate::openapi::NotJson,
+        crate::openapi::Invalid,
+        crate::openapi::Unavailable,
+        crate::openapi::OutcomeUnknown,
+        crate::openapi::Gone
+    )
+)]
 async fn resubmit(
     State(s): State<Shared>,
     ApiCaller(who): ApiCaller,
@@ -260,7 +377,7 @@ async fn resubmit(
     Ok(Json(message_json(&m, masked_for(&s, &who))))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NoteBody {
     #[serde(default)]
@@ -269,6 +386,24 @@ struct NoteBody {
     attempt: Option<u32>,
 }
 
+#[utoipa::path(
+    post, path = "/api/messages/{id}/discard", tag = "messages",
+    params(("id" = String, Path, description = "The message's Mend-Id")),
+    request_body(content = Option<NoteBody>, description = "All optional: a note, the attempt the caller saw"),
+    responses(
+        (status = 200, description = "Discarded; a head's key is released", body = crate::openapi::MessageView),
+        crate::openapi::BadRequest,
+        crate::openapi::Unauthorized,
+        crate::openapi::Forbidden,
+        crate::openapi::NotFound,
+        crate::openapi::Conflict,
+        crate::openapi::TooLarge,
+        crate::openapi::NotJson,
+        crate::openapi::Invalid,
+        crate::openapi::Unavailable,
+        crate::openapi::OutcomeUnknown
+    )
+)]
 async fn discard(
     State(s): State<Shared>,
     ApiCaller(who): ApiCaller,
@@ -279,7 +414,7 @@ async fn discard(
     Ok(Json(message_json(&m, masked_for(&s, &who))))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TryBody {
     /// A draft rule file (TOML) to try instead of the loaded rules.
@@ -303,18 +438,49 @@ pub fn rules_to_try(s: &Shared, draft: Option<&str>) -> Result<Arc<RuleSet>, Api
     }
 }
 
-/// What `rules` decide for `m`, as JSON; evaluated off the async threads, under a time limit.
-pub async fn dry_run(rules: Arc<RuleSet>, m: &Message) -> Value {
+/// How long one dry-run evaluation may take.
+pub const DRY_RUN_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// Dry-run evaluations at once, over every user: each takes a thread of the blocking pool, and a
+/// draft is anyone's (operator's) code.
+pub const DRY_RUNS_IN_FLIGHT: usize = 4;
+
+/// What `rules` decide for `m`, as JSON; evaluated off the async threads, at most
+/// [`DRY_RUNS_IN_FLIGHT`] at once, each stopping itself at [`DRY_RUN_LIMIT`] (its comprehension
+/// steps check the deadline, and its answer says so). A place is waited for, and the evaluation
+/// waited on, twice the limit at most; a place is held until its evaluation really ends.
+pub async fn dry_run(s: &Shared, rules: Arc<RuleSet>, m: &Message) -> Value {
     let env = m.envelope.clone();
     let id = m.id.clone();
-    let work = tokio::task::spawn_blocking(move || evaluate(&rules, &env, &Limits::default()));
-    let decision = match tokio::time::timeout(std::time::Duration::from_secs(2), work).await {
-        Ok(Ok(d)) => d,
-        Ok(Err(e)) => {
+    let wait = DRY_RUN_LIMIT.saturating_mul(2);
+    let Ok(Ok(place)) = tokio::time::timeout(wait, s.dry_runs.clone().acquire_owned()).await else {
+        return json!({"id": id, "decision": "error", "message": format!(
+            "{DRY_RUNS_IN_FLIGHT} dry-runs are running; none ended within {}s: try again",
+            wait.as_secs()
+        )});
+    };
+    let evaluation = tokio::task::spawn_blocking(move || {
+        let limits = Limits {
+            time_limit: Some(DRY_RUN_LIMIT),
+            ..Limits::default()
+        };
+        evaluate(&rules, &env, &limits)
+    });
+    // The place is given back once the thread is done with the evaluation (and free for the next
+    // one), whether or not this answer still waits for it.
+    let work = tokio::spawn(async move {
+        let out = evaluation.await;
+        drop(place);
+        out
+    });
+    let decision = match tokio::time::timeout(wait, work).await {
+        Ok(Ok(Ok(d))) => d,
+        Ok(Ok(Err(e))) | Ok(Err(e)) => {
             return json!({"id": id, "decision": "error", "message": format!("evaluation failed: {e}")});
         }
         Err(_) => {
-            return json!({"id": id, "decision": "error", "message": "evaluation took longer than 2s"});
+            return json!({"id": id, "decision": "error", "message": format!(
+                "evaluation took longer than {}s", wait.as_secs()
+            )});
         }
     };
     match decision {
@@ -331,6 +497,45 @@ pub async fn dry_run(rules: Arc<RuleSet>, m: &Message) -> Value {
     }
 }
 
+/// [`dry_run`] as `masked` lets it be shown: the repaired payload's masked fields hidden, and what
+/// the message's masked fields hold hidden wherever else it appears (a rule's message, a payload
+/// that copied a masked value elsewhere).
+pub async fn dry_run_shown(
+    s: &Shared,
+    rules: Arc<RuleSet>,
+    m: &Message,
+    masked: &[String],
+) -> Value {
+    let mut v = dry_run(s, rules, m).await;
+    if !masked.is_empty() {
+        if let Some(p) = v.get_mut("payload") {
+            mask(p, masked);
+        }
+        crate::auth::redact(
+            &mut v,
+            &crate::auth::masked_values(&m.envelope.payload, masked),
+        );
+    }
+    v
+}
+
+#[utoipa::path(
+    post, path = "/api/messages/{id}/try", tag = "rules",
+    params(("id" = String, Path, description = "The message's Mend-Id")),
+    request_body(content = Option<TryBody>, description = "Optional: a draft rule file (TOML) instead of the loaded rules (operators)"),
+    responses(
+        (status = 200, description = "What the rules would do", body = crate::openapi::DryRun),
+        crate::openapi::BadRequest,
+        crate::openapi::Unauthorized,
+        crate::openapi::Forbidden,
+        crate::openapi::NotFound,
+        crate::openapi::Conflict,
+        crate::openapi::TooLarge,
+        crate::openapi::NotJson,
+        crate::openapi::Invalid,
+        crate::openapi::Unavailable
+    )
+)]
 async fn try_rules(
     State(s): State<Shared>,
     ApiCaller(who): ApiCaller,
@@ -344,15 +549,19 @@ async fn try_rules(
         .get(&id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no message {id}")))?;
-    let mut v = dry_run(rules, &m).await;
-    if who.masked()
-        && let Some(p) = v.get_mut("payload")
-    {
-        mask(p, &s.settings.mask);
-    }
-    Ok(Json(v))
+    Ok(Json(
+        dry_run_shown(&s, rules, &m, masked_for(&s, &who)).await,
+    ))
 }
 
+#[utoipa::path(
+    get, path = "/api/groups", tag = "groups",
+    responses(
+        (status = 200, description = "Parked messages grouped by service, subject and error", body = crate::openapi::Page<crate::store::Group>),
+        crate::openapi::Unauthorized,
+        crate::openapi::Unavailable
+    )
+)]
 async fn groups(
     State(s): State<Shared>,
     ApiCaller(_who): ApiCaller,
@@ -371,6 +580,21 @@ async fn group_members(s: &Shared, id: &str) -> Result<Vec<(String, u32)>, ApiEr
     Ok(members)
 }
 
+#[utoipa::path(
+    post, path = "/api/groups/{id}/resubmit", tag = "groups",
+    params(("id" = String, Path, description = "The failure group")),
+    request_body(content = Option<NoteBody>, description = "Optional: a note"),
+    responses(
+        (status = 202, description = "A bulk job started, canary first", body = crate::jobs::Progress),
+        crate::openapi::BadRequest,
+        crate::openapi::Unauthorized,
+        crate::openapi::Forbidden,
+        crate::openapi::NotFound,
+        crate::openapi::TooLarge,
+        crate::openapi::NotJson,
+        crate::openapi::Unavailable
+    )
+)]
 async fn group_resubmit(
     State(s): State<Shared>,
     ApiCaller(who): ApiCaller,
@@ -380,6 +604,21 @@ async fn group_resubmit(
     group_job(s, who, id, Kind::Resubmit, b.note).await
 }
 
+#[utoipa::path(
+    post, path = "/api/groups/{id}/discard", tag = "groups",
+    params(("id" = String, Path, description = "The failure group")),
+    request_body(content = Option<NoteBody>, description = "Optional: a note"),
+    responses(
+        (status = 202, description = "A bulk job started", body = crate::jobs::Progress),
+        crate::openapi::BadRequest,
+        crate::openapi::Unauthorized,
+        crate::openapi::Forbidden,
+        crate::openapi::NotFound,
+        crate::openapi::TooLarge,
+        crate::openapi::NotJson,
+        crate::openapi::Unavailable
+    )
+)]
 async fn group_discard(
     State(s): State<Shared>,
     ApiCaller(who): ApiCaller,
@@ -403,6 +642,23 @@ async fn group_job(
     Ok((StatusCode::ACCEPTED, Json(json!(p))).into_response())
 }
 
+#[utoipa::path(
+    post, path = "/api/groups/{id}/try", tag = "rules",
+    params(("id" = String, Path, description = "The failure group")),
+    request_body(content = Option<TryBody>, description = "Optional: a draft rule file (TOML) instead of the loaded rules (operators)"),
+    responses(
+        (status = 200, description = "What the rules would do with each parked message of the group", body = crate::openapi::Page<crate::openapi::DryRun>),
+        crate::openapi::BadRequest,
+        crate::openapi::Unauthorized,
+        crate::openapi::Forbidden,
+        crate::openapi::NotFound,
+        crate::openapi::Conflict,
+        crate::openapi::TooLarge,
+        crate::openapi::NotJson,
+        crate::openapi::Invalid,
+        crate::openapi::Unavailable
+    )
+)]
 async fn group_try(
     State(s): State<Shared>,
     ApiCaller(who): ApiCaller,
@@ -430,18 +686,12 @@ async fn group_try(
     }
     let mut items = Vec::with_capacity(page.items.len());
     for m in &page.items {
-        let mut v = dry_run(rules.clone(), m).await;
-        if who.masked()
-            && let Some(p) = v.get_mut("payload")
-        {
-            mask(p, &s.settings.mask);
-        }
-        items.push(v);
+        items.push(dry_run_shown(&s, rules.clone(), m, masked_for(&s, &who)).await);
     }
     Ok(Json(json!({"items": items, "next_cursor": null})))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct BulkBody {
     #[serde(default)]
@@ -464,6 +714,20 @@ impl<'de> Deserialize<'de> for Kind {
     }
 }
 
+#[utoipa::path(
+    post, path = "/api/bulk", tag = "groups",
+    request_body(content = BulkBody, description = "The action and the messages"),
+    responses(
+        (status = 202, description = "A bulk job started, canary first", body = crate::jobs::Progress),
+        crate::openapi::BadRequest,
+        crate::openapi::Unauthorized,
+        crate::openapi::Forbidden,
+        crate::openapi::NotFound,
+        crate::openapi::TooLarge,
+        crate::openapi::NotJson,
+        crate::openapi::Unavailable
+    )
+)]
 async fn bulk(
     State(s): State<Shared>,
     ApiCaller(who): ApiCaller,
@@ -491,10 +755,26 @@ async fn bulk(
     Ok((StatusCode::ACCEPTED, Json(json!(p))).into_response())
 }
 
+#[utoipa::path(
+    get, path = "/api/jobs", tag = "groups",
+    responses(
+        (status = 200, description = "This dashboard's bulk jobs", body = crate::openapi::Page<crate::jobs::Progress>),
+        crate::openapi::Unauthorized
+    )
+)]
 async fn jobs_list(State(s): State<Shared>, ApiCaller(_who): ApiCaller) -> Json<Value> {
     Json(json!({"items": s.jobs.all(), "next_cursor": null}))
 }
 
+#[utoipa::path(
+    get, path = "/api/jobs/{id}", tag = "groups",
+    params(("id" = String, Path, description = "The job")),
+    responses(
+        (status = 200, description = "The job's progress", body = crate::jobs::Progress),
+        crate::openapi::Unauthorized,
+        crate::openapi::NotFound
+    )
+)]
 async fn job(
     State(s): State<Shared>,
     ApiCaller(_who): ApiCaller,
@@ -506,6 +786,16 @@ async fn job(
         .ok_or_else(|| ApiError::not_found(format!("no job {id}")))
 }
 
+#[utoipa::path(
+    post, path = "/api/jobs/{id}/stop", tag = "groups",
+    params(("id" = String, Path, description = "The job")),
+    responses(
+        (status = 200, description = "Stopped: nothing more is sent", body = crate::jobs::Progress),
+        crate::openapi::Unauthorized,
+        crate::openapi::Forbidden,
+        crate::openapi::NotFound
+    )
+)]
 async fn job_stop(
     State(s): State<Shared>,
     ApiCaller(who): ApiCaller,
@@ -521,6 +811,15 @@ async fn job_stop(
         .ok_or_else(|| ApiError::not_found(format!("no job {id}")))
 }
 
+#[utoipa::path(
+    get, path = "/api/holds", tag = "holds",
+    params(("service" = Option<String>, Query, description = "Only this service's")),
+    responses(
+        (status = 200, description = "Held keys", body = crate::openapi::Page<crate::holds::HeldKey>),
+        crate::openapi::Unauthorized,
+        crate::openapi::Unavailable
+    )
+)]
 async fn holds(
     State(s): State<Shared>,
     ApiCaller(_who): ApiCaller,
@@ -532,6 +831,25 @@ async fn holds(
     Ok(Json(json!({"items": list, "next_cursor": null})))
 }
 
+#[utoipa::path(
+    post, path = "/api/holds/{service}/{key}/release", tag = "holds",
+    params(
+        ("service" = String, Path, description = "The service"),
+        ("key" = String, Path, description = "The held key"),
+    ),
+    request_body(content = Option<NoteBody>, description = "Optional: a note"),
+    responses(
+        (status = 200, description = "The release command is stored", body = crate::openapi::Released),
+        crate::openapi::BadRequest,
+        crate::openapi::Unauthorized,
+        crate::openapi::Forbidden,
+        crate::openapi::NotFound,
+        crate::openapi::TooLarge,
+        crate::openapi::NotJson,
+        crate::openapi::Unavailable,
+        crate::openapi::OutcomeUnknown
+    )
+)]
 async fn release(
     State(s): State<Shared>,
     ApiCaller(who): ApiCaller,
@@ -550,6 +868,14 @@ async fn release(
     ))
 }
 
+#[utoipa::path(
+    get, path = "/api/rules", tag = "rules",
+    responses(
+        (status = 200, description = "The loaded rules and what each did", body = crate::openapi::RulesPage),
+        crate::openapi::Unauthorized,
+        crate::openapi::Unavailable
+    )
+)]
 async fn rules(
     State(s): State<Shared>,
     ApiCaller(_who): ApiCaller,
@@ -582,6 +908,19 @@ async fn rules(
     ))
 }
 
+#[utoipa::path(
+    get, path = "/api/audit", tag = "audit",
+    params(
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 200, description = "Page size (50)"),
+        ("cursor" = Option<String>, Query, description = "Where the previous page ended"),
+    ),
+    responses(
+        (status = 200, description = "Every human action, newest first", body = crate::openapi::Page<crate::store::AuditRecord>),
+        crate::openapi::BadRequest,
+        crate::openapi::Unauthorized,
+        crate::openapi::Unavailable
+    )
+)]
 async fn audit(
     State(s): State<Shared>,
     ApiCaller(who): ApiCaller,
@@ -591,16 +930,71 @@ async fn audit(
         .store
         .audit(limit(&q)?, q.get("cursor").map(String::as_str))
         .await?;
-    let masked = masked_for(&s, &who);
-    if !masked.is_empty() {
-        for a in &mut page.items {
-            a.before = a.before.as_deref().map(|t| masked_text(t, masked));
-            a.after = a.after.as_deref().map(|t| masked_text(t, masked));
-        }
-    }
+    shown_audit(&s, &mut page.items, masked_for(&s, &who)).await?;
     Ok(Json(
         json!({"items": page.items, "next_cursor": page.next_cursor}),
     ))
+}
+
+/// `POST /api/sessions/end` (admin; optional `note`): ends every web session.
+#[utoipa::path(
+    post, path = "/api/sessions/end", tag = "audit",
+    request_body(content = Option<NoteBody>, description = "Optional: a note"),
+    responses(
+        (status = 200, description = "Every web session ended", body = crate::openapi::SessionsEnded),
+        crate::openapi::BadRequest,
+        crate::openapi::Unauthorized,
+        crate::openapi::Forbidden,
+        crate::openapi::TooLarge,
+        crate::openapi::NotJson,
+        crate::openapi::Unavailable
+    )
+)]
+async fn end_sessions(
+    State(s): State<Shared>,
+    ApiCaller(who): ApiCaller,
+    Body(b): Body<NoteBody>,
+) -> Result<Json<Value>, ApiError> {
+    let ended = crate::actions::end_all_sessions(&s, &who, b.note.as_deref()).await?;
+    Ok(Json(json!({"ended": ended})))
+}
+
+/// Audit records as `masked` lets them be shown: an edit's payloads with the masked fields hidden,
+/// and what the message's masked fields hold hidden in the key, the note and the payloads (a key
+/// that is a card number shows in the audit log too).
+pub async fn shown_audit(
+    s: &Shared,
+    items: &mut [crate::store::AuditRecord],
+    masked: &[String],
+) -> Result<(), ApiError> {
+    if masked.is_empty() {
+        return Ok(());
+    }
+    let mut secrets: HashMap<String, Vec<String>> = HashMap::new();
+    for a in items.iter_mut() {
+        a.before = a.before.as_deref().map(|t| masked_text(t, masked));
+        a.after = a.after.as_deref().map(|t| masked_text(t, masked));
+        let Some(id) = a.message_id.clone() else {
+            continue;
+        };
+        if !secrets.contains_key(&id) {
+            let found = s
+                .store
+                .get(&id)
+                .await?
+                .map(|m| crate::auth::masked_values(&m.envelope.payload, masked))
+                .unwrap_or_default();
+            secrets.insert(id.clone(), found);
+        }
+        let Some(found) = secrets.get(&id).filter(|f| !f.is_empty()) else {
+            continue;
+        };
+        let mut v = json!([a.key, a.note, a.before, a.after]);
+        crate::auth::redact(&mut v, found);
+        let text = |i: usize| v[i].as_str().map(str::to_owned);
+        (a.key, a.note, a.before, a.after) = (text(0), text(1), text(2), text(3));
+    }
+    Ok(())
 }
 
 /// A payload kept as text, masked: JSON with the masked fields hidden; other text withheld, as its

@@ -33,6 +33,8 @@ pub struct User {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub listen: SocketAddr,
+    /// Where the operations endpoints are served apart from the UI and the API (else beside them).
+    pub ops_listen: Option<SocketAddr>,
     pub users: Vec<User>,
     pub tokens: Tokens,
     /// JSON Pointers of payload fields masked for viewers.
@@ -46,6 +48,15 @@ pub struct Settings {
     pub bulk_rate: u32,
     /// How long a bulk resubmission waits for its canary's outcome.
     pub canary_timeout: Duration,
+    /// The memory all password checks at once may take, in KiB.
+    pub login_memory_kib: u32,
+    /// Proxies whose `X-Forwarded-For` names the client (and whose `X-Forwarded-Proto` is believed).
+    pub trusted_proxies: crate::auth::TrustedProxies,
+    /// Cookies always carry `Secure` (the dashboard is only reached over TLS).
+    pub secure_cookies: bool,
+    /// How long a person's action waits for JetStream's confirmation (its claim on the message
+    /// lasts three times as long).
+    pub publish_timeout: Duration,
     /// `mend dev`: no login; everyone acts as this role.
     pub anonymous: Option<Role>,
     /// How long a parked failure or an announcement taken by a dashboard may stay unacked before
@@ -63,8 +74,15 @@ pub struct AppState {
     pub js: async_nats::jetstream::Context,
     pub client: async_nats::Client,
     pub rules: RulesSource,
+    /// Failed logins per client address and name.
     pub limiter: LoginLimiter,
+    /// Failed logins per client address, whatever the name.
+    pub address_limiter: LoginLimiter,
+    /// The memory bound of password checks at once.
+    pub password_checks: crate::auth::PasswordChecks,
     pub jobs: Jobs,
+    /// Places for dry-run evaluations ([`crate::api::DRY_RUNS_IN_FLIGHT`]).
+    pub dry_runs: Arc<tokio::sync::Semaphore>,
 }
 
 pub type Shared = Arc<AppState>;
@@ -111,6 +129,16 @@ impl FromRequestParts<Shared> for ApiCaller {
 
     async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, ApiError> {
         if let Some(role) = state.settings.anonymous {
+            // No token is asked for, so a page on another site the user has open could make the
+            // browser send a change here (a POST without a body needs no preflight). Browsers say
+            // where a request comes from; a change from another origin is refused.
+            if !parts.method.is_safe() && from_another_origin(&parts.headers) {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "a change from a page of another origin is refused",
+                ));
+            }
             return Ok(ApiCaller(anonymous(role)));
         }
         let presented = parts
@@ -172,10 +200,15 @@ impl FromRequestParts<Shared> for WebUser {
         };
         match state.store.session(&id, now_ms()).await {
             Ok(Some(s)) => {
-                let role = s.role.parse().map_err(|_| to_login())?;
+                // The user as configured now, not as at login: a removed user's sessions end, a
+                // demoted one acts with the new role from the next request on.
+                let Some(user) = state.settings.users.iter().find(|u| u.name == s.username) else {
+                    let _ = state.store.delete_session(&id).await;
+                    return Err(to_login());
+                };
                 Ok(WebUser(Principal {
                     name: s.username,
-                    role,
+                    role: user.role,
                     csrf: Some(s.csrf),
                     session: Some(id),
                 }))
@@ -191,6 +224,28 @@ impl AppState {
     pub fn dev_csrf(&self) -> String {
         static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
         TOKEN.get_or_init(crate::auth::new_secret).clone()
+    }
+}
+
+/// Whether a browser sent this request for a page of another origin: `Sec-Fetch-Site` says so, or
+/// `Origin` names another host than the one asked. Clients that are not browsers (curl, scripts)
+/// send neither and are let through.
+fn from_another_origin(headers: &axum::http::HeaderMap) -> bool {
+    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
+        return !matches!(site, "same-origin" | "none");
+    }
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return false;
+    };
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    let origin_host = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.split_once("://"))
+        .map(|(_, rest)| rest.trim_end_matches('/'));
+    match (origin_host, host) {
+        (Some(o), Some(h)) => !o.eq_ignore_ascii_case(h),
+        _ => true,
     }
 }
 
@@ -215,12 +270,18 @@ pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(|(_, v)| v.to_owned())
 }
 
-/// Whether the request reached us over TLS (directly, or as a TLS-terminating proxy says).
-pub fn over_tls(headers: &HeaderMap) -> bool {
-    headers
-        .get("x-forwarded-proto")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("https"))
+impl AppState {
+    /// Whether cookies get the `Secure` flag: always with `secure_cookies`, else when a trusted proxy
+    /// says the browser reached it over TLS (`X-Forwarded-Proto: https`). From any other peer the
+    /// header is the client's own say and is ignored.
+    pub fn cookies_secure(&self, peer: std::net::IpAddr, headers: &HeaderMap) -> bool {
+        self.settings.secure_cookies
+            || (self.settings.trusted_proxies.trusts(peer)
+                && headers
+                    .get("x-forwarded-proto")
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.eq_ignore_ascii_case("https")))
+    }
 }
 
 /// An error answer: `{"error": {"code": …, "message": …}}` with a fitting status.
@@ -258,6 +319,11 @@ impl ApiError {
 
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
+
+    /// An action whose publish was not confirmed in time: it may or may not have been stored.
+    pub fn unknown(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::GATEWAY_TIMEOUT, "outcome_unknown", message)
     }
 }
 

@@ -1,11 +1,13 @@
-//! Security primitives of the dashboard (SPEC §9 "Security"): password hashes, roles, API
-//! tokens, random secrets, login rate limiting and masking of payload fields for viewers.
+//! Security primitives of the dashboard (SPEC §9 "Security"): password hashes and the memory
+//! bound of checking them, roles, API tokens, random secrets, client addresses behind trusted
+//! proxies, login rate limiting and masking of payload fields for viewers.
 //!
-//! Everything here is pure: no database, no HTTP. Config loading calls the `check_*` functions
+//! Nothing here touches a database or HTTP. Config loading calls the `check_*` functions
 //! and [`Tokens::new`]; the login and API layers call the rest.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::{self, Write as _};
+use std::net::IpAddr;
 use std::str::FromStr;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -27,6 +29,9 @@ const MAX_T_COST: u32 = 64;
 
 /// Number of random bytes in a secret from [`new_secret`].
 const SECRET_BYTES: usize = 32;
+
+/// Failed logins allowed per client address within the window, over all names.
+pub const ADDRESS_MAX_FAILURES: u32 = 30;
 
 /// Failed logins allowed per key within the window, by default.
 pub const DEFAULT_MAX_FAILURES: u32 = 5;
@@ -85,6 +90,63 @@ pub fn verify_password(phc: &str, password: &str) -> bool {
     Argon2::default()
         .verify_password(password.as_bytes(), &hash)
         .is_ok()
+}
+
+/// The memory an argon2 check of `phc` allocates, in KiB (0 for a malformed hash, which is never
+/// checked).
+pub fn memory_cost_kib(phc: &str) -> u32 {
+    parse_hash(phc)
+        .ok()
+        .and_then(|hash| Params::try_from(&hash).ok())
+        .map_or(0, |params| params.m_cost())
+}
+
+/// A bound on the memory that password checks take at once. Each argon2 check allocates its memory
+/// cost (19 MiB with the defaults) for as long as it runs; without a bound, a flood of logins with
+/// made-up names holds as many of those at once as it sends, and the process's memory stays grown.
+/// A check waits a short while for room, then is refused (the caller answers 429).
+pub struct PasswordChecks {
+    budget_kib: u32,
+    room: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+impl PasswordChecks {
+    /// Checks that take at most `budget_kib` KiB at once (at least one check always fits: a hash
+    /// costlier than the whole budget runs alone).
+    pub fn new(budget_kib: u32) -> Self {
+        let budget_kib = budget_kib.max(1);
+        Self {
+            budget_kib,
+            room: std::sync::Arc::new(tokio::sync::Semaphore::new(budget_kib as usize)),
+        }
+    }
+
+    /// Whether `password` matches `phc`, checked on the blocking pool once its memory fits; `None`
+    /// when there was no room within `wait`. The room is given back when the check ends, even if
+    /// the caller has gone.
+    pub async fn verify(&self, phc: String, password: String, wait: Duration) -> Option<bool> {
+        let cost = memory_cost_kib(&phc).clamp(1, self.budget_kib);
+        let permit = tokio::time::timeout(wait, self.room.clone().acquire_many_owned(cost))
+            .await
+            .ok()?
+            .ok()?;
+        tokio::task::spawn_blocking(move || {
+            let matches = verify_password(&phc, &password);
+            drop(permit);
+            matches
+        })
+        .await
+        .ok()
+    }
+}
+
+impl fmt::Debug for PasswordChecks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PasswordChecks")
+            .field("budget_kib", &self.budget_kib)
+            .field("free_kib", &self.room.available_permits())
+            .finish()
+    }
 }
 
 /// Validates a configured password hash: an argon2 PHC string with salt, output and sane costs.
@@ -336,6 +398,63 @@ pub fn secrets_equal(a: &str, b: &str) -> bool {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Client addresses behind proxies
+
+/// The proxies (an ingress, a load balancer) whose `X-Forwarded-For` is believed. Behind one, every
+/// client reaches the dashboard from the proxy's address, so limits keyed by address would be
+/// shared by everyone (five wrong passwords from anyone would lock a user out for all); from any
+/// other peer the header is ignored, so a client cannot pick its own address.
+#[derive(Debug, Clone, Default)]
+pub struct TrustedProxies(Vec<ipnet::IpNet>);
+
+impl TrustedProxies {
+    /// From addresses (`10.0.0.7`) and networks (`10.0.0.0/8`, `fd00::/8`).
+    pub fn parse(entries: &[String]) -> Result<Self, String> {
+        entries
+            .iter()
+            .map(|e| {
+                e.parse::<ipnet::IpNet>()
+                    .or_else(|_| e.parse::<IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| format!("`{e}` is not an IP address or network (CIDR)"))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Self)
+    }
+
+    /// Whether `ip` is one of the trusted proxies.
+    pub fn trusts(&self, ip: IpAddr) -> bool {
+        self.0.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The client's address: the peer's, unless the peer is a trusted proxy; then the rightmost
+    /// address of `X-Forwarded-For` (its header values, in order) that is not a trusted proxy (each
+    /// proxy appends the address it was reached from, so entries to the left of that one are the
+    /// client's own say). Falls back to the peer when the header is missing or unreadable there.
+    pub fn client_ip<'a>(
+        &self,
+        peer: IpAddr,
+        forwarded_for: impl IntoIterator<Item = &'a str>,
+    ) -> IpAddr {
+        if !self.trusts(peer) {
+            return peer;
+        }
+        let hops: Vec<&str> = forwarded_for
+            .into_iter()
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .collect();
+        for hop in hops.iter().rev() {
+            match hop.parse::<IpAddr>() {
+                Ok(ip) if self.trusts(ip) => continue,
+                Ok(ip) => return ip,
+                Err(_) => return peer,
+            }
+        }
+        peer
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Login rate limiting
 
 /// Counts failed logins per key (e.g. `"{ip}|{username}"`) and refuses a key that had
@@ -514,6 +633,82 @@ fn unescape_segment(segment: &str) -> Result<String, String> {
 }
 
 /// Recurses along the pointer, not along the document, so depth is bounded by the pointer.
+/// The values `pointers` hide in `payload` (each text or number under a masked place, at least
+/// [`MIN_REDACTED`] characters long), for [`redact`].
+pub fn masked_values(payload: &serde_json::Value, pointers: &[String]) -> Vec<String> {
+    if pointers.is_empty() {
+        return Vec::new();
+    }
+    fn leaves(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::String(s) => out.push(s.clone()),
+            serde_json::Value::Number(n) => out.push(n.to_string()),
+            serde_json::Value::Array(items) => items.iter().for_each(|i| leaves(i, out)),
+            serde_json::Value::Object(map) => map.values().for_each(|i| leaves(i, out)),
+            _ => {}
+        }
+    }
+    fn hidden(orig: &serde_json::Value, masked: &serde_json::Value, out: &mut Vec<String>) {
+        use serde_json::Value;
+        match (orig, masked) {
+            (o, Value::String(m)) if m == MASK && o != masked => leaves(o, out),
+            (Value::Object(a), Value::Object(b)) => {
+                for (k, v) in a {
+                    if let Some(w) = b.get(k) {
+                        hidden(v, w, out);
+                    }
+                }
+            }
+            (Value::Array(a), Value::Array(b)) => {
+                a.iter().zip(b).for_each(|(v, w)| hidden(v, w, out));
+            }
+            _ => {}
+        }
+    }
+    let mut seen = payload.clone();
+    mask(&mut seen, pointers);
+    let mut out = Vec::new();
+    hidden(payload, &seen, &mut out);
+    out.retain(|v| v.chars().count() >= MIN_REDACTED);
+    out.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    out.dedup();
+    out
+}
+
+/// Masked values shorter than this are not searched for elsewhere (a `1` would blot out every 1).
+pub const MIN_REDACTED: usize = 4;
+
+/// Replaces every occurrence of the `secrets` in every text of `value` (keys and values) with the
+/// mask: an app that echoes a masked card number in its error, a key made of it, a header or a
+/// history note would otherwise show a viewer what the payload hides.
+pub fn redact(value: &mut serde_json::Value, secrets: &[String]) {
+    use serde_json::Value;
+    if secrets.is_empty() {
+        return;
+    }
+    let clean = |s: &str| {
+        let mut t = s.to_owned();
+        for secret in secrets {
+            if t.contains(secret.as_str()) {
+                t = t.replace(secret.as_str(), MASK);
+            }
+        }
+        t
+    };
+    match value {
+        Value::String(s) => *s = clean(s),
+        Value::Array(items) => items.iter_mut().for_each(|i| redact(i, secrets)),
+        Value::Object(map) => {
+            let entries = std::mem::take(map);
+            for (k, mut v) in entries {
+                redact(&mut v, secrets);
+                map.insert(clean(&k), v);
+            }
+        }
+        _ => {}
+    }
+}
+
 fn mask_at(value: &mut serde_json::Value, segments: &[String]) {
     use serde_json::Value;
 
@@ -553,6 +748,82 @@ fn array_index(segment: &str) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn client_addresses_come_from_trusted_proxies_only() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let proxies =
+            TrustedProxies::parse(&["10.0.0.0/8".to_owned(), "192.0.2.1".to_owned()]).unwrap();
+        // A peer that is no proxy: its header is its own say, ignored.
+        assert_eq!(
+            proxies.client_ip(ip("203.0.113.5"), ["198.51.100.1"]),
+            ip("203.0.113.5")
+        );
+        // Through the proxies: the rightmost address that is not one of them.
+        assert_eq!(
+            proxies.client_ip(ip("10.1.2.3"), ["198.51.100.1, 203.0.113.9", "192.0.2.1"]),
+            ip("203.0.113.9")
+        );
+        // Missing or unreadable where it counts: the proxy's own address.
+        assert_eq!(proxies.client_ip(ip("10.1.2.3"), []), ip("10.1.2.3"));
+        assert_eq!(
+            proxies.client_ip(ip("10.1.2.3"), ["203.0.113.9, junk"]),
+            ip("10.1.2.3")
+        );
+        assert!(TrustedProxies::parse(&["10.0.0.0/33".to_owned()]).is_err());
+        assert!(TrustedProxies::parse(&["fd00::/8".to_owned()]).is_ok());
+    }
+
+    #[test]
+    fn masked_values_are_hidden_wherever_they_appear() {
+        let payload =
+            json!({"card": "4111-1111", "cvv": 123, "amount": 5, "nested": {"pin": "9876"}});
+        let secrets = masked_values(&payload, &["/card".into(), "/cvv".into(), "/nested".into()]);
+        assert_eq!(secrets, vec!["4111-1111".to_owned(), "9876".to_owned()]);
+        let mut shown = json!({
+            "key": "4111-1111",
+            "error": {"detail": "card 4111-1111 declined"},
+            "headers": {"X-Card-4111-1111": ["9876"]},
+            "n": 5,
+        });
+        redact(&mut shown, &secrets);
+        assert_eq!(
+            shown,
+            json!({
+                "key": "***",
+                "error": {"detail": "card *** declined"},
+                "headers": {"X-Card-***": ["***"]},
+                "n": 5,
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn password_checks_wait_for_room_then_give_up() {
+        let checks = PasswordChecks::new(64);
+        let phc = cheap_hash("pw");
+        assert_eq!(
+            checks
+                .verify(phc.clone(), "pw".into(), Duration::from_millis(100))
+                .await,
+            Some(true)
+        );
+        // The budget is taken (checks under way): the next one is refused after its wait.
+        let taken = checks.room.clone().acquire_many_owned(64).await.unwrap();
+        assert_eq!(
+            checks
+                .verify(phc.clone(), "pw".into(), Duration::from_millis(50))
+                .await,
+            None
+        );
+        drop(taken);
+        assert_eq!(
+            checks
+                .verify(phc, "nope".into(), Duration::from_millis(100))
+                .await,
+            Some(false)
+        );
+    }
+
     use super::*;
     use serde_json::json;
 

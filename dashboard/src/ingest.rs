@@ -4,22 +4,18 @@
 //!
 //! Several dashboards on one PostgreSQL share the two durable consumers (competing consumers).
 
+use repair_rules::identity::{consumers, streams};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::{self, AckKind, Message};
-use base64::Engine as _;
 use futures::{FutureExt as _, StreamExt as _};
-use repair_rules::{ENVELOPE_VERSION, ErrorKind, FailureEnvelope, FailureError, HistoryEntry};
+use repair_rules::{ErrorKind, FailureEnvelope, FailureError, HistoryEntry};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{Event, Store, now_ms};
 
-/// The durable consumer of parked failures.
-pub const PARKED_CONSUMER: &str = "mend-dashboard-parked";
-/// The durable consumer of announcements.
-pub const EVENTS_CONSUMER: &str = "mend-dashboard-events";
 /// Announcements stored in one transaction at most.
 const EVENTS_BATCH: usize = 256;
 /// Pause before a message the store could not take is offered again.
@@ -32,10 +28,10 @@ pub async fn bind(
     ack_wait: Duration,
 ) -> anyhow::Result<(PullConsumer, PullConsumer)> {
     let parked = js
-        .get_stream("MEND_PARKED")
+        .get_stream(streams::PARKED)
         .await?
         .create_consumer(pull::Config {
-            durable_name: Some(PARKED_CONSUMER.into()),
+            durable_name: Some(consumers::DASHBOARD_PARKED.into()),
             description: Some("mend dashboards: parked failures into the store".into()),
             ack_policy: AckPolicy::Explicit,
             ack_wait,
@@ -44,10 +40,10 @@ pub async fn bind(
         })
         .await?;
     let events = js
-        .get_stream("MEND_EVENTS")
+        .get_stream(streams::EVENTS)
         .await?
         .create_consumer(pull::Config {
-            durable_name: Some(EVENTS_CONSUMER.into()),
+            durable_name: Some(consumers::DASHBOARD_EVENTS.into()),
             description: Some("mend dashboards: announcements into the store".into()),
             ack_policy: AckPolicy::Explicit,
             ack_wait,
@@ -176,12 +172,53 @@ pub async fn events(consumer: PullConsumer, store: Store, shutdown: Cancellation
                     ack(msg, AckKind::Ack).await;
                 }
             }
+            Err(error) if stored.len() > 1 => {
+                // One bad announcement must not hold back the others: each is tried alone.
+                tracing::warn!(%error, count = stored.len(), "A batch of announcements was not stored; storing them one by one.");
+                for (ev, msg) in parsed.iter().zip(&stored) {
+                    store_alone(&store, ev, msg).await;
+                }
+            }
             Err(error) => {
-                tracing::error!(%error, count = stored.len(), "Cannot store announcements; they are offered again.");
+                tracing::error!(%error, "Cannot store an announcement; it is offered again.");
                 for msg in &stored {
                     ack(msg, AckKind::Nak(Some(RETRY_AFTER))).await;
                 }
             }
+        }
+    }
+}
+
+/// Stores one announcement of a batch that failed. If the store answers but refuses this one, it
+/// is terminated with a logged record of what it was (never offered again, never holding back the
+/// rest); if the store does not answer at all, it is offered again later.
+async fn store_alone(store: &Store, ev: &Event, msg: &Message) {
+    match store
+        .ingest_events(std::slice::from_ref(ev), now_ms())
+        .await
+    {
+        Ok(new) => {
+            metrics::counter!("mend_dashboard_ingested_total", "what" => "event")
+                .increment(new as u64);
+            ack(msg, AckKind::Ack).await;
+        }
+        Err(error) if store.ping().await.is_ok() => {
+            let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+            tracing::error!(
+                %error,
+                seq,
+                subject = %msg.subject,
+                event = ev.id,
+                message = ev.message_id,
+                kind = ev.kind,
+                "An announcement the store refuses; dropped (MEND_EVENTS keeps it until it ages out)."
+            );
+            metrics::counter!("mend_dashboard_ingest_errors_total", "what" => "event").increment(1);
+            ack(msg, AckKind::Term).await;
+        }
+        Err(error) => {
+            tracing::error!(%error, "Cannot store an announcement; it is offered again.");
+            ack(msg, AckKind::Nak(Some(RETRY_AFTER))).await;
         }
     }
 }
@@ -239,35 +276,23 @@ pub fn envelope_of(msg: &Message) -> FailureEnvelope {
             failure.title = Some("malformed parked message".into());
             failure.detail = Some(error);
             let at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
-            FailureEnvelope {
-                version: ENVELOPE_VERSION,
-                id: format!("MEND_PARKED:{seq}"),
+            let mut envelope = FailureEnvelope::raw(
+                repair_rules::LineageId::new(streams::PARKED, seq),
                 service,
-                binding: String::new(),
-                stream: "MEND_PARKED".into(),
-                seq,
-                subject: msg.subject.to_string(),
-                key: None,
-                headers: Default::default(),
-                payload: serde_json::Value::Null,
-                payload_base64: Some(
-                    base64::engine::general_purpose::STANDARD.encode(&msg.payload),
-                ),
-                payload_ref: None,
-                headers_base64: None,
-                error: failure,
-                attempt: 1,
-                first_failed_at: at.clone(),
-                failed_at: at.clone(),
-                reason: Some("the message on MEND_PARKED is not a failure envelope".into()),
-                history: vec![HistoryEntry {
-                    at,
-                    what: "parked".into(),
-                    by: "dashboard".into(),
-                    error: None,
-                    note: Some("kept raw: not a failure envelope".into()),
-                }],
-            }
+                msg.subject.to_string(),
+                repair_rules::envelope::bytes_form(&msg.payload),
+                failure,
+                at.clone(),
+            );
+            envelope.reason = Some("the message on MEND_PARKED is not a failure envelope".into());
+            envelope.history.push(HistoryEntry {
+                at,
+                what: "parked".into(),
+                by: "dashboard".into(),
+                error: None,
+                note: Some("kept raw: not a failure envelope".into()),
+            });
+            envelope
         }
     }
 }

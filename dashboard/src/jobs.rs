@@ -15,7 +15,7 @@ use crate::app::{Principal, Shared};
 use crate::store::{Status, now_ms};
 
 /// What a bulk job does to each message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     Resubmit,
@@ -23,7 +23,7 @@ pub enum Kind {
 }
 
 /// Where a job stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     /// The canary was resubmitted; its outcome is awaited.
@@ -36,7 +36,7 @@ pub enum JobState {
 }
 
 /// A job's progress, as the API and the UI show it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Progress {
     pub id: String,
     pub kind: Kind,
@@ -60,6 +60,11 @@ struct Job {
     stop: CancellationToken,
 }
 
+/// How long a finished job stays listed.
+pub const FINISHED_KEPT: Duration = Duration::from_secs(24 * 3600);
+/// How many finished jobs stay listed at most.
+pub const MAX_FINISHED: usize = 100;
+
 /// The jobs of this dashboard.
 #[derive(Default)]
 pub struct Jobs {
@@ -79,6 +84,27 @@ impl Jobs {
         let mut all: Vec<Progress> = jobs.values().map(|j| snapshot(j)).collect();
         all.sort_by(|a, b| b.started_at.cmp(&a.started_at).then(b.id.cmp(&a.id)));
         all
+    }
+
+    /// Adds a job, first forgetting finished jobs that ended more than [`FINISHED_KEPT`] ago and,
+    /// beyond [`MAX_FINISHED`], the oldest finished ones: a dashboard that runs for months keeps
+    /// a bounded list. Running jobs are always kept.
+    fn insert(&self, id: String, job: Arc<Job>, now: i64) {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let kept_since = now - i64::try_from(FINISHED_KEPT.as_millis()).unwrap_or(i64::MAX);
+        jobs.retain(|_, j| snapshot(j).finished_at.is_none_or(|at| at >= kept_since));
+        let mut finished: Vec<(i64, String)> = jobs
+            .iter()
+            .filter_map(|(id, j)| snapshot(j).finished_at.map(|at| (at, id.clone())))
+            .collect();
+        if finished.len() > MAX_FINISHED {
+            finished.sort();
+            let excess = finished.len() - MAX_FINISHED;
+            for (_, id) in finished.into_iter().take(excess) {
+                jobs.remove(&id);
+            }
+        }
+        jobs.insert(id, job);
     }
 
     /// Asks job `id` to stop; false if there is no such job.
@@ -138,12 +164,7 @@ pub fn start(
         progress: Mutex::new(progress.clone()),
         stop: CancellationToken::new(),
     });
-    state
-        .jobs
-        .jobs
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(id, job.clone());
+    state.jobs.insert(id, job.clone(), now_ms());
     tokio::spawn(run(state, who, kind, members, note, job));
     progress
 }
@@ -269,4 +290,60 @@ fn finish(job: &Job, state: JobState, message: Option<String>) {
         }
         p.finished_at = Some(now_ms());
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(id: usize, started_at: i64, finished_at: Option<i64>) -> Arc<Job> {
+        Arc::new(Job {
+            progress: Mutex::new(Progress {
+                id: format!("j{id}"),
+                kind: Kind::Discard,
+                group: None,
+                by: "alice".into(),
+                state: if finished_at.is_some() {
+                    JobState::Finished
+                } else {
+                    JobState::Running
+                },
+                total: 1,
+                done: 1,
+                skipped: 0,
+                failed: 0,
+                canary: None,
+                message: None,
+                started_at,
+                finished_at,
+            }),
+            stop: CancellationToken::new(),
+        })
+    }
+
+    #[test]
+    fn finished_jobs_are_forgotten_by_age_and_count_running_ones_never() {
+        let jobs = Jobs::default();
+        let day = i64::try_from(FINISHED_KEPT.as_millis()).unwrap();
+        let now = 10 * day;
+        // An old running job, old finished ones, and more recent finished ones than are kept.
+        jobs.insert("running".into(), job(0, 0, None), 0);
+        for i in 0..20 {
+            jobs.insert(format!("old{i}"), job(i, 0, Some(1)), 1);
+        }
+        for i in 0..150 {
+            let at = now - 1000 + i64::try_from(i).unwrap();
+            jobs.insert(format!("new{i}"), job(i, at, Some(at)), at);
+        }
+        jobs.insert("last".into(), job(999, now, None), now);
+        let all = jobs.all();
+        assert!(jobs.get("running").is_some(), "running jobs stay");
+        assert!(jobs.get("last").is_some());
+        assert!(jobs.get("old0").is_none(), "finished a day ago: gone");
+        assert_eq!(all.len(), MAX_FINISHED + 2);
+        assert!(
+            jobs.get("new0").is_none() && jobs.get("new149").is_some(),
+            "oldest go first"
+        );
+    }
 }

@@ -11,6 +11,8 @@ pub mod auth;
 pub mod holds;
 pub mod ingest;
 pub mod jobs;
+pub mod openapi;
+pub mod payloads;
 pub mod store;
 pub mod ui;
 
@@ -57,7 +59,14 @@ pub async fn run(
     let local = listener.local_addr()?;
     let state = Arc::new(AppState {
         limiter: auth::LoginLimiter::default(),
+        address_limiter: auth::LoginLimiter::new(
+            auth::ADDRESS_MAX_FAILURES,
+            auth::DEFAULT_WINDOW,
+            auth::DEFAULT_MAX_KEYS,
+        ),
+        password_checks: auth::PasswordChecks::new(settings.login_memory_kib),
         jobs: jobs::Jobs::default(),
+        dry_runs: Arc::new(tokio::sync::Semaphore::new(api::DRY_RUNS_IN_FLIGHT)),
         store: deps.store.clone(),
         js: deps.js.clone(),
         client: deps.client.clone(),
@@ -67,13 +76,40 @@ pub async fn run(
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(ingest::parked(parked, deps.store.clone(), shutdown.clone()));
     tasks.spawn(ingest::events(events, deps.store.clone(), shutdown.clone()));
+    tasks.spawn({
+        let state = state.clone();
+        let shutdown = shutdown.clone();
+        async move { actions::settle_stale(&state, &shutdown).await }
+    });
     tasks.spawn(prune(
         deps.store.clone(),
         state.settings.events_retention,
         shutdown.clone(),
     ));
 
-    let app = with_ops(state.clone(), deps.ops);
+    let app = match state.settings.ops_listen {
+        // Probes and scrapers get their own address; the one people reach has no unauthenticated
+        // endpoint but the login page and the OpenAPI document.
+        Some(addr) => {
+            let ops = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (ops_listen)"))?;
+            let ops_local = ops.local_addr()?;
+            tracing::info!(listen = %ops_local, "Operations endpoints on http://{ops_local}/.");
+            let stop = shutdown.clone();
+            let router = deps.ops;
+            tasks.spawn(async move {
+                let served = axum::serve(ops, router)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
+                if let Err(error) = served {
+                    tracing::error!(%error, "The operations endpoints failed.");
+                }
+            });
+            with_ops(state.clone(), Router::new())
+        }
+        None => with_ops(state.clone(), deps.ops),
+    };
     tracing::info!(listen = %local, "Dashboard serving on http://{local}/");
     let stop = shutdown.clone();
     axum::serve(

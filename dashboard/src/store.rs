@@ -49,7 +49,9 @@ pub enum Backend {
 }
 
 /// A message's status (SPEC §9).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Parked,
@@ -160,7 +162,7 @@ pub struct Page<T> {
 }
 
 /// Parked messages that failed alike: same service, subject and error kind, code and title.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct Group {
     pub id: String,
     pub service: String,
@@ -173,7 +175,7 @@ pub struct Group {
 }
 
 /// An audit record of one human action.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct AuditRecord {
     pub seq: i64,
     pub at: i64,
@@ -208,6 +210,52 @@ pub enum Changed {
     Missing,
     /// The message is not in the expected state (someone else acted first).
     Conflict(Status),
+}
+
+/// A person's action on a parked message, taken in the store before anything is published (one
+/// action per message at a time), and what is recorded once JetStream has stored its publish.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Plan {
+    pub message_id: String,
+    /// The parked attempt acted on.
+    pub attempt: u32,
+    /// The audit action: `resubmit`, `edit_and_resubmit` or `discard`.
+    pub action: String,
+    pub actor: String,
+    pub note: Option<String>,
+    pub service: String,
+    pub key: Option<String>,
+    /// The message published (none: a discard of a message without a key publishes nothing).
+    pub publish: Option<Outgoing>,
+    /// The envelope as resubmitted (resubmissions): what the dashboard shows from then on.
+    pub sent: Option<FailureEnvelope>,
+    /// The payload before and after an edit, as audited.
+    pub before: Option<String>,
+    pub after: Option<String>,
+}
+
+/// A message to publish with a de-duplicating id, kept so that the very same message can be sent
+/// again to learn whether the first one was stored.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Outgoing {
+    pub subject: String,
+    pub msg_id: String,
+    pub headers: Vec<(String, String)>,
+    /// The payload, base64.
+    pub body: String,
+}
+
+/// What [`Store::claim_action`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Claim {
+    /// The action is this request's; `started_at` identifies the claim.
+    Taken { started_at: i64 },
+    /// No such message.
+    Missing,
+    /// The message is not parked at the attempt acted on.
+    Conflict { status: Status, attempt: u32 },
+    /// Another action on the message was taken, at `started_at`, and its outcome is not recorded.
+    Pending { plan: Box<Plan>, started_at: i64 },
 }
 
 /// The overview's figures.
@@ -327,7 +375,7 @@ impl Store {
         let taken = sqlx::query(
             "INSERT INTO parkings (id, attempt, parked_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
         )
-        .bind(&envelope.id)
+        .bind(clean(&envelope.id))
         .bind(i64::from(envelope.attempt))
         .bind(now)
         .execute(&mut *tx)
@@ -337,7 +385,7 @@ impl Store {
             return Ok(Ingested::Duplicate);
         }
         let stored: Option<i64> = sqlx::query("SELECT attempt FROM messages WHERE id = $1")
-            .bind(&envelope.id)
+            .bind(clean(&envelope.id))
             .fetch_optional(&mut *tx)
             .await?
             .map(|row| row.try_get(0))
@@ -363,20 +411,20 @@ impl Store {
                  envelope = excluded.envelope, search = excluded.search, \
                  updated_at = excluded.updated_at",
             )
-            .bind(&envelope.id)
-            .bind(&envelope.service)
-            .bind(&envelope.binding)
-            .bind(&envelope.subject)
-            .bind(envelope.key.as_deref())
+            .bind(clean(&envelope.id))
+            .bind(clean(&envelope.service))
+            .bind(clean(&envelope.binding))
+            .bind(clean(&envelope.subject))
+            .bind(clean_opt(envelope.key.as_deref()))
             .bind(i64::from(envelope.attempt))
             .bind(e.kind.as_str())
-            .bind(e.code.as_deref())
-            .bind(e.title.as_deref())
+            .bind(clean_opt(e.code.as_deref()))
+            .bind(clean_opt(e.title.as_deref()))
             .bind(e.status.map(i64::from))
-            .bind(group_id(envelope))
-            .bind(envelope.reason.as_deref())
+            .bind(clean(&group_id(envelope)))
+            .bind(clean_opt(envelope.reason.as_deref()))
             .bind(&text)
-            .bind(search_text(envelope))
+            .bind(clean(&search_text(envelope)))
             .bind(now)
             .execute(&mut *tx)
             .await?;
@@ -396,15 +444,15 @@ impl Store {
                 "INSERT INTO events (event_id, message_id, service, kind, attempt, at, rule, source, data) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
             )
-            .bind(&ev.id)
-            .bind(&ev.message_id)
-            .bind(&ev.service)
-            .bind(&ev.kind)
+            .bind(clean(&ev.id))
+            .bind(clean(&ev.message_id))
+            .bind(clean(&ev.service))
+            .bind(clean(&ev.kind))
             .bind(i64::from(ev.attempt))
             .bind(ev.at)
-            .bind(ev.rule.as_deref())
-            .bind(&ev.source)
-            .bind(&ev.data)
+            .bind(clean_opt(ev.rule.as_deref()))
+            .bind(clean(&ev.source))
+            .bind(clean(&ev.data))
             .execute(&mut *tx)
             .await?;
             if taken.rows_affected() == 0 {
@@ -416,7 +464,7 @@ impl Store {
                     "UPDATE messages SET status = 'resolved', updated_at = $3 WHERE id = $1 AND \
                      ((status = 'parked' AND attempt < $2) OR (status = 'resubmitted' AND attempt <= $2))",
                 )
-                .bind(&ev.message_id)
+                .bind(clean(&ev.message_id))
                 .bind(i64::from(ev.attempt))
                 .bind(now)
                 .execute(&mut *tx)
@@ -545,76 +593,134 @@ impl Store {
         Ok(events)
     }
 
-    /// Moves a parked message at `attempt` to `resubmitted` at `attempt + 1` (the caller has
-    /// published the retry and seen it stored), with its audit record, in one transaction. `sent`
-    /// is the envelope as resubmitted (its payload edited, its history with the resubmission): the
-    /// message shows it from now on, and the audit keeps the payload before. One already resolved
-    /// by that retry keeps `resolved`.
-    pub async fn mark_resubmitted(
-        &self,
-        id: &str,
-        attempt: u32,
-        sent: &FailureEnvelope,
-        audit: &Audit<'_>,
-        now: i64,
-    ) -> Result<Changed, StoreError> {
-        let text = serde_json::to_string(sent)
-            .map_err(|e| StoreError::Corrupt(format!("envelope {id}: {e}")))?;
-        let mut tx = self.pool.begin().await?;
-        // The retry may go through, and its `resolved` be taken in, before this runs.
-        let done = sqlx::query(
-            "UPDATE messages SET status = CASE WHEN status = 'resolved' THEN 'resolved' \
-             ELSE 'resubmitted' END, attempt = $3, updated_at = $4, envelope = $5, search = $6 \
-             WHERE id = $1 AND status IN ('parked', 'resolved') AND attempt = $2",
+    /// Takes `plan` as the one action on its message (parked at `plan.attempt`) until its outcome
+    /// is recorded ([`Store::finish_action`]) or known not to have happened
+    /// ([`Store::drop_action`]). Another action taken already is answered, whatever its age.
+    pub async fn claim_action(&self, plan: &Plan, now: i64) -> Result<Claim, StoreError> {
+        let text = serde_json::to_string(plan)
+            .map_err(|e| StoreError::Corrupt(format!("action on {}: {e}", plan.message_id)))?;
+        // One statement, which takes the write lock first: two requests at once cannot both see
+        // the message free (on SQLite a read-then-write transaction would fail with "locked").
+        let taken = sqlx::query(
+            "INSERT INTO actions (message_id, started_at, plan) SELECT $1, $2, $3 \
+             WHERE EXISTS (SELECT 1 FROM messages WHERE id = $1 AND status = 'parked' \
+             AND attempt = $4) ON CONFLICT (message_id) DO NOTHING",
         )
-        .bind(id)
-        .bind(i64::from(attempt))
-        .bind(i64::from(attempt) + 1)
+        .bind(&plan.message_id)
         .bind(now)
         .bind(&text)
-        .bind(search_text(sent))
-        .execute(&mut *tx)
+        .bind(i64::from(plan.attempt))
+        .execute(&self.pool)
         .await?;
-        let mut changed = done.rows_affected();
-        if changed == 0 {
-            // Or the retry failed again and its new parking was taken in first: the row is at the
-            // retry's attempt already (only a resubmission takes a parked message to the next
-            // attempt). The resubmission happened all the same; it is audited and the row keeps
-            // what came after it.
-            let later: Option<i64> = sqlx::query(
-                "SELECT attempt FROM messages WHERE id = $1 AND attempt = $2 AND status = 'parked'",
+        if taken.rows_affected() == 1 {
+            return Ok(Claim::Taken { started_at: now });
+        }
+        let mut tx = self.pool.begin().await?;
+        if let Some(pending) = pending_action(&mut tx, &plan.message_id).await? {
+            return Ok(pending);
+        }
+        let row = sqlx::query("SELECT status, attempt FROM messages WHERE id = $1")
+            .bind(&plan.message_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else {
+            return Ok(Claim::Missing);
+        };
+        let status: Status = row
+            .try_get::<String, _>(0)?
+            .parse()
+            .map_err(StoreError::Corrupt)?;
+        let attempt = u32::try_from(row.try_get::<i64, _>(1)?).unwrap_or(u32::MAX);
+        Ok(Claim::Conflict { status, attempt })
+    }
+
+    /// Lets go of an action whose publish is known not to have been stored.
+    pub async fn drop_action(&self, message_id: &str, started_at: i64) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM actions WHERE message_id = $1 AND started_at = $2")
+            .bind(message_id)
+            .bind(started_at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Actions taken before `before` whose outcome was never recorded (their publish was not
+    /// confirmed in time, or the dashboard stopped): each with when it was taken.
+    pub async fn stale_actions(&self, before: i64) -> Result<Vec<(Plan, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT plan, started_at FROM actions WHERE started_at < $1 ORDER BY started_at LIMIT 100",
+        )
+        .bind(before)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let text: String = r.try_get(0)?;
+                let plan = serde_json::from_str(&text)
+                    .map_err(|e| StoreError::Corrupt(format!("a pending action: {e}")))?;
+                Ok((plan, r.try_get(1)?))
+            })
+            .collect()
+    }
+
+    /// Records the outcome of `plan`, whose publish JetStream stored: the message's new status (when
+    /// it is still where the action found it), the audit record of what was published, and the end
+    /// of the claim, in one transaction. The audit is written even when the message moved on
+    /// meanwhile (a retry resolved or failed again before this ran): what was sent was sent.
+    pub async fn finish_action(
+        &self,
+        plan: &Plan,
+        started_at: i64,
+        now: i64,
+    ) -> Result<Changed, StoreError> {
+        let id = plan.message_id.as_str();
+        let mut tx = self.pool.begin().await?;
+        let changed = match (&plan.sent, plan.action.as_str()) {
+            (_, "discard") => sqlx::query(
+                "UPDATE messages SET status = 'discarded', updated_at = $3 \
+                 WHERE id = $1 AND status = 'parked' AND attempt = $2",
             )
             .bind(id)
-            .bind(i64::from(attempt) + 1)
+            .bind(i64::from(plan.attempt))
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected(),
+            (Some(sent), _) => resubmitted(&mut tx, id, plan.attempt, sent, now).await?,
+            (None, other) => {
+                return Err(StoreError::Corrupt(format!(
+                    "action {other} on {id} has no envelope to record"
+                )));
+            }
+        };
+        let audit = Audit {
+            actor: &plan.actor,
+            action: &plan.action,
+            message_id: Some(id),
+            service: Some(&plan.service),
+            key: plan.key.as_deref(),
+            note: plan.note.as_deref(),
+            before: plan.before.as_deref(),
+            after: plan.after.as_deref(),
+        };
+        insert_audit(&mut tx, &audit, now).await?;
+        sqlx::query("DELETE FROM actions WHERE message_id = $1 AND started_at = $2")
+            .bind(id)
+            .bind(started_at)
+            .execute(&mut *tx)
+            .await?;
+        let status: Option<String> = sqlx::query("SELECT status FROM messages WHERE id = $1")
+            .bind(id)
             .fetch_optional(&mut *tx)
             .await?
             .map(|r| r.try_get(0))
             .transpose()?;
-            changed = u64::from(later.is_some());
-        }
-        finish_change(tx, id, changed, audit, now).await
-    }
-
-    /// Moves a parked message at `attempt` to `discarded` (the caller has published the discard
-    /// command and seen it stored), with its audit record, in one transaction.
-    pub async fn mark_discarded(
-        &self,
-        id: &str,
-        attempt: u32,
-        audit: &Audit<'_>,
-        now: i64,
-    ) -> Result<Changed, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let done = sqlx::query(
-            "UPDATE messages SET status = 'discarded', updated_at = $3 \
-             WHERE id = $1 AND status = 'parked' AND attempt = $2",
-        )
-        .bind(id)
-        .bind(i64::from(attempt))
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        finish_change(tx, id, done.rows_affected(), audit, now).await
+        tx.commit().await?;
+        Ok(match (changed, status) {
+            (_, None) => Changed::Missing,
+            (0, Some(s)) => Changed::Conflict(s.parse().map_err(StoreError::Corrupt)?),
+            _ => Changed::Done,
+        })
     }
 
     /// Records a human action that changed no message row (a hold released, a login).
@@ -805,6 +911,17 @@ impl Store {
         Ok(())
     }
 
+    /// Ends every session, with `audit` in the same transaction; how many there were.
+    pub async fn end_all_sessions(&self, audit: &Audit<'_>, now: i64) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query("DELETE FROM sessions")
+            .execute(&mut *tx)
+            .await?;
+        insert_audit(&mut tx, audit, now).await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+
     /// Drops sessions expired at `now`.
     pub async fn prune_sessions(&self, now: i64) -> Result<u64, StoreError> {
         let done = sqlx::query("DELETE FROM sessions WHERE expires_at <= $1")
@@ -841,29 +958,65 @@ fn message(row: &AnyRow) -> Result<Message, StoreError> {
 }
 
 /// Ends a status change: with its audit record when a row changed, else rolled back with why.
-async fn finish_change(
-    mut tx: sqlx::Transaction<'_, sqlx::Any>,
+/// The action pending on `message_id`, if any.
+async fn pending_action(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    message_id: &str,
+) -> Result<Option<Claim>, StoreError> {
+    let row = sqlx::query("SELECT plan, started_at FROM actions WHERE message_id = $1")
+        .bind(message_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    row.map(|r| {
+        let text: String = r.try_get(0)?;
+        let plan = serde_json::from_str(&text)
+            .map_err(|e| StoreError::Corrupt(format!("the action pending on {message_id}: {e}")))?;
+        Ok(Claim::Pending {
+            plan: Box::new(plan),
+            started_at: r.try_get(1)?,
+        })
+    })
+    .transpose()
+}
+
+/// Moves the message resubmitted at `attempt` on; how many rows changed.
+async fn resubmitted(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     id: &str,
-    changed: u64,
-    audit: &Audit<'_>,
+    attempt: u32,
+    sent: &FailureEnvelope,
     now: i64,
-) -> Result<Changed, StoreError> {
-    if changed == 0 {
-        let status: Option<String> = sqlx::query("SELECT status FROM messages WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .map(|r| r.try_get(0))
-            .transpose()?;
-        tx.rollback().await?;
-        return match status {
-            None => Ok(Changed::Missing),
-            Some(s) => Ok(Changed::Conflict(s.parse().map_err(StoreError::Corrupt)?)),
-        };
+) -> Result<u64, StoreError> {
+    let text = serde_json::to_string(sent)
+        .map_err(|e| StoreError::Corrupt(format!("envelope {id}: {e}")))?;
+    // The retry may go through, and its `resolved` be taken in, before this runs.
+    let done = sqlx::query(
+        "UPDATE messages SET status = CASE WHEN status = 'resolved' THEN 'resolved' \
+         ELSE 'resubmitted' END, attempt = $3, updated_at = $4, envelope = $5, search = $6 \
+         WHERE id = $1 AND status IN ('parked', 'resolved') AND attempt = $2",
+    )
+    .bind(id)
+    .bind(i64::from(attempt))
+    .bind(i64::from(attempt) + 1)
+    .bind(now)
+    .bind(&text)
+    .bind(search_text(sent))
+    .execute(&mut **tx)
+    .await?;
+    if done.rows_affected() > 0 {
+        return Ok(done.rows_affected());
     }
-    insert_audit(&mut tx, audit, now).await?;
-    tx.commit().await?;
-    Ok(Changed::Done)
+    // Or the retry failed again and its new parking was taken in first: the row is at the retry's
+    // attempt already (only a resubmission takes a parked message to the next attempt). The
+    // resubmission happened all the same; the row keeps what came after it.
+    let later = sqlx::query(
+        "SELECT attempt FROM messages WHERE id = $1 AND attempt = $2 AND status = 'parked'",
+    )
+    .bind(id)
+    .bind(i64::from(attempt) + 1)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(u64::from(later.is_some()))
 }
 
 async fn insert_audit(
@@ -876,14 +1029,14 @@ async fn insert_audit(
          after_payload) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(now)
-    .bind(a.actor)
+    .bind(clean(a.actor))
     .bind(a.action)
-    .bind(a.message_id)
-    .bind(a.service)
-    .bind(a.key)
-    .bind(a.note)
-    .bind(a.before)
-    .bind(a.after)
+    .bind(clean_opt(a.message_id))
+    .bind(clean_opt(a.service))
+    .bind(clean_opt(a.key))
+    .bind(clean_opt(a.note))
+    .bind(clean_opt(a.before))
+    .bind(clean_opt(a.after))
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -950,7 +1103,7 @@ pub fn group_id(envelope: &FailureEnvelope) -> String {
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn search_text(envelope: &FailureEnvelope) -> String {
+pub(crate) fn search_text(envelope: &FailureEnvelope) -> String {
     let e = &envelope.error;
     let mut text = String::new();
     for part in [
@@ -991,4 +1144,16 @@ pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Text as a column can hold it: PostgreSQL refuses a NUL in `TEXT` (the whole insert fails, and a
+/// parked message or an announcement would be offered again forever). A NUL is shown as U+FFFD in
+/// the columns that list, filter and search; the envelope itself is stored as JSON text, where a
+/// NUL is escaped, so what is resubmitted keeps every byte.
+fn clean(text: &str) -> String {
+    text.replace('\0', "\u{FFFD}")
+}
+
+fn clean_opt(text: Option<&str>) -> Option<String> {
+    text.map(clean)
 }

@@ -17,8 +17,8 @@ use axum::routing::get;
 use axum::{Form, Router};
 use serde::Deserialize;
 
-use crate::app::{ApiError, Principal, SESSION_COOKIE, Shared, WebUser, cookie, over_tls};
-use crate::auth::{Role, new_secret, secrets_equal, verify_password};
+use crate::app::{ApiError, Principal, SESSION_COOKIE, Shared, WebUser, cookie};
+use crate::auth::{Role, new_secret, secrets_equal};
 use crate::store::{Session, now_ms};
 
 mod audit;
@@ -270,22 +270,82 @@ struct NextQuery {
 }
 
 /// Where to go after logging in: only a path of this site.
-fn safe_next(next: Option<&str>) -> String {
-    match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_owned(),
+/// Where a login may send the browser next: a path (and query) on this dashboard, else `/`. The
+/// value is resolved as a browser resolves a `Location` (WHATWG URL parsing: tabs and newlines
+/// dropped anywhere, `\\` taken for `/`, leading spaces and controls trimmed) against a base nobody
+/// owns, and only kept if it stays on that base's origin; what is sent back is the resolved path,
+/// percent-encoded, never the text as given. So `/\t/evil.example`, `/\\evil.example` or
+/// `\n//evil.example` cannot become `//evil.example`.
+pub(crate) fn safe_next(next: Option<&str>) -> String {
+    let Some(next) = next.filter(|n| n.starts_with('/') && !n.chars().any(char::is_control)) else {
+        return "/".into();
+    };
+    let Ok(base) = url::Url::parse("http://dashboard.invalid/") else {
+        return "/".into();
+    };
+    match base.join(next) {
+        Ok(to) if to.origin() == base.origin() => match to.query() {
+            Some(query) => format!("{}?{query}", to.path()),
+            None => to.path().to_owned(),
+        },
         _ => "/".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::safe_next;
+
+    #[test]
+    fn next_stays_on_this_dashboard() {
+        for (given, expected) in [
+            ("/messages?status=parked", "/messages?status=parked"),
+            ("/messages/APP:1", "/messages/APP:1"),
+            ("/a b", "/a%20b"),
+            ("/../../x", "/x"),
+        ] {
+            assert_eq!(safe_next(Some(given)), expected, "{given:?}");
+        }
+        for hostile in [
+            "//evil.example/x",
+            "/\t/evil.example/x",
+            "/\n/evil.example/x",
+            "/\r/evil.example",
+            "/\\evil.example",
+            "\\/evil.example",
+            "/\t\\evil.example",
+            "\t//evil.example",
+            " //evil.example",
+            "https://evil.example/",
+            "javascript:alert(1)",
+            "/\u{0}/evil.example",
+            "/\u{7f}/evil.example",
+            "evil.example",
+            "",
+        ] {
+            let to = safe_next(Some(hostile));
+            assert!(
+                to.starts_with('/') && !to.starts_with("//") && !to.contains('\\'),
+                "{hostile:?} → {to:?}"
+            );
+            assert!(
+                !to.contains("evil.example") || to.starts_with("/evil.example"),
+                "{hostile:?} → {to:?}"
+            );
+        }
+        assert_eq!(safe_next(None), "/");
     }
 }
 
 fn login_page(
     status: StatusCode,
-    headers: &HeaderMap,
+    secure: bool,
     next: String,
     username: String,
     error: Option<String>,
 ) -> Response {
     let csrf = new_secret();
-    let secure = if over_tls(headers) { "; Secure" } else { "" };
+    let secure = if secure { "; Secure" } else { "" };
     let cookie = format!(
         "{LOGIN_CSRF_COOKIE}={csrf}; HttpOnly; SameSite=Strict; Path=/login; Max-Age=3600{secure}"
     );
@@ -301,6 +361,7 @@ fn login_page(
 
 async fn login_form(
     State(s): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Query(q): Query<NextQuery>,
 ) -> Response {
@@ -308,7 +369,8 @@ async fn login_form(
     if s.settings.anonymous.is_some() {
         return Redirect::to(&next).into_response();
     }
-    login_page(StatusCode::OK, &headers, next, String::new(), None)
+    let secure = s.cookies_secure(peer.ip(), &headers);
+    login_page(StatusCode::OK, secure, next, String::new(), None)
 }
 
 #[derive(Deserialize)]
@@ -330,22 +392,37 @@ async fn login(
     Form(f): Form<LoginForm>,
 ) -> Response {
     let next = safe_next(Some(&f.next));
+    let secure = s.cookies_secure(peer.ip(), &headers);
     let expected = cookie(&headers, LOGIN_CSRF_COOKIE).unwrap_or_default();
     if expected.is_empty() || !secrets_equal(&expected, &f.csrf) {
         return login_page(
             StatusCode::FORBIDDEN,
-            &headers,
+            secure,
             next,
             f.username,
             Some("The form expired; please log in again.".into()),
         );
     }
-    let key = format!("{}|{}", peer.ip(), f.username);
+    // Failures count per client address and name, and per client address over all names (a
+    // spray of names); behind a trusted proxy the address is the client's, not the proxy's.
+    let client = s.settings.trusted_proxies.client_ip(
+        peer.ip(),
+        headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    );
+    let key = format!("{client}|{}", f.username);
+    let address = client.to_string();
     let now = std::time::Instant::now();
-    if let Err(wait) = s.limiter.check(&key, now) {
+    let allowed = s
+        .limiter
+        .check(&key, now)
+        .and_then(|()| s.address_limiter.check(&address, now));
+    if let Err(wait) = allowed {
         return login_page(
             StatusCode::TOO_MANY_REQUESTS,
-            &headers,
+            secure,
             next,
             f.username,
             Some(format!(
@@ -360,25 +437,38 @@ async fn login(
         .iter()
         .find(|u| u.name == f.username)
         .cloned();
-    let password = f.password.clone();
-    // Hashing takes tens of milliseconds: off the async threads. An unknown user is checked
-    // against a fixed hash so both cases take as long.
-    let ok = tokio::task::spawn_blocking(move || match &user {
-        Some(u) => verify_password(&u.password_hash, &password).then(|| u.clone()),
-        None => {
-            let _ = verify_password(dummy_hash(), &password);
-            None
-        }
-    })
-    .await
-    .ok()
-    .flatten();
-    let Some(user) = ok else {
+    // Hashing takes tens of milliseconds and megabytes: off the async threads, within the memory
+    // bound of all checks at once. An unknown user is checked against a fixed hash so both cases
+    // take as long.
+    let phc = user
+        .as_ref()
+        .map_or_else(|| dummy_hash().to_owned(), |u| u.password_hash.clone());
+    let checked = s
+        .password_checks
+        .verify(phc, f.password.clone(), LOGIN_CHECK_WAIT)
+        .await;
+    let Some(matches) = checked else {
+        tracing::warn!(client = %client, "Login refused: too many password checks at once.");
+        let mut page = login_page(
+            StatusCode::TOO_MANY_REQUESTS,
+            secure,
+            next,
+            f.username,
+            Some("Too many logins at once; try again in a moment.".into()),
+        );
+        page.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return page;
+    };
+    let Some(user) = user.filter(|_| matches) else {
         s.limiter.failed(&key, now);
-        tracing::warn!(user = f.username, peer = %peer.ip(), "Failed login.");
+        s.address_limiter.failed(&address, now);
+        // Quoted and escaped (Debug): a name with a newline or an escape sequence cannot forge or
+        // hide log lines.
+        tracing::warn!(user = ?f.username, client = %client, peer = %peer.ip(), "Failed login.");
         return login_page(
             StatusCode::UNAUTHORIZED,
-            &headers,
+            secure,
             next,
             f.username,
             Some("Wrong name or password.".into()),
@@ -397,7 +487,7 @@ async fn login(
         return error_page(None, e.into(), "/login");
     }
     tracing::info!(user = user.name, "Logged in.");
-    let secure = if over_tls(&headers) { "; Secure" } else { "" };
+    let secure = if secure { "; Secure" } else { "" };
     let cookie = format!(
         "{SESSION_COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{secure}",
         ttl.as_secs()
@@ -416,6 +506,9 @@ async fn login(
 }
 
 /// An Argon2 hash of a random password, to spend the same time on unknown users.
+/// How long a login waits for room among the password checks under way before it is refused.
+const LOGIN_CHECK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 fn dummy_hash() -> &'static str {
     static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     HASH.get_or_init(|| crate::auth::hash_password(&new_secret()).unwrap_or_default())

@@ -5,8 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use mend_dashboard::store::{
-    Audit, Backend, Changed, Event, Filter, Ingested, Session, Status, Store, StoreError,
-    is_bad_cursor,
+    Audit, Backend, Changed, Claim, Event, Filter, Ingested, Outgoing, Plan, Session, Status,
+    Store, StoreError, is_bad_cursor,
 };
 use mend_e2e::postgres::Postgres;
 use repair_rules::{ENVELOPE_VERSION, ErrorKind, FailureEnvelope, FailureError, HistoryEntry};
@@ -63,6 +63,53 @@ fn event(id: &str, kind: &str, attempt: u32, at: i64, rule: Option<&str>) -> Eve
         source: "urn:mend:test".into(),
         data: "{}".into(),
     }
+}
+
+/// A person's action on `id` at `attempt`: a resubmission of `sent`, or a discard.
+fn plan(id: &str, attempt: u32, sent: Option<&FailureEnvelope>) -> Plan {
+    Plan {
+        message_id: id.into(),
+        attempt,
+        action: if sent.is_some() {
+            "resubmit"
+        } else {
+            "discard"
+        }
+        .into(),
+        actor: "alice".into(),
+        note: Some("checked by hand".into()),
+        service: "orders".into(),
+        key: None,
+        publish: Some(Outgoing {
+            subject: "mend.retry.orders".into(),
+            msg_id: format!("{id}:{}:retry", attempt + 1),
+            headers: vec![("Mend-Id".into(), id.into())],
+            body: String::new(),
+        }),
+        sent: sent.cloned(),
+        before: Some(r#"{"amount":"x"}"#.into()),
+        after: Some(r#"{"amount":1}"#.into()),
+    }
+}
+
+/// Takes the action and records it at once, as if its publish was stored.
+async fn act(store: &Store, plan: &Plan, now: i64) -> Changed {
+    match store.claim_action(plan, now).await.unwrap() {
+        Claim::Taken { started_at } => store.finish_action(plan, started_at, now).await.unwrap(),
+        Claim::Missing => Changed::Missing,
+        Claim::Conflict { status, .. } => Changed::Conflict(status),
+        Claim::Pending { plan, .. } => panic!("an action is pending: {plan:?}"),
+    }
+}
+
+async fn resubmit(
+    store: &Store,
+    id: &str,
+    attempt: u32,
+    sent: &FailureEnvelope,
+    now: i64,
+) -> Changed {
+    act(store, &plan(id, attempt, Some(sent)), now).await
 }
 
 fn audit<'a>(action: &'a str, id: &'a str) -> Audit<'a> {
@@ -138,37 +185,19 @@ async fn exercise(store: &Store) {
         note: None,
     });
     assert_eq!(
-        store
-            .mark_resubmitted("ORDERS:1", 1, &sent, &audit("resubmit", "ORDERS:1"), 3000)
-            .await
-            .unwrap(),
+        resubmit(store, "ORDERS:1", 1, &sent, 3000).await,
         Changed::Conflict(Status::Parked)
     );
     assert_eq!(
-        store
-            .mark_resubmitted("ORDERS:1", 3, &sent, &audit("resubmit", "ORDERS:1"), 3000)
-            .await
-            .unwrap(),
+        resubmit(store, "ORDERS:1", 3, &sent, 3000).await,
         Changed::Done
     );
     assert_eq!(
-        store
-            .mark_resubmitted("ORDERS:1", 3, &sent, &audit("resubmit", "ORDERS:1"), 3001)
-            .await
-            .unwrap(),
+        resubmit(store, "ORDERS:1", 3, &sent, 3001).await,
         Changed::Conflict(Status::Resubmitted)
     );
     assert_eq!(
-        store
-            .mark_resubmitted(
-                "ORDERS:404",
-                1,
-                &sent,
-                &audit("resubmit", "ORDERS:404"),
-                3002
-            )
-            .await
-            .unwrap(),
+        resubmit(store, "ORDERS:404", 1, &sent, 3002).await,
         Changed::Missing
     );
     let m = store.get("ORDERS:1").await.unwrap().unwrap();
@@ -228,10 +257,7 @@ async fn exercise(store: &Store) {
     let third = envelope("ORDERS", 3, 1, "bad_type", json!({"amount": "7%_off"}));
     store.ingest_parked(&third, 5000).await.unwrap();
     assert_eq!(
-        store
-            .mark_discarded("ORDERS:3", 1, &audit("discard", "ORDERS:3"), 5100)
-            .await
-            .unwrap(),
+        act(store, &plan("ORDERS:3", 1, None), 5100).await,
         Changed::Done
     );
     assert_eq!(
@@ -481,15 +507,16 @@ async fn exercise(store: &Store) {
     // recorded: the message stays resolved, takes the new attempt, and the action is audited.
     let fast = envelope("RACE", 5, 1, "bad_type", json!({"amount": "1"}));
     store.ingest_parked(&fast, 4300).await.unwrap();
+    let taken = plan("RACE:5", 1, Some(&fast));
+    let Claim::Taken { started_at } = store.claim_action(&taken, 4305).await.unwrap() else {
+        panic!("not taken")
+    };
     store
         .ingest_events(&[event("RACE:5", "resolved", 2, 4310, None)], 4310)
         .await
         .unwrap();
     assert_eq!(
-        store
-            .mark_resubmitted("RACE:5", 1, &fast, &audit("resubmit", "RACE:5"), 4320)
-            .await
-            .unwrap(),
+        store.finish_action(&taken, started_at, 4320).await.unwrap(),
         Changed::Done
     );
     let m = store.get("RACE:5").await.unwrap().unwrap();
@@ -499,27 +526,86 @@ async fn exercise(store: &Store) {
     // recorded: the message stays parked at the new attempt, and the action is audited.
     let again = envelope("RACE", 6, 1, "bad_type", json!({"amount": "1"}));
     store.ingest_parked(&again, 4400).await.unwrap();
+    let taken = plan("RACE:6", 1, Some(&again));
+    let Claim::Taken { started_at } = store.claim_action(&taken, 4405).await.unwrap() else {
+        panic!("not taken")
+    };
     let reparked = envelope("RACE", 6, 2, "bad_type", json!({"amount": "1"}));
     store.ingest_parked(&reparked, 4410).await.unwrap();
     assert_eq!(
-        store
-            .mark_resubmitted("RACE:6", 1, &again, &audit("resubmit", "RACE:6"), 4420)
-            .await
-            .unwrap(),
+        store.finish_action(&taken, started_at, 4420).await.unwrap(),
         Changed::Done
     );
     let m = store.get("RACE:6").await.unwrap().unwrap();
     assert_eq!((m.status, m.attempt), (Status::Parked, 2));
     let log = store.audit(10, None).await.unwrap();
     assert_eq!(log.items[0].message_id.as_deref(), Some("RACE:6"));
-    // An attempt that has not come yet is still a conflict.
-    assert!(matches!(
+    // An attempt that has not come yet is a conflict.
+    assert_eq!(
+        resubmit(store, "RACE:6", 3, &again, 4430).await,
+        Changed::Conflict(Status::Parked)
+    );
+
+    // One action per message at a time: a second one finds the first pending, whatever it is,
+    // until the first is recorded or let go; stale ones are listed for settling.
+    let busy = envelope("RACE", 7, 1, "bad_type", json!({"amount": "1"}));
+    store.ingest_parked(&busy, 4500).await.unwrap();
+    let first = plan("RACE:7", 1, Some(&busy));
+    let Claim::Taken { started_at } = store.claim_action(&first, 4510).await.unwrap() else {
+        panic!("not taken")
+    };
+    assert_eq!(
         store
-            .mark_resubmitted("RACE:6", 3, &again, &audit("resubmit", "RACE:6"), 4430)
+            .claim_action(&plan("RACE:7", 1, None), 4520)
             .await
             .unwrap(),
-        Changed::Conflict(Status::Parked)
-    ));
+        Claim::Pending {
+            plan: Box::new(first.clone()),
+            started_at
+        }
+    );
+    assert_eq!(
+        store.stale_actions(4511).await.unwrap(),
+        vec![(first.clone(), started_at)]
+    );
+    assert!(store.stale_actions(4510).await.unwrap().is_empty());
+    store.drop_action("RACE:7", started_at).await.unwrap();
+    assert!(store.stale_actions(i64::MAX).await.unwrap().is_empty());
+    assert_eq!(
+        act(store, &plan("RACE:7", 1, None), 4530).await,
+        Changed::Done
+    );
+    assert_eq!(
+        store.get("RACE:7").await.unwrap().unwrap().status,
+        Status::Discarded
+    );
+    let log = store.audit(1, None).await.unwrap();
+    assert_eq!(
+        (
+            log.items[0].action.as_str(),
+            log.items[0].message_id.as_deref()
+        ),
+        ("discard", Some("RACE:7"))
+    );
+
+    // NUL bytes (PostgreSQL refuses them in TEXT): in a key, an error, a reason, a payload, an
+    // announcement and an audit note. Each is stored; the envelope keeps every byte.
+    let mut nul = envelope("NUL", 1, 1, "bad\0code", json!({"note": "a\0b"}));
+    nul.key = Some("acct\0x".into());
+    nul.error.title = Some("title\0with nul".into());
+    nul.reason = Some("no_rule: \0".into());
+    store.ingest_parked(&nul, 5000).await.unwrap();
+    let m = store.get("NUL:1").await.unwrap().unwrap();
+    assert_eq!(m.envelope.key.as_deref(), Some("acct\0x"));
+    assert_eq!(m.envelope.payload["note"], "a\0b");
+    let mut ev = event("NUL:1", "repaired", 1, 5010, Some("rule\0x"));
+    ev.source = "urn:\0".into();
+    store.ingest_events(&[ev], 5010).await.unwrap();
+    let note_audit = Audit {
+        note: Some("why\0not"),
+        ..audit("discard", "NUL:1")
+    };
+    store.record(&note_audit, 5020).await.unwrap();
 }
 
 #[tokio::test]

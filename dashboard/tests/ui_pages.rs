@@ -136,6 +136,7 @@ async fn dashboard(rules: Option<&str>) -> Dashboard {
     let state = Arc::new(AppState {
         settings: Settings {
             listen: "127.0.0.1:0".parse().unwrap(),
+            ops_listen: None,
             users,
             tokens: Tokens::default(),
             mask: vec!["/card".into()],
@@ -144,6 +145,10 @@ async fn dashboard(rules: Option<&str>) -> Dashboard {
             max_body_bytes: 1 << 20,
             bulk_rate: 10,
             canary_timeout: Duration::from_secs(5),
+            login_memory_kib: 64 * 1024,
+            trusted_proxies: Default::default(),
+            secure_cookies: false,
+            publish_timeout: Duration::from_secs(10),
             anonymous: None,
             ack_wait: Duration::from_secs(60),
         },
@@ -152,7 +157,12 @@ async fn dashboard(rules: Option<&str>) -> Dashboard {
         client,
         rules: Arc::new(move || rules.clone()),
         limiter: LoginLimiter::default(),
+        address_limiter: LoginLimiter::default(),
+        password_checks: mend_dashboard::auth::PasswordChecks::new(64 * 1024),
         jobs: Jobs::default(),
+        dry_runs: Arc::new(tokio::sync::Semaphore::new(
+            mend_dashboard::api::DRY_RUNS_IN_FLIGHT,
+        )),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -676,4 +686,232 @@ async fn the_other_pages_render() {
     let a = http(d.addr, "GET", "/messages/ORDERS%3A1/resubmit", &olga, None).await;
     assert_eq!(a.status, 303);
     assert_eq!(a.header("location"), Some("/messages/ORDERS%3A1"));
+}
+
+/// A viewer's text search cannot find what masking hides: `q=4111` would tell a viewer how the
+/// masked card number starts. Unmasked fields are found as before; an operator finds both.
+#[tokio::test]
+async fn a_viewers_search_does_not_see_through_masks() {
+    let d = dashboard(None).await;
+    seed(&d).await;
+    let olga = login(&d, "olga", "olga-pw").await;
+    let vera = login(&d, "vera", "vera-pw").await;
+    let found = |body: &str| body.contains(r#"<a href="/messages/ORDERS%3A1">ORDERS:1</a>"#);
+    let a = http(d.addr, "GET", "/messages?q=4111", &olga, None).await;
+    assert!(found(&a.body), "an operator finds the card");
+    let a = http(d.addr, "GET", "/messages?q=4111", &vera, None).await;
+    assert_eq!(a.status, 200);
+    assert!(!found(&a.body), "a viewer does not");
+    let a = http(d.addr, "GET", "/messages?q=12.5", &vera, None).await;
+    assert!(found(&a.body), "unmasked fields are found");
+}
+
+/// What a masked field holds is hidden wherever else it shows on the message's page: the key, an
+/// app error that echoes it, a header, a history note. An operator sees it all.
+#[tokio::test]
+async fn masked_values_do_not_leak_through_the_rest_of_the_message() {
+    let d = dashboard(None).await;
+    let mut env = envelope(
+        9,
+        "declined",
+        json!({"card": "5500-0000-9999", "amount": 1}),
+    );
+    env.key = Some("5500-0000-9999".into());
+    env.error.detail = Some("card 5500-0000-9999 was declined".into());
+    env.headers
+        .insert("Card".into(), vec!["5500-0000-9999".into()]);
+    env.history[0].note = Some("tried 5500-0000-9999".into());
+    d.store.ingest_parked(&env, now_ms()).await.unwrap();
+    let olga = login(&d, "olga", "olga-pw").await;
+    let vera = login(&d, "vera", "vera-pw").await;
+    let a = http(d.addr, "GET", "/messages/ORDERS%3A9", &olga, None).await;
+    assert!(a.body.contains("card 5500-0000-9999 was declined"));
+    let a = http(d.addr, "GET", "/messages/ORDERS%3A9", &vera, None).await;
+    assert_eq!(a.status, 200);
+    assert!(!a.body.contains("5500-0000-9999"), "{}", a.body);
+    assert!(a.body.contains("card *** was declined"));
+    // Nor in the list, nor through a search.
+    let a = http(d.addr, "GET", "/messages", &vera, None).await;
+    assert!(a.body.contains("ORDERS:9") && !a.body.contains("5500-0000-9999"));
+    let a = http(d.addr, "GET", "/messages?q=5500-0000", &vera, None).await;
+    assert!(
+        !a.body.contains("ORDERS:9"),
+        "found through the key or the error"
+    );
+}
+
+#[tokio::test]
+async fn a_dry_run_does_not_show_a_viewer_what_masked_fields_hold() {
+    // A loaded rule that copies the masked card number into another field of its repair.
+    let d = dashboard(Some(
+        r#"
+[[rule]]
+name = "memo-from-card"
+when = 'error.code == "bad_type"'
+set  = { "/memo" = '"card " + payload.card' }
+"#,
+    ))
+    .await;
+    seed(&d).await;
+    let olga = login(&d, "olga", "olga-pw").await;
+    let csrf = http(d.addr, "GET", "/rules", &olga, None).await.csrf();
+    let a = http(
+        d.addr,
+        "POST",
+        "/messages/ORDERS%3A1/try",
+        &olga,
+        Some(form(&[("csrf", &csrf)])),
+    )
+    .await;
+    assert!(a.body.contains("card 4111-1111"), "{}", a.body);
+    let vera = login(&d, "vera", "vera-pw").await;
+    let csrf = http(d.addr, "GET", "/rules", &vera, None).await.csrf();
+    for path in ["/messages/ORDERS%3A1/try", "/groups/GROUP/try"] {
+        let path = path.replace("GROUP", &group_of(&d, "ORDERS:1").await);
+        let a = http(d.addr, "POST", &path, &vera, Some(form(&[("csrf", &csrf)]))).await;
+        assert_eq!(a.status, 200, "{path}: {}", a.body);
+        assert!(a.body.contains("decision-repaired"), "{path}: {}", a.body);
+        assert!(!a.body.contains("4111-1111"), "{path}: {}", a.body);
+    }
+}
+
+/// The failure group of message `id`.
+async fn group_of(d: &Dashboard, id: &str) -> String {
+    d.store.get(id).await.unwrap().unwrap().group_id
+}
+
+/// The threads of this process now.
+fn threads() -> usize {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_runs_of_a_costly_draft_at_once_take_a_bounded_number_of_threads() {
+    let d = dashboard(None).await;
+    seed(&d).await;
+    let olga = login(&d, "olga", "olga-pw").await;
+    let csrf = http(d.addr, "GET", "/rules", &olga, None).await.csrf();
+    // Eight million steps of nested comprehensions: far longer than a dry-run may take.
+    let list: Vec<String> = (0..200).map(|i| i.to_string()).collect();
+    let draft = format!(
+        "[[rule]]\nname = \"slow\"\nwhen = 'size([{l}].map(x, [{l}].map(y, [{l}].filter(z, x + y == z)))) > 0'\nset = {{ \"/n\" = '1' }}\n",
+        l = list.join(",")
+    );
+    let before = threads();
+    let started = std::time::Instant::now();
+    let tries = (0..12).map(|_| {
+        let body = form(&[("csrf", &csrf), ("rules", &draft)]);
+        let olga = olga.clone();
+        let addr = d.addr;
+        tokio::spawn(async move {
+            http(addr, "POST", "/messages/ORDERS%3A1/try", &olga, Some(body)).await
+        })
+    });
+    let tries: Vec<_> = tries.collect();
+    let mut most = 0;
+    while tries.iter().any(|t| !t.is_finished()) {
+        most = most.max(threads());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let took = started.elapsed();
+    let mut stopped = 0;
+    for t in tries {
+        let a = t.await.unwrap();
+        assert_eq!(a.status, 200);
+        stopped += usize::from(a.body.contains("time limit"));
+    }
+    // The evaluations themselves stop at the limit (2 s), so their places free up for the next:
+    // more of them reach their limit than there are places.
+    assert!(
+        stopped > mend_dashboard::api::DRY_RUNS_IN_FLIGHT,
+        "{stopped} of 12 evaluations were stopped at their time limit"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(15),
+        "12 dry-runs took {took:?}"
+    );
+    assert!(
+        most <= before + mend_dashboard::api::DRY_RUNS_IN_FLIGHT + 3,
+        "{before} threads before, {most} at most during 12 dry-runs at once"
+    );
+}
+
+#[tokio::test]
+async fn a_patch_bomb_in_a_draft_is_stopped_at_the_size_limit() {
+    let d = dashboard(None).await;
+    seed(&d).await;
+    let olga = login(&d, "olga", "olga-pw").await;
+    let csrf = http(d.addr, "GET", "/rules", &olga, None).await.csrf();
+    // Copied out and back in, 31 times (63 operations, within the 64 allowed): `/a` would double
+    // each time, to 2^31 times its size.
+    let mut ops =
+        vec!["{ op = \"add\", path = \"/a\", value = { x = \"0123456789\" } }".to_owned()];
+    ops.extend((0..31).flat_map(|i| {
+        [
+            "{ op = \"copy\", from = \"/a\", path = \"/b\" }".to_owned(),
+            format!("{{ op = \"copy\", from = \"/b\", path = \"/a/k{i}\" }}"),
+        ]
+    }));
+    let draft = format!(
+        "[[rule]]\nname = \"bomb\"\nwhen = 'true'\npatch = [{}]\n",
+        ops.join(", ")
+    );
+    let started = std::time::Instant::now();
+    let a = http(
+        d.addr,
+        "POST",
+        "/messages/ORDERS%3A1/try",
+        &olga,
+        Some(form(&[("csrf", &csrf), ("rules", &draft)])),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert!(a.body.contains("decision-parked"), "{}", a.body);
+    assert!(
+        a.body.contains("over the rules&#39; limit of 262144"),
+        "{}",
+        a.body
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn the_audit_log_shows_a_viewer_nothing_of_what_masked_fields_hold() {
+    let d = dashboard(None).await;
+    let mut env = envelope(
+        9,
+        "declined",
+        json!({"card": "5500-0000-9999", "amount": 1}),
+    );
+    env.key = Some("5500-0000-9999".into());
+    d.store.ingest_parked(&env, now_ms()).await.unwrap();
+    d.store
+        .record(
+            &mend_dashboard::store::Audit {
+                actor: "olga",
+                action: "edit_and_resubmit",
+                message_id: Some("ORDERS:9"),
+                service: Some("orders"),
+                key: Some("5500-0000-9999"),
+                note: Some("card 5500-0000-9999 fixed"),
+                before: Some(r#"{"card":"5500-0000-9999","amount":"1"}"#),
+                after: Some(r#"{"card":"5500-0000-9999","amount":1,"memo":"5500-0000-9999"}"#),
+            },
+            now_ms(),
+        )
+        .await
+        .unwrap();
+    let olga = login(&d, "olga", "olga-pw").await;
+    let a = http(d.addr, "GET", "/audit", &olga, None).await;
+    assert!(a.body.contains("card 5500-0000-9999 fixed"), "{}", a.body);
+    let vera = login(&d, "vera", "vera-pw").await;
+    let a = http(d.addr, "GET", "/audit", &vera, None).await;
+    assert_eq!(a.status, 200);
+    assert!(a.body.contains("edit_and_resubmit"), "{}", a.body);
+    assert!(!a.body.contains("5500-0000-9999"), "{}", a.body);
 }

@@ -54,6 +54,40 @@ pub struct FailureEnvelope {
 }
 
 impl FailureEnvelope {
+    /// An envelope for bytes that mend must park but cannot read as a message of a lineage (not an
+    /// envelope, a retry no binding takes): lineage `lineage` at attempt 1, no key or headers, the
+    /// payload in the form given ([`payload_form`] or [`bytes_form`]), failed now (`at`).
+    pub fn raw(
+        lineage: LineageId,
+        service: String,
+        subject: String,
+        (payload, payload_base64): (Value, Option<String>),
+        error: FailureError,
+        at: String,
+    ) -> Self {
+        Self {
+            version: ENVELOPE_VERSION,
+            id: lineage.to_string(),
+            service,
+            binding: String::new(),
+            stream: lineage.stream,
+            seq: lineage.seq,
+            subject,
+            key: None,
+            headers: BTreeMap::new(),
+            payload,
+            payload_base64,
+            payload_ref: None,
+            headers_base64: None,
+            error,
+            attempt: 1,
+            first_failed_at: at.clone(),
+            failed_at: at,
+            reason: None,
+            history: Vec::new(),
+        }
+    }
+
     /// The lineage this envelope belongs to.
     pub fn lineage(&self) -> LineageId {
         LineageId::new(self.stream.clone(), self.seq)
@@ -158,7 +192,7 @@ pub struct FailureError {
 pub const HISTORY_LIMIT: usize = 16 * 1024;
 
 /// The most bytes kept of an error's `title`, `detail` or `body`.
-pub const ERROR_TEXT_LIMIT: usize = crate::problem::BODY_LIMIT;
+pub const ERROR_TEXT_LIMIT: usize = 4096;
 
 /// The most bytes kept of an error's `type`, `code` or `field`.
 pub const ERROR_MEMBER_LIMIT: usize = 1024;
@@ -223,16 +257,46 @@ pub struct HistoryEntry {
 
 /// The header an envelope made to fit names the headers it left out in (a `Mend-` header, so a
 /// resubmission does not send it on).
-pub const OMITTED_HEADERS: &str = "Mend-Omitted-Headers";
+pub use crate::headers::MEND_OMITTED_HEADERS as OMITTED_HEADERS;
 
 /// What an `omitted` step is called in a history.
 pub const OMITTED: &str = "omitted";
 
-/// Keeps `history` under `limit` bytes of JSON: each step's error and note cut to their limits,
-/// then the first step and the newest steps that fit, the ones between replaced by a single
-/// `omitted` step that counts them (and those an earlier cut counted). A history always keeps
-/// its first and its newest step.
-pub fn bound_history(history: &mut Vec<HistoryEntry>, limit: usize) {
+/// A payload as an envelope keeps it: its JSON value when the bytes are JSON (and no base64), else
+/// null and the bytes as base64 (`payload` / `payload_base64`, SPEC §5).
+pub fn payload_form(bytes: &[u8]) -> (Value, Option<String>) {
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(value) => (value, None),
+        Err(_) => bytes_form(bytes),
+    }
+}
+
+/// A payload kept as bytes whatever they are: null and the bytes as base64 (what is kept of a
+/// message that was not what its stream should hold).
+pub fn bytes_form(bytes: &[u8]) -> (Value, Option<String>) {
+    use base64::Engine as _;
+    (
+        Value::Null,
+        Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
+    )
+}
+
+/// A history read from `Mend-History` text, bounded whoever wrote it: a history only travels on
+/// bounded. The text's length bounds its size, so measuring it step by step is needed only past
+/// [`HISTORY_LIMIT`] (rarely).
+pub fn read_history(text: &str) -> Result<Vec<HistoryEntry>, serde_json::Error> {
+    let mut history: Vec<HistoryEntry> = serde_json::from_str(text)?;
+    if text.len() > HISTORY_LIMIT {
+        bound_history(&mut history, HISTORY_LIMIT);
+    } else {
+        bound_steps(&mut history);
+    }
+    Ok(history)
+}
+
+/// Cuts each step's error, note and names to their limits (what [`bound_history`] does first; enough
+/// alone for a history read from JSON text no longer than the history limit).
+pub fn bound_steps(history: &mut [HistoryEntry]) {
     for entry in history.iter_mut() {
         if let Some(error) = &mut entry.error {
             error.bound();
@@ -244,6 +308,14 @@ pub fn bound_history(history: &mut Vec<HistoryEntry>, limit: usize) {
         cut(&mut entry.by, ERROR_MEMBER_LIMIT);
         cut(&mut entry.at, ERROR_MEMBER_LIMIT);
     }
+}
+
+/// Keeps `history` under `limit` bytes of JSON: each step's error and note cut to their limits,
+/// then the first step and the newest steps that fit, the ones between replaced by a single
+/// `omitted` step that counts them (and those an earlier cut counted). A history always keeps
+/// its first and its newest step.
+pub fn bound_history(history: &mut Vec<HistoryEntry>, limit: usize) {
+    bound_steps(history);
     let size = |e: &HistoryEntry| serde_json::to_vec(e).map_or(0, |v| v.len() + 1);
     let total: usize = history.iter().map(size).sum::<usize>() + 2;
     if total <= limit || history.len() <= 2 {

@@ -37,7 +37,9 @@ pub struct Hold {
     /// resolved (once resolved).
     pub head: String,
     pub state: HoldState,
-    /// When the key became held (RFC 3339).
+    /// When the key became held (RFC 3339): the start of this hold, reset when a resolved entry is
+    /// held again. Copies in the hold queue carry it (`Mend-Hold-Since`), which tells a copy of an
+    /// earlier hold, stored late, from this hold's.
     pub since: String,
     /// Lineages of this key resolved lately, newest last (at most [`RESOLVED_KEPT`]): a stale copy of
     /// one of them (its ack lost in a crash) is settled, not delivered again behind the key's order.
@@ -164,9 +166,11 @@ pub fn after_delivery(
         (Some(h), Outcome::Done) if !h.is_held() && origin == Origin::Retry => {
             Change::Update(h.with(lineage, HoldState::Resolved).resolving(lineage))
         }
-        (Some(h), Outcome::Unresolved) if !h.is_held() => {
-            Change::Update(h.with(lineage, HoldState::Held))
-        }
+        // A new hold of the key: it begins now (its copies are told from an earlier hold's by it).
+        (Some(h), Outcome::Unresolved) if !h.is_held() => Change::Update(Hold {
+            since: fresh.since,
+            ..h.with(lineage, HoldState::Held)
+        }),
         // A failed retry of the head stays the head; nothing else of a held key is delivered.
         _ => Change::Keep,
     }
@@ -201,12 +205,23 @@ pub fn after_command(hold: Option<&Hold>, command: &Command, fresh: Hold) -> Cha
         (Some(h), Command::Discard { lineage }) if !h.is_held() => {
             Change::Update(h.with(lineage, HoldState::Resolved).resolving(lineage))
         }
-        (Some(h), _) if h.state != HoldState::Held => Change::Keep,
-        (Some(h), Command::Discard { lineage }) if &h.head == lineage => {
+        (Some(h), Command::Discard { lineage }) if h.resolved.iter().any(|r| r == lineage) => {
+            Change::Keep
+        }
+        (Some(h), Command::Discard { lineage })
+            if h.state == HoldState::Held && &h.head == lineage =>
+        {
             Change::Update(h.with(lineage, HoldState::Releasing).resolving(lineage))
         }
-        (Some(h), Command::Release) => Change::Update(h.with(&h.head, HoldState::Releasing)),
-        _ => Change::Keep,
+        // A discarded lineage that is not the head of a held or releasing key: a copy of it may wait
+        // in the key's queue (its failure was parked, then a crash came before it became the head).
+        // Remembered as resolved, the release skips that copy; otherwise it would be delivered, fail
+        // again, be made the head, and its envelope, de-duplicated, would never come back to anyone.
+        (Some(h), Command::Discard { lineage }) => Change::Update(h.clone().resolving(lineage)),
+        (Some(h), Command::Release) if h.state == HoldState::Held => {
+            Change::Update(h.with(&h.head, HoldState::Releasing))
+        }
+        (_, Command::Release) => Change::Keep,
     }
 }
 
@@ -227,14 +242,19 @@ pub fn finished(hold: &Hold) -> Hold {
 }
 
 /// The next step of the release of `hold` (state `releasing`); `first` is the first message left in
-/// its queue. Copies of lineages resolved already (the head's own, left by a crash) are skipped.
-pub fn release_step(hold: &Hold, first: Option<(u64, &str)>) -> ReleaseStep {
+/// its queue: its sequence, lineage and the `since` of the hold it was appended to (when its copy
+/// says). Skipped: copies of lineages resolved already (the head's own, left by a crash), and copies
+/// appended to another hold of the key, an earlier one: an append by an instance that had lost the
+/// key, held up on its way and stored after the hold was released. Its sender never saw it stored,
+/// so never acked its original, which was delivered from the app stream instead.
+pub fn release_step(hold: &Hold, first: Option<(u64, &str, Option<&str>)>) -> ReleaseStep {
     match first {
         None => ReleaseStep::Finish,
-        Some((seq, lineage)) if hold.resolved.iter().any(|r| r == lineage) => {
+        Some((seq, lineage, _)) if hold.resolved.iter().any(|r| r == lineage) => {
             ReleaseStep::Skip(seq)
         }
-        Some((seq, _)) => ReleaseStep::Deliver(seq),
+        Some((seq, _, Some(since))) if since != hold.since => ReleaseStep::Skip(seq),
+        Some((seq, _, _)) => ReleaseStep::Deliver(seq),
     }
 }
 
@@ -322,14 +342,27 @@ mod tests {
             Change::Update(hold("A:3", Held))
         );
         assert_eq!(
-            release_step(&done("A:3", Releasing, &["A:3"]), Some((9, "A:3"))),
+            release_step(&done("A:3", Releasing, &["A:3"]), Some((9, "A:3", None))),
             ReleaseStep::Skip(9)
+        );
+        let since = hold("A:3", Releasing).since;
+        assert_eq!(
+            release_step(&hold("A:3", Releasing), Some((11, "A:5", Some(&since)))),
+            ReleaseStep::Deliver(11)
+        );
+        assert_eq!(
+            release_step(
+                &hold("A:3", Releasing),
+                Some((12, "A:6", Some("2026-11-23T09:00:00Z")))
+            ),
+            ReleaseStep::Skip(12),
+            "a copy appended to an earlier hold of the key"
         );
         assert!(is_head_retry(&hold("A:3", Held), "A:3", 2));
         assert!(!is_head_retry(&hold("A:3", Held), "A:3", 1));
         assert!(!is_head_retry(&hold("A:3", Releasing), "A:3", 2));
         assert_eq!(
-            release_step(&hold("A:3", Releasing), Some((10, "A:4"))),
+            release_step(&hold("A:3", Releasing), Some((10, "A:4", None))),
             ReleaseStep::Deliver(10)
         );
         assert_eq!(
@@ -351,7 +384,16 @@ mod tests {
         );
         assert_eq!(
             after_command(Some(&h), &discard("A:2"), fresh()),
+            Change::Update(done("A:1", Held, &["A:2"])),
+            "a discarded lineage waiting behind the head is remembered, so the release skips it"
+        );
+        assert_eq!(
+            after_command(Some(&done("A:1", Held, &["A:2"])), &discard("A:2"), fresh()),
             Change::Keep
+        );
+        assert_eq!(
+            after_command(Some(&hold("A:1", Releasing)), &discard("A:3"), fresh()),
+            Change::Update(done("A:1", Releasing, &["A:3"]))
         );
         assert_eq!(
             after_command(Some(&h), &Command::Release, fresh()),

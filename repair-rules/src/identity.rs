@@ -117,6 +117,59 @@ impl fmt::Display for MessageKey {
 }
 
 /// Subjects of the NATS layout (SPEC §2). `service` must be a single subject token.
+/// The streams mend creates (SPEC §2); each takes the subjects `mend.<name>.>`.
+pub mod streams {
+    /// Failure envelopes from sidecars to processors (work queue).
+    pub const FAILED: &str = "MEND_FAILED";
+    /// Repaired and resubmitted messages back to their service's sidecar (work queue).
+    pub const RETRY: &str = "MEND_RETRY";
+    /// Holding queues of held keys, one subject per key.
+    pub const HOLD: &str = "MEND_HOLD";
+    /// Failures waiting for a person, read by the dashboard (work queue).
+    pub const PARKED: &str = "MEND_PARKED";
+    /// Commands from the dashboard to a service's sidecars (work queue).
+    pub const CONTROL: &str = "MEND_CONTROL";
+    /// Announcements (limits, kept for `events_max_age`).
+    pub const EVENTS: &str = "MEND_EVENTS";
+}
+
+/// The key-value buckets and the object store mend creates (SPEC §2).
+pub mod buckets {
+    /// One entry per held key: the hold's state.
+    pub const HOLDS: &str = "mend_holds";
+    /// One entry per (service, binding, partition): which sidecar consumes it.
+    pub const LEASES: &str = "mend_leases";
+    /// Payloads too large to copy where mend must (object store).
+    pub const PAYLOADS: &str = "mend_payloads";
+}
+
+/// The durable consumers mend creates on its own streams.
+pub mod consumers {
+    /// The processors' shared consumer of MEND_FAILED.
+    pub const PROCESSOR: &str = "mend-processor";
+    /// The dashboard's consumer of MEND_PARKED.
+    pub const DASHBOARD_PARKED: &str = "mend-dashboard-parked";
+    /// The dashboard's consumer of MEND_EVENTS.
+    pub const DASHBOARD_EVENTS: &str = "mend-dashboard-events";
+
+    /// A sidecar's consumer of an app stream: binding `binding` of `service`.
+    pub fn binding(service: &str, binding: &str) -> String {
+        format!("mend-{service}-{binding}")
+    }
+    /// The consumer of partition `partition` of a partitioned binding.
+    pub fn binding_partition(service: &str, binding: &str, partition: u32) -> String {
+        format!("mend-{service}-{binding}-p{partition}")
+    }
+    /// The consumer of a service's retries every instance shares.
+    pub fn retry(service: &str) -> String {
+        format!("mend-{service}-retry")
+    }
+    /// The consumer of a service's commands every instance shares.
+    pub fn control(service: &str) -> String {
+        format!("mend-{service}-control")
+    }
+}
+
 pub mod subjects {
     /// Where a sidecar delegates failures of `service`.
     pub fn failed(service: &str) -> String {

@@ -7,7 +7,7 @@ use serde_json::Value;
 use crate::envelope::{ErrorKind, FailureError};
 
 /// How much of a non-problem body is kept, in bytes.
-pub const BODY_LIMIT: usize = 4096;
+pub const BODY_LIMIT: usize = crate::envelope::ERROR_TEXT_LIMIT;
 
 /// The error record for an answer with `status`, `content_type` and `body`.
 pub fn from_answer(status: u16, content_type: Option<&str>, body: &[u8]) -> FailureError {

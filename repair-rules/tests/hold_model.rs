@@ -226,7 +226,7 @@ impl Model {
                         .range(self.cursor.unwrap_or(0)..)
                         .next()
                         .map(|(s, m)| (*s, lineage(m.n)));
-                    match release_step(&hold, first.as_ref().map(|(s, l)| (*s, l.as_str()))) {
+                    match release_step(&hold, first.as_ref().map(|(s, l)| (*s, l.as_str(), None))) {
                         ReleaseStep::Finish => {
                             self.queue.clear();
                             self.step()?;

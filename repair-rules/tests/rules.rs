@@ -314,6 +314,75 @@ fn payload_over_the_limit_is_parked_unevaluated() {
 }
 
 #[test]
+fn a_payload_kept_by_reference_is_parked_unevaluated() {
+    let set = rules(EXAMPLES);
+    let mut env = envelope(json!(null), "bad_type", Some("/amount"));
+    env.payload_ref = Some(repair_rules::envelope::PayloadRef {
+        stream: "APP".into(),
+        seq: 7,
+        size: 1 << 20,
+        object: Some("APP/7/1/failed".into()),
+    });
+    match evaluate(&set, &env, &Limits::default()) {
+        Decision::Park {
+            reason: ParkReason::PayloadTooLarge,
+            message,
+            ..
+        } => assert!(message.contains("by reference"), "{message}"),
+        d => panic!("{d:?}"),
+    }
+}
+
+/// A patch that doubles the document with every pair of operations (a value copied out and back
+/// into its own child, 32 times over) would need 2^32 copies of it; it is stopped at the first
+/// operation that takes the document past the rules' size limit, and the message is parked with
+/// that error. A copy straight into itself is refused when the rules are loaded.
+#[test]
+fn a_patch_that_doubles_the_document_is_stopped_at_the_size_limit() {
+    // Copied out and back in (a copy straight into itself is refused at load), 32 times.
+    let ops: Vec<String> = (0..32)
+        .flat_map(|i| {
+            [
+                "{ op = \"copy\", from = \"/a\", path = \"/b\" }".to_owned(),
+                format!("{{ op = \"copy\", from = \"/b\", path = \"/a/k{i}\" }}"),
+            ]
+        })
+        .collect();
+    let text = format!(
+        "[[rule]]\nname = \"bomb\"\nwhen = 'true'\npatch = [{}]\n",
+        ops.join(", ")
+    );
+    let set = rules(&text);
+    let env = envelope(json!({"a": {"x": "0123456789"}}), "c", None);
+    let limits = Limits {
+        max_payload_bytes: 64 * 1024,
+        ..Limits::default()
+    };
+    match evaluate(&set, &env, &limits) {
+        Decision::Park {
+            reason: ParkReason::RuleError,
+            message,
+            ..
+        } => assert!(message.contains("over the rules' limit"), "{message}"),
+        d => panic!("{}", format!("{d:?}").chars().take(300).collect::<String>()),
+    }
+}
+
+#[test]
+fn a_copy_into_itself_is_refused_at_load() {
+    for (from, path) in [("", "/a"), ("/a", "/a/b"), ("/a/b", "/a/b/c/d")] {
+        let text = format!(
+            "[[rule]]\nname = \"r\"\nwhen = 'true'\npatch = [{{ op = \"copy\", from = \"{from}\", path = \"{path}\" }}]\n"
+        );
+        assert!(error_of(&text).contains("into itself"), "{from} → {path}");
+    }
+    // Beside itself is fine.
+    rules(
+        "[[rule]]\nname = \"r\"\nwhen = 'true'\npatch = [{ op = \"copy\", from = \"/a\", path = \"/ab\" }]\n",
+    );
+}
+
+#[test]
 fn malformed_files_give_located_errors() {
     for (text, expect) in [
         (
@@ -516,4 +585,107 @@ fn only_the_variables_rules_use_are_built_and_each_one_works() {
             "{what}: {decision:?}"
         );
     }
+}
+
+#[test]
+fn comprehensions_give_the_standard_results() {
+    let set = rules(
+        r#"[[rule]]
+name = "all-macros"
+when = 'payload.l.all(x, x > 0) && payload.l.exists(x, x == 2) && payload.l.exists_one(x, x == 3) && payload.l.existsOne(x, x == 1) && !payload.l.exists(x, x > 9) && has(payload.l)'
+set = { "/m" = 'payload.l.map(x, x * 10)', "/mf" = 'payload.l.map(x, x % 2 == 1, x + 100)', "/f" = 'payload.l.filter(x, x >= 2)', "/nested" = 'payload.l.map(x, payload.l.filter(y, y < x))', "/keys" = 'payload.o.filter(k, k != "b")', "/none" = '[].all(x, false)' }
+"#,
+    );
+    let d = evaluate(
+        &set,
+        &envelope(json!({"l": [1, 2, 3], "o": {"a": 1, "b": 2}}), "c", None),
+        &Limits::default(),
+    );
+    let Decision::Repaired { payload, .. } = d else {
+        panic!("{d:?}")
+    };
+    assert_eq!(payload["m"], json!([10, 20, 30]));
+    assert_eq!(payload["mf"], json!([101, 103]));
+    assert_eq!(payload["f"], json!([2, 3]));
+    assert_eq!(payload["nested"], json!([[], [1], [1, 2]]));
+    assert_eq!(payload["keys"], json!(["a"]));
+    assert_eq!(payload["none"], json!(true));
+}
+
+/// A payload with a list of `n` numbers.
+fn long_list(n: usize) -> FailureEnvelope {
+    envelope(json!({"l": (0..n).collect::<Vec<_>>()}), "c", None)
+}
+
+#[test]
+fn a_runaway_comprehension_is_stopped_at_the_time_limit() {
+    // Each would run for many minutes: 20k × 20k steps (nested), for each macro kind.
+    let cases = [
+        ("map", "size(payload.l.map(x, payload.l.map(y, x + y))) > 0"),
+        (
+            "filter",
+            "size(payload.l.filter(x, size(payload.l.filter(y, y == x)) > 1)) > 0",
+        ),
+        ("all", "payload.l.all(x, payload.l.all(y, y >= 0))"),
+        ("exists", "payload.l.exists(x, payload.l.exists(y, y < 0))"),
+        (
+            "exists_one",
+            "payload.l.exists_one(x, payload.l.exists_one(y, y == -1))",
+        ),
+    ];
+    let env = long_list(20_000);
+    let limits = Limits {
+        time_limit: Some(std::time::Duration::from_millis(200)),
+        ..Limits::default()
+    };
+    for (kind, when) in cases {
+        let set = rules(&format!(
+            "[[rule]]\nname = \"{kind}\"\nwhen = '{when}'\nset = {{ \"/n\" = '1' }}\n"
+        ));
+        let started = std::time::Instant::now();
+        let d = evaluate(&set, &env, &limits);
+        let took = started.elapsed();
+        match &d {
+            Decision::Park {
+                reason: ParkReason::RuleError,
+                message,
+                ..
+            } => assert!(message.contains("time limit"), "{kind}: {message}"),
+            other => panic!("{kind}: {other:?}"),
+        }
+        assert!(
+            took < std::time::Duration::from_secs(3),
+            "{kind}: stopped only after {took:?}"
+        );
+    }
+}
+
+#[test]
+fn a_long_map_stays_linear() {
+    // 200k steps: the interpreter appends in place (the expansion keeps the shape it recognises);
+    // copying the list at every step would take minutes.
+    let set = rules(
+        "[[rule]]\nname = \"long\"\nwhen = 'size(payload.l.map(x, x + 1)) == 200000 && size(payload.l.filter(x, x % 2 == 0)) == 100000'\nset = { \"/n\" = '1' }\n",
+    );
+    let started = std::time::Instant::now();
+    let d = evaluate(
+        &set,
+        &long_list(200_000),
+        &Limits {
+            max_payload_bytes: 4 << 20,
+            ..Limits::default()
+        },
+    );
+    assert!(matches!(d, Decision::Repaired { .. }), "{d:?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn the_optional_syntax_is_refused_as_before() {
+    let e = error_of("[[rule]]\nname = \"opt\"\nwhen = 'payload.?a.hasValue()'\npark = \"x\"\n");
+    assert!(e.contains("invalid CEL"), "{e}");
 }

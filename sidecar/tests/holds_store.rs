@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use mend::config::NatsConfig;
-use mend::holds::{HoldError, Holds};
+use mend::common::config::NatsConfig;
+use mend::runtime::holds::{HoldError, Holds};
 use mend_e2e::nats::NatsServer;
 use repair_rules::MessageKey;
 use repair_rules::holds::{Change, HoldState};
@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 async fn entries_persist_conflicts_are_refused_and_queues_keep_order() -> anyhow::Result<()> {
     let nats = NatsServer::start().await?;
     let js = async_nats::jetstream::new(nats.client().await?);
-    mend::nats::ensure_layout(&js, &NatsConfig::default(), &Default::default()).await?;
+    mend::common::nats::ensure_layout(&js, &NatsConfig::default(), &Default::default()).await?;
     let stop = CancellationToken::new();
     let key = MessageKey("acct 7/ü".into());
 
@@ -104,8 +104,23 @@ async fn entries_persist_conflicts_are_refused_and_queues_keep_order() -> anyhow
     let second = c.first(&key).await?.expect("held");
     assert_eq!(second.headers.get("Mend-Id").unwrap().as_str(), "APP:3");
     assert_eq!(c.queued(&key), 3);
-    c.purge(&key).await?;
+    // The release goes on to the end, finds the queue empty and purges what it read; a message
+    // appended after that read (by an instance that had lost the key, its publish held up) stays.
+    c.advance(&key, second.sequence).await?;
+    let third = c.first(&key).await?.expect("held");
+    assert_eq!(third.headers.get("Mend-Id").unwrap().as_str(), "APP:4");
+    c.advance(&key, third.sequence).await?;
+    assert!(c.first(&key).await?.is_none());
+    let late = Holds::load(&js, "orders", "orders", 0, &stop).await?;
+    let mut headers = HeaderMap::new();
+    headers.insert("Mend-Id", "APP:9");
+    late.append(&key, "APP:9:1:hold", headers, Bytes::new(), None)
+        .await?;
+    c.purge_done(&key).await?;
     assert_eq!(c.queued(&key), 0);
+    let stays = c.first(&key).await?.expect("the late append stays");
+    assert_eq!(stays.headers.get("Mend-Id").unwrap().as_str(), "APP:9");
+    c.remove(&key, stays.sequence).await?;
     assert!(c.first(&key).await?.is_none());
 
     // Resolved entries are forgotten once old enough; held ones never.

@@ -8,9 +8,10 @@ use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
-use mend::config::NatsConfig;
-use mend::lease::{LEASES_BUCKET, Lease, Stopped, lease_key};
+use mend::common::config::NatsConfig;
+use mend::common::lease::{Lease, Stopped, lease_key};
 use mend_e2e::nats::NatsServer;
+use repair_rules::identity::buckets;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
@@ -27,8 +28,8 @@ async fn setup() -> anyhow::Result<(NatsServer, jetstream::Context, kv::Store)> 
         .try_init();
     let nats = NatsServer::start().await?;
     let js = jetstream::new(nats.client().await?);
-    mend::nats::ensure_layout(&js, &NatsConfig::default(), &Default::default()).await?;
-    let kv = js.get_key_value(LEASES_BUCKET).await?;
+    mend::common::nats::ensure_layout(&js, &NatsConfig::default(), &Default::default()).await?;
+    let kv = js.get_key_value(buckets::LEASES).await?;
     Ok((nats, js, kv))
 }
 

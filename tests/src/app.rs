@@ -65,6 +65,23 @@ impl Delivery {
     pub fn field(&self, name: &str) -> Option<&Value> {
         self.json.as_ref()?.get(name)
     }
+    /// The body's number `n` (the test messages' position in their key's order); `u64::MAX` when
+    /// it has none.
+    pub fn n(&self) -> u64 {
+        self.field("n").and_then(Value::as_u64).unwrap_or(u64::MAX)
+    }
+}
+
+/// A script that answers 422 to the messages whose JSON `n` is one of `failing`, 200 to the rest.
+pub fn failing(failing: &'static [u64]) -> impl Fn(&Delivery) -> Reply + Send + Sync + 'static {
+    move |d| {
+        let n = d.field("n").and_then(Value::as_u64);
+        if n.is_some_and(|n| failing.contains(&n)) {
+            Reply::Status(422)
+        } else {
+            Reply::Status(200)
+        }
+    }
 }
 
 /// How the demo orders service answers an order, if it rejects it: a string `amount` is a

@@ -921,3 +921,32 @@ pub async fn publish_until_stored(
         backoff = (backoff * 2).min(Duration::from_millis(500));
     }
 }
+
+/// Creates (or finds) the R3 file stream `name` on `subjects`, asking again while a cluster that
+/// has just formed, on a busy machine, does not answer JetStream requests yet.
+pub async fn r3_stream(
+    js: &jetstream::Context,
+    name: &str,
+    subjects: &[&str],
+) -> anyhow::Result<()> {
+    let config = jetstream::stream::Config {
+        name: name.to_owned(),
+        subjects: subjects.iter().map(|s| (*s).to_owned()).collect(),
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: 3,
+        ..Default::default()
+    };
+    wait::until(
+        &format!("stream {name} created"),
+        crate::world::TEST_TIMEOUT,
+        || async {
+            Ok(js
+                .get_or_create_stream(config.clone())
+                .await
+                .ok()
+                .map(|_| ()))
+        },
+    )
+    .await
+    .with_context(|| format!("cannot create stream {name}"))
+}

@@ -40,27 +40,50 @@ fn user_hashes() -> &'static [String] {
 
 /// A dashboard config on `database_url` with the test tokens and users, plus `extra` top-level keys.
 pub fn dashboard_config(nats_url: &str, database_url: &str, extra: &str) -> String {
-    let mut c = format!(
-        "nats_url = \"{nats_url}\"\ndatabase_url = \"{database_url}\"\nlisten = \"127.0.0.1:{}\"\nshutdown_timeout = \"10s\"\n{extra}\n",
-        free_port()
-    );
-    for (name, token) in [
-        ("ops", OPERATOR_TOKEN),
-        ("viewer", VIEWER_TOKEN),
-        ("admin", ADMIN_TOKEN),
-    ] {
-        let role = if name == "ops" { "operator" } else { name };
-        c.push_str(&format!(
-            "\n[[api_token]]\nname = \"{name}\"\nrole = \"{role}\"\nsha256 = \"{}\"\n",
-            sha256_hex(token)
-        ));
+    let mut c = toml::Table::new();
+    c.insert("nats_url".into(), nats_url.into());
+    c.insert("database_url".into(), database_url.into());
+    c.insert("listen".into(), format!("127.0.0.1:{}", free_port()).into());
+    c.insert("shutdown_timeout".into(), "10s".into());
+    let extra: toml::Table = extra
+        .parse()
+        .unwrap_or_else(|e| panic!("not TOML ({e}): {extra}"));
+    c.extend(extra);
+    let tokens = [
+        ("ops", "operator", OPERATOR_TOKEN),
+        ("viewer", "viewer", VIEWER_TOKEN),
+        ("admin", "admin", ADMIN_TOKEN),
+    ]
+    .map(|(name, role, token)| {
+        toml::Value::Table(toml::Table::from_iter([
+            ("name".to_owned(), name.into()),
+            ("role".to_owned(), role.into()),
+            ("sha256".to_owned(), sha256_hex(token).into()),
+        ]))
+    });
+    append(&mut c, "api_token", tokens);
+    let users = USERS
+        .iter()
+        .zip(user_hashes())
+        .map(|((name, _, role), hash)| {
+            toml::Value::Table(toml::Table::from_iter([
+                ("name".to_owned(), (*name).into()),
+                ("role".to_owned(), (*role).into()),
+                ("password_hash".to_owned(), hash.as_str().into()),
+            ]))
+        });
+    append(&mut c, "user", users);
+    c.to_string()
+}
+
+/// Appends `items` to the array of tables `key` of `config` (created when missing).
+fn append(config: &mut toml::Table, key: &str, items: impl IntoIterator<Item = toml::Value>) {
+    let entry = config
+        .entry(key)
+        .or_insert_with(|| toml::Value::Array(Vec::new()));
+    if let toml::Value::Array(array) = entry {
+        array.extend(items);
     }
-    for ((name, _, role), hash) in USERS.iter().zip(user_hashes()) {
-        c.push_str(&format!(
-            "\n[[user]]\nname = \"{name}\"\nrole = \"{role}\"\npassword_hash = \"{hash}\"\n"
-        ));
-    }
-    c
 }
 
 /// A running dashboard and a client for its API.
@@ -223,8 +246,13 @@ impl Stack {
     }
 }
 
-/// An order of key `key` (header and field), number `n`, for `account`, with `extra` fields.
-pub fn order(key: &str, n: u64, account: &str, extra: Value) -> Out {
+/// An order of key `key` (header and field), number `n`, for `account`.
+pub fn order(key: &str, n: u64, account: &str) -> Out {
+    order_with(key, n, account, Value::Null)
+}
+
+/// [`order`] with `extra` fields.
+pub fn order_with(key: &str, n: u64, account: &str, extra: Value) -> Out {
     let mut body = serde_json::json!({"key": key, "n": n, "account": account, "amount": 10});
     if let (Some(b), Value::Object(more)) = (body.as_object_mut(), extra) {
         b.extend(more);

@@ -11,6 +11,8 @@
 //! - [`js`]: publishing, reading mend's streams, and consumer state.
 //! - [`postgres::Postgres`]: a throw-away PostgreSQL server on a free loopback port and a temp
 //!   cluster, ready when a query answers, stopped and deleted on drop.
+//! - [`proxy::NatsProxy`]: a loopback proxy that stalls clients' writes from a chosen publish on,
+//!   without closing their connections, and sends them on later (a partition, a stuck host).
 //! - [`wait`]: waiting for conditions with a deadline (never sleeping and hoping).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test harness code
@@ -22,6 +24,7 @@ pub mod js;
 pub mod mend;
 pub mod nats;
 pub mod postgres;
+pub mod proxy;
 pub mod wait;
 
 use std::path::PathBuf;

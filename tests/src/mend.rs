@@ -28,12 +28,22 @@ pub fn mend_bin() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
-/// A free loopback port for a listener of the process under test.
+/// A free loopback port for a listener of the process under test, never one this test process
+/// handed out before: the port is only bound later by the process started with it, and the kernel
+/// may offer a just-released port again (a sidecar and a processor of one test once got the same).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or(0);
+        if port == 0 || !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// One `mend` process (any role) and everything it logged.
@@ -255,7 +265,98 @@ impl MendProcess {
 
 /// Adds top-level keys or tables (such as `[nats]`) to a config written by [`sidecar_config`].
 pub fn with_top_level(config: &str, toml: &str) -> String {
-    config.replacen("[[binding]]", &format!("{toml}\n[[binding]]"), 1)
+    SidecarToml::parse(config).top_keys(toml).to_string()
+}
+
+/// A `sidecar.toml` as data: built, changed and written out by the harness, never patched as text.
+#[derive(Debug, Clone)]
+pub struct SidecarToml(toml::Table);
+
+impl SidecarToml {
+    /// `service` on `nats_url`, its ops endpoint on a free port, no binding yet.
+    pub fn new(service: &str, nats_url: &str) -> Self {
+        let mut top = toml::Table::new();
+        top.insert("service".into(), service.into());
+        top.insert("nats_url".into(), nats_url.into());
+        top.insert("listen".into(), format!("127.0.0.1:{}", free_port()).into());
+        top.insert("shutdown_timeout".into(), "10s".into());
+        Self(top)
+    }
+
+    /// Reads a config this harness wrote.
+    pub fn parse(text: &str) -> Self {
+        Self(
+            text.parse()
+                .unwrap_or_else(|e| panic!("not TOML ({e}):\n{text}")),
+        )
+    }
+
+    /// Adds a binding of `stream` on `subjects`, delivered to `endpoint`.
+    pub fn binding(mut self, name: &str, stream: &str, subjects: &[&str], endpoint: &str) -> Self {
+        let mut b = toml::Table::new();
+        b.insert("name".into(), name.into());
+        b.insert("stream".into(), stream.into());
+        let subjects: Vec<toml::Value> = subjects.iter().map(|s| (*s).into()).collect();
+        b.insert("subjects".into(), subjects.into());
+        b.insert("endpoint".into(), endpoint.into());
+        self.bindings().push(b.into());
+        self
+    }
+
+    /// Keys of a TOML fragment set on the last binding (a `[nats]` table in it goes to the top).
+    pub fn binding_keys(mut self, toml: &str) -> Self {
+        let mut keys = Self::parse(toml).0;
+        if let Some(nats) = keys.remove("nats") {
+            let mut top = toml::Table::new();
+            top.insert("nats".into(), nats);
+            merge(&mut self.0, top);
+        }
+        if let Some(toml::Value::Table(last)) = self.bindings().last_mut() {
+            merge(last, keys);
+        }
+        self
+    }
+
+    /// Keys and tables of a TOML fragment set at the top level (tables merged key by key).
+    pub fn top_keys(mut self, toml: &str) -> Self {
+        merge(&mut self.0, Self::parse(toml).0);
+        self
+    }
+
+    /// Sets one top-level key.
+    pub fn set(mut self, key: &str, value: impl Into<toml::Value>) -> Self {
+        self.0.insert(key.into(), value.into());
+        self
+    }
+
+    fn bindings(&mut self) -> &mut Vec<toml::Value> {
+        let entry = self
+            .0
+            .entry("binding")
+            .or_insert_with(|| toml::Value::Array(Vec::new()));
+        match entry {
+            toml::Value::Array(a) => a,
+            _ => panic!("`binding` is not an array of tables"),
+        }
+    }
+}
+
+impl std::fmt::Display for SidecarToml {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Sets every key of `more` in `into`, merging tables key by key.
+fn merge(into: &mut toml::Table, more: toml::Table) {
+    for (k, v) in more {
+        match (into.get_mut(&k), v) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
 }
 
 /// Runs `mend sidecar` with `config` and `env` when it is expected to refuse to start; returns its
@@ -282,8 +383,8 @@ pub fn listen_addr(config: &str) -> String {
         .to_owned()
 }
 
-/// A sidecar config for one binding to `endpoint`, with test-friendly timings; `extra` is appended
-/// to the binding table.
+/// A sidecar config for one binding to `endpoint`, with test-friendly timings; the keys of `extra`
+/// (TOML) are set on the binding.
 pub fn sidecar_config(
     service: &str,
     nats_url: &str,
@@ -292,23 +393,10 @@ pub fn sidecar_config(
     endpoint: &str,
     extra: &str,
 ) -> String {
-    let subjects: Vec<String> = subjects.iter().map(|s| format!("{s:?}")).collect();
-    format!(
-        r#"service = "{service}"
-nats_url = "{nats_url}"
-listen = "127.0.0.1:{port}"
-shutdown_timeout = "10s"
-
-[[binding]]
-name = "{service}"
-stream = "{stream}"
-subjects = [{subjects}]
-endpoint = "{endpoint}"
-{extra}
-"#,
-        port = free_port(),
-        subjects = subjects.join(", "),
-    )
+    SidecarToml::new(service, nats_url)
+        .binding(service, stream, subjects, endpoint)
+        .binding_keys(extra)
+        .to_string()
 }
 
 /// A processor config using the rules at `rules` (a file or directory), plus `extra` top-level keys.

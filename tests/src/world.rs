@@ -1,5 +1,6 @@
 //! A test's world: its own nats-server, the app's stream `APP` on `app.>`, and a [`FakeApp`].
 
+use std::path::Path;
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -7,7 +8,7 @@ use serde_json::json;
 
 use crate::app::FakeApp;
 use crate::js::{self, Out};
-use crate::mend::{MendProcess, sidecar_config};
+use crate::mend::{MendProcess, processor_config, sidecar_config};
 use crate::nats::NatsServer;
 
 /// The app's stream in every world.
@@ -58,6 +59,15 @@ impl World {
     /// Starts a sidecar with `config` and waits until it consumes.
     pub async fn sidecar(&self, config: &str) -> anyhow::Result<MendProcess> {
         let p = MendProcess::start("sidecar", config).await?;
+        p.ready().await?;
+        Ok(p)
+    }
+
+    /// Starts a processor on this world's server with the rules at `rules` (and `extra` keys) and
+    /// waits until it consumes.
+    pub async fn processor(&self, rules: &Path, extra: &str) -> anyhow::Result<MendProcess> {
+        let config = processor_config(&self.nats.url(), rules, extra);
+        let p = MendProcess::start("processor", &config).await?;
         p.ready().await?;
         Ok(p)
     }

@@ -22,7 +22,14 @@ async fn bad_config_exits_64_naming_file_line_and_key() -> anyhow::Result<()> {
     assert!(log.contains("sidecar.toml:11: key `concurrency`"), "{log}");
     assert!(!log.contains("panicked"), "{log}");
 
-    let good = config.replace("concurrency = \"many\"", "");
+    let good = sidecar_config(
+        "x",
+        "nats://127.0.0.1:1",
+        "APP",
+        &["app.>"],
+        "http://127.0.0.1:1/",
+        "",
+    );
     let (code, log) = refused(&good, &[("MEND_BINDING_X_TIMEOUT", "soon")]).await?;
     assert_eq!(code, Some(64), "{log}");
     assert!(log.contains("MEND_BINDING_X_TIMEOUT"), "{log}");

@@ -12,8 +12,8 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use mend_e2e::dashboard::{Stack, USERS, delivered};
-use mend_e2e::js::{self, Out};
+use mend_e2e::dashboard::{Stack, USERS, delivered, order};
+use mend_e2e::js::{self};
 use mend_e2e::wait;
 use mend_e2e::world::TEST_TIMEOUT;
 use serde_json::{Value, json};
@@ -24,10 +24,6 @@ use tokio::process::Command;
 const STEP_TIMEOUT: Duration = Duration::from_secs(20);
 const FLOW_TIMEOUT: Duration = Duration::from_secs(120);
 const CHROMIUM: &str = "/usr/bin/chromium";
-
-fn order(key: &str, n: u64, account: &str) -> Out {
-    mend_e2e::dashboard::order(key, n, account, json!({}))
-}
 
 fn require_browser(root: &Path) {
     let missing: Vec<String> = [
@@ -102,7 +98,7 @@ async fn a_person_fixes_a_parked_message_in_the_browser() {
     // x1's head carries a script in its payload.
     let mut msgs = vec![order("b1", 0, "nobody")];
     msgs.extend((1..4).map(|n| order("b1", n, "acct-1")));
-    msgs.push(mend_e2e::dashboard::order(
+    msgs.push(mend_e2e::dashboard::order_with(
         "x1",
         0,
         "nobody",

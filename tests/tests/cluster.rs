@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream;
 use mend_e2e::app::FakeApp;
 use mend_e2e::cluster::Cluster;
 use mend_e2e::js::{self, Out};
@@ -19,14 +19,7 @@ async fn every_role_starts_while_the_cluster_elects_and_connects_by_seed_list() 
     mend_e2e::init();
     let mut cluster = Cluster::start().await?;
     let js = jetstream::new(cluster.client().await?);
-    js.create_stream(stream::Config {
-        name: "APP".into(),
-        subjects: vec!["app.>".into()],
-        storage: stream::StorageType::File,
-        num_replicas: 3,
-        ..Default::default()
-    })
-    .await?;
+    mend_e2e::cluster::r3_stream(&js, "APP", &["app.>"]).await?;
     let app = FakeApp::start().await?;
     let seeds = cluster.seed_list();
 

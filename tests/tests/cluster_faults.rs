@@ -103,10 +103,6 @@ fn mixed_orders() -> Vec<Order> {
         .collect()
 }
 
-fn n_of(d: &Delivery) -> u64 {
-    d.field("n").and_then(Value::as_u64).unwrap_or(u64::MAX)
-}
-
 /// The orders app: a string amount is a `bad_type`, the account `nobody` an `unknown_account`.
 fn orders_app(d: &Delivery) -> Reply {
     mend_e2e::app::order_problem(d).unwrap_or(Reply::Ok)
@@ -116,7 +112,7 @@ fn orders_app(d: &Delivery) -> Reply {
 fn succeeded(log: &[Delivery]) -> usize {
     log.iter()
         .filter(|d| d.ok())
-        .map(n_of)
+        .map(Delivery::n)
         .collect::<HashSet<_>>()
         .len()
 }
@@ -373,15 +369,7 @@ impl Run {
         let started = Instant::now();
         let cluster = Cluster::start().await?;
         let js = jetstream::new(test_client(&cluster).await?);
-        js.create_stream(stream::Config {
-            name: "APP".into(),
-            subjects: vec!["app.>".into()],
-            storage: stream::StorageType::File,
-            num_replicas: 3,
-            ..Default::default()
-        })
-        .await
-        .context("cannot create APP")?;
+        mend_e2e::cluster::r3_stream(&js, "APP", &["app.>"]).await?;
         let app = FakeApp::start().await?;
         app.script(orders_app);
         let seeds = cluster.seed_list();
@@ -442,7 +430,7 @@ impl Run {
                     "{:>8.3?} {} n={} {} attempt={}",
                     d.at.duration_since(self.started),
                     d.status,
-                    n_of(d),
+                    d.n(),
                     d.mend_id(),
                     d.header("mend-attempt").unwrap_or("?")
                 )
@@ -707,7 +695,7 @@ fn check_deliveries(log: &[Delivery], orders: &[Order]) -> anyhow::Result<()> {
     let mut firsts: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     let mut seen = HashSet::new();
     for d in log.iter().filter(|d| d.ok()) {
-        let n = n_of(d);
+        let n = d.n();
         let order = by_n
             .get(&n)
             .with_context(|| format!("a success of no order: {:?}", d.json))?;
@@ -1071,7 +1059,7 @@ async fn retries_flow_soon_after_their_consumers_leader_is_killed() -> anyhow::R
     let through = run
         .app
         .wait_for("the head's resubmission delivered", TEST_TIMEOUT, |log| {
-            log.iter().any(|d| d.ok() && n_of(d) == 0)
+            log.iter().any(|d| d.ok() && d.n() == 0)
         })
         .await;
     if let Err(e) = through {

@@ -8,22 +8,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use mend_e2e::app::{Delivery, Reply};
-use mend_e2e::dashboard::{ADMIN_TOKEN, Dashboard, OPERATOR_TOKEN, Stack, VIEWER_TOKEN, delivered};
+use mend_e2e::app::Reply;
+use mend_e2e::dashboard::{
+    ADMIN_TOKEN, Dashboard, OPERATOR_TOKEN, Stack, VIEWER_TOKEN, delivered, order,
+};
 use mend_e2e::js::{self, Out};
 use mend_e2e::mend::{MendProcess, example_rules, processor_config};
 use mend_e2e::wait;
 use mend_e2e::world::{TEST_TIMEOUT, World};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-
-fn n_of(d: &Delivery) -> u64 {
-    d.field("n").and_then(Value::as_u64).unwrap_or(u64::MAX)
-}
-
-fn order(key: &str, n: u64, account: &str) -> Out {
-    mend_e2e::dashboard::order(key, n, account, json!({}))
-}
 
 /// Waits until key `key` of service `app` is held with `count` messages waiting.
 async fn wait_held(d: &Dashboard, key: &str, count: u64) -> anyhow::Result<Value> {
@@ -107,7 +101,7 @@ async fn fixed_and_resubmitted_head_is_delivered_then_its_held_messages_in_order
         .unwrap();
     let fixed = log
         .iter()
-        .find(|x| x.ok() && x.field("key") == Some(&json!("k1")) && n_of(x) == 0)
+        .find(|x| x.ok() && x.field("key") == Some(&json!("k1")) && x.n() == 0)
         .unwrap();
     assert_eq!(fixed.mend_id(), id);
     assert_eq!(fixed.header("mend-attempt"), Some("2"));
@@ -722,4 +716,219 @@ async fn the_last_countable_attempt_is_not_resubmitted() {
     let m = d.ok("/api/messages/ORDERS:9").await.unwrap();
     assert_eq!(m["status"], "parked", "{m}");
     assert_eq!(m["attempt"], last, "{m}");
+}
+
+/// Parks `n` messages of service `orders` (ids `ORDERS:1..=n`, keys `a1..`) straight on
+/// MEND_PARKED, as the processor would (the stream is there once a mend role has started).
+async fn park_directly(world: &World, n: u64) -> anyhow::Result<()> {
+    let outs = (1..=n)
+        .map(|seq| {
+            let envelope = json!({
+                "version": 1, "id": format!("ORDERS:{seq}"), "service": "orders", "binding": "orders",
+                "stream": "ORDERS", "seq": seq, "subject": "orders.created", "key": format!("a{seq}"),
+                "headers": {}, "payload": {"n": seq}, "payload_base64": null,
+                "error": {"kind": "message", "status": 422, "code": "unknown_account"},
+                "attempt": 1, "first_failed_at": "2026-11-23T10:00:00Z",
+                "failed_at": "2026-11-23T10:00:00Z", "reason": "no_rule", "history": [],
+            });
+            Out {
+                subject: "mend.parked.orders".into(),
+                headers: Default::default(),
+                payload: bytes::Bytes::from(envelope.to_string()),
+            }
+        })
+        .collect();
+    js::publish_all(&world.js, outs).await?;
+    Ok(())
+}
+
+/// The payloads stored on `subject` of `stream`, as JSON.
+async fn stored(world: &World, stream: &str, subject: &str) -> anyhow::Result<Vec<Value>> {
+    Ok(js::read_all(&world.js, stream, subject)
+        .await?
+        .iter()
+        .map(|m| serde_json::from_slice(&m.payload).unwrap_or(Value::Null))
+        .collect())
+}
+
+#[tokio::test]
+async fn an_edit_whose_confirmation_is_late_is_found_out_and_nothing_is_sent_over_it() {
+    let world = World::new().await.unwrap();
+    // The dashboard reaches NATS through a proxy that can hold its writes back, as a stuck network
+    // does: the publish is sent, but its confirmation does not come in time.
+    let proxy = mend_e2e::proxy::NatsProxy::start(world.nats.port())
+        .await
+        .unwrap();
+    let d = Dashboard::start(&proxy.url(), "publish_timeout = \"1s\"")
+        .await
+        .unwrap();
+    park_directly(&world, 1).await.unwrap();
+    d.wait_messages("service=orders", 1, TEST_TIMEOUT)
+        .await
+        .unwrap();
+    proxy.freeze_on("mend.retry.orders");
+    let path = "/api/messages/ORDERS:1/resubmit";
+    let (status, body) = d
+        .post(
+            path,
+            Some(OPERATOR_TOKEN),
+            &json!({"attempt": 1, "payload": {"n": 1, "edit": "first"}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert_eq!(body["error"]["code"], "outcome_unknown", "{body}");
+    // While its outcome is unknown, the message is taken: a changed edit and a discard are refused.
+    let (status, body) = d
+        .post(
+            path,
+            Some(OPERATOR_TOKEN),
+            &json!({"attempt": 1, "payload": {"n": 1, "edit": "second"}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("busy")),
+        "{body}"
+    );
+    let (status, body) = d
+        .post(
+            "/api/messages/ORDERS:1/discard",
+            Some(OPERATOR_TOKEN),
+            &json!({"attempt": 1}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(proxy.frozen());
+    // The network recovers: the first edit is stored late. The dashboard finds that out by itself
+    // and records the first edit, the one actually sent.
+    proxy.thaw();
+    let m = d
+        .wait_status("ORDERS:1", "resubmitted", TEST_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(m["attempt"], 2, "{m}");
+    let audit = d.ok("/api/audit").await.unwrap();
+    let first = &audit["items"][0];
+    assert_eq!(first["action"], "edit_and_resubmit", "{audit}");
+    assert!(
+        first["after"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("first"),
+        "the audit records what was sent: {audit}"
+    );
+    assert_eq!(audit["items"].as_array().map(Vec::len), Some(1), "{audit}");
+    // Asked again with the second edit, the dashboard sends nothing over the first.
+    let (status, body) = d
+        .post(
+            path,
+            Some(OPERATOR_TOKEN),
+            &json!({"attempt": 1, "payload": {"n": 1, "edit": "second"}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let retries = stored(&world, "MEND_RETRY", "mend.retry.orders")
+        .await
+        .unwrap();
+    assert_eq!(retries, [json!({"n": 1, "edit": "first"})]);
+}
+
+#[tokio::test]
+async fn a_resubmission_and_a_discard_of_one_message_at_once_cannot_both_happen() {
+    let world = World::new().await.unwrap();
+    let n = 16;
+    let d = Dashboard::start(&world.nats.url(), "").await.unwrap();
+    park_directly(&world, n).await.unwrap();
+    d.wait_messages("service=orders", n as usize, TEST_TIMEOUT)
+        .await
+        .unwrap();
+    let mut resubmitted = 0;
+    let mut discarded = 0;
+    for seq in 1..=n {
+        let (resubmit, discard, body) = (
+            format!("/api/messages/ORDERS:{seq}/resubmit"),
+            format!("/api/messages/ORDERS:{seq}/discard"),
+            json!({"attempt": 1}),
+        );
+        let (a, b) = tokio::join!(
+            d.post(&resubmit, Some(OPERATOR_TOKEN), &body),
+            d.post(&discard, Some(OPERATOR_TOKEN), &body),
+        );
+        let ((sa, ba), (sb, bb)) = (a.unwrap(), b.unwrap());
+        match (sa, sb) {
+            (StatusCode::OK, StatusCode::CONFLICT) => resubmitted += 1,
+            (StatusCode::CONFLICT, StatusCode::OK) => discarded += 1,
+            other => panic!("ORDERS:{seq}: {other:?} {ba} {bb}"),
+        }
+    }
+    let retries = stored(&world, "MEND_RETRY", "mend.retry.orders")
+        .await
+        .unwrap();
+    let discards = stored(&world, "MEND_CONTROL", "mend.control.orders")
+        .await
+        .unwrap();
+    assert_eq!(
+        (retries.len(), discards.len()),
+        (resubmitted, discarded),
+        "exactly what was answered was sent"
+    );
+    let audit = d.ok("/api/audit?limit=100").await.unwrap();
+    assert_eq!(
+        audit["items"].as_array().map(Vec::len),
+        Some(n as usize),
+        "{audit}"
+    );
+}
+
+#[tokio::test]
+async fn the_held_keys_list_is_oldest_first_over_every_entry() {
+    let world = World::new().await.unwrap();
+    let d = Dashboard::start(&world.nats.url(), "").await.unwrap();
+    let kv = world.js.get_key_value("mend_holds").await.unwrap();
+    let n = mend_dashboard::holds::MAX_LISTED + 200;
+    let entry = |key: &str, since: &str, state: &str| {
+        json!({
+            "service": "app", "binding": "app", "partition": 0, "key": key, "head": format!("APP:{key}"),
+            "state": state, "since": since, "resolved": [],
+        })
+        .to_string()
+    };
+    let token = |key: &str| repair_rules::MessageKey(key.to_owned()).token();
+    let mut puts = Vec::new();
+    for i in 0..n {
+        let key = format!("k{i:05}");
+        puts.push((token(&key), entry(&key, "2026-12-02T00:00:00Z", "held")));
+    }
+    // The oldest hold's key sorts last; a resolved entry is not listed.
+    puts.push((
+        token("zz-oldest"),
+        entry("zz-oldest", "2026-11-01T00:00:00Z", "held"),
+    ));
+    puts.push((
+        token("zz-done"),
+        entry("zz-done", "2026-10-01T00:00:00Z", "resolved"),
+    ));
+    for chunk in puts.chunks(100) {
+        let acks = chunk
+            .iter()
+            .map(|(t, v)| kv.put(format!("app.{t}"), v.clone().into()));
+        for ack in futures::future::join_all(acks).await {
+            ack.unwrap();
+        }
+    }
+    let holds = d.ok("/api/holds?service=app").await.unwrap();
+    let items = holds["items"].as_array().cloned().unwrap_or_default();
+    assert_eq!(items.len(), mend_dashboard::holds::MAX_LISTED);
+    assert_eq!(items[0]["key"], "zz-oldest", "{}", items[0]);
+    assert!(items.iter().all(|h| h["key"] != "zz-done"));
+    let overview = d.ok("/api/overview").await.unwrap();
+    assert_eq!(
+        overview["held_keys"],
+        mend_dashboard::holds::MAX_LISTED,
+        "{overview}"
+    );
 }

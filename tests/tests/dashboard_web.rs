@@ -21,6 +21,14 @@ fn hidden(html: &str, name: &str) -> Option<String> {
     Some(html[start..end].to_owned())
 }
 
+/// Opens the login page with `client` (which keeps its cookie) and returns the form's CSRF token.
+async fn login_token(d: &Dashboard, client: &reqwest::Client) -> String {
+    let page = client.get(format!("{}/login", d.url)).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    let html = page.text().await.unwrap();
+    hidden(&html, "csrf").expect("the login form has a CSRF field")
+}
+
 /// A browser-like client: keeps cookies, does not follow redirects.
 fn browser() -> reqwest::Client {
     reqwest::Client::builder()
@@ -37,10 +45,7 @@ async fn login(
     user: &str,
     password: &str,
 ) -> reqwest::Response {
-    let page = client.get(format!("{}/login", d.url)).send().await.unwrap();
-    assert_eq!(page.status(), StatusCode::OK);
-    let html = page.text().await.unwrap();
-    let csrf = hidden(&html, "csrf").expect("the login form has a CSRF field");
+    let csrf = login_token(d, client).await;
     client
         .post(format!("{}/login", d.url))
         .form(&[
@@ -59,12 +64,13 @@ async fn stack(database_url: Option<&str>, extra: &str) -> Stack {
 }
 
 fn order(key: &str, n: u64, account: &str, note: &str) -> Out {
-    mend_e2e::dashboard::order(key, n, account, json!({"note": note}))
+    mend_e2e::dashboard::order_with(key, n, account, json!({"note": note}))
 }
 
 #[tokio::test]
 async fn login_sessions_and_rate_limiting() {
-    let s = stack(None, "").await;
+    // Behind a trusted proxy (on loopback here), whose X-Forwarded-Proto is believed.
+    let s = stack(None, "trusted_proxies = [\"127.0.0.0/8\"]").await;
     let d = &s.dashboard;
     // Pages need a login; the login page remembers where to go.
     let res = browser()
@@ -124,15 +130,7 @@ async fn login_sessions_and_rate_limiting() {
     assert!(page.text().await.unwrap().contains("alice"));
 
     let tls = browser();
-    let html = tls
-        .get(format!("{}/login", d.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let csrf = hidden(&html, "csrf").unwrap();
+    let csrf = login_token(d, &tls).await;
     let res = tls
         .post(format!("{}/login", d.url))
         .header("x-forwarded-proto", "https")
@@ -385,4 +383,429 @@ async fn the_whole_loop_on_postgresql() {
         .unwrap();
     let m = second.ok(&format!("/api/messages/{id}")).await.unwrap();
     assert_eq!(m["status"], "resolved");
+}
+
+/// A crafted `next` never sends a browser off the dashboard after a genuine login: browsers drop
+/// tabs and newlines anywhere in a `Location` and read `\` as `/`, so `/\t/evil.example` is
+/// `//evil.example` to them.
+#[tokio::test]
+async fn a_login_never_redirects_off_the_dashboard() {
+    let s = stack(None, "").await;
+    let d = &s.dashboard;
+    for (query, given) in [
+        ("%2F%09%2Fevil.example%2Fx", "/\t/evil.example/x"),
+        ("%2F%0A%2Fevil.example", "/\n/evil.example"),
+        ("%2F%5Cevil.example", "/\\evil.example"),
+        ("%2F%0D%5C%2Fevil.example", "/\r\\/evil.example"),
+    ] {
+        let client = browser();
+        let page = client
+            .get(format!("{}/login?next={query}", d.url))
+            .send()
+            .await
+            .unwrap();
+        let html = page.text().await.unwrap();
+        let csrf = hidden(&html, "csrf").expect("a CSRF field");
+        let kept = hidden(&html, "next").expect("a next field");
+        assert!(
+            !kept.contains("evil.example"),
+            "{query}: the form keeps {kept:?}"
+        );
+        // The form as a crafted page would post it.
+        let res = client
+            .post(format!("{}/login", d.url))
+            .form(&[
+                ("username", "alice"),
+                ("password", "alice-password"),
+                ("csrf", &csrf),
+                ("next", given),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::SEE_OTHER, "{query}");
+        let to = res.headers()[LOCATION].to_str().unwrap().to_owned();
+        assert!(
+            to.starts_with('/')
+                && !to.starts_with("//")
+                && !to.contains(['\\', '\t', '\n', '\r'])
+                && !to.contains("evil.example"),
+            "{query}: Location {to:?}"
+        );
+    }
+}
+
+/// The peak resident memory of process `pid`, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Forty logins at once with made-up names and wrong passwords (each argon2 check allocates
+/// 19 MiB): the checks under way stay within the configured memory (`login_memory_mib`, 64 here),
+/// logins that find no room within a moment are answered 429 with Retry-After, and the dashboard's
+/// peak memory grows by about that bound (61 MiB here), not by forty checks' worth (764 MiB without
+/// the bound). A real login goes through afterwards.
+#[tokio::test]
+async fn a_login_flood_stays_within_its_memory_bound() {
+    // From forty addresses (through a trusted proxy), so no per-address limit steps in.
+    let s = stack(
+        None,
+        "login_memory_mib = 64\ntrusted_proxies = [\"127.0.0.0/8\"]",
+    )
+    .await;
+    let d = &s.dashboard;
+    let pid = d.process.pid().unwrap();
+    let before = peak_rss_kib(pid);
+    let floods = (0..40).map(|i| {
+        let url = d.url.clone();
+        async move {
+            let client = browser();
+            let csrf = login_token(d, &client).await;
+            let res = client
+                .post(format!("{url}/login"))
+                .header("x-forwarded-for", format!("198.18.0.{i}"))
+                .form(&[
+                    ("username", format!("nobody-{i}").as_str()),
+                    ("password", "wrong"),
+                    ("csrf", &csrf),
+                ])
+                .send()
+                .await
+                .unwrap();
+            let retry = res.headers().get("retry-after").is_some();
+            (res.status(), retry)
+        }
+    });
+    let answers = futures::future::join_all(floods).await;
+    for (status, retry) in &answers {
+        assert!(
+            *status == StatusCode::UNAUTHORIZED
+                || (*status == StatusCode::TOO_MANY_REQUESTS && *retry),
+            "{answers:?}"
+        );
+    }
+    let grown_mib = peak_rss_kib(pid).saturating_sub(before) / 1024;
+    assert!(grown_mib < 160, "peak memory grew by {grown_mib} MiB");
+    assert_eq!(
+        login_from(d, "198.51.100.1", "alice", "alice-password").await,
+        StatusCode::SEE_OTHER
+    );
+}
+
+/// Logs in as `user` with `X-Forwarded-For: forwarded_for`; the answer's status.
+async fn login_from(d: &Dashboard, forwarded_for: &str, user: &str, password: &str) -> StatusCode {
+    let client = browser();
+    let csrf = login_token(d, &client).await;
+    client
+        .post(format!("{}/login", d.url))
+        .header("x-forwarded-for", forwarded_for)
+        .form(&[("username", user), ("password", password), ("csrf", &csrf)])
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+/// Behind a trusted proxy every client arrives from the proxy's address: the login limits count
+/// the client's address from `X-Forwarded-For`, so wrong passwords from one client do not lock
+/// the user out for the others; a spray of names from one address is limited too. From a peer
+/// that is not a trusted proxy the header is ignored, so a client cannot dodge its limit with it.
+#[tokio::test]
+async fn login_limits_follow_the_client_behind_a_trusted_proxy() {
+    let s = stack(None, "trusted_proxies = [\"127.0.0.0/8\"]").await;
+    let d = &s.dashboard;
+    for _ in 0..5 {
+        let status = login_from(d, "203.0.113.7", "alice", "wrong").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(
+        login_from(d, "203.0.113.7", "alice", "alice-password").await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the client that failed is limited"
+    );
+    assert_eq!(
+        login_from(d, "10.9.8.7, 198.51.100.9", "alice", "alice-password").await,
+        StatusCode::SEE_OTHER,
+        "another client is not locked out"
+    );
+    // One address trying many names.
+    for i in 0..30 {
+        let status = login_from(d, "192.0.2.44", &format!("name-{i}"), "wrong").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "attempt {i}");
+    }
+    assert_eq!(
+        login_from(d, "192.0.2.44", "alice", "alice-password").await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+
+    // Without the setting, the header is the client's own say: ignored.
+    let plain = Dashboard::start(&s.world.nats.url(), "").await.unwrap();
+    for i in 0..5 {
+        let status = login_from(&plain, &format!("203.0.113.{i}"), "alice", "wrong").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(
+        login_from(&plain, "198.51.100.200", "alice", "alice-password").await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // Nor is X-Forwarded-Proto: no Secure cookie on a client's say-so; `secure_cookies` sets it.
+    let login_cookie = |d: &Dashboard| {
+        let url = format!("{}/login", d.url);
+        async move {
+            let res = browser()
+                .get(url)
+                .header("x-forwarded-proto", "https")
+                .send()
+                .await
+                .unwrap();
+            res.headers()[SET_COOKIE].to_str().unwrap().to_owned()
+        }
+    };
+    assert!(!login_cookie(&plain).await.contains("Secure"));
+    let secure = Dashboard::start(&s.world.nats.url(), "secure_cookies = true")
+        .await
+        .unwrap();
+    let res = browser()
+        .get(format!("{}/login", secure.url))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        res.headers()[SET_COOKIE]
+            .to_str()
+            .unwrap()
+            .contains("; Secure")
+    );
+    assert!(
+        login_cookie(d).await.contains("; Secure"),
+        "from a trusted proxy"
+    );
+}
+
+/// Sessions follow the configured users: a dashboard whose config (on the same session store)
+/// demotes alice shows her session as a viewer's, and one without her sends her to the login page.
+/// An admin ends every session (audited); the next request of any of them goes to the login page.
+#[tokio::test]
+async fn sessions_follow_the_configured_users_and_can_all_be_ended() {
+    use mend_e2e::dashboard::{ADMIN_TOKEN, dashboard_config};
+    use mend_e2e::mend::{MendProcess, listen_addr};
+    let s = stack(None, "").await;
+    let nats = s.world.nats.url();
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("mend.db").display());
+    let first = Dashboard::start_on(&nats, &db, "").await.unwrap();
+    let alice = browser();
+    let victor = browser();
+    let res = login(&first, &alice, "alice", "alice-password").await;
+    assert_eq!(res.status(), StatusCode::SEE_OTHER);
+    let res = login(&first, &victor, "victor", "victor-password").await;
+    assert_eq!(res.status(), StatusCode::SEE_OTHER);
+    let audit = |url: String, client: &reqwest::Client| {
+        let client = client.clone();
+        async move { client.get(format!("{url}/audit")).send().await.unwrap() }
+    };
+    let html = audit(first.url.clone(), &alice).await.text().await.unwrap();
+    assert!(html.contains("alice (operator)"), "{html}");
+
+    // The same store, alice demoted: her session is a viewer's now.
+    let config = dashboard_config(&nats, &db, "");
+    let demoted =
+        MendProcess::start_with_env("dashboard", &config, &[("MEND_USER_ALICE_ROLE", "viewer")])
+            .await
+            .unwrap();
+    demoted.ready().await.unwrap();
+    let url = format!("http://{}", listen_addr(&config));
+    let html = audit(url, &alice).await.text().await.unwrap();
+    assert!(html.contains("alice (viewer)"), "{html}");
+    drop(demoted);
+
+    // Alice removed from the config: her session ends.
+    let mut config: toml::Table = dashboard_config(&nats, &db, "").parse().unwrap();
+    if let Some(toml::Value::Array(users)) = config.get_mut("user") {
+        users.retain(|u| u.get("name").and_then(toml::Value::as_str) != Some("alice"));
+    }
+    let without_alice = config.to_string();
+    let removed = MendProcess::start("dashboard", &without_alice)
+        .await
+        .unwrap();
+    removed.ready().await.unwrap();
+    let res = audit(format!("http://{}", listen_addr(&without_alice)), &alice).await;
+    assert_eq!(res.status(), StatusCode::SEE_OTHER);
+    assert!(
+        res.headers()[LOCATION]
+            .to_str()
+            .unwrap()
+            .starts_with("/login")
+    );
+    drop(removed);
+
+    // Victor's session lives on until an admin ends every session; only an admin may.
+    assert_eq!(
+        audit(first.url.clone(), &victor).await.status(),
+        StatusCode::OK
+    );
+    let (status, _) = first
+        .post("/api/sessions/end", Some(OPERATOR_TOKEN), &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, body) = first
+        .post(
+            "/api/sessions/end",
+            Some(ADMIN_TOKEN),
+            &json!({"note": "rotation"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["ended"].as_u64().unwrap() >= 1, "{body}");
+    let res = audit(first.url.clone(), &victor).await;
+    assert_eq!(res.status(), StatusCode::SEE_OTHER);
+    let (_, log) = first.get("/api/audit", Some(ADMIN_TOKEN)).await.unwrap();
+    assert!(
+        log["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["action"] == "end_all_sessions" && a["note"] == "rotation"),
+        "{log}"
+    );
+}
+
+/// An envelope on MEND_PARKED is written by whoever may publish there: one whose `payload_ref`
+/// names another stream's message (or another lineage's object) is shown without that payload, and
+/// never resubmitted with it.
+#[tokio::test]
+async fn an_envelope_cannot_point_the_dashboard_at_another_message() {
+    use repair_rules::{ENVELOPE_VERSION, ErrorKind, FailureEnvelope, FailureError};
+    let s = stack(None, "").await;
+    let d = &s.dashboard;
+    let js = &s.world.js;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "SECRETS".into(),
+        subjects: vec!["secrets.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    js.publish("secrets.db", "top-secret-password".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let envelope = FailureEnvelope {
+        version: ENVELOPE_VERSION,
+        id: "APP:777".into(),
+        service: "app".into(),
+        binding: "app".into(),
+        stream: "APP".into(),
+        seq: 777,
+        subject: "app.created".into(),
+        key: None,
+        headers: Default::default(),
+        payload: serde_json::Value::Null,
+        payload_base64: None,
+        payload_ref: Some(repair_rules::envelope::PayloadRef {
+            stream: "SECRETS".into(),
+            seq: 1,
+            size: 19,
+            object: None,
+        }),
+        headers_base64: None,
+        error: FailureError::bare(ErrorKind::Message, Some(422)),
+        attempt: 1,
+        first_failed_at: "2026-12-04T10:00:00Z".into(),
+        failed_at: "2026-12-04T10:00:00Z".into(),
+        reason: Some("crafted".into()),
+        history: Vec::new(),
+    };
+    js.publish(
+        "mend.parked.app",
+        serde_json::to_vec(&envelope).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    d.wait_messages("status=parked", 1, TEST_TIMEOUT)
+        .await
+        .unwrap();
+    let alice = browser();
+    login(d, &alice, "alice", "alice-password").await;
+    let page = alice
+        .get(format!("{}/messages/APP%3A777", d.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!page.contains("top-secret-password"), "{page}");
+    let (status, body) = d
+        .post(
+            "/api/messages/APP:777/resubmit",
+            Some(OPERATOR_TOKEN),
+            &json!({"note": "as it was"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(body.to_string().contains("another message"), "{body}");
+}
+
+/// A user name with a newline and an escape sequence cannot forge or hide a line of the dashboard's
+/// log: it is logged quoted and escaped.
+#[tokio::test]
+async fn a_crafted_user_name_cannot_forge_a_log_line() {
+    let s = stack(None, "").await;
+    let d = &s.dashboard;
+    let forged = "mallory\n2026-01-01T00:00:00.000000Z  INFO mend: Logged in. user=alice\u{1b}[2K";
+    let res = login(d, &browser(), forged, "wrong").await;
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    d.process
+        .wait_log("Failed login.", TEST_TIMEOUT)
+        .await
+        .unwrap();
+    let log = d.process.log();
+    assert!(
+        !log.lines().any(|l| l.starts_with("2026-01-01T00:00:00")),
+        "{log}"
+    );
+    // (The log's own colours are escape sequences too; the name's is not among them.)
+    assert!(!log.contains("\u{1b}[2K"), "{log}");
+}
+
+#[tokio::test]
+async fn the_operations_endpoints_can_be_kept_off_the_address_people_reach() {
+    let world = mend_e2e::world::World::new().await.unwrap();
+    let ops = mend_e2e::mend::free_port();
+    let d = Dashboard::start(
+        &world.nats.url(),
+        &format!("ops_listen = \"127.0.0.1:{ops}\""),
+    )
+    .await
+    .unwrap();
+    let http = reqwest::Client::new();
+    for path in ["/metrics", "/readyz", "/healthz"] {
+        let public = http.get(format!("{}{path}", d.url)).send().await.unwrap();
+        assert_eq!(
+            public.status(),
+            StatusCode::NOT_FOUND,
+            "{path} on the public address"
+        );
+        let apart = http
+            .get(format!("http://127.0.0.1:{ops}{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(apart.status(), StatusCode::OK, "{path} on ops_listen");
+    }
+    // The UI and the API stay where they were.
+    let (status, _) = d.get("/api/overview", Some(OPERATOR_TOKEN)).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
 }

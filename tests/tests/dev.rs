@@ -16,8 +16,8 @@ use serde_json::{Value, json};
 
 /// Generous: the whole loop runs on two shared cores beside the rest of the suite.
 const LIMIT: Duration = Duration::from_secs(90);
-/// The demo app opens a new account this long after its first order (`mend dev`'s demo).
-const ACCOUNT_OPENS_AFTER: Duration = Duration::from_secs(20);
+/// The demo app opens a new account this long after its first order.
+use mend::dev::demo::ACCOUNT_OPENS_AFTER;
 
 struct Dev {
     process: MendProcess,
@@ -357,4 +357,36 @@ async fn a_sigkilled_mend_dev_leaves_no_nats_server_behind() {
     .unwrap();
     // A SIGKILLed mend dev cannot remove its temporary folder; the test does.
     let _ = std::fs::remove_dir_all(PathBuf::from(&store).parent().unwrap());
+}
+
+/// `mend dev` asks for no login, so a page of another site the user has open could make the
+/// browser post a change to it (a POST without a body needs no preflight). Changes a browser sends
+/// for another origin are refused; the same request from curl (no `Origin`) or the dashboard's own
+/// pages goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mend_devs_open_api_refuses_changes_from_other_sites() {
+    let dev = Dev::start(&[]).await;
+    let url = format!("{}/api/holds/orders/acct-x/release", dev.base);
+    let post = |headers: &[(&str, &str)]| {
+        let mut r = dev.http.post(&url);
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        r.send()
+    };
+    let evil = post(&[("origin", "http://evil.example")]).await.unwrap();
+    assert_eq!(evil.status(), reqwest::StatusCode::FORBIDDEN);
+    let evil = post(&[("sec-fetch-site", "cross-site")]).await.unwrap();
+    assert_eq!(evil.status(), reqwest::StatusCode::FORBIDDEN);
+    let own_origin = dev.base.clone();
+    let own = post(&[
+        ("origin", own_origin.as_str()),
+        ("sec-fetch-site", "same-origin"),
+    ])
+    .await
+    .unwrap();
+    assert_ne!(own.status(), reqwest::StatusCode::FORBIDDEN);
+    let curl = post(&[]).await.unwrap();
+    assert_ne!(curl.status(), reqwest::StatusCode::FORBIDDEN);
+    assert_eq!(dev.get("/api/overview").await.map(|_| ()).ok(), Some(()));
 }

@@ -10,16 +10,12 @@ use mend_e2e::world::{KEY_HEADER, TEST_TIMEOUT, World, first_successes_in_order}
 use repair_rules::ErrorKind;
 use serde_json::json;
 
-fn n_of(d: &mend_e2e::app::Delivery) -> u64 {
-    d.field("n").and_then(|v| v.as_u64()).unwrap_or(u64::MAX)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_errors_are_delegated_with_complete_envelopes() -> anyhow::Result<()> {
     let w = World::new().await?;
     let long_text = "x".repeat(6000);
     let text = long_text.clone();
-    w.app.script(move |d| match n_of(d) {
+    w.app.script(move |d| match d.n() {
         3 => Reply::Problem(
             422,
             json!({"type": "https://example.com/probs/bad-type", "title": "amount must be a number",
@@ -115,7 +111,7 @@ async fn message_errors_are_delegated_with_complete_envelopes() -> anyhow::Resul
 async fn failing_message_does_not_block_other_keys() -> anyhow::Result<()> {
     let w = World::new().await?;
     // The first message of key "slow" keeps the app busy (then fails); other keys go on meanwhile.
-    w.app.script(|d| match n_of(d) {
+    w.app.script(|d| match d.n() {
         0 if d.seen_before == 0 => Reply::Slow(Duration::from_millis(1500)),
         0 => Reply::Status(422),
         _ => Reply::Ok,
@@ -165,7 +161,7 @@ async fn failing_message_does_not_block_other_keys() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_twice_then_ok_is_delivered_in_order_not_delegated() -> anyhow::Result<()> {
     let w = World::new().await?;
-    w.app.script(|d| match (n_of(d), d.seen_before) {
+    w.app.script(|d| match (d.n(), d.seen_before) {
         (4, 0) => Reply::Status(503),
         (4, 1) => Reply::RetryAfter(503, 0),
         _ => Reply::Ok,
@@ -191,7 +187,7 @@ async fn transient_twice_then_ok_is_delivered_in_order_not_delegated() -> anyhow
         })
         .await?;
     w.drained("flaky").await?;
-    let statuses: Vec<(u64, u16)> = log.iter().map(|d| (n_of(d), d.status)).collect();
+    let statuses: Vec<(u64, u16)> = log.iter().map(|d| (d.n(), d.status)).collect();
     assert_eq!(&statuses[3..7], &[(3, 200), (4, 503), (4, 503), (4, 200)]);
     first_successes_in_order(&log).map_err(anyhow::Error::msg)?;
     assert!(
@@ -204,7 +200,7 @@ async fn transient_twice_then_ok_is_delivered_in_order_not_delegated() -> anyhow
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeout_is_transient() -> anyhow::Result<()> {
     let w = World::new().await?;
-    w.app.script(|d| match (n_of(d), d.seen_before) {
+    w.app.script(|d| match (d.n(), d.seen_before) {
         (1, 0) => Reply::Slow(Duration::from_millis(1500)),
         _ => Reply::Ok,
     });
@@ -222,7 +218,7 @@ async fn timeout_is_transient() -> anyhow::Result<()> {
         .app
         .wait_for("3 successes after a timeout", TEST_TIMEOUT, |log| {
             log.iter()
-                .filter(|d| d.ok() && d.seen_before == 0 || n_of(d) == 1 && d.seen_before == 1)
+                .filter(|d| d.ok() && d.seen_before == 0 || d.n() == 1 && d.seen_before == 1)
                 .count()
                 >= 3
         })
@@ -234,9 +230,9 @@ async fn timeout_is_transient() -> anyhow::Result<()> {
     );
     let retried = log
         .iter()
-        .find(|d| n_of(d) == 1 && d.seen_before == 1)
+        .find(|d| d.n() == 1 && d.seen_before == 1)
         .unwrap();
-    let third = log.iter().find(|d| n_of(d) == 2).unwrap();
+    let third = log.iter().find(|d| d.n() == 2).unwrap();
     assert!(retried.at < third.at, "key order kept across the timeout");
     Ok(())
 }
@@ -245,7 +241,7 @@ async fn timeout_is_transient() -> anyhow::Result<()> {
 async fn transient_limit_turns_into_transient_exhausted() -> anyhow::Result<()> {
     let w = World::new().await?;
     w.app.script(|d| {
-        if n_of(d) == 0 {
+        if d.n() == 0 {
             Reply::Status(429)
         } else {
             Reply::Ok
@@ -264,12 +260,12 @@ async fn transient_limit_turns_into_transient_exhausted() -> anyhow::Result<()> 
     })
     .await?;
     w.drained("exh").await?;
-    assert!(!w.app.log().iter().any(|d| n_of(d) == 1));
+    assert!(!w.app.log().iter().any(|d| d.n() == 1));
     let failed = js::failed(&w.js, "exh").await?;
     assert_eq!(failed.len(), 1);
     assert_eq!(failed[0].error.kind, ErrorKind::TransientExhausted);
     assert_eq!(failed[0].error.status, Some(429));
-    assert_eq!(w.app.log().iter().filter(|d| n_of(d) == 0).count(), 3);
+    assert_eq!(w.app.log().iter().filter(|d| d.n() == 0).count(), 3);
     Ok(())
 }
 
@@ -331,7 +327,7 @@ async fn app_down_for_ten_seconds_delegates_nothing() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mend_action_drop_and_park() -> anyhow::Result<()> {
     let w = World::new().await?;
-    w.app.script(|d| match n_of(d) {
+    w.app.script(|d| match d.n() {
         1 => Reply::Action(200, "drop"),
         2 => Reply::Action(422, "park"),
         _ => Reply::Ok,
@@ -350,7 +346,7 @@ async fn mend_action_drop_and_park() -> anyhow::Result<()> {
     assert_eq!(held[0]["data"]["head"], format!("APP:{}", seqs[2]));
     assert_eq!(held[0]["data"]["key"], "k0");
     assert!(
-        !w.app.log().iter().any(|d| n_of(d) == 3),
+        !w.app.log().iter().any(|d| d.n() == 3),
         "held, not delivered"
     );
     assert!(

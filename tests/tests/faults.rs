@@ -9,10 +9,6 @@ use mend_e2e::js;
 use mend_e2e::mend::with_top_level;
 use mend_e2e::world::{TEST_TIMEOUT, World, first_successes_in_order};
 
-fn n_of(d: &mend_e2e::app::Delivery) -> u64 {
-    d.field("n").and_then(|v| v.as_u64()).unwrap_or(u64::MAX)
-}
-
 /// Messages with n % 97 == 5 fail with 422.
 fn failing(n: u64) -> bool {
     n % 97 == 5
@@ -33,7 +29,7 @@ const CRASHY: &str = "timeout = \"1s\"\nack_wait = \"2s\"\nconcurrency = 16";
 async fn sigkill_three_times_loses_nothing_and_delegates_once() -> anyhow::Result<()> {
     let w = World::new().await?;
     w.app.script(|d| {
-        if failing(n_of(d)) {
+        if failing(d.n()) {
             Reply::Status(422)
         } else {
             Reply::Ok
@@ -66,7 +62,11 @@ async fn sigkill_three_times_loses_nothing_and_delegates_once() -> anyhow::Resul
     let log = w
         .app
         .wait_for("every good message delivered", TEST_TIMEOUT, |log| {
-            let ok: HashSet<u64> = log.iter().filter(|d| d.ok()).map(n_of).collect();
+            let ok: HashSet<u64> = log
+                .iter()
+                .filter(|d| d.ok())
+                .map(mend_e2e::app::Delivery::n)
+                .collect();
             expect_ok.is_subset(&ok)
         })
         .await?;
@@ -96,7 +96,7 @@ async fn sigkill_three_times_loses_nothing_and_delegates_once() -> anyhow::Resul
 async fn nats_server_restart_mid_run_loses_nothing() -> anyhow::Result<()> {
     let mut w = World::new().await?;
     w.app.script(|d| {
-        if failing(n_of(d)) {
+        if failing(d.n()) {
             Reply::Status(422)
         } else {
             Reply::Ok
@@ -120,7 +120,11 @@ async fn nats_server_restart_mid_run_loses_nothing() -> anyhow::Result<()> {
             "every good message delivered after the restart",
             TEST_TIMEOUT,
             |log| {
-                let ok: HashSet<u64> = log.iter().filter(|d| d.ok()).map(n_of).collect();
+                let ok: HashSet<u64> = log
+                    .iter()
+                    .filter(|d| d.ok())
+                    .map(mend_e2e::app::Delivery::n)
+                    .collect();
                 expect_ok.is_subset(&ok)
             },
         )
@@ -180,7 +184,7 @@ async fn sigterm_finishes_in_flight_and_hands_back_the_rest() -> anyhow::Result<
         .wait_for("the rest delivered", Duration::from_secs(30), |log| {
             log.iter()
                 .filter(|d| d.ok())
-                .map(n_of)
+                .map(mend_e2e::app::Delivery::n)
                 .collect::<HashSet<_>>()
                 .len()
                 >= 200

@@ -290,6 +290,23 @@ fn default_values_render_valid_manifests() {
         .as_str()
         .unwrap();
     assert!(toml.contains(r#"listen       = "0.0.0.0:8080""#), "{toml}");
+    // Probes and scrapes go to the operations port, which the ingress does not reach.
+    assert!(toml.contains(r#"ops_listen   = "0.0.0.0:9466""#), "{toml}");
+    assert_eq!(c["readinessProbe"]["httpGet"]["port"], "ops");
+    assert_eq!(c["livenessProbe"]["httpGet"]["port"], "ops");
+    let service = find(&all, "Service", "t-mend-dashboard");
+    let ports: Vec<(&str, &str)> = service["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap(),
+                p["targetPort"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(ports, [("http", "http"), ("metrics", "ops")]);
     assert!(
         toml.contains(r#"database_url = "sqlite:///var/lib/mend/mend.db""#),
         "{toml}"
@@ -366,7 +383,7 @@ fn monitoring_objects_have_the_alerts() {
         "t"
     );
     let ep = &sm["spec"]["endpoints"][0];
-    assert_eq!(ep["port"], "http");
+    assert_eq!(ep["port"], "metrics");
     assert_eq!(ep["path"], "/metrics");
     assert_eq!(ep["interval"], "15s");
 

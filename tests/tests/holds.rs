@@ -9,17 +9,13 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use mend_e2e::app::{Delivery, Reply};
 use mend_e2e::js::{self, Out};
-use mend_e2e::mend::{MendProcess, example_rules, processor_config, with_top_level};
+use mend_e2e::mend::{example_rules, with_top_level};
 use mend_e2e::wait;
 use mend_e2e::world::{KEY_HEADER, TEST_TIMEOUT, World, first_successes_in_order};
 use serde_json::{Value, json};
 
 const KEYS: usize = 60;
 const PER_KEY: usize = 40;
-
-fn n_of(d: &Delivery) -> u64 {
-    d.field("n").and_then(Value::as_u64).unwrap_or(u64::MAX)
-}
 
 /// Every 19th message has a string amount (repaired by the example rule `amount-as-number`); every
 /// 13th answers 503 on its first delivery.
@@ -34,7 +30,7 @@ fn flaky(n: u64) -> bool {
 /// The orders app: a string amount is a `bad_type`, an unknown account `unknown_account`; flaky
 /// messages are unavailable on their first try.
 fn orders_app(d: &Delivery) -> Reply {
-    if flaky(n_of(d)) && d.seen_before == 0 {
+    if flaky(d.n()) && d.seen_before == 0 {
         return Reply::Status(503);
     }
     mend_e2e::app::order_problem(d).unwrap_or(Reply::Ok)
@@ -61,13 +57,6 @@ fn orders() -> Vec<Out> {
         .collect()
 }
 
-async fn processor(w: &World, extra: &str) -> anyhow::Result<MendProcess> {
-    let config = processor_config(&w.nats.url(), &example_rules(), extra);
-    let p = MendProcess::start("processor", &config).await?;
-    p.ready().await?;
-    Ok(p)
-}
-
 /// Checks the guarantees on the app's log: every order succeeded, and for each key the first
 /// successes are exactly its orders in stream order; repaired ones came as attempt 2 or later.
 fn complete_and_in_order(log: &[Delivery]) -> anyhow::Result<()> {
@@ -75,7 +64,7 @@ fn complete_and_in_order(log: &[Delivery]) -> anyhow::Result<()> {
     let mut firsts: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     let mut seen = HashSet::new();
     for d in log.iter().filter(|d| d.ok()) {
-        let n = n_of(d);
+        let n = d.n();
         if seen.insert(n) {
             let key = d.field("key").and_then(Value::as_str).unwrap_or("");
             firsts.entry(key.to_owned()).or_default().push(n);
@@ -117,7 +106,7 @@ async fn holds_cleared(w: &World, js: &async_nats::jetstream::Context) -> anyhow
 }
 
 fn all_succeeded(log: &[Delivery]) -> bool {
-    let ok: HashSet<u64> = log.iter().filter(|d| d.ok()).map(n_of).collect();
+    let ok: HashSet<u64> = log.iter().filter(|d| d.ok()).map(Delivery::n).collect();
     ok.len() == KEYS * PER_KEY
 }
 
@@ -126,7 +115,7 @@ async fn keys_keep_their_order_through_repairs_and_flaky_answers() -> anyhow::Re
     let w = World::new().await?;
     w.app.script(orders_app);
     js::publish_all(&w.js, orders()).await?;
-    let _p = processor(&w, "").await?;
+    let _p = w.processor(&example_rules(), "").await?;
     let s = w
         .sidecar(&w.keyed_config("orders", "backoff_initial = \"10ms\""))
         .await?;
@@ -181,7 +170,7 @@ async fn order_survives_sidecar_kills_and_a_broker_restart() -> anyhow::Result<(
     let mut w = World::new().await?;
     w.app.script(orders_app);
     js::publish_all(&w.js, orders()).await?;
-    let _p = processor(&w, "").await?;
+    let _p = w.processor(&example_rules(), "").await?;
     let config = with_top_level(
         &w.keyed_config(
             "orders",
@@ -318,7 +307,7 @@ async fn parked(w: &World, svc: &str, count: usize) -> anyhow::Result<()> {
 fn successes(log: &[Delivery], key: &str) -> Vec<u64> {
     log.iter()
         .filter(|d| d.ok() && d.field("key").and_then(Value::as_str) == Some(key))
-        .map(n_of)
+        .map(Delivery::n)
         .collect()
 }
 
@@ -344,7 +333,7 @@ async fn a_parked_head_holds_its_key_until_resubmitted_or_discarded() -> anyhow:
         ],
     )
     .await?;
-    let _p = processor(&w, "").await?;
+    let _p = w.processor(&example_rules(), "").await?;
     let _s = w.sidecar(&w.keyed_config("desk", "")).await?;
 
     let held_now = held(&w, "desk", 5).await?;
@@ -393,7 +382,7 @@ async fn a_parked_head_holds_its_key_until_resubmitted_or_discarded() -> anyhow:
     assert_eq!(successes(&log, "a"), [0, 1, 3, 7]);
     let resubmitted = log
         .iter()
-        .find(|d| d.ok() && n_of(d) == 0)
+        .find(|d| d.ok() && d.n() == 0)
         .expect("the resubmission");
     assert_eq!(resubmitted.header("mend-resubmitted-by"), Some("alice"));
     assert_eq!(resubmitted.mend_id(), a0);
@@ -418,11 +407,11 @@ async fn a_parked_head_holds_its_key_until_resubmitted_or_discarded() -> anyhow:
     let log = w
         .app
         .wait_for("5 delivered again", TEST_TIMEOUT, |log| {
-            log.iter().filter(|d| n_of(d) == 5).count() >= 1
+            log.iter().filter(|d| d.n() == 5).count() >= 1
         })
         .await?;
     assert!(successes(&log, "c").is_empty());
-    assert!(!log.iter().any(|d| n_of(d) == 6), "6 waits behind 5");
+    assert!(!log.iter().any(|d| d.n() == 6), "6 waits behind 5");
     // Discarding the new head lets 6 through.
     let c5 = format!("APP:{}", seqs[5]);
     control(
@@ -437,7 +426,7 @@ async fn a_parked_head_holds_its_key_until_resubmitted_or_discarded() -> anyhow:
             successes(log, "c") == [6]
         })
         .await?;
-    assert_eq!(log.iter().filter(|d| n_of(d) == 4).count(), 1, "discarded");
+    assert_eq!(log.iter().filter(|d| d.n() == 4).count(), 1, "discarded");
     js::consumer_drained(&w.js, "APP", "mend-desk-desk", TEST_TIMEOUT).await?;
     holds_cleared(&w, &w.js).await?;
     Ok(())
@@ -457,7 +446,7 @@ async fn a_release_by_hand_delivers_the_held_messages_and_leaves_the_head_parked
         ],
     )
     .await?;
-    let _p = processor(&w, "").await?;
+    let _p = w.processor(&example_rules(), "").await?;
     let s = w
         .sidecar(&w.keyed_config("rel", "hold_alert_count = 1"))
         .await?;
@@ -486,7 +475,7 @@ async fn a_release_by_hand_delivers_the_held_messages_and_leaves_the_head_parked
             successes(log, "r") == [1, 2]
         })
         .await?;
-    assert_eq!(log.iter().filter(|d| n_of(d) == 0).count(), 1);
+    assert_eq!(log.iter().filter(|d| d.n() == 0).count(), 1);
     let parked = js::parked(&w.js, "rel").await?;
     assert_eq!(parked.len(), 1, "the head stays parked");
     assert!(s.log().contains("Command refused"), "{}", s.log());
@@ -505,7 +494,7 @@ async fn holds_survive_a_sidecar_restart() -> anyhow::Result<()> {
             .collect(),
     )
     .await?;
-    let _p = processor(&w, "").await?;
+    let _p = w.processor(&example_rules(), "").await?;
     let config = with_top_level(&w.keyed_config("keep", ""), "lease_ttl = \"2s\"");
     let mut s = w.sidecar(&config).await?;
     held(&w, "keep", 19).await?;
@@ -540,7 +529,7 @@ async fn keys_of_4_and_64_kib_hold_and_release_in_order() -> anyhow::Result<()> 
     // their key tokens are digests, and a key too long for `Mend-Key` is named by `Mend-Key-Token`.
     let w = World::new().await?;
     w.app.script(orders_app);
-    let p = processor(&w, "").await?;
+    let p = w.processor(&example_rules(), "").await?;
     let config = mend_e2e::mend::sidecar_config(
         "orders",
         &w.nats.url(),
@@ -573,7 +562,7 @@ async fn keys_of_4_and_64_kib_hold_and_release_in_order() -> anyhow::Result<()> 
         .wait_for("every order delivered", TEST_TIMEOUT, |log| {
             log.iter()
                 .filter(|d| d.ok())
-                .map(n_of)
+                .map(Delivery::n)
                 .collect::<HashSet<_>>()
                 .len()
                 == 9
@@ -593,7 +582,7 @@ async fn keys_of_4_and_64_kib_hold_and_release_in_order() -> anyhow::Result<()> 
             .iter()
             .filter(|d| d.ok())
             .filter(mine)
-            .map(n_of)
+            .map(Delivery::n)
             .filter(|n| seen.insert(*n))
             .collect();
         assert_eq!(
@@ -604,7 +593,7 @@ async fn keys_of_4_and_64_kib_hold_and_release_in_order() -> anyhow::Result<()> 
         let repaired = log
             .iter()
             .filter(mine)
-            .find(|d| d.ok() && n_of(d) == i as u64)
+            .find(|d| d.ok() && d.n() == i as u64)
             .expect("the repaired first order");
         assert_eq!(repaired.header("mend-attempt"), Some("2"));
         let token = repair_rules::MessageKey(key.clone()).token();
@@ -615,5 +604,261 @@ async fn keys_of_4_and_64_kib_hold_and_release_in_order() -> anyhow::Result<()> 
     }
     assert!(!s.log().contains("maximum control line"), "{}", s.log());
     holds_cleared(&w, &w.js).await?;
+    Ok(())
+}
+
+/// The hold entry of `key` of service `svc`, if it has one.
+async fn entry(w: &World, svc: &str, key: &str) -> anyhow::Result<Option<Value>> {
+    let kv = w.js.get_key_value("mend_holds").await?;
+    let token = repair_rules::MessageKey(key.into()).token();
+    Ok(match kv.get(format!("{svc}.{token}")).await? {
+        Some(v) => Some(serde_json::from_slice(&v)?),
+        None => None,
+    })
+}
+
+/// Waits until the hold entry of `key` is in `state`; returns it.
+async fn entry_in(w: &World, svc: &str, key: &str, state: &str) -> anyhow::Result<Value> {
+    wait::until(&format!("{key} {state}"), TEST_TIMEOUT, || async {
+        Ok(entry(w, svc, key).await?.filter(|e| e["state"] == state))
+    })
+    .await
+}
+
+/// A copy appended to an earlier hold of a key and stored after that hold ended (an append of an
+/// instance that had lost the key, held up on a stalled connection: its sender never acked the
+/// original, which was delivered from the app stream) is skipped when the key's next hold is
+/// released, not delivered a second time after the key's later messages. A key held again starts a
+/// new hold (its `since`), which is what tells the copies apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_copy_of_an_earlier_hold_is_skipped_by_the_next_release() -> anyhow::Result<()> {
+    const SVC: &str = "late";
+    let w = World::new().await?;
+    w.app.script(mend_e2e::app::failing(&[0, 10]));
+    let _s = w.sidecar(&w.keyed_config(SVC, "")).await?;
+    let out = |n: u64| Out::keyed("app.created", KEY_HEADER, "k", json!({"key": "k", "n": n}));
+    let discard = |seq: u64| json!({"action": "discard", "key": "k", "id": format!("APP:{seq}"), "by": "test"});
+
+    // The first hold: n0 fails, n1 waits, n0 is discarded, n1 is delivered.
+    let first = js::publish_all(&w.js, vec![out(0), out(1)]).await?;
+    let earlier = entry_in(&w, SVC, "k", "held").await?["since"].clone();
+    held(&w, SVC, 1).await?;
+    control(&w, SVC, discard(first[0])).await?;
+    entry_in(&w, SVC, "k", "resolved").await?;
+
+    // The second hold: n10 fails; it begins anew.
+    let later = js::publish_all(&w.js, vec![out(10)]).await?;
+    let since = entry_in(&w, SVC, "k", "held").await?["since"].clone();
+    assert_ne!(since, earlier, "a new hold has its own since");
+
+    // n1's copy for the first hold arrives late; then n11 waits behind n10.
+    let mut headers = HeaderMap::new();
+    headers.insert("Mend-Id", format!("APP:{}", first[1]).as_str());
+    headers.insert("Mend-Service", SVC);
+    headers.insert("Mend-Attempt", "1");
+    headers.insert("Mend-Original-Subject", "app.created");
+    headers.insert("Mend-Key", "k");
+    headers.insert("Mend-Hold-Since", earlier.as_str().unwrap_or_default());
+    headers.insert(KEY_HEADER, "k");
+    headers.insert("Nats-Msg-Id", "late-copy-of-n1");
+    let queue = format!(
+        "mend.hold.{SVC}.{}",
+        repair_rules::MessageKey("k".into()).token()
+    );
+    w.js.publish_with_headers(
+        queue,
+        headers,
+        json!({"key": "k", "n": 1}).to_string().into(),
+    )
+    .await?
+    .await?;
+    js::publish_all(&w.js, vec![out(11)]).await?;
+    held(&w, SVC, 2).await?;
+
+    // n10 discarded: the release skips the late copy and delivers n11.
+    control(&w, SVC, discard(later[0])).await?;
+    w.app
+        .wait_for("n11 delivered", TEST_TIMEOUT, |log| {
+            log.iter().any(|d| d.ok() && d.n() == 11)
+        })
+        .await?;
+    holds_cleared(&w, &w.js).await?;
+    let log = w.app.log();
+    let n1 = log.iter().filter(|d| d.n() == 1).count();
+    assert_eq!(n1, 1, "n1 delivered again by a later hold");
+    first_successes_in_order(&log).map_err(anyhow::Error::msg)?;
+    Ok(())
+}
+
+/// A producer's message that carries mend's own `Mend-Payload-Object` (naming an object that does
+/// not exist) on a held key: its copy in the hold queue does not take the header over, so its
+/// release delivers its own payload instead of waiting for an object that never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producers_payload_object_header_is_not_taken_for_mends() -> anyhow::Result<()> {
+    const SVC: &str = "hostile";
+    let w = World::new().await?;
+    w.app.script(mend_e2e::app::failing(&[0]));
+    let _s = w.sidecar(&w.keyed_config(SVC, "")).await?;
+    let head = js::publish_all(
+        &w.js,
+        vec![Out::keyed(
+            "app.created",
+            KEY_HEADER,
+            "k",
+            json!({"key": "k", "n": 0}),
+        )],
+    )
+    .await?;
+    entry_in(&w, SVC, "k", "held").await?;
+    let mut headers = HeaderMap::new();
+    headers.insert(KEY_HEADER, "k");
+    headers.insert("Mend-Payload-Object", "APP_999_1_held");
+    w.js.publish_with_headers(
+        "app.created",
+        headers,
+        json!({"key": "k", "n": 1, "mine": true}).to_string().into(),
+    )
+    .await?
+    .await?;
+    held(&w, SVC, 1).await?;
+    control(
+        &w,
+        SVC,
+        json!({"action": "discard", "key": "k", "id": format!("APP:{}", head[0]), "by": "test"}),
+    )
+    .await?;
+    let log = w
+        .app
+        .wait_for("n1 delivered", TEST_TIMEOUT, |log| {
+            log.iter().any(|d| d.ok() && d.n() == 1)
+        })
+        .await?;
+    let n1 = log.iter().find(|d| d.n() == 1).expect("delivered");
+    assert_eq!(n1.field("mine"), Some(&json!(true)), "its own payload");
+    holds_cleared(&w, &w.js).await?;
+    Ok(())
+}
+
+/// Another writer changed a hold this sidecar owns (the entry has a revision it did not write):
+/// the write that finds it stops the binding (the message is handed back, nothing is stored over the
+/// other write), the binding gives its lease up and takes it again with its holds reloaded, and the
+/// key goes on in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_changed_by_another_writer_stops_the_binding_until_it_reloads() -> anyhow::Result<()>
+{
+    let w = World::new().await?;
+    // Order 0 fails until a person resubmits it (no processor runs): it stays the key's head.
+    w.app.script(|d| {
+        if d.n() == 0 && d.header("mend-resubmitted-by").is_none() {
+            Reply::Status(422)
+        } else {
+            Reply::Ok
+        }
+    });
+    let config = with_top_level(
+        &w.keyed_config("other", "backoff_initial = \"10ms\""),
+        "lease_ttl = \"2s\"",
+    );
+    let s = w.sidecar(&config).await?;
+    js::publish_all(&w.js, vec![order(0, "k1", "acct-1")]).await?;
+    let kv = w.js.get_key_value("mend_holds").await?;
+    let entry = format!("other.{}", repair_rules::MessageKey("k1".into()).token());
+    let value = wait::until("k1 held", TEST_TIMEOUT, || async {
+        Ok(kv.get(&entry).await?)
+    })
+    .await?;
+    // The other writer: the same value again, a revision this sidecar did not write.
+    kv.put(&entry, value).await?;
+    js::publish_all(&w.js, vec![order(1, "k1", "acct-1")]).await?;
+    // The head's resubmission goes through; storing that in the hold finds the other revision.
+    let fixed = json!({"key": "k1", "n": 0, "account": "acct-1", "amount": 0});
+    resubmit(&w, "other", "APP:1", "k1", fixed).await?;
+    s.wait_log(
+        "Another instance changed this binding's holds",
+        TEST_TIMEOUT,
+    )
+    .await?;
+    s.wait_log("The binding stopped by itself", TEST_TIMEOUT)
+        .await?;
+    let log = w
+        .app
+        .wait_for("both orders through", TEST_TIMEOUT, |log| {
+            [0, 1]
+                .iter()
+                .all(|n| log.iter().any(|d| d.ok() && d.n() == *n))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:#}\nsidecar log:\n{}", s.log()))?;
+    let first = |n: u64| log.iter().position(|d| d.ok() && d.n() == n);
+    assert!(first(0) < first(1), "order 1 went before its head: {log:?}");
+    Ok(())
+}
+
+/// A held key whose queue holds its head's retry when the sidecar starts (the retry had come while
+/// another lineage was the head, and the sidecar stopped before it looked): the start looks into
+/// that key's queue and delivers the retry, which releases the key. (Keys whose queue is empty are
+/// not looked at on start; this one must be.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_retry_waiting_in_its_queue_is_delivered_on_start() -> anyhow::Result<()> {
+    let w = World::new().await?;
+    w.app.script(|d| {
+        if d.n() == 0 && d.header("mend-attempt") == Some("1") {
+            Reply::Status(422)
+        } else {
+            Reply::Ok
+        }
+    });
+    let config = with_top_level(&w.keyed_config("start", ""), "lease_ttl = \"2s\"");
+    let mut s = w.sidecar(&config).await?;
+    js::publish_all(&w.js, vec![order(0, "k1", "acct-1")]).await?;
+    let kv = w.js.get_key_value("mend_holds").await?;
+    let token = repair_rules::MessageKey("k1".into()).token();
+    let entry = format!("start.{token}");
+    let value = wait::until("k1 held", TEST_TIMEOUT, || async {
+        Ok(kv.get(&entry).await?)
+    })
+    .await?;
+    let hold: Value = serde_json::from_slice(&value)?;
+    s.terminate(std::time::Duration::from_secs(30)).await?;
+
+    // The head's repair, in the key's own queue, as a sidecar appends a retry that came early.
+    let mut headers = HeaderMap::new();
+    headers.insert("Mend-Id", "APP:1");
+    headers.insert("Mend-Attempt", "2");
+    headers.insert("Mend-Service", "start");
+    headers.insert("Mend-Key", "k1");
+    headers.insert("Mend-Original-Subject", "app.created");
+    headers.insert("Mend-Repaired-By", "amount-as-number");
+    headers.insert(
+        "Mend-Hold-Since",
+        hold["since"].as_str().unwrap_or_default(),
+    );
+    headers.insert("Nats-Msg-Id", "APP:1:2:held");
+    let fixed = json!({"key": "k1", "n": 0, "account": "acct-1", "amount": 10});
+    w.js.publish_with_headers(
+        format!("mend.hold.start.{token}"),
+        headers,
+        Bytes::from(fixed.to_string()),
+    )
+    .await?
+    .await?;
+
+    s.restart().await?;
+    s.ready().await?;
+    w.app
+        .wait_for("the head's retry delivered", TEST_TIMEOUT, |log| {
+            log.iter()
+                .any(|d| d.ok() && d.n() == 0 && d.header("mend-attempt") == Some("2"))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:#}\nsidecar log:\n{}", s.log()))?;
+    wait::until("k1 released", TEST_TIMEOUT, || async {
+        let hold: Value = match kv.get(&entry).await? {
+            Some(v) => serde_json::from_slice(&v)?,
+            None => return Ok(Some(())),
+        };
+        Ok((hold["state"] == "resolved").then_some(()))
+    })
+    .await?;
     Ok(())
 }

@@ -19,6 +19,34 @@ fn keyed(key: &str, n: u64) -> Out {
     Out::keyed("app.created", KEY_HEADER, key, json!({"key": key, "n": n}))
 }
 
+/// Waits until the messages of keys k1..k6 (`n` 1 to 6) were delivered; `logs` says why not.
+async fn others_delivered(w: &World, logs: &dyn Fn() -> String) -> anyhow::Result<()> {
+    w.app
+        .wait_for("every other key delivered", PROMPT, |log| {
+            (1..=6u64).all(|n| {
+                log.iter()
+                    .any(|d| d.ok() && d.field("n") == Some(&json!(n)))
+            })
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:#}\n{}", logs()))?;
+    Ok(())
+}
+
+/// Waits until a message of key `key` of service `orders` is parked; its envelope.
+async fn parked_of(
+    w: &World,
+    key: &str,
+    logs: &dyn Fn() -> String,
+) -> anyhow::Result<repair_rules::envelope::FailureEnvelope> {
+    mend_e2e::wait::until(&format!("{key} parked"), PROMPT, || async {
+        let parked = js::parked(&w.js, "orders").await?;
+        Ok(parked.into_iter().find(|e| e.key.as_deref() == Some(key)))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e:#}\n{}", logs()))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreadable_headers_are_parked_and_nothing_else_stalls() -> anyhow::Result<()> {
     let w = World::new().await?;
@@ -205,21 +233,8 @@ async fn grown_errors_and_history_are_cut_to_fit_and_the_message_parks() -> anyh
     js::publish_all(&w.js, std::iter::once(big).chain(others).collect()).await?;
 
     let logs = || format!("sidecar log:\n{}\nprocessor log:\n{}", s.log(), p.log());
-    w.app
-        .wait_for("every other key delivered", PROMPT, |log| {
-            (1..=6u64).all(|n| {
-                log.iter()
-                    .any(|d| d.ok() && d.field("n") == Some(&json!(n)))
-            })
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("{e:#}\n{}", logs()))?;
-    let parked = mend_e2e::wait::until("the big order parked", PROMPT, || async {
-        let parked = js::parked(&w.js, "orders").await?;
-        Ok(parked.into_iter().find(|e| e.key.as_deref() == Some("big")))
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("{e:#}\n{}", logs()))?;
+    others_delivered(&w, &logs).await?;
+    let parked = parked_of(&w, "big", &logs).await?;
     assert_eq!(parked.error.code.as_deref(), Some("unknown_account"));
     let detail = parked.error.detail.as_deref().unwrap_or_default();
     assert!(
@@ -318,5 +333,160 @@ async fn a_message_at_max_payload_on_a_held_key_is_held_and_released_intact() ->
         Ok(bucket.get(&name).await.is_err().then_some(()))
     })
     .await?;
+    Ok(())
+}
+
+/// A retry whose `Mend-History` has grown to over 50 KiB (a long-lived lineage, or a producer that
+/// wrote it) on a server whose max_payload is 64 KiB: with the app's error it would no longer fit
+/// in an envelope. The history travels on cut to its first step, an `omitted` step that counts the
+/// steps left out, and its newest steps; the message is parked like any other, and every other key
+/// keeps flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_grown_past_max_payload_is_cut_and_the_message_parks() -> anyhow::Result<()> {
+    let nats = mend_e2e::nats::NatsServer::start_with_max_payload(64 * 1024).await?;
+    let w = World::with_server(nats).await?;
+    let detail = "y".repeat(8 * 1024);
+    w.app.script(move |d| {
+        if d.field("key") != Some(&json!("old")) {
+            return mend_e2e::app::Reply::Ok;
+        }
+        mend_e2e::app::Reply::Problem(
+            422,
+            json!({"title": "rejected", "code": "unknown_account", "detail": detail}),
+        )
+    });
+    let config =
+        mend_e2e::mend::processor_config(&w.nats.url(), &mend_e2e::mend::example_rules(), "");
+    let p = mend_e2e::mend::MendProcess::start("processor", &config).await?;
+    p.ready().await?;
+    let s = w.sidecar(&w.keyed_config("orders", ACK_WAIT)).await?;
+
+    let step = |i: usize| {
+        json!({"at": "2026-12-01T00:00:00Z", "what": "repaired", "by": format!("rule-{i}"),
+               "note": "n".repeat(300)})
+    };
+    let history: Vec<serde_json::Value> = (0..150).map(step).collect();
+    let history = serde_json::to_string(&history)?;
+    assert!(history.len() > 50 * 1024 && history.len() < 62 * 1024);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Mend-Id", "APP:999");
+    headers.insert("Mend-Attempt", "7");
+    headers.insert("Mend-Key", "old");
+    headers.insert("Mend-Original-Subject", "app.created");
+    headers.insert("Mend-History", history.as_str());
+    headers.insert("Nats-Msg-Id", "APP:999:7:repaired");
+    let payload = json!({"key": "old", "n": 0, "account": "old", "amount": 1});
+    w.js.publish_with_headers("mend.retry.orders", headers, payload.to_string().into())
+        .await?
+        .await?;
+    let others: Vec<Out> = (1..=6).map(|n| keyed(&format!("k{n}"), n)).collect();
+    js::publish_all(&w.js, others).await?;
+
+    let logs = || format!("sidecar log:\n{}\nprocessor log:\n{}", s.log(), p.log());
+    others_delivered(&w, &logs).await?;
+    let parked = parked_of(&w, "old", &logs).await?;
+    let size = serde_json::to_vec(&parked.history)?.len();
+    assert!(
+        size <= 2 * repair_rules::envelope::HISTORY_LIMIT,
+        "{size} bytes of history"
+    );
+    let steps: Vec<&str> = parked.history.iter().map(|e| e.what.as_str()).collect();
+    assert_eq!(steps.first(), Some(&"repaired"), "{steps:?}");
+    assert!(
+        steps.contains(&repair_rules::envelope::OMITTED),
+        "{steps:?}"
+    );
+    assert_eq!(&steps[steps.len() - 2..], ["delegated", "parked"]);
+    assert_eq!(parked.payload["account"], "old", "the payload is kept");
+    Ok(())
+}
+
+/// A message at max_payload (128 KiB here) on a work-queue stream fails and is parked by
+/// reference: its bytes are kept in `mend_payloads`, as its original leaves the stream once acked.
+/// The dashboard shows it and resubmits it unedited: the retry, too large to publish with its
+/// headers, goes by reference as well, and the app receives the original bytes as attempt 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_message_at_max_payload_is_resubmitted_intact_from_a_work_queue()
+-> anyhow::Result<()> {
+    use async_nats::jetstream::stream;
+    const MAX: usize = 128 * 1024;
+    let nats = mend_e2e::nats::NatsServer::start_with_max_payload(MAX).await?;
+    let w = World::with_server(nats).await?;
+    w.js.create_stream(stream::Config {
+        name: "WQ".to_owned(),
+        subjects: vec!["wq.>".to_owned()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        ..Default::default()
+    })
+    .await?;
+    w.app.script(|d| {
+        if d.header("mend-attempt") == Some("1") {
+            mend_e2e::app::Reply::Problem(422, json!({"title": "no", "code": "unknown_account"}))
+        } else {
+            mend_e2e::app::Reply::Ok
+        }
+    });
+    let config =
+        mend_e2e::mend::processor_config(&w.nats.url(), &mend_e2e::mend::example_rules(), "");
+    let p = mend_e2e::mend::MendProcess::start("processor", &config).await?;
+    p.ready().await?;
+    let config = mend_e2e::mend::sidecar_config(
+        "wq",
+        &w.nats.url(),
+        "WQ",
+        &["wq.>"],
+        &w.app.endpoint(),
+        &format!("key = {{ header = \"{KEY_HEADER}\" }}\n{ACK_WAIT}"),
+    );
+    let s = w.sidecar(&config).await?;
+    let dashboard = mend_e2e::dashboard::Dashboard::start(&w.nats.url(), "").await?;
+
+    let mut big = Out::keyed("wq.created", KEY_HEADER, "big", json!({}));
+    let header_block = format!("NATS/1.0\r\n{KEY_HEADER}: big\r\n\r\n").len();
+    let pad = MAX - header_block - br#"{"key":"big","pad":""}"#.len();
+    big.payload = bytes::Bytes::from(serde_json::to_vec(
+        &json!({"key": "big", "pad": "p".repeat(pad)}),
+    )?);
+    let sent = big.payload.clone();
+    js::publish_all(&w.js, vec![big]).await?;
+    let logs = || format!("sidecar log:\n{}\nprocessor log:\n{}", s.log(), p.log());
+    let parked = dashboard
+        .wait_messages("status=parked", 1, PROMPT)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:#}\n{}", logs()))?;
+    let id = parked[0]["id"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        parked[0]["payload_ref"]["object"].is_string(),
+        "{}",
+        parked[0]
+    );
+    mend_e2e::wait::until("the original gone from the work queue", PROMPT, || async {
+        let mut wq = w.js.get_stream("WQ").await?;
+        Ok((wq.info().await?.state.messages == 0).then_some(()))
+    })
+    .await?;
+
+    let (status, body) = dashboard
+        .post(
+            &format!("/api/messages/{id}/resubmit"),
+            Some(mend_e2e::dashboard::OPERATOR_TOKEN),
+            &json!({"note": "as it was"}),
+        )
+        .await?;
+    assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+    let log = w
+        .app
+        .wait_for("attempt 2 delivered", PROMPT, |log| {
+            log.iter()
+                .any(|d| d.ok() && d.header("mend-attempt") == Some("2"))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:#}\n{}", logs()))?;
+    let second = log
+        .iter()
+        .find(|d| d.header("mend-attempt") == Some("2"))
+        .expect("attempt 2");
+    assert_eq!(second.body, sent, "its bytes intact");
+    assert!(second.header("mend-payload-object").is_none());
     Ok(())
 }

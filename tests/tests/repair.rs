@@ -3,7 +3,7 @@
 
 use mend_e2e::app::Reply;
 use mend_e2e::js::{self, Out};
-use mend_e2e::mend::{MendProcess, example_rules, processor_config};
+use mend_e2e::mend::example_rules;
 use mend_e2e::wait;
 use mend_e2e::world::{KEY_HEADER, TEST_TIMEOUT, World};
 use serde_json::json;
@@ -11,12 +11,6 @@ use serde_json::json;
 /// The orders app: a string amount is a `bad_type`, an unknown account is `unknown_account`.
 fn orders_app(d: &mend_e2e::app::Delivery) -> Reply {
     mend_e2e::app::order_problem(d).unwrap_or(Reply::Ok)
-}
-
-async fn processor(w: &World, rules: &std::path::Path, extra: &str) -> anyhow::Result<MendProcess> {
-    let p = MendProcess::start("processor", &processor_config(&w.nats.url(), rules, extra)).await?;
-    p.ready().await?;
-    Ok(p)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -41,7 +35,7 @@ async fn a_string_amount_is_repaired_and_delivered_under_the_same_mend_id() -> a
         ],
     )
     .await?;
-    let _p = processor(&w, &example_rules(), "").await?;
+    let _p = w.processor(&example_rules(), "").await?;
     let _s = w.sidecar(&w.keyed_config("orders", "")).await?;
 
     let log = w
@@ -121,7 +115,7 @@ async fn a_key_with_a_line_break_survives_the_loop() -> anyhow::Result<()> {
             .into(),
     };
     js::publish_all(&w.js, vec![order(0, json!("3")), order(1, json!(4))]).await?;
-    let _p = processor(&w, &example_rules(), "").await?;
+    let _p = w.processor(&example_rules(), "").await?;
     let config = mend_e2e::mend::sidecar_config(
         "orders",
         &w.nats.url(),
@@ -180,7 +174,7 @@ when = 'payload.case == "many" && attempt == 3'
 set  = { "/t3" = 'true' }
 "#,
     )?;
-    let _p = processor(&w, dir.path(), "max_repairs = 2").await?;
+    let _p = w.processor(dir.path(), "max_repairs = 2").await?;
     js::publish_all(
         &w.js,
         vec![

@@ -21,10 +21,6 @@ const LEASE_TTL: &str = "2s";
 /// Ack waits of the bindings under test: a killed sidecar's unacked messages come back after it.
 const TIMINGS: &str = "ack_wait = \"3s\"\ntimeout = \"1s\"";
 
-fn n_of(d: &Delivery) -> u64 {
-    d.field("n").and_then(|v| v.as_u64()).unwrap_or(u64::MAX)
-}
-
 fn key_of(d: &Delivery) -> String {
     d.header("mend-key").unwrap_or_default().to_owned()
 }
@@ -110,12 +106,12 @@ async fn a_standby_takes_over_a_killed_sidecar_and_keeps_per_key_order() -> anyh
     let log = w
         .app
         .wait_for("every message delivered", TEST_TIMEOUT, |log| {
-            let ok: HashSet<u64> = log.iter().filter(|d| d.ok()).map(n_of).collect();
+            let ok: HashSet<u64> = log.iter().filter(|d| d.ok()).map(Delivery::n).collect();
             ok.len() as u64 >= total
         })
         .await?;
     w.drained("lease").await?;
-    let ok: HashSet<u64> = log.iter().filter(|d| d.ok()).map(n_of).collect();
+    let ok: HashSet<u64> = log.iter().filter(|d| d.ok()).map(Delivery::n).collect();
     assert_eq!(ok, (0..total).collect(), "nothing lost");
     first_successes_in_order(&log).map_err(anyhow::Error::msg)?;
     Ok(())
@@ -161,7 +157,7 @@ async fn a_sidecar_that_loses_its_lease_stops_and_later_takes_it_back() -> anyho
     let log = w
         .app
         .wait_for("every message delivered", TEST_TIMEOUT, |log| {
-            let ok: HashSet<u64> = log.iter().filter(|d| d.ok()).map(n_of).collect();
+            let ok: HashSet<u64> = log.iter().filter(|d| d.ok()).map(Delivery::n).collect();
             ok.len() as u64 >= total
         })
         .await?;
@@ -334,7 +330,7 @@ async fn partitions_split_keys_and_retries_and_commands_reach_their_partition() 
         .collect();
     apps[0]
         .wait_for("partition 0's keys delivered", TEST_TIMEOUT, |log| {
-            let ok: HashSet<u64> = log.iter().filter(|d| d.ok()).map(n_of).collect();
+            let ok: HashSet<u64> = log.iter().filter(|d| d.ok()).map(Delivery::n).collect();
             p0_expected.is_subset(&ok)
         })
         .await?;
@@ -346,7 +342,7 @@ async fn partitions_split_keys_and_retries_and_commands_reach_their_partition() 
         apps.iter()
             .flat_map(|a| a.log())
             .filter(|d| d.ok())
-            .map(|d| n_of(&d))
+            .map(|d| d.n())
             .collect()
     };
     wait::until(
@@ -464,22 +460,28 @@ async fn a_partition_takes_only_its_own_holds() -> anyhow::Result<()> {
     let _p1 = w.sidecar(&p1_config).await?;
     let url = format!("http://{}/metrics", mend_e2e::mend::listen_addr(&p1_config));
     let line = "mend_held_keys{service=\"orders\",binding=\"orders\"}";
-    // The gauge is set every second: watch it for a few settings; it must never count the key of
-    // partition 0.
-    let watch = async {
-        loop {
-            let text = reqwest::get(&url).await?.text().await?;
-            let held = text.lines().find_map(|l| l.strip_prefix(line));
-            if let Some(held) = held.map(str::trim).filter(|h| *h != "0") {
-                anyhow::bail!("partition 1 took partition 0's hold: {line} {held}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+    // The gauge is set every second: it must be there, at 0, for more than two seconds (over
+    // two settings at least), and never count the key of partition 0. A missing line fails.
+    let started = std::time::Instant::now();
+    let mut seen = 0;
+    while !(seen >= 3 && started.elapsed() > Duration::from_millis(2100)) {
+        anyhow::ensure!(
+            started.elapsed() < TEST_TIMEOUT,
+            "{line} was not at 0 for two seconds (seen {seen} times)"
+        );
+        let text = reqwest::get(&url).await?.text().await?;
+        match text
+            .lines()
+            .find_map(|l| l.strip_prefix(line))
+            .map(str::trim)
+        {
+            Some("0") => seen += 1,
+            Some(held) => anyhow::bail!("partition 1 took partition 0's hold: {line} {held}"),
+            None => {}
         }
-    };
-    match tokio::time::timeout(Duration::from_secs(3), watch).await {
-        Ok(result) => result,
-        Err(_watched_long_enough) => Ok(()),
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -550,7 +552,7 @@ async fn a_stream_split_into_other_partitions_is_refused() -> anyhow::Result<()>
 /// A partitioned binding on a work-queue stream: a parked head's original is gone from the app
 /// stream once acked, so the sidecar cannot read which partition owns the key from it. A release
 /// by hand in the dashboard still reaches the owning partition (the hold entry names it), and the
-/// held messages are delivered.
+/// held messages are delivered. A command naming a partition the binding does not have is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hand_release_reaches_its_partition_when_the_head_is_gone_from_the_stream()
 -> anyhow::Result<()> {
@@ -624,6 +626,21 @@ async fn a_hand_release_reaches_its_partition_when_the_head_is_gone_from_the_str
     let stream = w.js.get_stream(PART_STREAM).await?;
     assert!(stream.get_raw_message(seqs[0]).await.is_err());
 
+    // A command naming a partition the binding does not have is refused; nothing is released.
+    let wrong = json!({"action": "release", "key": key, "partition": PARTITIONS + 5, "by": "test"});
+    w.js.publish("mend.control.orders", wrong.to_string().into())
+        .await?
+        .await?;
+    let refusal = format!(
+        "has {PARTITIONS} partitions, not a partition {}",
+        PARTITIONS + 5
+    );
+    wait::until("the command refused", TEST_TIMEOUT, || async {
+        Ok((p0.log().contains(&refusal) || p1.log().contains(&refusal)).then_some(()))
+    })
+    .await?;
+    assert!(w.app.log().iter().all(|d| !d.ok()), "nothing released");
+
     let (status, body) = dashboard
         .post(
             &format!("/api/holds/orders/{key}/release"),
@@ -634,16 +651,22 @@ async fn a_hand_release_reaches_its_partition_when_the_head_is_gone_from_the_str
     assert_eq!(status, reqwest::StatusCode::OK, "{body}");
     w.app
         .wait_for("the held orders delivered", TEST_TIMEOUT, |log| {
-            let ok: Vec<u64> = log.iter().filter(|d| d.ok()).map(n_of).collect();
+            let ok: Vec<u64> = log.iter().filter(|d| d.ok()).map(Delivery::n).collect();
             ok == [1, 2]
         })
         .await
         .map_err(|e| {
             anyhow::anyhow!("{e:#}\n--- p0 ---\n{}\n--- p1 ---\n{}", p0.log(), p1.log())
         })?;
-    for s in [&p0, &p1] {
-        assert!(!s.log().contains("Command refused"), "{}", s.log());
-    }
+    let refused =
+        p0.log().matches("Command refused").count() + p1.log().matches("Command refused").count();
+    assert_eq!(
+        refused,
+        1,
+        "only the wrong partition's command\n{}\n{}",
+        p0.log(),
+        p1.log()
+    );
     Ok(())
 }
 
@@ -653,7 +676,7 @@ async fn a_hand_release_reaches_its_partition_when_the_head_is_gone_from_the_str
 async fn a_release_stops_when_the_lease_is_lost() -> anyhow::Result<()> {
     let w = World::new().await?;
     w.app.script(|d| {
-        if n_of(d) == 0 {
+        if d.n() == 0 {
             Reply::Status(422)
         } else {
             Reply::Slow(Duration::from_millis(20))
@@ -712,10 +735,131 @@ async fn a_release_stops_when_the_lease_is_lost() -> anyhow::Result<()> {
     let log = w
         .app
         .wait_for("every held message delivered", TEST_TIMEOUT, |log| {
-            let ok: HashSet<u64> = log.iter().filter(|d| d.ok()).map(n_of).collect();
+            let ok: HashSet<u64> = log.iter().filter(|d| d.ok()).map(Delivery::n).collect();
             ok.len() as u64 >= HELD
         })
         .await?;
     first_successes_in_order(&log).map_err(anyhow::Error::msg)?;
+    Ok(())
+}
+
+/// The state of the hold entry of `key` of service `svc`, if it has one.
+async fn hold_state(
+    js: &jetstream::Context,
+    svc: &str,
+    key: &str,
+) -> anyhow::Result<Option<String>> {
+    let kv = js.get_key_value("mend_holds").await?;
+    let token = repair_rules::MessageKey(key.into()).token();
+    Ok(match kv.get(format!("{svc}.{token}")).await? {
+        Some(v) => serde_json::from_slice::<serde_json::Value>(&v)?["state"]
+            .as_str()
+            .map(str::to_owned),
+        None => None,
+    })
+}
+
+/// A sidecar whose connection stalls (a partition: nothing is closed, its writes just stop arriving)
+/// the moment it sends the purge that ends a release. It loses its lease; a standby takes the key
+/// over, finishes the release, and holds the key again behind a new head with a message waiting.
+/// Then the stalled writes arrive, the old purge among them: it must take only what its sender had
+/// released, never the new owner's held message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_held_up_on_a_stalled_connection_takes_nothing_of_the_next_owner()
+-> anyhow::Result<()> {
+    const SVC: &str = "stall";
+    let w = World::new().await?;
+    w.app.script(mend_e2e::app::failing(&[0, 10]));
+    let proxy = mend_e2e::proxy::NatsProxy::start(w.nats.port()).await?;
+    let stalled =
+        mend_e2e::mend::SidecarToml::parse(&with_lease_ttl(&w.keyed_config(SVC, TIMINGS)))
+            .set("nats_url", proxy.url())
+            .to_string();
+    let direct = with_lease_ttl(&w.keyed_config(SVC, TIMINGS));
+    let mut a = w.sidecar(&stalled).await?;
+
+    // k's head fails; three messages wait behind it.
+    let out = |n: u64| Out::keyed("app.created", KEY_HEADER, "k", json!({"key": "k", "n": n}));
+    let seqs = js::publish_all(&w.js, (0..4).map(out).collect()).await?;
+    let queue = format!(
+        "mend.hold.{SVC}.{}",
+        repair_rules::MessageKey("k".into()).token()
+    );
+    wait::until("three messages held", TEST_TIMEOUT, || async {
+        Ok((js::read_all(&w.js, "MEND_HOLD", &queue).await?.len() == 3).then_some(()))
+    })
+    .await?;
+
+    // The head is discarded: the release delivers the three, then its purge stalls.
+    proxy.freeze_on("$JS.API.STREAM.PURGE.MEND_HOLD");
+    let discard =
+        json!({"action": "discard", "key": "k", "id": format!("APP:{}", seqs[0]), "by": "test"});
+    w.js.publish(format!("mend.control.{SVC}"), discard.to_string().into())
+        .await?
+        .await?;
+    wait::until("the release's purge stalled", TEST_TIMEOUT, || async {
+        Ok(proxy.frozen().then_some(()))
+    })
+    .await?;
+    a.wait_log("Lease lost", TEST_TIMEOUT).await?;
+
+    // The standby takes over, finishes the release, and k is held again: n10 fails, n11 waits.
+    let b = w.sidecar(&direct).await?;
+    wait::until(
+        "the release finished by the new owner",
+        TEST_TIMEOUT,
+        || async {
+            Ok((hold_state(&w.js, SVC, "k").await?.as_deref() == Some("resolved")).then_some(()))
+        },
+    )
+    .await?;
+    let later = js::publish_all(&w.js, (10..12).map(out).collect()).await?;
+    wait::until("n11 held behind n10", TEST_TIMEOUT, || async {
+        let held = js::read_all(&w.js, "MEND_HOLD", &queue).await?;
+        Ok(
+            (held.len() == 1 && hold_state(&w.js, SVC, "k").await?.as_deref() == Some("held"))
+                .then_some(()),
+        )
+    })
+    .await?;
+
+    // The stalled writes arrive; the old purge is answered.
+    thaw_and_wait(&w, &proxy).await?;
+    let held = js::read_all(&w.js, "MEND_HOLD", &queue).await?;
+    assert_eq!(held.len(), 1, "the new owner's held message was purged");
+
+    // n10 discarded: n11 is delivered, after everything before it.
+    let discard =
+        json!({"action": "discard", "key": "k", "id": format!("APP:{}", later[0]), "by": "test"});
+    w.js.publish(format!("mend.control.{SVC}"), discard.to_string().into())
+        .await?
+        .await?;
+    let log = w
+        .app
+        .wait_for("n11 delivered", TEST_TIMEOUT, |log| {
+            log.iter().any(|d| d.ok() && d.n() == 11)
+        })
+        .await?;
+    first_successes_in_order(&log).map_err(anyhow::Error::msg)?;
+    a.kill().await?;
+    drop(b);
+    Ok(())
+}
+
+/// Subscribes to the answers of the publishes the proxy held, thaws it, and waits for every answer:
+/// the stalled writes have arrived and been acted on.
+async fn thaw_and_wait(w: &World, proxy: &mend_e2e::proxy::NatsProxy) -> anyhow::Result<()> {
+    let replies = proxy.held_replies();
+    anyhow::ensure!(!replies.is_empty(), "nothing held");
+    let mut answers = Vec::new();
+    for reply in &replies {
+        answers.push(w.client.subscribe(reply.clone()).await?);
+    }
+    w.client.flush().await?;
+    proxy.thaw();
+    for answer in &mut answers {
+        let got = tokio::time::timeout(TEST_TIMEOUT, futures::StreamExt::next(answer)).await?;
+        anyhow::ensure!(got.is_some(), "a held publish was not answered");
+    }
     Ok(())
 }

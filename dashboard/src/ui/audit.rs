@@ -1,22 +1,26 @@
-//! The audit log: every human action, newest first, with an edit's payload before and after.
+//! The audit log: every human action, newest first, with an edit's payload before and after; and,
+//! for admins, ending every web session.
 
 use askama::Template;
 use askama_web::WebTemplate;
-use axum::Router;
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::{Form, Router};
 use serde::Deserialize;
 
-use super::{Nav, error_page, non_empty, query_escape, shown_payload, when};
+use super::{Nav, check_csrf, error_page, non_empty, query_escape, see_other, shown_payload, when};
 use crate::api;
 use crate::app::{Shared, WebUser};
+use crate::auth::Role;
 
 /// Records per page.
 const PAGE: u32 = 50;
 
 pub(super) fn routes() -> Router<Shared> {
-    Router::new().route("/audit", get(list))
+    Router::new()
+        .route("/audit", get(list))
+        .route("/sessions/end", get(to_list).post(end_sessions))
 }
 
 /// One audit record.
@@ -40,6 +44,8 @@ pub struct AuditPage {
     pub rows: Vec<AuditRow>,
     pub next: Option<String>,
     pub first: bool,
+    /// An admin may end every session.
+    pub is_admin: bool,
 }
 
 #[derive(Deserialize)]
@@ -53,12 +59,16 @@ async fn list(
     Query(q): Query<AuditQuery>,
 ) -> Response {
     let cursor = q.cursor.as_deref().and_then(non_empty);
-    let page = match s.store.audit(PAGE, cursor).await {
+    let mut page = match s.store.audit(PAGE, cursor).await {
         Ok(p) => p,
         Err(e) => return error_page(Some(&who), e.into(), "/audit"),
     };
     let masked = api::masked_for(&s, &who);
+    if let Err(e) = api::shown_audit(&s, &mut page.items, masked).await {
+        return error_page(Some(&who), e, "/audit");
+    }
     AuditPage {
+        is_admin: who.role == Role::Admin,
         nav: Nav::new(&who, "audit"),
         rows: page
             .items
@@ -81,4 +91,32 @@ async fn list(
         first: cursor.is_none(),
     }
     .into_response()
+}
+
+/// A form's address opened as a page: the page the form is on.
+async fn to_list() -> Response {
+    see_other("/audit")
+}
+
+#[derive(Deserialize)]
+struct EndSessionsForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    note: String,
+}
+
+/// Ends every web session, this one too: back to the login page.
+async fn end_sessions(
+    State(s): State<Shared>,
+    WebUser(who): WebUser,
+    Form(f): Form<EndSessionsForm>,
+) -> Response {
+    if let Err(page) = check_csrf(&who, &f.csrf) {
+        return *page;
+    }
+    match crate::actions::end_all_sessions(&s, &who, non_empty(&f.note)).await {
+        Ok(_) => see_other("/login"),
+        Err(e) => error_page(Some(&who), e, "/audit"),
+    }
 }

@@ -174,10 +174,11 @@ async fn list(
         Err(e) => return error_page(Some(&who), e, "/messages"),
     };
     let cursor = q.get("cursor").map(String::as_str).and_then(non_empty);
-    let page = match s.store.list(&f, PAGE, cursor).await {
+    let mut page = match s.store.list(&f, PAGE, cursor).await {
         Ok(p) => p,
         Err(e) => return error_page(Some(&who), e.into(), "/messages"),
     };
+    api::shown_page(&mut page, &f, api::masked_for(&s, &who));
     let act = can_act(&who);
     let rows: Vec<MessageRow> = page.items.iter().map(|m| row_of(m, act)).collect();
     let text = |v: &Option<String>| v.clone().unwrap_or_default();
@@ -485,9 +486,11 @@ pub async fn detail_page(
         .get(id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no message {id}")))?;
-    let timeline = s.store.timeline(id).await?;
+    let mut timeline = s.store.timeline(id).await?;
     let masked = api::masked_for(s, who);
     let view = payload_view(s, &m, masked).await;
+    let mut m = m;
+    api::redact_message(&mut m, &mut timeline, masked);
     let env = &m.envelope;
     let e = &env.error;
     let mut error = vec![Field {

@@ -196,8 +196,8 @@ pub async fn on_message(s: &Shared, who: &Principal, id: &str, draft: &str) -> R
         }
         Err(e) => return error_page(Some(who), e.into(), &back),
     };
-    let v = api::dry_run(rules, &m).await;
     let masked = api::masked_for(s, who);
+    let v = api::dry_run_shown(s, rules, &m, masked).await;
     if m.status == Status::Parked
         && can_act(who)
         && masked.is_empty()
@@ -248,7 +248,7 @@ pub async fn on_group(s: &Shared, who: &Principal, group: &str, draft: &str) -> 
     }
     let masked = api::masked_for(s, who);
     for m in &list.items {
-        let v = api::dry_run(rules.clone(), m).await;
+        let v = api::dry_run_shown(s, rules.clone(), m, masked).await;
         page.results.push(row_of(&v, masked));
     }
     page.more = list.next_cursor.is_some();

@@ -320,17 +320,18 @@ The sidecar listens on 0.0.0.0:<port> (MEND_LISTEN) for /healthz, /readyz and /m
 {{- end -}}
 
 {{/* Probes of a role on its named port "http". */}}
+{{/* Probes of /healthz and /readyz on the named container port given. */}}
 {{- define "mend.probes" -}}
 livenessProbe:
   httpGet:
     path: /healthz
-    port: http
+    port: {{ . }}
   periodSeconds: 10
   failureThreshold: 3
 readinessProbe:
   httpGet:
     path: /readyz
-    port: http
+    port: {{ . }}
   periodSeconds: 5
   failureThreshold: 2
 {{- end -}}
@@ -367,6 +368,7 @@ replicas       = {{ int .Values.nats.replicas }}
 nats_url     = {{ include "mend.toml" .Values.nats.url }}
 database_url = {{ include "mend.toml" .Values.dashboard.databaseUrl }}
 listen       = "0.0.0.0:{{ int .Values.dashboard.port }}"
+ops_listen   = "0.0.0.0:{{ int .Values.dashboard.opsPort }}"
 rules        = "/etc/mend/rules"
 {{- with .Values.dashboard.mask }}
 mask         = {{ include "mend.toml" . }}

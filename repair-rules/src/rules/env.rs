@@ -165,6 +165,8 @@ fn add_functions(ctx: &mut Context<'static, 'static>) {
     use cel::extractors::This;
     // `"  x ".trim()` and `trim("  x ")`.
     let _ = ctx.add_function("trim", |This(s): This<Arc<String>>| s.trim().to_owned());
+    // Each iteration of a comprehension (see `bounded`).
+    let _ = ctx.add_function(super::bounded::TICK, super::bounded::tick);
 }
 
 #[cfg(test)]

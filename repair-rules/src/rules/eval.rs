@@ -19,6 +19,9 @@ pub struct Limits {
     pub max_payload_bytes: usize,
     /// Repairs of one lineage before it is parked.
     pub max_repairs: u32,
+    /// How long one evaluation's comprehensions may run (`None`: no limit); past it the evaluation
+    /// stops and the message is parked with a rule error.
+    pub time_limit: Option<std::time::Duration>,
 }
 
 impl Default for Limits {
@@ -26,6 +29,7 @@ impl Default for Limits {
         Self {
             max_payload_bytes: 256 * 1024,
             max_repairs: 3,
+            time_limit: None,
         }
     }
 }
@@ -83,6 +87,23 @@ fn park(rule: Option<&Rule>, reason: ParkReason, message: String) -> Decision {
 
 /// The decision of `rules` on `envelope`.
 pub fn evaluate(rules: &RuleSet, envelope: &FailureEnvelope, limits: &Limits) -> Decision {
+    // A payload too large for its envelope travels by reference: rules would see `null` in its
+    // place, and a repair of it could not be sent back under max_payload anyway.
+    if let (serde_json::Value::Null, None, Some(by_ref)) = (
+        &envelope.payload,
+        &envelope.payload_base64,
+        &envelope.payload_ref,
+    ) {
+        return park(
+            None,
+            ParkReason::PayloadTooLarge,
+            format!(
+                "payload of {} bytes is too large for an envelope (kept by reference); rules are \
+                 not tried on it",
+                by_ref.size
+            ),
+        );
+    }
     let size = json_size(&envelope.payload);
     if size > limits.max_payload_bytes {
         return park(
@@ -94,6 +115,7 @@ pub fn evaluate(rules: &RuleSet, envelope: &FailureEnvelope, limits: &Limits) ->
             ),
         );
     }
+    let _deadline = super::bounded::Deadline::set(limits.time_limit);
     with_context(envelope, rules.uses(), |ctx| {
         decide(rules, envelope, limits, ctx)
     })
@@ -154,7 +176,11 @@ fn decide(
                 return park(
                     Some(rule),
                     ParkReason::RuleError,
-                    format!("rule {}: `when` failed: {e}", rule.name),
+                    format!(
+                        "rule {}: `when` failed: {}",
+                        rule.name,
+                        super::bounded::describe(&e)
+                    ),
                 );
             }
         }
@@ -198,7 +224,7 @@ fn decide(
             ),
         );
     }
-    match repair(rule, ctx, &envelope.payload) {
+    match repair(rule, ctx, &envelope.payload, limits.max_payload_bytes) {
         Ok(payload) => Decision::Repaired {
             rule: rule.name.clone(),
             payload,
@@ -229,19 +255,45 @@ fn repaired_same_error_before(envelope: &FailureEnvelope, rule: &str) -> bool {
     false
 }
 
-fn repair(rule: &Rule, ctx: &cel::Context<'_, '_>, payload: &Json) -> Result<Json, String> {
+/// Applies `rule`'s patch, then its `set` entries, to a copy of `payload`. The document may not pass
+/// `max_bytes` after any one operation: a patch of 64 operations can otherwise double it 64 times
+/// (each `copy` of the document into itself), and the rule would exhaust memory instead of failing.
+fn repair(
+    rule: &Rule,
+    ctx: &cel::Context<'_, '_>,
+    payload: &Json,
+    max_bytes: usize,
+) -> Result<Json, String> {
     let mut doc = payload.clone();
-    json_patch::patch(&mut doc, &rule.patch).map_err(|e| format!("patch failed: {e}"))?;
+    let bounded = |doc: &Json, what: &dyn Fn() -> String| {
+        let size = json_size(doc);
+        if size > max_bytes {
+            return Err(format!(
+                "{} made the payload {size} bytes, over the rules' limit of {max_bytes}",
+                what()
+            ));
+        }
+        Ok(())
+    };
+    for (i, op) in rule.patch.iter().enumerate() {
+        json_patch::patch(&mut doc, std::slice::from_ref(op))
+            .map_err(|e| format!("patch failed: {e}"))?;
+        bounded(&doc, &|| format!("patch operation {}", i + 1))?;
+    }
     for (pointer, source, program) in &rule.set {
-        let value = program
-            .execute(ctx)
-            .map_err(|e| format!("set {pointer} = {source:?} failed: {e}"))?;
+        let value = program.execute(ctx).map_err(|e| {
+            format!(
+                "set {pointer} = {source:?} failed: {}",
+                super::bounded::describe(&e)
+            )
+        })?;
         let value = to_json(&value).map_err(|e| format!("set {pointer}: {e}"))?;
         let op: json_patch::Patch = serde_json::from_value(serde_json::json!([
             {"op": "add", "path": pointer, "value": value}
         ]))
         .map_err(|e| format!("set {pointer}: {e}"))?;
         json_patch::patch(&mut doc, &op).map_err(|e| format!("set {pointer} failed: {e}"))?;
+        bounded(&doc, &|| format!("set {pointer}"))?;
     }
     Ok(doc)
 }

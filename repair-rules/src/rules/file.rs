@@ -336,7 +336,7 @@ fn compile(file: &str, text: &str, spec: RuleSpec) -> Result<Rule, RuleError> {
                 format!("expression longer than {MAX_EXPRESSION} bytes"),
             ));
         }
-        let program = Program::compile(source.get_ref()).map_err(|e| {
+        let program = super::bounded::compile(source.get_ref()).map_err(|e| {
             err(
                 source.span(),
                 key,
@@ -369,13 +369,33 @@ fn compile(file: &str, text: &str, spec: RuleSpec) -> Result<Rule, RuleError> {
                     format!("more than {MAX_ACTIONS} operations"),
                 ));
             }
-            serde_json::from_value(Json::Array(p.get_ref().clone())).map_err(|e| {
-                err(
-                    p.span(),
-                    "patch",
-                    format!("not a JSON Patch (RFC 6902): {e}"),
-                )
-            })?
+            let patch: json_patch::Patch = serde_json::from_value(Json::Array(p.get_ref().clone()))
+                .map_err(|e| {
+                    err(
+                        p.span(),
+                        "patch",
+                        format!("not a JSON Patch (RFC 6902): {e}"),
+                    )
+                })?;
+            // A value copied into its own inside doubles the document every time it runs; a size
+            // check at evaluation stops it, but such a rule is never meant, so it is refused here.
+            for (i, op) in patch.0.iter().enumerate() {
+                if let json_patch::PatchOperation::Copy(copy) = op {
+                    let (from, path) = (copy.from.to_string(), copy.path.to_string());
+                    if from.is_empty() || path.starts_with(&format!("{from}/")) {
+                        return Err(err(
+                            p.span(),
+                            "patch",
+                            format!(
+                                "operation {} copies `{from}` into itself (`{path}`): the document \
+                                 would double each time",
+                                i + 1
+                            ),
+                        ));
+                    }
+                }
+            }
+            patch
         }
     };
     let mut set = Vec::new();

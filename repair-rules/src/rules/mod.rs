@@ -2,11 +2,13 @@
 //! running their inline tests. Pure: the caller reads files and does the publishing.
 //!
 //! - [`file`]: the TOML format and its compilation into a [`RuleSet`], with located errors.
+//! - [`bounded`]: mend's expansion of CEL's comprehension macros, which stops at a deadline.
 //! - [`env`]: the CEL environment: envelope fields as variables, JSON as CEL values, extra functions.
 //! - [`eval`]: [`evaluate`] — first matching rule wins; repair, park, or park on error.
 //! - [`inline`]: `[[rule.test]]` cases.
 //! - [`subject`]: NATS wildcard matching for the `subject` filter.
 
+pub mod bounded;
 pub mod env;
 pub mod eval;
 pub mod file;

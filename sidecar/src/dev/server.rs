@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::nats::{MIN_SERVER, version_at_least};
+use crate::common::nats::{MIN_SERVER, version_at_least};
 
 /// How long nats-server may take to say it is ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -114,20 +114,35 @@ fn version_of(bin: &Path) -> anyhow::Result<String> {
         .with_context(|| format!("it printed no version: {:?}", text.trim()))
 }
 
-/// A running nats-server child.
+/// A running nats-server child: `mend dev`'s, and every test's (the test harness starts its servers
+/// with it).
 pub struct NatsChild {
     child: Child,
     url: String,
+    port: u16,
 }
 
 impl NatsChild {
     /// Starts `bin` with JetStream on a free loopback port, storing in `store`, and waits until it
     /// says it is ready.
     pub async fn start(bin: &Path, store: &Path) -> anyhow::Result<Self> {
+        Self::start_with(bin, store, None, &[]).await
+    }
+
+    /// [`NatsChild::start`] on `port` (a free one when `None`), with `extra` arguments (a config
+    /// file, cluster routes…).
+    pub async fn start_with(
+        bin: &Path,
+        store: &Path,
+        port: Option<u16>,
+        extra: &[String],
+    ) -> anyhow::Result<Self> {
+        let port = port.map_or_else(|| "-1".to_owned(), |p| p.to_string());
         let mut command = Command::new(bin);
         command
-            .args(["-a", "127.0.0.1", "-p", "-1", "-js", "-sd"])
+            .args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd"])
             .arg(store)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -185,11 +200,26 @@ impl NatsChild {
         Ok(Self {
             child,
             url: format!("nats://127.0.0.1:{port}"),
+            port,
         })
     }
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// SIGKILL: no chance to flush its store.
+    pub async fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        Ok(())
     }
 
     /// Waits until the server exits on its own (it should not while `mend dev` runs).
@@ -200,7 +230,7 @@ impl NatsChild {
         }
     }
 
-    /// Stops the server: SIGTERM (it flushes its store), then SIGKILL after [`STOP_TIMEOUT`].
+    /// Stops the server: SIGTERM (it flushes its store), then SIGKILL after 10 s.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         if let Some(pid) = self.child.id() {
             terminate(pid);

@@ -10,13 +10,17 @@
 //! Then the latency the sidecar adds over (b) with one message in flight, and the sidecar's peak RSS.
 //! Then repairs (the processor alone, against its broker work done by a hand-written client, and the
 //! whole loop), holds (the sidecar with 5% repairable failures against 0%, the processor running for
-//! both), and the release of a 10k-message hold.
+//! both; what one repaired failure costs: messages stored in mend's streams and buckets, messages
+//! mend's processes sent to the server, CPU of each process), the release of a 10k-message hold,
+//! and holds at scale (a sidecar starting with 100,000 held keys; the dashboard's holds pages).
 //! The no-op app is a separate process (this binary with `--serve-app`), as a real app is, for every
 //! run alike.
 //!
 //! Usage: `mend-bench [--messages N] [--keys K]` (defaults 200000, 1000);
 //! `mend-bench --processor-only R --messages M`: only the processor, R rounds of M envelopes;
-//! `mend-bench --holds-only R --messages M`: only the holds runs, R rounds, and the 10k hold.
+//! `mend-bench --holds-only R --messages M`: only the holds runs, R rounds, and the 10k hold;
+//! `mend-bench --held-keys K`: only holds at scale: a sidecar starting with K held keys (time to
+//! ready, memory, how soon a message of another key gets through) and the dashboard's holds pages.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::process::Stdio;
@@ -32,6 +36,7 @@ use futures::{StreamExt, TryStreamExt};
 use mend_e2e::js::{self, Out};
 use mend_e2e::mend::{MendProcess, example_rules, processor_config, sidecar_config};
 use mend_e2e::nats::NatsServer;
+use repair_rules::identity::streams;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 
@@ -46,8 +51,8 @@ async fn main() -> anyhow::Result<()> {
     if args.peek().map(String::as_str) == Some("--serve-app") {
         return serve_app().await;
     }
-    let (mut n, mut keys, mut processor_rounds, mut holds_rounds) =
-        (200_000usize, 1000usize, 0usize, 0usize);
+    let (mut n, mut keys, mut processor_rounds, mut holds_rounds, mut held_keys) =
+        (200_000usize, 1000usize, 0usize, 0usize, 0usize);
     while let Some(a) = args.next() {
         let v = args.next().context("a value after the flag")?.parse()?;
         match a.as_str() {
@@ -55,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
             "--keys" => keys = v,
             "--processor-only" => processor_rounds = v,
             "--holds-only" => holds_rounds = v,
+            "--held-keys" => held_keys = v,
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
@@ -64,7 +70,11 @@ async fn main() -> anyhow::Result<()> {
     if holds_rounds > 0 {
         return holds_only(n, keys, holds_rounds).await;
     }
-    let nats = NatsServer::start().await?;
+    if held_keys > 0 {
+        return holds_at_scale(held_keys).await;
+    }
+    let monitored = Monitored::start().await?;
+    let nats = &monitored.server;
     let client = nats.client().await?;
     let js = jetstream::new(client.clone());
     let app = NoopApp::start().await?;
@@ -92,7 +102,7 @@ async fn main() -> anyhow::Result<()> {
             .await?,
         );
         eprintln!("(b) hand-written loop, 64 keys in flight: {b:.0} msg/s");
-        let (took, peak) = sidecar_run(&nats, &js, &app, &format!("bench{round}")).await?;
+        let (took, peak) = sidecar_run(nats, &js, &app, &format!("bench{round}")).await?;
         let c = rate(n, took);
         eprintln!(
             "(c) mend sidecar: {c:.0} msg/s, peak RSS {:.1} MiB",
@@ -137,11 +147,11 @@ async fn main() -> anyhow::Result<()> {
 
     // Repairs: the processor on its own, then the whole loop app → sidecar → processor → sidecar → app.
     let m = (n / 10).max(1000);
-    let (floor_took, floor_server, _) = processor_floor(&nats, &js, &client, m, 0).await?;
+    let (floor_took, floor_server, _) = processor_floor(nats, &js, &client, m, 0).await?;
     let floor_rate = rate(m, floor_took);
     let floor_server = floor_server.as_secs_f64() * 1e6 / m as f64;
     eprintln!("processor's broker work alone: {floor_rate:.0} envelopes/s");
-    let (took, cpu, _) = processor_alone(&nats, &js, m, 0).await?;
+    let (took, cpu, _) = processor_alone(nats, &js, m, 0).await?;
     let processor_rate = rate(m, took);
     let processor_cpu = cpu.as_secs_f64() * 1e6 / m as f64;
     eprintln!("processor alone: {processor_rate:.0} envelopes/s, {processor_cpu:.0} µs CPU each");
@@ -152,7 +162,7 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     processor.ready().await?;
     let k = (n / 40).max(500);
-    let (loop_took, mut loaded_rt, mut single_rt) = repair_loop(&nats, &js, &app, k).await?;
+    let (loop_took, mut loaded_rt, mut single_rt) = repair_loop(nats, &js, &app, k).await?;
     let loop_rate = rate(k, loop_took);
     loaded_rt.sort();
     single_rt.sort();
@@ -168,24 +178,27 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     processor.ready().await?;
     let h = n.min(50_000);
-    let (mut clean, mut failing) = (Vec::new(), Vec::new());
+    let (mut clean, mut failing, mut costs) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..ROUNDS {
         let others = [("processor", processor.pid()), ("app", app.pid())];
-        let r0 = rate(
-            h,
-            holds_run(&nats, &js, &app, h, keys, 0, round, &others).await?,
-        );
-        let r5 = rate(
-            h,
-            holds_run(&nats, &js, &app, h, keys, 5, round, &others).await?,
-        );
+        let c0 = holds_run(&monitored, &js, &app, h, keys, 0, round, &others).await?;
+        let c5 = holds_run(&monitored, &js, &app, h, keys, 5, round, &others).await?;
+        let (r0, r5) = (rate(h, c0.took), rate(h, c5.took));
         eprintln!("holds: 0% failures {r0:.0} msg/s, 5% repairable failures {r5:.0} msg/s");
+        eprintln!("  {}", per_failure(&c0, &c5));
         clean.push(r0);
         failing.push(r5);
+        costs.push((r5 / r0, per_failure(&c0, &c5)));
     }
     let (r0, r5) = (median(&mut clean), median(&mut failing));
+    // The cost of the round whose ratio is the median.
+    costs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let cost = costs
+        .get(costs.len() / 2)
+        .map(|(_, c)| c.clone())
+        .unwrap_or_default();
     drop(processor);
-    let (append_rate, release_rate) = big_hold(&nats, &js, &app, 10_000).await?;
+    let (append_rate, release_rate) = big_hold(nats, &js, &app, 10_000).await?;
     eprintln!("10k hold: appended {append_rate:.0} msg/s, released {release_rate:.0} msg/s");
 
     let p = |v: &[Duration], q: f64| v[((v.len() - 1) as f64 * q) as usize];
@@ -247,15 +260,17 @@ async fn main() -> anyhow::Result<()> {
          5% repairable failures {r5:.0} msg/s, ratio {:.2} (target >= 0.8)",
         r5 / r0
     );
+    println!("{cost} (the round of the median ratio)");
     println!(
         "a 10000-message hold: appended at {append_rate:.0} msg/s, released at {release_rate:.0} msg/s"
     );
-    Ok(())
+    holds_at_scale(100_000).await
 }
 
 /// `--holds-only R`: only the holds runs, R rounds of `--messages` each, and the 10k hold.
 async fn holds_only(n: usize, keys: usize, rounds: usize) -> anyhow::Result<()> {
-    let nats = NatsServer::start().await?;
+    let monitored = Monitored::start().await?;
+    let nats = &monitored.server;
     let js = jetstream::new(nats.client().await?);
     let app = NoopApp::start().await?;
     let (_rules_dir, rules) = any_service_rules()?;
@@ -267,33 +282,146 @@ async fn holds_only(n: usize, keys: usize, rounds: usize) -> anyhow::Result<()> 
     processor.ready().await?;
     for round in 0..rounds {
         let others = [("processor", processor.pid()), ("app", app.pid())];
-        let r0 = rate(
-            n,
-            holds_run(&nats, &js, &app, n, keys, 0, round, &others).await?,
-        );
-        let r5 = rate(
-            n,
-            holds_run(&nats, &js, &app, n, keys, 5, round, &others).await?,
-        );
+        let c0 = holds_run(&monitored, &js, &app, n, keys, 0, round, &others).await?;
+        let c5 = holds_run(&monitored, &js, &app, n, keys, 5, round, &others).await?;
+        let (r0, r5) = (rate(n, c0.took), rate(n, c5.took));
         println!(
             "0% failures {r0:.0} msg/s, 5% repairable {r5:.0} msg/s, ratio {:.2}",
             r5 / r0
         );
+        println!("{}", per_failure(&c0, &c5));
     }
     drop(processor);
-    let (append_rate, release_rate) = big_hold(&nats, &js, &app, 10_000).await?;
+    let (append_rate, release_rate) = big_hold(nats, &js, &app, 10_000).await?;
     println!("10k hold: appended {append_rate:.0} msg/s, released {release_rate:.0} msg/s");
+    Ok(())
+}
+
+/// `--held-keys K`: K keys held (entries in `mend_holds`, as a sidecar writes them, each with its
+/// head out for repair) when a sidecar starts. Prints how long it takes to be ready (it loads every
+/// hold first), its memory then and a minute on, how soon a message of a key that is not held gets
+/// through, and what the dashboard's holds pages take to answer.
+async fn holds_at_scale(k: usize) -> anyhow::Result<()> {
+    use repair_rules::holds::{Hold, HoldState};
+    use repair_rules::identity::{buckets, subjects};
+    let nats = Monitored::start().await?;
+    let client = nats.server.client().await?;
+    let js = jetstream::new(client.clone());
+    let app = NoopApp::start().await?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    mend::common::nats::ensure_layout(&js, &Default::default(), &shutdown)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    js::app_stream(&js, "HELD", &["held.>"]).await?;
+    let service = "held";
+    let kv = js.get_key_value(buckets::HOLDS).await?;
+    let since = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
+    let started = Instant::now();
+    let mut puts = FuturesUnordered::new();
+    for i in 0..k {
+        let key = repair_rules::MessageKey(format!("k{i}"));
+        let hold = Hold {
+            service: service.into(),
+            binding: service.into(),
+            partition: 0,
+            key: key.0.clone(),
+            head: format!("HELD:{}", i + 1),
+            state: HoldState::Held,
+            since: since.clone(),
+            resolved: Vec::new(),
+        };
+        let entry = subjects::hold_entry(service, &key.token());
+        let kv = kv.clone();
+        puts.push(async move {
+            kv.put(entry, serde_json::to_vec(&hold)?.into())
+                .await
+                .map_err(anyhow::Error::from)
+        });
+        if puts.len() >= 256 {
+            puts.next().await.transpose()?;
+        }
+    }
+    while puts.next().await.transpose()?.is_some() {}
+    eprintln!(
+        "{k} hold entries written in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let config = sidecar_config(
+        service,
+        &nats.server.url(),
+        "HELD",
+        &["held.>"],
+        &app.url,
+        "key = { header = \"Account-Id\" }\nconcurrency = 64",
+    );
+    let started = Instant::now();
+    let sidecar = MendProcess::start("sidecar", &config).await?;
+    sidecar
+        .wait_log("Sidecar consuming", Duration::from_secs(3600))
+        .await?;
+    let ready = started.elapsed();
+    let rss_ready = sidecar.pid().and_then(peak_rss_kib).unwrap_or(0);
+    // A message of a key that is not held, published now: how soon it is through.
+    let published = Instant::now();
+    js::publish_all(&js, messages("held.free", 1, 1)).await?;
+    let consumer = format!("mend-{service}-{service}");
+    loop {
+        let mut c: PullConsumer = js
+            .get_stream("HELD")
+            .await?
+            .get_consumer(&consumer)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let info = c.info().await?.clone();
+        if info.num_pending == 0 && info.num_ack_pending == 0 && info.delivered.stream_sequence >= 1
+        {
+            break;
+        }
+        anyhow::ensure!(
+            published.elapsed() < Duration::from_secs(600),
+            "the free key's message did not get through"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let free_key = published.elapsed();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let rss_later = sidecar.pid().and_then(peak_rss_kib).unwrap_or(0);
+
+    let dashboard = mend_e2e::dashboard::Dashboard::start(&nats.server.url(), "").await?;
+    let mut pages = Vec::new();
+    for path in ["/api/holds", &format!("/api/holds?service={service}")] {
+        let t = Instant::now();
+        let body = dashboard.ok(path).await?;
+        let listed = body["items"].as_array().map_or(0, Vec::len);
+        pages.push(format!(
+            "{path} {:.0} ms ({listed} listed)",
+            t.elapsed().as_secs_f64() * 1e3
+        ));
+    }
+    println!(
+        "{k} held keys: sidecar ready after {:.1} s (every hold loaded), peak RSS {:.1} MiB then, {:.1} MiB a minute on; \
+         a message of a free key through {:.0} ms after it was published; dashboard: {}",
+        ready.as_secs_f64(),
+        rss_ready as f64 / 1024.0,
+        rss_later as f64 / 1024.0,
+        free_key.as_secs_f64() * 1e3,
+        pages.join(", ")
+    );
+    drop(sidecar);
+    shutdown.cancel();
     Ok(())
 }
 
 /// A sidecar on a fresh stream of `n` messages over `keys` keys, `percent` of them with a string
 /// amount (a 422 the processor repairs): from ready until every message is through (consumed, no
-/// failure or retry waiting, every hold queue empty). Prints the CPU time per message of the sidecar
-/// (start-up included), of nats-server and of `others` (name, pid) over the run: where a failure's
-/// cost goes on a machine they all share.
+/// failure or retry waiting, every hold queue empty). Returns, and prints per message, what the run
+/// cost from the sidecar's readiness on: the CPU time of the sidecar, nats-server and `others`
+/// (name, pid), the messages stored in mend's streams, and the messages mend's processes sent to the
+/// server (from its monitoring endpoint): where a failure's cost goes on a machine they all share.
 #[allow(clippy::too_many_arguments)]
 async fn holds_run(
-    nats: &NatsServer,
+    nats: &Monitored,
     js: &jetstream::Context,
     app: &NoopApp,
     n: usize,
@@ -301,15 +429,17 @@ async fn holds_run(
     percent: usize,
     round: usize,
     others: &[(&str, Option<u32>)],
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<RunCost> {
     let name = format!("HOLDS{percent}R{round}");
     let subject = format!("holds{percent}r{round}");
     js::app_stream(js, &name, &[&format!("{subject}.>")]).await?;
     let mut msgs = messages(&format!("{subject}.m"), n, keys);
+    let mut failures = 0;
     for (i, m) in msgs.iter_mut().enumerate() {
         // Spread over keys and time (a plain `i % 20` would pick whole keys).
         let draw = ((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) % 100;
         if draw < percent as u64 {
+            failures += 1;
             let key = format!("k{}", i % keys.max(1));
             m.payload = Bytes::from(
                 serde_json::json!({"key": key, "n": i, "amount": "12.50", "pad": "x".repeat(200)})
@@ -321,7 +451,7 @@ async fn holds_run(
     let service = name.to_lowercase();
     let config = sidecar_config(
         &service,
-        &nats.url(),
+        &nats.server.url(),
         &name,
         &[&format!("{subject}.>")],
         &app.url,
@@ -329,13 +459,18 @@ async fn holds_run(
     );
     let mut sidecar = MendProcess::start("sidecar", &config).await?;
     sidecar.ready().await?;
-    let mut pids = vec![("nats-server", nats.pid())];
+    let mut pids = vec![
+        ("sidecar", sidecar.pid()),
+        ("nats-server", nats.server.pid()),
+    ];
     pids.extend_from_slice(others);
     pids.push(("bench (polling)", Some(std::process::id())));
     let before: Vec<Duration> = pids
         .iter()
         .map(|(_, pid)| pid.and_then(cpu_time).unwrap_or_default())
         .collect();
+    let stored_before = stored(js).await?;
+    let sent_before = nats.sent_by_mend().await?;
     let started = Instant::now();
     let consumer = format!("mend-{service}-{service}");
     let mut consumed = None;
@@ -354,23 +489,206 @@ async fn holds_run(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let took = started.elapsed();
+    let cpu: Vec<(String, Duration)> = pids
+        .iter()
+        .zip(before)
+        .map(|((name, pid), before)| {
+            let after = pid.and_then(cpu_time).unwrap_or_default();
+            ((*name).to_owned(), after.saturating_sub(before))
+        })
+        .collect();
+    let stored_after = stored(js).await?;
+    let sent_after = nats.sent_by_mend().await?;
+    let cost = RunCost {
+        took,
+        failures,
+        stored: MEND_STREAMS
+            .iter()
+            .zip(stored_after.iter().zip(&stored_before))
+            .map(|(name, (a, b))| (*name, a.saturating_sub(*b)))
+            .collect(),
+        sent: sent_by_role(&sent_before, &sent_after),
+        cpu,
+    };
     let per = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
     let mut line = format!(
-        "  {percent}% failures: stream consumed after {:.2} s, all through after {:.2} s; CPU µs per message: sidecar {:.0}",
+        "  {percent}% failures: stream consumed after {:.2} s, all through after {:.2} s; CPU µs per message:",
         consumed.unwrap_or(took).as_secs_f64(),
         took.as_secs_f64(),
-        per(sidecar.pid().and_then(cpu_time).unwrap_or_default())
     );
-    for ((name, pid), before) in pids.iter().zip(before) {
-        let after = pid.and_then(cpu_time).unwrap_or_default();
-        line.push_str(&format!(
-            ", {name} {:.0}",
-            per(after.saturating_sub(before))
-        ));
+    for (name, d) in &cost.cpu {
+        line.push_str(&format!(" {name} {:.0},", per(*d)));
     }
+    line.push_str(&format!(
+        " messages stored in mend's streams {}, sent to the server by mend {}",
+        cost.stored.iter().map(|(_, n)| n).sum::<u64>(),
+        cost.sent.iter().map(|(_, n)| n).sum::<u64>()
+    ));
     eprintln!("{line}");
     sidecar.terminate(Duration::from_secs(30)).await?;
-    Ok(took)
+    Ok(cost)
+}
+
+/// What a holds run cost.
+struct RunCost {
+    took: Duration,
+    /// Messages that failed once and were repaired.
+    failures: usize,
+    /// Messages stored in each of mend's streams (how far its sequence moved: work-queue streams
+    /// delete what is acked, so their message count says nothing).
+    stored: Vec<(&'static str, u64)>,
+    /// Messages mend's processes sent to the server (publishes, acks, API requests), per role.
+    sent: Vec<(String, u64)>,
+    /// CPU time per process.
+    cpu: Vec<(String, Duration)>,
+}
+
+/// mend's streams and the streams behind its buckets.
+const MEND_STREAMS: [&str; 9] = [
+    streams::FAILED,
+    streams::RETRY,
+    streams::HOLD,
+    streams::PARKED,
+    streams::CONTROL,
+    streams::EVENTS,
+    "KV_mend_holds",
+    "KV_mend_leases",
+    "OBJ_mend_payloads",
+];
+
+/// The last sequence of each of [`MEND_STREAMS`] (0 for one not there).
+async fn stored(js: &jetstream::Context) -> anyhow::Result<Vec<u64>> {
+    let mut out = Vec::new();
+    for name in MEND_STREAMS {
+        let last = match js.get_stream(name).await {
+            Ok(mut s) => s.info().await?.state.last_sequence,
+            Err(_) => 0,
+        };
+        out.push(last);
+    }
+    Ok(out)
+}
+
+/// The bench's nats-server with its monitoring endpoint.
+struct Monitored {
+    server: NatsServer,
+    monitor: String,
+}
+
+impl Monitored {
+    async fn start() -> anyhow::Result<Self> {
+        let port = mend_e2e::mend::free_port();
+        let server = NatsServer::start_with(&["-m", &port.to_string()]).await?;
+        Ok(Self {
+            server,
+            monitor: format!("http://127.0.0.1:{port}"),
+        })
+    }
+
+    /// Messages each open connection of mend's processes has sent to the server so far, by
+    /// connection id: (connection name, count). mend names its connections `mend-…`.
+    async fn sent_by_mend(&self) -> anyhow::Result<HashMap<u64, (String, u64)>> {
+        let url = format!("{}/connz?limit=1024", self.monitor);
+        let connz: serde_json::Value = reqwest::get(url).await?.json().await?;
+        Ok(connz["connections"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| {
+                let name = c["name"].as_str()?;
+                name.starts_with("mend-").then(|| {
+                    let cid = c["cid"].as_u64().unwrap_or(0);
+                    (cid, (name.to_owned(), c["in_msgs"].as_u64().unwrap_or(0)))
+                })
+            })
+            .collect())
+    }
+}
+
+/// Messages sent between two looks, summed per role (`mend-sidecar-…` is the sidecar).
+fn sent_by_role(
+    before: &HashMap<u64, (String, u64)>,
+    after: &HashMap<u64, (String, u64)>,
+) -> Vec<(String, u64)> {
+    let mut by_role: Vec<(String, u64)> = Vec::new();
+    for (cid, (name, count)) in after {
+        let earlier = before.get(cid).map_or(0, |(_, c)| *c);
+        let role = if name.starts_with("mend-sidecar") {
+            "sidecar"
+        } else {
+            name.trim_start_matches("mend-")
+        };
+        match by_role.iter_mut().find(|(r, _)| r == role) {
+            Some((_, n)) => *n += count.saturating_sub(earlier),
+            None => by_role.push((role.to_owned(), count.saturating_sub(earlier))),
+        }
+    }
+    by_role.sort();
+    by_role
+}
+
+/// What one repaired failure costs beyond a message that goes through at once: the run with
+/// failures less the run without, over its failures.
+fn per_failure(clean: &RunCost, failing: &RunCost) -> String {
+    let f = failing.failures.max(1) as f64;
+    let extra = |a: u64, b: u64| (a as f64 - b as f64) / f;
+    let stored: Vec<String> = failing
+        .stored
+        .iter()
+        .zip(&clean.stored)
+        .map(|((name, a), (_, b))| (name, extra(*a, *b)))
+        .filter(|(_, v)| v.abs() >= 0.05)
+        .map(|(name, v)| format!("{name} {v:.1}"))
+        .collect();
+    let total_stored: f64 = failing
+        .stored
+        .iter()
+        .zip(&clean.stored)
+        .map(|((_, a), (_, b))| extra(*a, *b))
+        .sum();
+    let count =
+        |v: &[(String, u64)], role: &str| v.iter().find(|(r, _)| r == role).map_or(0, |(_, n)| *n);
+    let mut roles: Vec<&String> = failing.sent.iter().map(|(r, _)| r).collect();
+    roles.dedup();
+    let sent: Vec<String> = roles
+        .iter()
+        .map(|r| {
+            format!(
+                "{r} {:.1}",
+                extra(count(&failing.sent, r), count(&clean.sent, r))
+            )
+        })
+        .collect();
+    let total_sent: f64 = roles
+        .iter()
+        .map(|r| extra(count(&failing.sent, r), count(&clean.sent, r)))
+        .sum();
+    let cpu: Vec<String> = failing
+        .cpu
+        .iter()
+        .zip(&clean.cpu)
+        .map(|((name, a), (_, b))| {
+            format!(
+                "{name} {:.0}",
+                (a.as_secs_f64() - b.as_secs_f64()) * 1e6 / f
+            )
+        })
+        .collect();
+    let cpu_total: f64 = failing
+        .cpu
+        .iter()
+        .zip(&clean.cpu)
+        .filter(|(name, _)| !name.0.starts_with("bench"))
+        .map(|((_, a), (_, b))| (a.as_secs_f64() - b.as_secs_f64()) * 1e6 / f)
+        .sum();
+    format!(
+        "per repaired failure (over {} failures): messages stored in mend's streams {total_stored:.1} ({}); \
+         messages sent to the server by mend {total_sent:.1} ({}); CPU µs {cpu_total:.0} without the bench ({})",
+        failing.failures,
+        stored.join(", "),
+        sent.join(", "),
+        cpu.join(", ")
+    )
 }
 
 /// Whether everything of the stream is through: the consumer has nothing pending or unacked, and no

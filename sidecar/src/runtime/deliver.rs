@@ -1,0 +1,252 @@
+//! Calling the app (SPEC §4) and classifying its answer.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use repair_rules::headers::MEND_ACTION;
+use repair_rules::{FailureError, problem};
+use reqwest::StatusCode;
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, RETRY_AFTER};
+
+use crate::runtime::config::BindingConfig;
+
+/// How much of an error answer is read (problem+json is parsed from it; text is cut further).
+const ERROR_BODY_LIMIT: usize = 64 * 1024;
+/// Answers that mean "the app or its dependencies are unwell", not "this message is bad".
+const TRANSIENT_STATUSES: [u16; 6] = [408, 425, 429, 502, 503, 504];
+
+/// What the app made of a message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// 2xx: processed.
+    Processed,
+    /// Try again later, in place.
+    Transient {
+        status: Option<u16>,
+        retry_after: Option<Duration>,
+        cause: String,
+    },
+    /// The app rejected the message: delegate it.
+    Rejected(FailureError),
+    /// `Mend-Action: drop`.
+    Drop,
+    /// `Mend-Action: park`: straight to the dashboard.
+    Park(FailureError),
+}
+
+/// The HTTP client of one binding: pooled keep-alive connections to one endpoint.
+#[derive(Debug, Clone)]
+pub struct App {
+    http: reqwest::Client,
+    endpoint: reqwest::Url,
+}
+
+impl App {
+    pub fn new(binding: &BindingConfig) -> reqwest::Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(binding.timeout)
+            .pool_max_idle_per_host(binding.concurrency)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Self {
+            http,
+            endpoint: binding.endpoint.clone(),
+        })
+    }
+
+    /// POSTs one message and classifies the answer; a refused connection or a timeout is transient.
+    pub async fn call(&self, headers: HeaderMap, body: Bytes) -> Answer {
+        let response = match self
+            .http
+            .post(self.endpoint.clone())
+            .headers(headers)
+            .body(body)
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                let cause = if e.is_timeout() {
+                    "app call timed out".to_owned()
+                } else if e.is_connect() {
+                    "app refused the connection".to_owned()
+                } else {
+                    format!("app call failed: {e}")
+                };
+                return Answer::Transient {
+                    status: None,
+                    retry_after: None,
+                    cause,
+                };
+            }
+        };
+        let status = response.status();
+        // Only what classification reads, not a copy of the whole map.
+        let mut headers = HeaderMap::with_capacity(3);
+        for name in [
+            CONTENT_TYPE,
+            RETRY_AFTER,
+            HeaderName::from_static(repair_rules::headers::http::MEND_ACTION),
+        ] {
+            if let Some(v) = response.headers().get(&name) {
+                headers.insert(name, v.clone());
+            }
+        }
+        let body = match read_capped(response, ERROR_BODY_LIMIT).await {
+            Ok(body) => body,
+            Err(e) if status.is_success() => {
+                tracing::debug!(%e, "reading a 2xx body failed; the answer stands");
+                Vec::new()
+            }
+            Err(e) => {
+                return Answer::Transient {
+                    status: Some(status.as_u16()),
+                    retry_after: None,
+                    cause: format!("reading the app's answer failed: {e}"),
+                };
+            }
+        };
+        classify(status, &headers, &body)
+    }
+}
+
+async fn read_capped(mut response: reqwest::Response, limit: usize) -> reqwest::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = limit.saturating_sub(body.len());
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= limit {
+            break;
+        }
+    }
+    Ok(body)
+}
+
+/// The class of an answer with `status`, `headers` and (the start of) `body`.
+pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Answer {
+    let content_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let error = || problem::from_answer(status.as_u16(), content_type, body);
+    match headers
+        .get(MEND_ACTION)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .as_deref()
+    {
+        Some("drop") => return Answer::Drop,
+        Some("park") => return Answer::Park(error()),
+        Some(other) => {
+            tracing::warn!(action = other, "unknown Mend-Action from the app; ignored");
+        }
+        None => {}
+    }
+    if status.is_success() {
+        Answer::Processed
+    } else if TRANSIENT_STATUSES.contains(&status.as_u16()) {
+        Answer::Transient {
+            status: Some(status.as_u16()),
+            retry_after: headers
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(retry_after),
+            cause: format!("app answered {status}"),
+        }
+    } else {
+        Answer::Rejected(error())
+    }
+}
+
+/// `Retry-After` as delta-seconds or an HTTP date.
+fn retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use repair_rules::ErrorKind;
+
+    fn answer(status: u16, headers: &[(&'static str, &str)], body: &str) -> Answer {
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.insert(*k, v.parse().unwrap());
+        }
+        classify(StatusCode::from_u16(status).unwrap(), &map, body.as_bytes())
+    }
+
+    #[test]
+    fn classes() {
+        assert_eq!(answer(200, &[], ""), Answer::Processed);
+        assert_eq!(answer(204, &[], ""), Answer::Processed);
+        for s in [408, 425, 429, 502, 503, 504] {
+            assert!(
+                matches!(answer(s, &[], ""), Answer::Transient { .. }),
+                "{s}"
+            );
+        }
+        for s in [400, 404, 409, 422, 500, 501, 302] {
+            assert!(matches!(answer(s, &[], ""), Answer::Rejected(_)), "{s}");
+        }
+    }
+
+    #[test]
+    fn retry_after_seconds_and_date() {
+        let Answer::Transient { retry_after, .. } = answer(503, &[("retry-after", "3")], "") else {
+            panic!()
+        };
+        assert_eq!(retry_after, Some(Duration::from_secs(3)));
+        let date = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(60));
+        let Answer::Transient { retry_after, .. } = answer(429, &[("retry-after", &date)], "")
+        else {
+            panic!()
+        };
+        let d = retry_after.unwrap();
+        assert!(
+            d > Duration::from_secs(50) && d <= Duration::from_secs(60),
+            "{d:?}"
+        );
+        let Answer::Transient { retry_after, .. } = answer(503, &[("retry-after", "soon")], "")
+        else {
+            panic!()
+        };
+        assert_eq!(retry_after, None);
+    }
+
+    #[test]
+    fn problem_json_is_parsed() {
+        let a = answer(
+            422,
+            &[("content-type", "application/problem+json")],
+            r#"{"title":"bad","code":"bad_type","field":"/amount","status":422}"#,
+        );
+        let Answer::Rejected(e) = a else {
+            panic!("{a:?}")
+        };
+        assert_eq!(e.kind, ErrorKind::Message);
+        assert_eq!(e.code.as_deref(), Some("bad_type"));
+        assert_eq!(e.field.as_deref(), Some("/amount"));
+    }
+
+    #[test]
+    fn mend_action_wins_over_status() {
+        assert_eq!(answer(200, &[("mend-action", "drop")], ""), Answer::Drop);
+        assert_eq!(answer(422, &[("mend-action", "DROP")], ""), Answer::Drop);
+        let Answer::Park(e) = answer(422, &[("mend-action", "park")], "nope") else {
+            panic!()
+        };
+        assert_eq!(e.body.as_deref(), Some("nope"));
+        assert_eq!(
+            answer(200, &[("mend-action", "explode")], ""),
+            Answer::Processed
+        );
+    }
+}

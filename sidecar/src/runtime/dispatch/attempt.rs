@@ -1,0 +1,118 @@
+//! One message to the app: the call, transient failures retried in place (backoff, `Retry-After`,
+//! the circuit), and what a final answer asks for (nothing, delegation, drop or park).
+
+use std::time::Instant;
+
+use repair_rules::holds::Outcome;
+use repair_rules::{ErrorKind, FailureError};
+
+use super::binding::{BindingRuntime, UNREADABLE_HEADERS};
+use super::delegate;
+use super::delegate::Destination;
+use super::settle::Settle;
+use super::work::Delivery;
+use crate::runtime::deliver::Answer;
+use crate::runtime::headers::{self};
+
+/// Delivers a message to the app (retrying transient failures in place) and finishes what its
+/// answer asks for: nothing, an envelope for the processor or the dashboard, or a `dropped`
+/// announcement. It is not settled here.
+pub(crate) async fn deliver(rt: &BindingRuntime, d: &Delivery) -> Result<Outcome, Settle> {
+    if let Some(unreadable) = &d.unreadable {
+        // Its headers cannot be passed on as they are: a person decides.
+        tracing::warn!(
+            why = unreadable.why,
+            "NATS headers unreadable; parking the message."
+        );
+        let mut error = FailureError::bare(ErrorKind::Message, None);
+        error.code = Some(UNREADABLE_HEADERS.to_owned());
+        error.title = Some("the message's NATS headers cannot be read".to_owned());
+        error.detail = Some(unreadable.why.clone());
+        delegate::failure(rt, d, error, Destination::Unreadable).await?;
+        rt.metrics.parked.increment(1);
+        return Ok(Outcome::Unresolved);
+    }
+    let mut tries = 0;
+    let mut pause = rt.cfg.backoff_initial;
+    loop {
+        // Built per try (retries are rare): reqwest takes the map, and a clone would cost as much.
+        let headers = headers::app_request(&rt.fixed_headers, &d.meta, d.headers.as_ref());
+        let started = Instant::now();
+        let answer = rt.app.call(headers, d.payload.clone()).await;
+        rt.metrics.latency.record(started.elapsed().as_secs_f64());
+        let (status, retry_after, cause) = match answer {
+            Answer::Transient {
+                status,
+                retry_after,
+                cause,
+            } => (status, retry_after, cause),
+            answer => {
+                rt.circuit.answered();
+                return finish(rt, d, answer).await;
+            }
+        };
+        rt.metrics.failed_transient.increment(1);
+        if rt.circuit.transient() {
+            tries += 1;
+        }
+        if tries >= rt.cfg.transient_tries {
+            rt.metrics.failed_exhausted.increment(1);
+            let mut error = FailureError::bare(ErrorKind::TransientExhausted, status);
+            error.detail = Some(format!("{cause} ({tries} tries)"));
+            return finish(rt, d, Answer::Rejected(error)).await;
+        }
+        let delay = retry_after.unwrap_or(pause).min(rt.cfg.backoff_max);
+        pause = (pause * 2).min(rt.cfg.backoff_max);
+        tracing::warn!(
+            cause,
+            tries,
+            delay_ms = delay.as_millis() as u64,
+            "Transient failure; will retry."
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = rt.shutdown.cancelled() => return Err(Settle::HandBack),
+        }
+    }
+}
+
+/// Finishes a message the app answered for good.
+pub(crate) async fn finish(
+    rt: &BindingRuntime,
+    d: &Delivery,
+    answer: Answer,
+) -> Result<Outcome, Settle> {
+    match answer {
+        Answer::Processed => {
+            rt.metrics.delivered.increment(1);
+            Ok(Outcome::Done)
+        }
+        Answer::Rejected(error) => {
+            if error.kind == ErrorKind::Message {
+                rt.metrics.failed_message.increment(1);
+            }
+            tracing::info!(
+                status = error.status,
+                code = error.code.as_deref(),
+                "App rejected the message; delegating."
+            );
+            delegate::failure(rt, d, error, Destination::Failed).await?;
+            rt.metrics.delegated.increment(1);
+            Ok(Outcome::Unresolved)
+        }
+        Answer::Drop => {
+            tracing::info!("App asked to drop the message.");
+            delegate::announce(rt, "dropped", d, serde_json::json!({})).await?;
+            rt.metrics.dropped.increment(1);
+            Ok(Outcome::Done)
+        }
+        Answer::Park(error) => {
+            tracing::info!("App asked to park the message.");
+            delegate::failure(rt, d, error, Destination::Parked).await?;
+            rt.metrics.parked.increment(1);
+            Ok(Outcome::Unresolved)
+        }
+        // Handled by the caller's retry loop.
+        Answer::Transient { .. } => Err(Settle::Leave),
+    }
+}
