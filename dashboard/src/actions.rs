@@ -77,6 +77,7 @@ pub async fn resubmit(
         at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
         what: "resubmitted".into(),
         by: who.name.clone(),
+        attempt: Some(attempt),
         error: None,
         note: note.map(str::to_owned),
     };

@@ -248,14 +248,15 @@ async fn overview(
 ) -> Result<Json<Value>, ApiError> {
     let since = now_ms() - 24 * 3600 * 1000;
     let o = s.store.overview(since).await?;
-    let holds = crate::holds::list(&s.js, None)
+    let holds = s.holds.summary(None).await.map_err(ApiError::holds)?;
+    let held_messages = crate::holds::held_messages(&s.js)
         .await
-        .map_err(|e| ApiError::unavailable(format!("cannot read holds: {e}")))?;
+        .map_err(|e| ApiError::unavailable(format!("cannot count held messages: {e}")))?;
     Ok(Json(json!({
         "counts": o.counts.iter().map(|(service, status, n)| json!({"service": service, "status": status, "count": n})).collect::<Vec<_>>(),
         "oldest_parked": o.oldest_parked.map(|(id, at)| json!({"id": id, "parked_at": at})),
-        "held_keys": holds.len(),
-        "held_messages": holds.iter().map(|h| h.count).sum::<u64>(),
+        "held_keys": holds.held_keys,
+        "held_messages": held_messages,
         "rules_last_24h": o.rules.iter().map(|(rule, kind, n)| json!({"rule": rule, "kind": kind, "count": n})).collect::<Vec<_>>(),
     })))
 }
@@ -813,9 +814,14 @@ async fn job_stop(
 
 #[utoipa::path(
     get, path = "/api/holds", tag = "holds",
-    params(("service" = Option<String>, Query, description = "Only this service's")),
+    params(
+        ("service" = Option<String>, Query, description = "Only this service's"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Page size (100)"),
+        ("cursor" = Option<String>, Query, description = "Where the previous page ended"),
+    ),
     responses(
-        (status = 200, description = "Held keys", body = crate::openapi::Page<crate::holds::HeldKey>),
+        (status = 200, description = "Held keys, oldest first", body = crate::openapi::Page<crate::holds::HeldKey>),
+        crate::openapi::BadRequest,
         crate::openapi::Unauthorized,
         crate::openapi::Unavailable
     )
@@ -825,10 +831,35 @@ async fn holds(
     ApiCaller(_who): ApiCaller,
     Query(q): Params,
 ) -> Result<Json<Value>, ApiError> {
-    let list = crate::holds::list(&s.js, q.get("service").map(String::as_str))
+    let limit = match q.get("limit") {
+        None => crate::holds::DEFAULT_PAGE,
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|l| (1..=crate::holds::MAX_PAGE).contains(l))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "limit must be 1..={}, not `{l}`",
+                    crate::holds::MAX_PAGE
+                ))
+            })?,
+    };
+    let service = q
+        .get("service")
+        .map(String::as_str)
+        .filter(|s| !s.is_empty());
+    let cursor = q
+        .get("cursor")
+        .map(String::as_str)
+        .filter(|c| !c.is_empty());
+    let page = s
+        .holds
+        .page(&s.js, service, limit, cursor)
         .await
-        .map_err(|e| ApiError::unavailable(format!("cannot read holds: {e}")))?;
-    Ok(Json(json!({"items": list, "next_cursor": null})))
+        .map_err(ApiError::holds)?;
+    Ok(Json(
+        json!({"items": page.items, "next_cursor": page.next_cursor}),
+    ))
 }
 
 #[utoipa::path(

@@ -83,6 +83,8 @@ pub struct AppState {
     pub jobs: Jobs,
     /// Places for dry-run evaluations ([`crate::api::DRY_RUNS_IN_FLIGHT`]).
     pub dry_runs: Arc<tokio::sync::Semaphore>,
+    /// The held keys, followed from the sidecars' bucket.
+    pub holds: crate::holds::HoldsCache,
 }
 
 pub type Shared = Arc<AppState>;
@@ -298,6 +300,14 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+        }
+    }
+
+    /// What a listing of held keys could not do.
+    pub fn holds(e: crate::holds::HoldsError) -> Self {
+        match e {
+            crate::holds::HoldsError::BadCursor(_) => Self::bad_request(e.to_string()),
+            crate::holds::HoldsError::NotReady => Self::unavailable(e.to_string()),
         }
     }
 

@@ -146,9 +146,9 @@ pub async fn events(consumer: PullConsumer, store: Store, shutdown: Cancellation
         let mut parsed = Vec::with_capacity(batch.len());
         let mut stored = Vec::with_capacity(batch.len());
         for msg in batch {
-            match event_of(&msg.payload) {
-                Ok(ev) => {
-                    parsed.push(ev);
+            match events_of(&msg.payload) {
+                Ok(evs) => {
+                    parsed.push(evs);
                     stored.push(msg);
                 }
                 Err(error) => {
@@ -164,7 +164,8 @@ pub async fn events(consumer: PullConsumer, store: Store, shutdown: Cancellation
         if parsed.is_empty() {
             continue;
         }
-        match store.ingest_events(&parsed, now_ms()).await {
+        let all: Vec<Event> = parsed.iter().flatten().cloned().collect();
+        match store.ingest_events(&all, now_ms()).await {
             Ok(new) => {
                 metrics::counter!("mend_dashboard_ingested_total", "what" => "event")
                     .increment(new as u64);
@@ -175,8 +176,8 @@ pub async fn events(consumer: PullConsumer, store: Store, shutdown: Cancellation
             Err(error) if stored.len() > 1 => {
                 // One bad announcement must not hold back the others: each is tried alone.
                 tracing::warn!(%error, count = stored.len(), "A batch of announcements was not stored; storing them one by one.");
-                for (ev, msg) in parsed.iter().zip(&stored) {
-                    store_alone(&store, ev, msg).await;
+                for (evs, msg) in parsed.iter().zip(&stored) {
+                    store_alone(&store, evs, msg).await;
                 }
             }
             Err(error) => {
@@ -192,11 +193,12 @@ pub async fn events(consumer: PullConsumer, store: Store, shutdown: Cancellation
 /// Stores one announcement of a batch that failed. If the store answers but refuses this one, it
 /// is terminated with a logged record of what it was (never offered again, never holding back the
 /// rest); if the store does not answer at all, it is offered again later.
-async fn store_alone(store: &Store, ev: &Event, msg: &Message) {
-    match store
-        .ingest_events(std::slice::from_ref(ev), now_ms())
-        .await
-    {
+async fn store_alone(store: &Store, evs: &[Event], msg: &Message) {
+    let Some(ev) = evs.last() else {
+        ack(msg, AckKind::Ack).await;
+        return;
+    };
+    match store.ingest_events(evs, now_ms()).await {
         Ok(new) => {
             metrics::counter!("mend_dashboard_ingested_total", "what" => "event")
                 .increment(new as u64);
@@ -289,6 +291,7 @@ pub fn envelope_of(msg: &Message) -> FailureEnvelope {
                 at,
                 what: "parked".into(),
                 by: "dashboard".into(),
+                attempt: None,
                 error: None,
                 note: Some("kept raw: not a failure envelope".into()),
             });
@@ -317,7 +320,75 @@ struct EventData {
     rule: Option<String>,
 }
 
-/// The announcement in a message on MEND_EVENTS.
+/// The announcements in a message on MEND_EVENTS: the steps it carries (`steps`: the delegations
+/// and repairs of the lineage, which are not announced on their own, SPEC §2), each stored as the
+/// announcement it stands for (`<lineage>:<attempt>:<kind>`, so one carried twice is stored
+/// once), then the announcement itself.
+pub fn events_of(payload: &[u8]) -> Result<Vec<Event>, String> {
+    let main = event_of(payload)?;
+    let data: serde_json::Value = serde_json::from_str(&main.data).unwrap_or_default();
+    let Some(steps) = data.get("steps").and_then(serde_json::Value::as_array) else {
+        return Ok(vec![main]);
+    };
+    let mut out = Vec::with_capacity(steps.len() + 1);
+    for step in steps {
+        let Ok(step) = serde_json::from_value::<HistoryEntry>(step.clone()) else {
+            tracing::warn!(event = main.id, "A carried step that is not one; skipped.");
+            continue;
+        };
+        let Some(attempt) = step.attempt else {
+            continue;
+        };
+        if !repair_rules::envelope::UNANNOUNCED.contains(&step.what.as_str()) {
+            continue;
+        }
+        let rule = step.by.strip_prefix("rule:").map(str::to_owned);
+        let source = match (
+            step.what.as_str(),
+            data.get("binding").and_then(|b| b.as_str()),
+        ) {
+            ("repaired", _) => "urn:mend:processor".to_owned(),
+            (_, Some(binding)) => format!("urn:mend:sidecar:{}:{binding}", main.service),
+            _ => main.source.clone(),
+        };
+        let mut step_data = serde_json::json!({
+            "service": main.service,
+            "id": main.message_id,
+            "attempt": attempt,
+            "key": data.get("key"),
+            "subject": data.get("subject"),
+            "carried_by": main.id,
+        });
+        if let Some(error) = &step.error {
+            step_data["error"] = serde_json::json!(error);
+        }
+        if let Some(rule) = &rule {
+            step_data["rule"] = serde_json::json!(rule);
+        }
+        out.push(Event {
+            id: format!("{}:{attempt}:{}", main.message_id, step.what),
+            message_id: main.message_id.clone(),
+            service: main.service.clone(),
+            kind: step.what.clone(),
+            attempt,
+            at: epoch_ms(Some(&step.at)).unwrap_or(main.at),
+            rule,
+            source,
+            data: step_data.to_string(),
+        });
+    }
+    out.push(main);
+    Ok(out)
+}
+
+/// `time` (RFC 3339) as epoch milliseconds.
+fn epoch_ms(time: Option<&str>) -> Option<i64> {
+    time.and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// The announcement in a message on MEND_EVENTS, without the steps it carries.
 pub fn event_of(payload: &[u8]) -> Result<Event, String> {
     let ce: CloudEvent = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
     let kind = ce
@@ -330,12 +401,7 @@ pub fn event_of(payload: &[u8]) -> Result<Event, String> {
         .ok()
         .and_then(|mut v: serde_json::Value| v.get_mut("data").map(serde_json::Value::take))
         .unwrap_or_default();
-    let at = ce
-        .time
-        .as_deref()
-        .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or_else(now_ms, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let at = epoch_ms(ce.time.as_deref()).unwrap_or_else(now_ms);
     Ok(Event {
         id: ce.id,
         message_id: ce.data.id,

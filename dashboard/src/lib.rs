@@ -67,6 +67,7 @@ pub async fn run(
         password_checks: auth::PasswordChecks::new(settings.login_memory_kib),
         jobs: jobs::Jobs::default(),
         dry_runs: Arc::new(tokio::sync::Semaphore::new(api::DRY_RUNS_IN_FLIGHT)),
+        holds: holds::HoldsCache::start(deps.js.clone(), shutdown.clone()),
         store: deps.store.clone(),
         js: deps.js.clone(),
         client: deps.client.clone(),

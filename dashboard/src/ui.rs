@@ -578,11 +578,18 @@ async fn overview(State(s): State<Shared>, WebUser(who): WebUser) -> Response {
         Ok(o) => o,
         Err(e) => return error_page(Some(&who), e.into(), "/"),
     };
-    let holds = crate::holds::list(&s.js, None)
+    let held_keys = match s.holds.summary(None).await {
+        Ok(summary) => summary.held_keys,
+        Err(error) => {
+            tracing::warn!(%error, "Cannot list held keys for the overview.");
+            0
+        }
+    };
+    let held_messages = crate::holds::held_messages(&s.js)
         .await
         .unwrap_or_else(|error| {
-            tracing::warn!(%error, "Cannot read holds for the overview.");
-            Vec::new()
+            tracing::warn!(%error, "Cannot count held messages for the overview.");
+            0
         });
     let mut counts: Vec<CountRow> = Vec::new();
     for (service, status, n) in &o.counts {
@@ -636,8 +643,8 @@ async fn overview(State(s): State<Shared>, WebUser(who): WebUser) -> Response {
     OverviewPage {
         nav: Nav::new(&who, "overview"),
         parked: counts.iter().map(|c| c.parked).sum(),
-        held_keys: holds.len(),
-        held_messages: holds.iter().map(|h| h.count).sum(),
+        held_keys,
+        held_messages,
         oldest,
         oldest_id,
         counts,

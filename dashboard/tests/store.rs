@@ -45,6 +45,7 @@ fn envelope(
             at: "2026-11-23T10:00:00Z".into(),
             what: "parked".into(),
             by: "processor".into(),
+            attempt: None,
             error: None,
             note: None,
         }],
@@ -63,6 +64,39 @@ fn event(id: &str, kind: &str, attempt: u32, at: i64, rule: Option<&str>) -> Eve
         source: "urn:mend:test".into(),
         data: "{}".into(),
     }
+}
+
+/// The announcements in a CloudEvent as the sidecar or processor writes it: `kind` of `id` at
+/// `attempt` and `at` (ms), carrying `steps` (what, attempt, at in ms, by), taken apart as ingest
+/// takes it apart.
+fn carried(
+    id: &str,
+    kind: &str,
+    attempt: u32,
+    at: i64,
+    rule: Option<&str>,
+    steps: &[(&str, u32, i64, &str)],
+) -> Vec<Event> {
+    let time = |ms: i64| {
+        humantime::format_rfc3339_millis(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms as u64),
+        )
+        .to_string()
+    };
+    let steps: Vec<serde_json::Value> = steps
+        .iter()
+        .map(|(what, attempt, at, by)| {
+            json!({"what": what, "attempt": attempt, "at": time(*at), "by": by})
+        })
+        .collect();
+    let ce = json!({
+        "specversion": "1.0", "id": format!("{id}:{attempt}:{kind}"),
+        "source": "urn:mend:sidecar:orders:orders", "type": format!("mend.{kind}"),
+        "subject": id, "time": time(at), "datacontenttype": "application/json",
+        "data": {"service": "orders", "id": id, "attempt": attempt, "rule": rule,
+                 "binding": "orders", "key": "k", "subject": "orders.created", "steps": steps},
+    });
+    mend_dashboard::ingest::events_of(ce.to_string().as_bytes()).unwrap()
 }
 
 /// A person's action on `id` at `attempt`: a resubmission of `sent`, or a discard.
@@ -181,6 +215,7 @@ async fn exercise(store: &Store) {
         at: "2026-11-23T10:05:00Z".into(),
         what: "resubmitted".into(),
         by: "alice".into(),
+        attempt: Some(2),
         error: None,
         note: None,
     });
@@ -395,20 +430,68 @@ async fn exercise(store: &Store) {
         3
     );
 
-    // Overview.
-    store
-        .ingest_events(
-            &[
-                event("ORDERS:20", "repaired", 2, 7000, Some("amount-as-number")),
-                event("ORDERS:21", "repaired", 2, 7001, Some("amount-as-number")),
-                event("ORDERS:22", "parked", 1, 7002, Some("unknown-account")),
-                event("ORDERS:23", "repaired", 2, 10, Some("too-old")),
-                event("ORDERS:20", "delegated", 2, 7003, None),
-            ],
-            7100,
-        )
-        .await
-        .unwrap();
+    // Overview. Delegations and repairs are not announced on their own: they come as the steps of
+    // the announcement that ends or parks their lineage, and count as if they had been.
+    let by_rule = "rule:amount-as-number";
+    let mut events = Vec::new();
+    // Repaired, failed again, parked: its repair counts as failed.
+    events.extend(carried(
+        "ORDERS:20",
+        "parked",
+        2,
+        7004,
+        None,
+        &[
+            ("delegated", 1, 6999, "sidecar"),
+            ("repaired", 2, 7000, by_rule),
+            ("delegated", 2, 7003, "sidecar"),
+        ],
+    ));
+    // Repaired and resolved.
+    let resolved = carried(
+        "ORDERS:21",
+        "resolved",
+        2,
+        7002,
+        None,
+        &[
+            ("delegated", 1, 7000, "sidecar"),
+            ("repaired", 2, 7001, by_rule),
+        ],
+    );
+    let kinds: Vec<(&str, u32, Option<&str>, i64)> = resolved
+        .iter()
+        .map(|e| (e.kind.as_str(), e.attempt, e.rule.as_deref(), e.at))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("delegated", 1, None, 7000),
+            ("repaired", 2, Some("amount-as-number"), 7001),
+            ("resolved", 2, None, 7002)
+        ]
+    );
+    assert_eq!(resolved[1].id, "ORDERS:21:2:repaired");
+    assert_eq!(resolved[1].source, "urn:mend:processor");
+    events.extend(resolved.clone());
+    // The same steps carried twice are stored once.
+    events.extend(resolved);
+    events.push(event(
+        "ORDERS:22",
+        "parked",
+        1,
+        7002,
+        Some("unknown-account"),
+    ));
+    events.extend(carried(
+        "ORDERS:23",
+        "resolved",
+        2,
+        11,
+        None,
+        &[("repaired", 2, 10, "rule:too-old")],
+    ));
+    store.ingest_events(&events, 7100).await.unwrap();
     let o = store.overview(1000).await.unwrap();
     assert!(
         o.counts.contains(&("orders".into(), "parked".into(), 7)),
@@ -427,7 +510,7 @@ async fn exercise(store: &Store) {
         ],
         "the repair of ORDERS:20 failed again"
     );
-    assert_eq!(store.prune_events(20).await.unwrap(), 1);
+    assert_eq!(store.prune_events(20).await.unwrap(), 2);
 
     // Audit, newest first, paged.
     store

@@ -133,6 +133,10 @@ async fn dashboard(rules: Option<&str>) -> Dashboard {
         },
     ];
     let rules = rules.map(|text| Arc::new(RuleSet::parse([("test.toml", text)]).unwrap()));
+    let holds = mend_dashboard::holds::HoldsCache::start(
+        async_nats::jetstream::new(client.clone()),
+        tokio_util::sync::CancellationToken::new(),
+    );
     let state = Arc::new(AppState {
         settings: Settings {
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -163,6 +167,7 @@ async fn dashboard(rules: Option<&str>) -> Dashboard {
         dry_runs: Arc::new(tokio::sync::Semaphore::new(
             mend_dashboard::api::DRY_RUNS_IN_FLIGHT,
         )),
+        holds,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -214,6 +219,7 @@ fn envelope(seq: u64, code: &str, payload: serde_json::Value) -> FailureEnvelope
             at: "2026-11-23T10:00:00Z".into(),
             what: "parked".into(),
             by: "processor".into(),
+            attempt: None,
             error: None,
             note: None,
         }],

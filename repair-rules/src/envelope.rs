@@ -249,10 +249,62 @@ pub struct HistoryEntry {
     pub at: String,
     pub what: String,
     pub by: String,
+    /// The attempt the step belongs to: the one that failed (`delegated`, `parked`), the one it
+    /// made (`repaired`, `resubmitted`). Absent in histories written before it was recorded; see
+    /// [`attempts`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<FailureError>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+}
+
+impl HistoryEntry {
+    /// A step `what` by `by` at attempt `attempt`, now-stamped by the caller (`at`).
+    pub fn new(at: String, what: &str, by: String, attempt: u32) -> Self {
+        Self {
+            at,
+            what: what.to_owned(),
+            by,
+            attempt: Some(attempt),
+            error: None,
+            note: None,
+        }
+    }
+}
+
+/// The steps of an automatic repair, which are not announced on their own: a lineage's `delegated`
+/// and `repaired` steps travel in its history and are announced, with their attempts, in the
+/// `steps` of the announcement that ends or parks it (SPEC §2).
+pub const UNANNOUNCED: [&str; 2] = ["delegated", "repaired"];
+
+/// Each step of `history` with its attempt: recorded, or, for a step written without one, counted
+/// from the steps before it (attempt 1 first; a `repaired` or `resubmitted` step makes the next
+/// attempt, every other step belongs to the current one).
+pub fn attempts(history: &[HistoryEntry]) -> impl Iterator<Item = (u32, &HistoryEntry)> {
+    let mut current = 1u32;
+    history.iter().map(move |entry| {
+        let makes_next = matches!(entry.what.as_str(), "repaired" | "resubmitted");
+        let attempt = entry.attempt.unwrap_or(if makes_next {
+            current.saturating_add(1)
+        } else {
+            current
+        });
+        current = attempt;
+        (attempt, entry)
+    })
+}
+
+/// The unannounced steps of `history` ([`UNANNOUNCED`]), each with its attempt set.
+pub fn unannounced_steps(history: &[HistoryEntry]) -> Vec<HistoryEntry> {
+    attempts(history)
+        .filter(|(_, e)| UNANNOUNCED.contains(&e.what.as_str()))
+        .map(|(attempt, e)| HistoryEntry {
+            attempt: Some(attempt),
+            ..e.clone()
+        })
+        .collect()
 }
 
 /// The header an envelope made to fit names the headers it left out in (a `Mend-` header, so a
@@ -354,6 +406,7 @@ pub fn bound_history(history: &mut Vec<HistoryEntry>, limit: usize) {
             at,
             what: OMITTED.to_owned(),
             by: "mend".to_owned(),
+            attempt: None,
             error: None,
             note: Some(format!(
                 "{omitted} steps left out to keep the history under {limit} bytes"
@@ -436,9 +489,48 @@ mod tests {
             }
             .into(),
             by: format!("step-{i}"),
+            attempt: None,
             error: Some(error),
             note: None,
         }
+    }
+
+    #[test]
+    fn steps_written_without_an_attempt_are_counted_from_the_steps_before_them() {
+        let at = |s: u32| format!("2026-11-22T10:00:{s:02}Z");
+        let mut history = vec![
+            HistoryEntry::new(at(0), "delegated", "sidecar".into(), 1),
+            HistoryEntry::new(at(1), "repaired", "rule:a".into(), 2),
+            HistoryEntry::new(at(2), "delegated", "sidecar".into(), 2),
+            HistoryEntry::new(at(3), "parked", "processor".into(), 2),
+            HistoryEntry::new(at(4), "resubmitted", "ann".into(), 3),
+            HistoryEntry::new(at(5), "delegated", "sidecar".into(), 3),
+            HistoryEntry::new(at(6), "repaired", "rule:b".into(), 4),
+        ];
+        let recorded: Vec<u32> = attempts(&history).map(|(a, _)| a).collect();
+        assert_eq!(recorded, [1, 2, 2, 2, 3, 3, 4]);
+        for e in &mut history {
+            e.attempt = None;
+        }
+        let counted: Vec<u32> = attempts(&history).map(|(a, _)| a).collect();
+        assert_eq!(counted, recorded);
+        // A recorded attempt resets the count for the steps after it.
+        history[4].attempt = Some(7);
+        let counted: Vec<u32> = attempts(&history).map(|(a, _)| a).collect();
+        assert_eq!(counted, [1, 2, 2, 2, 7, 7, 8]);
+        let steps = unannounced_steps(&history);
+        let kinds: Vec<(&str, Option<u32>)> =
+            steps.iter().map(|e| (e.what.as_str(), e.attempt)).collect();
+        assert_eq!(
+            kinds,
+            [
+                ("delegated", Some(1)),
+                ("repaired", Some(2)),
+                ("delegated", Some(2)),
+                ("delegated", Some(7)),
+                ("repaired", Some(8))
+            ]
+        );
     }
 
     fn json_len(history: &[HistoryEntry]) -> usize {

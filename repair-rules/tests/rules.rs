@@ -39,6 +39,7 @@ fn history(what: &str, by: &str, code: Option<&str>) -> HistoryEntry {
         at: "2026-11-22T10:00:00Z".into(),
         what: what.into(),
         by: by.into(),
+        attempt: None,
         error: code.map(|c| {
             let mut e =
                 repair_rules::FailureError::bare(repair_rules::ErrorKind::Message, Some(422));

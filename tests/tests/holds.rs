@@ -148,6 +148,24 @@ async fn keys_keep_their_order_through_repairs_and_flaky_answers() -> anyhow::Re
         .filter(|n| repairable(*n))
         .count();
     assert!(resolved.len() >= repaired, "{} resolved", resolved.len());
+    // A repaired lineage's resolution carries its delegation and repair as steps, with their
+    // attempts: the dashboard's timeline and rule counts come from them.
+    let carried = resolved
+        .iter()
+        .find(|e| e["data"]["attempt"] == 2)
+        .expect("a resolved repair");
+    let steps: Vec<(&str, u64)> = carried["data"]["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            (
+                s["what"].as_str().unwrap_or(""),
+                s["attempt"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(steps, [("delegated", 1), ("repaired", 2)], "{carried}");
     assert!(!s.log().contains("panicked"));
     Ok(())
 }

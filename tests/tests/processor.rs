@@ -181,8 +181,19 @@ async fn repairs_go_back_on_the_retry_subject_and_the_rest_is_parked() -> anyhow
         "{raw:?}"
     );
 
-    assert_eq!(js::events(&js, "orders", "repaired").await?.len(), 2);
-    assert_eq!(js::events(&js, "orders", "parked").await?.len(), 4);
+    // Repairs are not announced on their own: each travels in its retry's history, with the attempt
+    // it made, to be announced with the transition that ends or parks the lineage.
+    assert!(js::events(&js, "orders", "repaired").await?.is_empty());
+    assert_eq!(history[1].attempt, Some(2));
+    let parked_events = js::events(&js, "orders", "parked").await?;
+    assert_eq!(parked_events.len(), 4);
+    // A parking carries the lineage's delegation as a step, with its attempt.
+    let of_unknown = parked_events
+        .iter()
+        .find(|e| e["data"]["id"] == "ORDERS:2")
+        .expect("parked event of ORDERS:2");
+    assert_eq!(of_unknown["data"]["steps"][0]["what"], "delegated");
+    assert_eq!(of_unknown["data"]["steps"][0]["attempt"], 1);
     js::consumer_drained(&js, "MEND_FAILED", "mend-processor", TEST_TIMEOUT).await?;
     Ok(())
 }

@@ -44,13 +44,16 @@ pub struct HoldsPage {
     pub nav: Nav,
     pub holds: Vec<HoldRow>,
     pub can_act: bool,
-    /// The listing stopped at its limit.
-    pub truncated: bool,
+    /// The next page's address, when there are more held keys.
+    pub next: Option<String>,
+    /// Held keys in all (of the service asked for).
+    pub total: usize,
 }
 
 #[derive(Deserialize)]
 struct HoldsQuery {
     service: Option<String>,
+    cursor: Option<String>,
     done: Option<String>,
 }
 
@@ -60,20 +63,33 @@ async fn list(
     Query(q): Query<HoldsQuery>,
 ) -> Response {
     let service = q.service.as_deref().and_then(non_empty);
-    let holds = match crate::holds::list(&s.js, service).await {
-        Ok(h) => h,
-        Err(e) => {
-            return error_page(
-                Some(&who),
-                ApiError::unavailable(format!("cannot read holds: {e}")),
-                "/",
-            );
-        }
+    let cursor = q.cursor.as_deref().and_then(non_empty);
+    let listed = async {
+        let page = s
+            .holds
+            .page(&s.js, service, crate::holds::DEFAULT_PAGE, cursor)
+            .await?;
+        let summary = s.holds.summary(service).await?;
+        Ok::<_, crate::holds::HoldsError>((page, summary))
     };
+    let (page, summary) = match listed.await {
+        Ok(listed) => listed,
+        Err(e) => return error_page(Some(&who), ApiError::holds(e), "/holds"),
+    };
+    let next = page.next_cursor.map(|c| {
+        let mut url = url::form_urlencoded::Serializer::new(String::new());
+        if let Some(service) = service {
+            url.append_pair("service", service);
+        }
+        url.append_pair("cursor", &c);
+        format!("/holds?{}", url.finish())
+    });
     HoldsPage {
         nav: Nav::new(&who, "holds").with_done(q.done.as_deref()),
-        truncated: holds.len() >= crate::holds::MAX_LISTED,
-        holds: holds
+        next,
+        total: summary.held_keys,
+        holds: page
+            .items
             .into_iter()
             .map(|h| HoldRow {
                 age: age(h.age_seconds),

@@ -323,7 +323,7 @@ async fn act(
     }
 }
 
-/// Publishes the repaired message to the service's retry subject, then announces `repaired`.
+/// Publishes the repaired message to the service's retry subject.
 async fn retry(
     p: &Processor,
     envelope: &FailureEnvelope,
@@ -336,6 +336,7 @@ async fn retry(
         at: publish::now(),
         what: "repaired".into(),
         by: format!("rule:{rule}"),
+        attempt: Some(attempt),
         error: None,
         note: None,
     };
@@ -403,14 +404,9 @@ async fn retry(
             .await;
         }
     }
-    announce(
-        p,
-        envelope,
-        "repaired",
-        attempt,
-        json!({ "rule": rule, "key": envelope.key, "subject": envelope.subject }),
-    )
-    .await
+    // Not announced on its own: the step travels in the retry's history and is announced with the
+    // transition that ends or parks the lineage (SPEC §2).
+    Ok(())
 }
 
 /// A history with one more step, serialized as one JSON array without copying the history.
@@ -436,6 +432,7 @@ async fn park(
         at: publish::now(),
         what: "parked".into(),
         by: rule.map_or_else(|| "processor".to_owned(), |r| format!("rule:{r}")),
+        attempt: Some(envelope.attempt),
         error: None,
         note: Some(format!("{reason}: {message}")),
     });
@@ -489,7 +486,9 @@ async fn park(
         envelope,
         "parked",
         envelope.attempt,
-        json!({ "reason": reason.as_str(), "rule": rule, "message": message, "key": envelope.key, "subject": envelope.subject }),
+        json!({ "reason": reason.as_str(), "rule": rule, "message": message, "key": envelope.key,
+                "subject": envelope.subject,
+                "steps": repair_rules::envelope::unannounced_steps(&envelope.history) }),
     )
     .await
 }

@@ -159,6 +159,11 @@ pub async fn failure(
             }
         }
     }
+    if to == Destination::Failed {
+        // A delegation is not announced on its own: its step travels in the lineage's history and
+        // is announced with the transition that ends or parks the lineage (SPEC §2).
+        return Ok(());
+    }
     announce(
         rt,
         what,
@@ -168,7 +173,9 @@ pub async fn failure(
     .await
 }
 
-/// Announces `kind` for delivery `d` (with `extra` data) before the caller acks the original.
+/// Announces `kind` for delivery `d` (with `extra` data) before the caller acks the original. An
+/// announcement that ends or parks the lineage (`resolved`, `parked`, `dropped`) carries the
+/// lineage's unannounced steps (its delegations and repairs, from its history) as `steps`.
 pub async fn announce(
     rt: &BindingRuntime,
     kind: &str,
@@ -182,6 +189,12 @@ pub async fn announce(
     });
     if let (Some(data), Value::Object(extra)) = (data.as_object_mut(), extra) {
         data.extend(extra);
+    }
+    if matches!(kind, "resolved" | "parked" | "dropped") {
+        let steps = repair_rules::envelope::unannounced_steps(&d.history);
+        if let (Some(data), false) = (data.as_object_mut(), steps.is_empty()) {
+            data.insert("steps".into(), json!(steps));
+        }
     }
     let event = publish::Event {
         service: &rt.service,
@@ -248,6 +261,7 @@ pub(crate) fn envelope(
                 at,
                 what: what.to_owned(),
                 by: "sidecar".to_owned(),
+                attempt: Some(d.meta.attempt),
                 error: Some(error),
                 note: None,
             });

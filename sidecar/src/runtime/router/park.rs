@@ -80,6 +80,7 @@ pub(crate) async fn park_unroutable(router: &Router, msg: Message, detail: &str)
         at,
         what: "parked".into(),
         by: "sidecar".into(),
+        attempt: Some(envelope.attempt),
         error: None,
         note: None,
     });

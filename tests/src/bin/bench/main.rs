@@ -22,6 +22,8 @@
 //! `mend-bench --held-keys K`: only holds at scale: a sidecar starting with K held keys (time to
 //! ready, memory, how soon a message of another key gets through) and the dashboard's holds pages.
 
+mod holds_floor;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -179,6 +181,7 @@ async fn main() -> anyhow::Result<()> {
     processor.ready().await?;
     let h = n.min(50_000);
     let (mut clean, mut failing, mut costs) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut floor_clean, mut floor_failing) = (Vec::new(), Vec::new());
     for round in 0..ROUNDS {
         let others = [("processor", processor.pid()), ("app", app.pid())];
         let c0 = holds_run(&monitored, &js, &app, h, keys, 0, round, &others).await?;
@@ -186,11 +189,15 @@ async fn main() -> anyhow::Result<()> {
         let (r0, r5) = (rate(h, c0.took), rate(h, c5.took));
         eprintln!("holds: 0% failures {r0:.0} msg/s, 5% repairable failures {r5:.0} msg/s");
         eprintln!("  {}", per_failure(&c0, &c5));
+        let (f0, f5) = floor_pair(&monitored, &js, &client, &app, h, keys, round).await?;
         clean.push(r0);
         failing.push(r5);
+        floor_clean.push(f0);
+        floor_failing.push(f5);
         costs.push((r5 / r0, per_failure(&c0, &c5)));
     }
     let (r0, r5) = (median(&mut clean), median(&mut failing));
+    let (f0, f5) = (median(&mut floor_clean), median(&mut floor_failing));
     // The cost of the round whose ratio is the median.
     costs.sort_by(|a, b| a.0.total_cmp(&b.0));
     let cost = costs
@@ -260,6 +267,12 @@ async fn main() -> anyhow::Result<()> {
          5% repairable failures {r5:.0} msg/s, ratio {:.2} (target >= 0.8)",
         r5 / r0
     );
+    println!(
+        "holds floor (a hand-written sidecar and repairer doing the same broker work, nothing else): \
+         0% {f0:.0} msg/s, 5% {f5:.0} msg/s, its ratio {:.2}; mend at 5% against the floor at 5%: {:.2} (target >= 0.8)",
+        f5 / f0,
+        r5 / f5
+    );
     println!("{cost} (the round of the median ratio)");
     println!(
         "a 10000-message hold: appended at {append_rate:.0} msg/s, released at {release_rate:.0} msg/s"
@@ -271,7 +284,8 @@ async fn main() -> anyhow::Result<()> {
 async fn holds_only(n: usize, keys: usize, rounds: usize) -> anyhow::Result<()> {
     let monitored = Monitored::start().await?;
     let nats = &monitored.server;
-    let js = jetstream::new(nats.client().await?);
+    let client = nats.client().await?;
+    let js = jetstream::new(client.clone());
     let app = NoopApp::start().await?;
     let (_rules_dir, rules) = any_service_rules()?;
     let processor = MendProcess::start(
@@ -290,6 +304,13 @@ async fn holds_only(n: usize, keys: usize, rounds: usize) -> anyhow::Result<()> 
             r5 / r0
         );
         println!("{}", per_failure(&c0, &c5));
+        let (f0, f5) = floor_pair(&monitored, &js, &client, &app, n, keys, round).await?;
+        println!(
+            "floor (hand-written, the same broker work): 0% {f0:.0} msg/s, 5% {f5:.0} msg/s, ratio {:.2}; \
+             mend at 5% against it: {:.2}",
+            f5 / f0,
+            r5 / f5
+        );
     }
     drop(processor);
     let (append_rate, release_rate) = big_hold(nats, &js, &app, 10_000).await?;
@@ -297,11 +318,43 @@ async fn holds_only(n: usize, keys: usize, rounds: usize) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// The floor of a holds round: the hand-written sidecar and repairer at 0% and at 5% (msg/s).
+#[allow(clippy::too_many_arguments)]
+async fn floor_pair(
+    nats: &Monitored,
+    js: &jetstream::Context,
+    client: &async_nats::Client,
+    app: &NoopApp,
+    n: usize,
+    keys: usize,
+    round: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let f0 = holds_floor::run(nats, js, client, app, n, keys, 0, round).await?;
+    let f5 = holds_floor::run(nats, js, client, app, n, keys, 5, round).await?;
+    let per = |run: &holds_floor::FloorRun| {
+        run.cpu
+            .iter()
+            .map(|(name, d)| format!("{name} {:.0}", d.as_secs_f64() * 1e6 / n as f64))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    eprintln!(
+        "  floor: 0% {:.0} msg/s (CPU µs per message: {}), 5% {:.0} msg/s ({})",
+        rate(n, f0.took),
+        per(&f0),
+        rate(n, f5.took),
+        per(&f5)
+    );
+    Ok((rate(n, f0.took), rate(n, f5.took)))
+}
+
 /// `--held-keys K`: K keys held (entries in `mend_holds`, as a sidecar writes them, each with its
-/// head out for repair) when a sidecar starts. Prints how long it takes to be ready (it loads every
-/// hold first), its memory then and a minute on, how soon a message of a key that is not held gets
-/// through, and what the dashboard's holds pages take to answer.
+/// head out for repair and one message waiting in its hold queue) when a sidecar starts. Prints how
+/// long it takes to be ready (it loads every hold first), its memory then and a minute on, how soon
+/// a message of a key that is not held gets through, what the dashboard's overview and holds pages
+/// take to answer, and how fast every key is released once its head's retry comes back.
 async fn holds_at_scale(k: usize) -> anyhow::Result<()> {
+    use repair_rules::headers::Lineage;
     use repair_rules::holds::{Hold, HoldState};
     use repair_rules::identity::{buckets, subjects};
     let nats = Monitored::start().await?;
@@ -316,10 +369,32 @@ async fn holds_at_scale(k: usize) -> anyhow::Result<()> {
     let service = "held";
     let kv = js.get_key_value(buckets::HOLDS).await?;
     let since = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
+    let key_of = |i: usize| repair_rules::MessageKey(format!("k{i}"));
+    // The message of key i that waits: lineage HELD:<k+i+1>, behind the head HELD:<i+1>.
+    let lineage_headers = |i: usize, id: &str, attempt: u32, hold_since: Option<&str>| {
+        let key = key_of(i);
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Account-Id", key.0.as_str());
+        h.insert("Content-Type", "application/json");
+        Lineage {
+            id,
+            service,
+            attempt,
+            original_subject: "held.m",
+            key: Some(&key),
+            repaired_by: (attempt > 1).then_some("amount-as-number"),
+            resubmitted_by: None,
+            hold_since,
+            history: None,
+        }
+        .write(|name, value| h.insert(name, value));
+        h
+    };
+    let body = |i: usize| Bytes::from(format!(r#"{{"key":"k{i}","amount":12.5}}"#));
     let started = Instant::now();
     let mut puts = FuturesUnordered::new();
     for i in 0..k {
-        let key = repair_rules::MessageKey(format!("k{i}"));
+        let key = key_of(i);
         let hold = Hold {
             service: service.into(),
             binding: service.into(),
@@ -342,8 +417,16 @@ async fn holds_at_scale(k: usize) -> anyhow::Result<()> {
         }
     }
     while puts.next().await.transpose()?.is_some() {}
+    let waiting: Vec<Out> = (0..k)
+        .map(|i| Out {
+            subject: subjects::hold(service, &key_of(i).token()),
+            headers: lineage_headers(i, &format!("HELD:{}", k + i + 1), 1, Some(&since)),
+            payload: body(i),
+        })
+        .collect();
+    js::publish_all(&js, waiting).await?;
     eprintln!(
-        "{k} hold entries written in {:.1} s",
+        "{k} hold entries and {k} held messages written in {:.1} s",
         started.elapsed().as_secs_f64()
     );
 
@@ -388,25 +471,108 @@ async fn holds_at_scale(k: usize) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(60)).await;
     let rss_later = sidecar.pid().and_then(peak_rss_kib).unwrap_or(0);
 
+    // The dashboard: its first answer waits for its first read of the bucket; later ones are
+    // served from what it follows.
+    let started = Instant::now();
     let dashboard = mend_e2e::dashboard::Dashboard::start(&nats.server.url(), "").await?;
-    let mut pages = Vec::new();
-    for path in ["/api/holds", &format!("/api/holds?service={service}")] {
-        let t = Instant::now();
-        let body = dashboard.ok(path).await?;
-        let listed = body["items"].as_array().map_or(0, Vec::len);
+    let first = dashboard.ok("/api/holds").await?;
+    let first_answer = started.elapsed();
+    anyhow::ensure!(
+        first["items"].as_array().map_or(0, Vec::len) == mend_dashboard::holds::DEFAULT_PAGE,
+        "the first page of holds is not full: {first}"
+    );
+    let mut pages = vec![format!(
+        "first answer {:.0} ms after start (its read of {k} entries)",
+        first_answer.as_secs_f64() * 1e3
+    )];
+    let mut slowest = Duration::ZERO;
+    let cursor = first["next_cursor"].as_str().unwrap_or_default().to_owned();
+    for path in [
+        "/api/overview".to_owned(),
+        "/api/holds".to_owned(),
+        format!("/api/holds?cursor={cursor}"),
+        format!("/api/holds?service={service}&limit=1000"),
+    ] {
+        let mut took = Vec::new();
+        let mut body = serde_json::Value::Null;
+        for _ in 0..5 {
+            let t = Instant::now();
+            body = dashboard.ok(&path).await?;
+            took.push(t.elapsed());
+        }
+        let worst = took.iter().max().copied().unwrap_or_default();
+        slowest = slowest.max(worst);
+        let what = match body["items"].as_array() {
+            Some(items) => format!("{} listed", items.len()),
+            None => format!("{} held keys", body["held_keys"]),
+        };
+        let path = path.split("cursor=").next().unwrap_or_default();
         pages.push(format!(
-            "{path} {:.0} ms ({listed} listed)",
-            t.elapsed().as_secs_f64() * 1e3
+            "{path}{} worst of 5 {:.0} ms ({what})",
+            if path.ends_with('?') {
+                "cursor=…"
+            } else {
+                ""
+            },
+            worst.as_secs_f64() * 1e3
         ));
     }
+    anyhow::ensure!(
+        first["items"][0]["count"] == 1,
+        "a held key's queue is not counted: {}",
+        first["items"][0]
+    );
+
+    // Every head's retry comes back: each key's retry is delivered, then its waiting message.
+    let started = Instant::now();
+    let retries: Vec<Out> = (0..k)
+        .map(|i| Out {
+            subject: subjects::retry(service),
+            headers: lineage_headers(i, &format!("HELD:{}", i + 1), 2, None),
+            payload: body(i),
+        })
+        .collect();
+    js::publish_all(&js, retries).await?;
+    loop {
+        let held = js
+            .get_stream("MEND_HOLD")
+            .await?
+            .info()
+            .await?
+            .state
+            .messages;
+        let mut retry: PullConsumer = js
+            .get_stream("MEND_RETRY")
+            .await?
+            .get_consumer(&format!("mend-{service}-retry"))
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let info = retry.info().await?.clone();
+        if held == 0 && info.num_pending == 0 && info.num_ack_pending == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(1800),
+            "the holds were not all released: {held} messages still held"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let released = started.elapsed();
+    let overview = dashboard.ok("/api/overview").await?;
     println!(
-        "{k} held keys: sidecar ready after {:.1} s (every hold loaded), peak RSS {:.1} MiB then, {:.1} MiB a minute on; \
-         a message of a free key through {:.0} ms after it was published; dashboard: {}",
+        "{k} held keys (one message waiting each): sidecar ready after {:.1} s (every hold loaded), peak RSS {:.1} MiB then, \
+         {:.1} MiB a minute on (targets <= 10 s, <= 80 MiB); a message of a free key through {:.0} ms after it was published; \
+         dashboard: {}; slowest page {:.0} ms (target <= 200 ms); every head's retry and every waiting message delivered, \
+         every hold removed in {:.1} s: {:.0} keys released per second (target >= 5000); then the overview counts {} held keys",
         ready.as_secs_f64(),
         rss_ready as f64 / 1024.0,
         rss_later as f64 / 1024.0,
         free_key.as_secs_f64() * 1e3,
-        pages.join(", ")
+        pages.join(", "),
+        slowest.as_secs_f64() * 1e3,
+        released.as_secs_f64(),
+        k as f64 / released.as_secs_f64(),
+        overview["held_keys"]
     );
     drop(sidecar);
     shutdown.cancel();
@@ -433,20 +599,7 @@ async fn holds_run(
     let name = format!("HOLDS{percent}R{round}");
     let subject = format!("holds{percent}r{round}");
     js::app_stream(js, &name, &[&format!("{subject}.>")]).await?;
-    let mut msgs = messages(&format!("{subject}.m"), n, keys);
-    let mut failures = 0;
-    for (i, m) in msgs.iter_mut().enumerate() {
-        // Spread over keys and time (a plain `i % 20` would pick whole keys).
-        let draw = ((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) % 100;
-        if draw < percent as u64 {
-            failures += 1;
-            let key = format!("k{}", i % keys.max(1));
-            m.payload = Bytes::from(
-                serde_json::json!({"key": key, "n": i, "amount": "12.50", "pad": "x".repeat(200)})
-                    .to_string(),
-            );
-        }
-    }
+    let (msgs, failures) = holds_messages(&format!("{subject}.m"), n, keys, percent);
     js::publish_all(js, msgs).await?;
     let service = name.to_lowercase();
     let config = sidecar_config(
@@ -527,6 +680,26 @@ async fn holds_run(
     eprintln!("{line}");
     sidecar.terminate(Duration::from_secs(30)).await?;
     Ok(cost)
+}
+
+/// `n` messages over `keys` keys, `percent` of them with a string amount (the no-op app answers
+/// 422, the example rules repair it), spread over keys and time; and how many that is.
+fn holds_messages(subject: &str, n: usize, keys: usize, percent: usize) -> (Vec<Out>, usize) {
+    let mut msgs = messages(subject, n, keys);
+    let mut failures = 0;
+    for (i, m) in msgs.iter_mut().enumerate() {
+        // Spread over keys and time (a plain `i % 20` would pick whole keys).
+        let draw = ((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) % 100;
+        if draw < percent as u64 {
+            failures += 1;
+            let key = format!("k{}", i % keys.max(1));
+            m.payload = Bytes::from(
+                serde_json::json!({"key": key, "n": i, "amount": "12.50", "pad": "x".repeat(200)})
+                    .to_string(),
+            );
+        }
+    }
+    (msgs, failures)
 }
 
 /// What a holds run cost.
@@ -859,8 +1032,8 @@ async fn processor_alone(
 }
 
 /// The processor's broker work with nothing else, hand-written: `m` envelopes waiting on a work queue,
-/// 256 in flight; each is answered with a publish of a repaired message (10 headers, awaited), a
-/// publish of a CloudEvent (awaited), both with a `Nats-Msg-Id`, then an unconfirmed ack: the
+/// 256 in flight; each is answered with a publish of a repaired message (10 headers, awaited, with a
+/// `Nats-Msg-Id`; a repair is not announced on its own), then an unconfirmed ack: the
 /// ceiling this machine and server put on any processor that keeps SPEC §6's order of steps. No JSON
 /// is parsed and no rule runs. Returns the duration and the server's and this process's CPU time
 /// over the run.
@@ -876,7 +1049,6 @@ async fn processor_floor(
     for (name, subject, retention) in [
         ("FLOOR_FAILED", "floor.failed.>", RetentionPolicy::WorkQueue),
         ("FLOOR_RETRY", "floor.retry.>", RetentionPolicy::WorkQueue),
-        ("FLOOR_EVENTS", "floor.events.>", RetentionPolicy::Limits),
     ] {
         js.get_or_create_stream(Config {
             name: name.into(),
@@ -930,9 +1102,6 @@ async fn processor_floor(
         r#"{{"account":"acct-7","amount":12.5,"currency":"USD","pad":"{}"}}"#,
         "x".repeat(120)
     ));
-    let event = Bytes::from(
-        r#"{"specversion":"1.0","id":"BENCHF:1:2:repaired","source":"urn:mend:processor","type":"mend.repaired","subject":"BENCHF:1","time":"2026-11-22T10:00:01.000Z","datacontenttype":"application/json","data":{"service":"orders","id":"BENCHF:1","attempt":2,"rule":"amount-as-number","key":"k1","subject":"orders.created"}}"#,
-    );
     let server_cpu = nats.pid().and_then(cpu_time).unwrap_or_default();
     let own_cpu = cpu_time(std::process::id()).unwrap_or_default();
     let started = Instant::now();
@@ -946,12 +1115,11 @@ async fn processor_floor(
                 .await
                 .context("stream ended")?
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let (js, client, headers, repaired, event) = (
+            let (js, client, headers, repaired) = (
                 js.clone(),
                 client.clone(),
                 headers.clone(),
                 repaired.clone(),
-                event.clone(),
             );
             running.spawn(async move {
                 let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
@@ -971,16 +1139,6 @@ async fn processor_floor(
                     format!("F{round}:{seq}:2:retry"),
                     headers,
                     repaired,
-                )
-                .await?;
-                let mut eh = async_nats::HeaderMap::new();
-                eh.insert("Content-Type", "application/cloudevents+json");
-                eh.insert("Mend-Id", "BENCHF:1");
-                publish(
-                    "floor.events.orders.repaired",
-                    format!("F{round}:{seq}:2:repaired"),
-                    eh,
-                    event,
                 )
                 .await?;
                 if let Some(reply) = msg.reply.clone() {
@@ -1224,42 +1382,8 @@ async fn looped(
             (http.clone(), client.clone(), url.to_owned(), source.clone());
         let stream = stream.to_owned();
         async move {
-            // The headers SPEC §4 asks of any deliverer: the message's own, CloudEvents, Mend-*,
-            // built as cheaply as we know how (static names, each value made once).
-            use reqwest::header::{HeaderMap, HeaderName as N, HeaderValue as V};
             let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
-            let id = V::from_str(&format!("{stream}:{seq}")).unwrap_or(V::from_static(""));
-            let subject = V::from_str(m.subject.as_str()).unwrap_or(V::from_static(""));
-            let mut h = HeaderMap::with_capacity(32);
-            h.insert(
-                N::from_static("content-type"),
-                V::from_static("application/json"),
-            );
-            h.insert(N::from_static("ce-specversion"), V::from_static("1.0"));
-            h.insert(N::from_static("ce-id"), id.clone());
-            h.insert(N::from_static("ce-source"), source.clone());
-            h.insert(N::from_static("ce-type"), subject.clone());
-            h.insert(N::from_static("mend-id"), id);
-            h.insert(N::from_static("mend-service"), V::from_static("bench"));
-            h.insert(N::from_static("mend-attempt"), V::from_static("1"));
-            h.insert(N::from_static("mend-original-subject"), subject);
-            if let Some(nats) = &m.headers {
-                for (k, vs) in nats.iter() {
-                    if let (Ok(k), Ok(v)) = (
-                        N::from_bytes(k.to_string().as_bytes()),
-                        V::from_str(vs[0].as_str()),
-                    ) {
-                        h.insert(k, v);
-                    }
-                }
-                if let Some(key) = nats
-                    .get("Account-Id")
-                    .and_then(|k| V::from_str(k.as_str()).ok())
-                {
-                    h.insert(N::from_static("ce-subject"), key.clone());
-                    h.insert(N::from_static("mend-key"), key);
-                }
-            }
+            let h = app_headers(&format!("{stream}:{seq}"), &source, &m);
             let req = http.post(url).headers(h).body(m.payload.clone());
             let ok = req
                 .send()
@@ -1300,6 +1424,50 @@ async fn looped(
         }
     }
     Ok(started.elapsed())
+}
+
+/// The headers SPEC §4 asks of any deliverer for message `m` of lineage `id`: the message's own,
+/// CloudEvents, Mend-*, built as cheaply as we know how (static names, each value made once). A
+/// retry (it has `Mend-Id`) keeps its lineage's.
+fn app_headers(
+    id: &str,
+    source: &reqwest::header::HeaderValue,
+    m: &async_nats::Message,
+) -> reqwest::header::HeaderMap {
+    use reqwest::header::{HeaderMap, HeaderName as N, HeaderValue as V};
+    let id = V::from_str(id).unwrap_or(V::from_static(""));
+    let subject = V::from_str(m.subject.as_str()).unwrap_or(V::from_static(""));
+    let mut h = HeaderMap::with_capacity(32);
+    h.insert(
+        N::from_static("content-type"),
+        V::from_static("application/json"),
+    );
+    h.insert(N::from_static("ce-specversion"), V::from_static("1.0"));
+    h.insert(N::from_static("ce-id"), id.clone());
+    h.insert(N::from_static("ce-source"), source.clone());
+    h.insert(N::from_static("ce-type"), subject.clone());
+    h.insert(N::from_static("mend-id"), id);
+    h.insert(N::from_static("mend-service"), V::from_static("bench"));
+    h.insert(N::from_static("mend-attempt"), V::from_static("1"));
+    h.insert(N::from_static("mend-original-subject"), subject);
+    if let Some(nats) = &m.headers {
+        for (k, vs) in nats.iter() {
+            if let (Ok(k), Ok(v)) = (
+                N::from_bytes(k.to_string().as_bytes()),
+                V::from_str(vs[0].as_str()),
+            ) {
+                h.insert(k, v);
+            }
+        }
+        if let Some(key) = nats
+            .get("Account-Id")
+            .and_then(|k| V::from_str(k.as_str()).ok())
+        {
+            h.insert(N::from_static("ce-subject"), key.clone());
+            h.insert(N::from_static("mend-key"), key);
+        }
+    }
+    h
 }
 
 /// Publishes one message at a time on `subject` and measures publish → app receipt.
