@@ -884,12 +884,14 @@ async fn a_resubmission_and_a_discard_of_one_message_at_once_cannot_both_happen(
     );
 }
 
+/// The held keys are followed from the bucket (not read per request): listed oldest first over
+/// every entry, page by page, and a change to an entry shows without a restart.
 #[tokio::test]
-async fn the_held_keys_list_is_oldest_first_over_every_entry() {
+async fn the_held_keys_list_is_oldest_first_over_every_entry_page_by_page() {
     let world = World::new().await.unwrap();
     let d = Dashboard::start(&world.nats.url(), "").await.unwrap();
     let kv = world.js.get_key_value("mend_holds").await.unwrap();
-    let n = mend_dashboard::holds::MAX_LISTED + 200;
+    let n = 1200;
     let entry = |key: &str, since: &str, state: &str| {
         json!({
             "service": "app", "binding": "app", "partition": 0, "key": key, "head": format!("APP:{key}"),
@@ -920,15 +922,69 @@ async fn the_held_keys_list_is_oldest_first_over_every_entry() {
             ack.unwrap();
         }
     }
-    let holds = d.ok("/api/holds?service=app").await.unwrap();
-    let items = holds["items"].as_array().cloned().unwrap_or_default();
-    assert_eq!(items.len(), mend_dashboard::holds::MAX_LISTED);
-    assert_eq!(items[0]["key"], "zz-oldest", "{}", items[0]);
-    assert!(items.iter().all(|h| h["key"] != "zz-done"));
+    // Every held key, in pages of 500, each once, the oldest first.
+    let listed = wait::until("every held key listed", TEST_TIMEOUT, || {
+        let d = &d;
+        async move {
+            let mut keys = Vec::new();
+            let mut path = "/api/holds?service=app&limit=500".to_owned();
+            loop {
+                let page = d.ok(&path).await?;
+                let items = page["items"].as_array().cloned().unwrap_or_default();
+                anyhow::ensure!(items.len() <= 500, "a page over its limit");
+                keys.extend(
+                    items
+                        .iter()
+                        .map(|h| h["key"].as_str().unwrap_or("").to_owned()),
+                );
+                match page["next_cursor"].as_str() {
+                    Some(c) => path = format!("/api/holds?service=app&limit=500&cursor={c}"),
+                    None => break,
+                }
+            }
+            Ok((keys.len() > n).then_some(keys))
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(listed.len(), n + 1);
+    assert_eq!(listed[0], "zz-oldest");
+    assert!(!listed.iter().any(|k| k == "zz-done"));
+    let distinct: std::collections::HashSet<&String> = listed.iter().collect();
+    assert_eq!(distinct.len(), n + 1, "a key listed twice");
     let overview = d.ok("/api/overview").await.unwrap();
-    assert_eq!(
-        overview["held_keys"],
-        mend_dashboard::holds::MAX_LISTED,
-        "{overview}"
-    );
+    assert_eq!(overview["held_keys"], n + 1, "{overview}");
+
+    // Followed: the oldest resolved, a new one held; no restart.
+    kv.put(
+        format!("app.{}", token("zz-oldest")),
+        entry("zz-oldest", "2026-11-01T00:00:00Z", "resolved").into(),
+    )
+    .await
+    .unwrap();
+    kv.put(
+        format!("app.{}", token("new")),
+        entry("new", "2026-10-15T00:00:00Z", "held").into(),
+    )
+    .await
+    .unwrap();
+    wait::until("the changes followed", TEST_TIMEOUT, || {
+        let d = &d;
+        async move {
+            let page = d.ok("/api/holds?limit=1").await?;
+            Ok((page["items"][0]["key"] == "new").then_some(()))
+        }
+    })
+    .await
+    .unwrap();
+    // A cursor this dashboard did not give, and a limit out of range, are the caller's errors.
+    for path in [
+        "/api/holds?cursor=not-one",
+        "/api/holds?limit=0",
+        "/api/holds?limit=1001",
+    ] {
+        let (status, body) = d.get(path, Some(OPERATOR_TOKEN)).await.unwrap();
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {body}");
+        assert_eq!(body["error"]["code"], "bad_request", "{path}: {body}");
+    }
 }

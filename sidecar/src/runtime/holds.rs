@@ -482,6 +482,16 @@ impl Holds {
         self.next(key, start).await
     }
 
+    /// Whether the queue of `key` has a message at the release's read position, read once: the
+    /// release's next [`Holds::first`] takes it without reading again.
+    pub async fn has_first(&self, key: &MessageKey) -> Result<bool, HoldError> {
+        let Some(msg) = self.first(key).await? else {
+            return Ok(false);
+        };
+        self.state().next.insert(key.clone(), msg);
+        Ok(true)
+    }
+
     /// The first message of the hold queue of `key` at or after stream sequence `from`.
     pub async fn next(
         &self,
@@ -511,6 +521,17 @@ impl Holds {
     /// Reads the message of the hold queue of `key` after `seq` ahead of the release's next step
     /// (while the current one is being delivered).
     pub async fn prefetch(&self, key: &MessageKey, seq: u64) {
+        {
+            // Nothing counted after the one being delivered: nothing to read ahead (the next step
+            // reads for itself: a copy appended late by an instance that lost the key is not
+            // counted, so the count may not say "empty").
+            let state = self.state();
+            let queued = state.queued.get(key).copied().unwrap_or(0);
+            let done = state.done.get(key).copied().unwrap_or(0);
+            if queued <= done + 1 {
+                return;
+            }
+        }
         let subject = subjects::hold(&self.service, &key.token());
         // One try: on failure, the next step reads it again.
         if let Ok(next) = self

@@ -118,8 +118,7 @@ pub(crate) async fn at_once_if_empty(
     }
     // The count never falls short of the queue (see `Holds::queued`), so zero means empty; any
     // other count is checked.
-    let empty =
-        !holds.unpurged(key) && (holds.queued(key) == 0 || holds.first(key).await?.is_none());
+    let empty = !holds.unpurged(key) && (holds.queued(key) == 0 || !holds.has_first(key).await?);
     if !empty {
         return Ok((change, true));
     }
