@@ -888,7 +888,7 @@ async fn a_resubmission_and_a_discard_of_one_message_at_once_cannot_both_happen(
 /// every entry, page by page, and a change to an entry shows without a restart.
 #[tokio::test]
 async fn the_held_keys_list_is_oldest_first_over_every_entry_page_by_page() {
-    let world = World::new().await.unwrap();
+    let mut world = World::new().await.unwrap();
     let d = Dashboard::start(&world.nats.url(), "").await.unwrap();
     let kv = world.js.get_key_value("mend_holds").await.unwrap();
     let n = 1200;
@@ -987,4 +987,31 @@ async fn the_held_keys_list_is_oldest_first_over_every_entry_page_by_page() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {body}");
         assert_eq!(body["error"]["code"], "bad_request", "{path}: {body}");
     }
+
+    // The server restarts under the dashboard: its watch is lost and taken up again, and what is
+    // written afterwards is followed too.
+    world.nats.restart().await.unwrap();
+    wait::until("a hold written after the restart", TEST_TIMEOUT, || {
+        let (d, js) = (&d, world.js.clone());
+        let value = entry("after-restart", "2026-09-01T00:00:00Z", "held");
+        async move {
+            // Written until it lands (the connection may still be coming back).
+            let Ok(kv) = js.get_key_value("mend_holds").await else {
+                return Ok(None);
+            };
+            if kv
+                .put(format!("app.{}", token("after-restart")), value.into())
+                .await
+                .is_err()
+            {
+                return Ok(None);
+            }
+            let page = d.ok("/api/holds?limit=1").await?;
+            Ok((page["items"][0]["key"] == "after-restart").then_some(()))
+        }
+    })
+    .await
+    .unwrap();
+    let overview = d.ok("/api/overview").await.unwrap();
+    assert_eq!(overview["held_keys"], n + 2, "{overview}");
 }
