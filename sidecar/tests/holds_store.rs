@@ -149,3 +149,37 @@ async fn entries_persist_conflicts_are_refused_and_queues_keep_order() -> anyhow
     assert_eq!(reloaded.get(&other), Some(held));
     Ok(())
 }
+
+/// A load counts each held key's queue from the stream's per-subject counts: a spelled-out token
+/// gives its key back, a long key's digest token is mapped back through the entries, and another
+/// binding's queue is not counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_counts_the_queues_of_short_and_long_keys() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let js = async_nats::jetstream::new(nats.client().await?);
+    mend::common::nats::ensure_layout(&js, &NatsConfig::default(), &Default::default()).await?;
+    let stop = CancellationToken::new();
+    let short = MessageKey("acct 7/ü".into());
+    let long = MessageKey("L".repeat(repair_rules::identity::MAX_SPELLED_KEY_BYTES + 1));
+    assert!(long.token().starts_with('H'));
+    let a = Holds::load(&js, "orders", "orders", 0, &stop).await?;
+    let other = Holds::load(&js, "orders", "other", 0, &stop).await?;
+    let unheld = MessageKey("not held here".into());
+    for (holds, key, n) in [(&a, &short, 1), (&a, &long, 2), (&other, &unheld, 3)] {
+        let mut hold = holds.fresh(key);
+        hold.head = format!("APP:{n}");
+        holds.apply(key, Change::Create(hold)).await?;
+        for i in 0..n {
+            let id = format!("APP:{}:1:hold", 100 * n + i);
+            holds
+                .append(key, &id, HeaderMap::new(), Bytes::from("x"), None)
+                .await?;
+        }
+    }
+    let loaded = Holds::load(&js, "orders", "orders", 0, &stop).await?;
+    assert_eq!(loaded.queued(&short), 1);
+    assert_eq!(loaded.queued(&long), 2);
+    assert_eq!(loaded.queued(&unheld), 0);
+    assert_eq!(loaded.stats().messages, 3);
+    Ok(())
+}

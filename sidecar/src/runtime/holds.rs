@@ -160,19 +160,27 @@ impl Holds {
             );
         }
         drop(read);
-        // How many messages each key's queue holds, from the stream's per-subject counts.
-        // A long key's token is a digest, so tokens are mapped back through the entries.
-        let by_token: HashMap<String, &MessageKey> =
-            entries.keys().map(|k| (k.token(), k)).collect();
+        // How many messages each key's queue holds, from the stream's per-subject counts. A
+        // spelled-out token gives its key back; a long key's token is a digest, so only those are
+        // mapped back through the entries (a map of every token cost ~8 MiB at 100k held keys).
+        let digests: HashMap<String, &MessageKey> = entries
+            .keys()
+            .filter(|k| k.0.len() > repair_rules::identity::MAX_SPELLED_KEY_BYTES)
+            .map(|k| (k.token(), k))
+            .collect();
         let mut queued = HashMap::new();
         let prefix = subjects::hold(service, "");
         let mut counts = queues.info_with_subjects(format!("{prefix}>")).await?;
         while let Some((subject, count)) = counts.try_next().await? {
-            let key = subject
-                .strip_prefix(prefix.as_str())
-                .and_then(|token| by_token.get(token));
-            if let Some(key) = key {
-                queued.insert((*key).clone(), count as u64);
+            let Some(token) = subject.strip_prefix(prefix.as_str()) else {
+                continue;
+            };
+            let key = match MessageKey::from_token(token) {
+                Some(key) => Some(key),
+                None => digests.get(token).map(|k| (*k).clone()),
+            };
+            if let Some(key) = key.filter(|k| entries.contains_key(k)) {
+                queued.insert(key, count as u64);
             }
         }
         Ok(Self {
