@@ -43,6 +43,44 @@ struct Processor {
     /// Room for rule evaluations on the blocking pool (see [`evaluate_bounded`]).
     evaluations: Arc<tokio::sync::Semaphore>,
     shutdown: CancellationToken,
+    /// Metric handles, looked up once: a labelled lookup per failure (a key built, hashed and
+    /// found in the registry) was a few per cent of the processor's CPU.
+    counters: Counters,
+}
+
+/// The processor's metric handles; a rule's are made on its first use.
+struct Counters {
+    latency: metrics::Histogram,
+    per_rule: std::sync::Mutex<std::collections::HashMap<String, RuleCounters>>,
+}
+
+#[derive(Clone)]
+struct RuleCounters {
+    matched: metrics::Counter,
+    repaired: metrics::Counter,
+}
+
+impl Counters {
+    fn new() -> Self {
+        Self {
+            latency: metrics::histogram!(telemetry::PROCESSING_LATENCY),
+            per_rule: Default::default(),
+        }
+    }
+
+    fn rule(&self, rule: &str) -> RuleCounters {
+        let mut per_rule = self.per_rule.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = per_rule.get(rule) {
+            return c.clone();
+        }
+        let c = RuleCounters {
+            matched: metrics::counter!(telemetry::RULE_MATCHED, "rule" => rule.to_owned()),
+            repaired: metrics::counter!(telemetry::REPAIRED, "rule" => rule.to_owned()),
+        };
+        // Bounded by the rules ever loaded; a reload that renames rules adds a few.
+        per_rule.insert(rule.to_owned(), c.clone());
+        c
+    }
 }
 
 /// Rule evaluations on the blocking pool at once. One that passes the time limit is answered as
@@ -97,6 +135,7 @@ pub async fn run(config: ProcessorConfig, shutdown: CancellationToken) -> Result
         rule_timeout: config.rule_timeout,
         evaluations: Arc::new(tokio::sync::Semaphore::new(EVALUATIONS_IN_FLIGHT)),
         shutdown: shutdown.clone(),
+        counters: Counters::new(),
     });
     let result = consume(p, consumer, config.concurrency, config.shutdown_timeout).await;
     if let Err(error) = client.flush().await {
@@ -214,7 +253,7 @@ async fn handle(p: &Processor, msg: Message) {
         Err(NotStored::Stopped) => ack::hand_back(&p.client, &reply).await,
         Err(NotStored::Unpublishable) => {}
     }
-    metrics::histogram!(telemetry::PROCESSING_LATENCY).record(started.elapsed().as_secs_f64());
+    p.counters.latency.record(started.elapsed().as_secs_f64());
 }
 
 /// The rules' decision. Rules whose cost is linear in their (bounded) input are evaluated in place;
@@ -298,9 +337,10 @@ async fn act(
 ) -> Result<(), NotStored> {
     match decision {
         Decision::Repaired { rule, payload } => {
-            metrics::counter!(telemetry::RULE_MATCHED, "rule" => rule.clone()).increment(1);
+            let counters = p.counters.rule(&rule);
+            counters.matched.increment(1);
             retry(p, envelope, &rule, &payload).await?;
-            metrics::counter!(telemetry::REPAIRED, "rule" => rule.clone()).increment(1);
+            counters.repaired.increment(1);
             tracing::debug!(rule, "Repaired; sent back to the service.");
             Ok(())
         }
