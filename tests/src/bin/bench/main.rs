@@ -524,6 +524,15 @@ async fn holds_at_scale(k: usize) -> anyhow::Result<()> {
     );
 
     // Every head's retry comes back: each key's retry is delivered, then its waiting message.
+    let cpu_pids = [
+        ("sidecar", sidecar.pid()),
+        ("nats-server", nats.server.pid()),
+        ("app", app.pid()),
+    ];
+    let cpu_before: Vec<Duration> = cpu_pids
+        .iter()
+        .map(|(_, pid)| pid.and_then(cpu_time).unwrap_or_default())
+        .collect();
     let started = Instant::now();
     let retries: Vec<Out> = (0..k)
         .map(|i| Out {
@@ -558,12 +567,20 @@ async fn holds_at_scale(k: usize) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let released = started.elapsed();
+    let release_cpu: Vec<String> = cpu_pids
+        .iter()
+        .zip(cpu_before)
+        .map(|((name, pid), before)| {
+            let used = pid.and_then(cpu_time).unwrap_or_default().saturating_sub(before);
+            format!("{name} {:.0}", used.as_secs_f64() * 1e6 / k as f64)
+        })
+        .collect();
     let overview = dashboard.ok("/api/overview").await?;
     println!(
         "{k} held keys (one message waiting each): sidecar ready after {:.1} s (every hold loaded), peak RSS {:.1} MiB then, \
          {:.1} MiB a minute on (targets <= 10 s, <= 80 MiB); a message of a free key through {:.0} ms after it was published; \
          dashboard: {}; slowest page {:.0} ms (target <= 200 ms); every head's retry and every waiting message delivered, \
-         every hold removed in {:.1} s: {:.0} keys released per second (target >= 5000); then the overview counts {} held keys",
+         every hold removed in {:.1} s: {:.0} keys released per second (target >= 5000; CPU µs per key: {}); then the overview counts {} held keys",
         ready.as_secs_f64(),
         rss_ready as f64 / 1024.0,
         rss_later as f64 / 1024.0,
@@ -572,6 +589,7 @@ async fn holds_at_scale(k: usize) -> anyhow::Result<()> {
         slowest.as_secs_f64() * 1e3,
         released.as_secs_f64(),
         k as f64 / released.as_secs_f64(),
+        release_cpu.join(", "),
         overview["held_keys"]
     );
     drop(sidecar);
