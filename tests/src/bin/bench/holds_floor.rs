@@ -6,19 +6,21 @@
 //! its confirmed ack; the key's later messages wait until then. No JSON tree is built, no rule runs,
 //! nothing is traced or counted. What it reaches is what this machine allows for that work.
 
-use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use async_nats::jetstream::consumer::{AckPolicy, pull};
-use async_nats::jetstream::stream::{Config, RetentionPolicy, StorageType};
+use async_nats::jetstream::stream::{RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use mend_e2e::js;
 
-use super::{IN_FLIGHT, Monitored, NoopApp, app_headers, consumer, cpu_time, holds_messages};
+use super::{
+    IN_FLIGHT, KeyLanes, Monitored, NoopApp, account_id, app_headers, consumer, cpu_time,
+    floor_streams, holds_messages,
+};
 
 /// What a floor run took, and the CPU time of the server, this process (the hand-written sidecar
 /// and repairer) and the app over it.
@@ -52,21 +54,15 @@ pub async fn run(
 ) -> anyhow::Result<FloorRun> {
     let svc = format!("hf{percent}r{round}");
     let stream = svc.to_uppercase();
-    for (name, subject, retention) in [
-        ("HF_FAILED", "hf.failed.>", RetentionPolicy::WorkQueue),
-        ("HF_RETRY", "hf.retry.>", RetentionPolicy::WorkQueue),
-        ("HF_EVENTS", "hf.events.>", RetentionPolicy::Limits),
-    ] {
-        js.get_or_create_stream(Config {
-            name: name.into(),
-            subjects: vec![subject.into()],
-            retention,
-            storage: StorageType::File,
-            allow_direct: true,
-            ..Default::default()
-        })
-        .await?;
-    }
+    floor_streams(
+        js,
+        &[
+            ("HF_FAILED", "hf.failed.>", RetentionPolicy::WorkQueue),
+            ("HF_RETRY", "hf.retry.>", RetentionPolicy::WorkQueue),
+            ("HF_EVENTS", "hf.events.>", RetentionPolicy::Limits),
+        ],
+    )
+    .await?;
     let kv = match js.get_key_value("hf_holds").await {
         Ok(kv) => kv,
         Err(_) => {
@@ -195,18 +191,9 @@ pub async fn run(
         .max_messages_per_batch(256)
         .messages()
         .await?;
-    let mut lanes: HashMap<String, VecDeque<jetstream::Message>> = HashMap::new();
-    let mut ready: VecDeque<String> = VecDeque::new();
-    let mut busy: HashSet<String> = HashSet::new();
+    let mut lanes = KeyLanes::default();
     let mut running = FuturesUnordered::new();
-    let (mut buffered, mut done) = (0usize, 0usize);
-    let key_of = |m: &jetstream::Message| {
-        m.headers
-            .as_ref()
-            .and_then(|h| h.get("Account-Id"))
-            .map(|v| v.to_string())
-            .unwrap_or_default()
-    };
+    let mut done = 0usize;
     while done < n {
         tokio::select! {
             Some(end) = running.next(), if !running.is_empty() => {
@@ -215,35 +202,22 @@ pub async fn run(
                     End::Held => {}
                     End::Done | End::Resolved => {
                         done += 1;
-                        busy.remove(&key);
-                        match lanes.get(&key) {
-                            Some(lane) if !lane.is_empty() => ready.push_back(key),
-                            _ => { lanes.remove(&key); }
-                        }
+                        lanes.finish(key);
                     }
                 }
             }
             m = retries.next() => {
                 let m = m.context("retries ended")?.map_err(|e| anyhow::anyhow!("{e}"))?;
                 // The head's retry goes at once: its key is held (busy) for it.
-                running.push(deliver(key_of(&m), m, true));
+                running.push(deliver(account_id(&m), m, true));
             }
-            m = originals.next(), if buffered < 1024 => {
+            m = originals.next(), if lanes.queued < 1024 => {
                 let m = m.context("stream ended")?.map_err(|e| anyhow::anyhow!("{e}"))?;
-                let key = key_of(&m);
-                buffered += 1;
-                let lane = lanes.entry(key.clone()).or_default();
-                lane.push_back(m);
-                if lane.len() == 1 && !busy.contains(&key) { ready.push_back(key); }
+                lanes.push(account_id(&m), m);
             }
         }
         while running.len() < IN_FLIGHT {
-            let Some(key) = ready.pop_front() else { break };
-            let Some(m) = lanes.get_mut(&key).and_then(|l| l.pop_front()) else {
-                continue;
-            };
-            buffered -= 1;
-            busy.insert(key.clone());
+            let Some((key, m)) = lanes.start() else { break };
             running.push(deliver(key, m, false));
         }
     }

@@ -449,24 +449,18 @@ async fn holds_at_scale(k: usize) -> anyhow::Result<()> {
     let published = Instant::now();
     js::publish_all(&js, messages("held.free", 1, 1)).await?;
     let consumer = format!("mend-{service}-{service}");
-    loop {
-        let mut c: PullConsumer = js
-            .get_stream("HELD")
-            .await?
-            .get_consumer(&consumer)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let info = c.info().await?.clone();
-        if info.num_pending == 0 && info.num_ack_pending == 0 && info.delivered.stream_sequence >= 1
-        {
-            break;
-        }
-        anyhow::ensure!(
-            published.elapsed() < Duration::from_secs(600),
-            "the free key's message did not get through"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    mend_e2e::wait::until(
+        "the free key's message through",
+        Duration::from_secs(600),
+        || async {
+            let info = consumer_info(&js, "HELD", &consumer).await?;
+            let through = info.num_pending == 0
+                && info.num_ack_pending == 0
+                && info.delivered.stream_sequence >= 1;
+            Ok(through.then_some(()))
+        },
+    )
+    .await?;
     let free_key = published.elapsed();
     tokio::time::sleep(Duration::from_secs(60)).await;
     let rss_later = sidecar.pid().and_then(peak_rss_kib).unwrap_or(0);
@@ -542,7 +536,8 @@ async fn holds_at_scale(k: usize) -> anyhow::Result<()> {
         })
         .collect();
     js::publish_all(&js, retries).await?;
-    loop {
+    let retry = format!("mend-{service}-retry");
+    mend_e2e::wait::until("every hold released", Duration::from_secs(1800), || async {
         let held = js
             .get_stream("MEND_HOLD")
             .await?
@@ -550,28 +545,19 @@ async fn holds_at_scale(k: usize) -> anyhow::Result<()> {
             .await?
             .state
             .messages;
-        let mut retry: PullConsumer = js
-            .get_stream("MEND_RETRY")
-            .await?
-            .get_consumer(&format!("mend-{service}-retry"))
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let info = retry.info().await?.clone();
-        if held == 0 && info.num_pending == 0 && info.num_ack_pending == 0 {
-            break;
-        }
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(1800),
-            "the holds were not all released: {held} messages still held"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        let info = consumer_info(&js, "MEND_RETRY", &retry).await?;
+        Ok((held == 0 && info.num_pending == 0 && info.num_ack_pending == 0).then_some(()))
+    })
+    .await?;
     let released = started.elapsed();
     let release_cpu: Vec<String> = cpu_pids
         .iter()
         .zip(cpu_before)
         .map(|((name, pid), before)| {
-            let used = pid.and_then(cpu_time).unwrap_or_default().saturating_sub(before);
+            let used = pid
+                .and_then(cpu_time)
+                .unwrap_or_default()
+                .saturating_sub(before);
             format!("{name} {:.0}", used.as_secs_f64() * 1e6 / k as f64)
         })
         .collect();
@@ -891,13 +877,7 @@ async fn through(
     consumer: &str,
     service: &str,
 ) -> anyhow::Result<(bool, bool)> {
-    let mut c: PullConsumer = js
-        .get_stream(stream)
-        .await?
-        .get_consumer(consumer)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let info = c.info().await?;
+    let info = consumer_info(js, stream, consumer).await?;
     if info.num_pending > 0 || info.num_ack_pending > 0 {
         return Ok((false, false));
     }
@@ -1062,23 +1042,15 @@ async fn processor_floor(
     m: usize,
     round: usize,
 ) -> anyhow::Result<(Duration, Duration, Duration)> {
-    use async_nats::jetstream::stream::{Config, RetentionPolicy, StorageType};
-    let dup = Duration::from_secs(600);
-    for (name, subject, retention) in [
-        ("FLOOR_FAILED", "floor.failed.>", RetentionPolicy::WorkQueue),
-        ("FLOOR_RETRY", "floor.retry.>", RetentionPolicy::WorkQueue),
-    ] {
-        js.get_or_create_stream(Config {
-            name: name.into(),
-            subjects: vec![subject.into()],
-            retention,
-            storage: StorageType::File,
-            duplicate_window: dup,
-            allow_direct: true,
-            ..Default::default()
-        })
-        .await?;
-    }
+    use async_nats::jetstream::stream::RetentionPolicy;
+    floor_streams(
+        js,
+        &[
+            ("FLOOR_FAILED", "floor.failed.>", RetentionPolicy::WorkQueue),
+            ("FLOOR_RETRY", "floor.retry.>", RetentionPolicy::WorkQueue),
+        ],
+    )
+    .await?;
     js::publish_all(
         js,
         (0..m)
@@ -1388,11 +1360,8 @@ async fn looped(
         .build()?;
     let started = Instant::now();
     let mut msgs = c.stream().max_messages_per_batch(256).messages().await?;
-    let mut lanes: HashMap<String, VecDeque<jetstream::Message>> = HashMap::new();
-    let mut ready: VecDeque<String> = VecDeque::new();
-    let mut busy: HashSet<String> = HashSet::new();
+    let mut lanes = KeyLanes::default();
     let mut running = FuturesUnordered::new();
-    let mut buffered = 0usize;
     let mut done = 0usize;
     let source = reqwest::header::HeaderValue::from_str(&format!("urn:mend:bench:{stream}"))?;
     let deliver = |key: String, m: jetstream::Message| {
@@ -1418,30 +1387,119 @@ async fn looped(
         tokio::select! {
             Some((key, _ok)) = running.next(), if !running.is_empty() => {
                 done += 1;
-                buffered -= 1;
-                busy.remove(&key);
-                let lane: &mut VecDeque<_> = lanes.get_mut(&key).context("lane")?;
-                if lane.is_empty() { lanes.remove(&key); } else { ready.push_back(key); }
+                lanes.finish(key);
             }
-            m = msgs.next(), if buffered < 1024 => {
+            m = msgs.next(), if lanes.queued < 1024 => {
                 let m = m.context("stream ended")?.map_err(|e| anyhow::anyhow!("{e}"))?;
-                let key = m.headers.as_ref().and_then(|h| h.get("Account-Id")).map(|v| v.to_string()).unwrap_or_default();
-                buffered += 1;
-                let lane = lanes.entry(key.clone()).or_default();
-                lane.push_back(m);
-                if lane.len() == 1 && !busy.contains(&key) { ready.push_back(key); }
+                lanes.push(account_id(&m), m);
             }
         }
         while running.len() < in_flight {
-            let Some(key) = ready.pop_front() else { break };
-            let Some(m) = lanes.get_mut(&key).and_then(|l| l.pop_front()) else {
-                continue;
-            };
-            busy.insert(key.clone());
+            let Some((key, m)) = lanes.start() else { break };
             running.push(deliver(key, m));
         }
     }
     Ok(started.elapsed())
+}
+
+/// The streams of a hand-written floor (name, subjects, retention), as mend's are made: file
+/// storage, a 10-minute duplicate window, direct gets allowed.
+async fn floor_streams(
+    js: &jetstream::Context,
+    streams: &[(&str, &str, jetstream::stream::RetentionPolicy)],
+) -> anyhow::Result<()> {
+    for (name, subject, retention) in streams {
+        js.get_or_create_stream(jetstream::stream::Config {
+            name: (*name).into(),
+            subjects: vec![(*subject).into()],
+            retention: *retention,
+            storage: jetstream::stream::StorageType::File,
+            duplicate_window: Duration::from_secs(600),
+            allow_direct: true,
+            ..Default::default()
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// The state of consumer `name` of `stream`, asked of the server now.
+async fn consumer_info(
+    js: &jetstream::Context,
+    stream: &str,
+    name: &str,
+) -> anyhow::Result<jetstream::consumer::Info> {
+    let mut c: PullConsumer = js
+        .get_stream(stream)
+        .await?
+        .get_consumer(name)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(c.info().await?.clone())
+}
+
+/// The key a bench message carries (`Account-Id`).
+fn account_id(m: &async_nats::Message) -> String {
+    m.headers
+        .as_ref()
+        .and_then(|h| h.get("Account-Id"))
+        .map(|v| v.to_string())
+        .unwrap_or_default()
+}
+
+/// The per-key lanes of a hand-written loop: a key's messages one at a time, in arrival order;
+/// keys served in the order they became ready.
+struct KeyLanes<M> {
+    lanes: HashMap<String, VecDeque<M>>,
+    ready: VecDeque<String>,
+    busy: HashSet<String>,
+    /// Messages waiting in the lanes (not started).
+    queued: usize,
+}
+
+impl<M> Default for KeyLanes<M> {
+    fn default() -> Self {
+        Self {
+            lanes: HashMap::new(),
+            ready: VecDeque::new(),
+            busy: HashSet::new(),
+            queued: 0,
+        }
+    }
+}
+
+impl<M> KeyLanes<M> {
+    fn push(&mut self, key: String, m: M) {
+        self.queued += 1;
+        let lane = self.lanes.entry(key.clone()).or_default();
+        lane.push_back(m);
+        if lane.len() == 1 && !self.busy.contains(&key) {
+            self.ready.push_back(key);
+        }
+    }
+
+    /// The next message whose key is free, its key now busy.
+    fn start(&mut self) -> Option<(String, M)> {
+        loop {
+            let key = self.ready.pop_front()?;
+            if let Some(m) = self.lanes.get_mut(&key).and_then(VecDeque::pop_front) {
+                self.queued -= 1;
+                self.busy.insert(key.clone());
+                return Some((key, m));
+            }
+        }
+    }
+
+    /// `key` is free again: its next message may start.
+    fn finish(&mut self, key: String) {
+        self.busy.remove(&key);
+        match self.lanes.get(&key) {
+            Some(lane) if !lane.is_empty() => self.ready.push_back(key),
+            _ => {
+                self.lanes.remove(&key);
+            }
+        }
+    }
 }
 
 /// The headers SPEC §4 asks of any deliverer for message `m` of lineage `id`: the message's own,
