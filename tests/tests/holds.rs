@@ -880,3 +880,47 @@ async fn a_head_retry_waiting_in_its_queue_is_delivered_on_start() -> anyhow::Re
     .await?;
     Ok(())
 }
+
+/// A head's retry that went through is announced `resolved` even when its sidecar dies right after
+/// it: the announcement is stored before the hold's change, since the retry, redelivered to the
+/// next sidecar, finds its lineage resolved and is settled without being announced again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolution_is_announced_when_its_sidecar_dies_right_after_it() -> anyhow::Result<()> {
+    const SVC: &str = "dies";
+    let w = World::new().await?;
+    w.app.script(mend_e2e::app::failing(&[0]));
+    let proxy = mend_e2e::proxy::NatsProxy::start(w.nats.port()).await?;
+    let direct = with_top_level(
+        &w.keyed_config(SVC, "ack_wait = \"3s\"\ntimeout = \"1s\""),
+        "lease_ttl = \"2s\"",
+    );
+    let stalled = mend_e2e::mend::SidecarToml::parse(&direct)
+        .set("nats_url", proxy.url())
+        .to_string();
+    let mut a = w.sidecar(&stalled).await?;
+    let out = Out::keyed("app.created", KEY_HEADER, "k", json!({"key": "k", "n": 0}));
+    let head = format!("APP:{}", js::publish_all(&w.js, vec![out]).await?[0]);
+    entry_in(&w, SVC, "k", "held").await?;
+
+    // The head's repair comes back and goes through; the sidecar's writes stall where it
+    // announces that, and it dies there.
+    proxy.freeze_on(&format!("mend.events.{SVC}.resolved"));
+    resubmit(&w, SVC, &head, "k", json!({"key": "k", "n": 100})).await?;
+    wait::until("the announcement held up", TEST_TIMEOUT, || async {
+        Ok(proxy.frozen().then_some(()))
+    })
+    .await?;
+    a.kill().await?;
+
+    let _b = w.sidecar(&direct).await?;
+    wait::until("the resolution announced", TEST_TIMEOUT, || async {
+        let resolved = js::events(&w.js, SVC, "resolved").await?;
+        Ok(resolved
+            .iter()
+            .any(|e| e["data"]["id"] == head.as_str())
+            .then_some(()))
+    })
+    .await?;
+    holds_cleared(&w, &w.js).await?;
+    Ok(())
+}

@@ -63,8 +63,13 @@ pub(crate) async fn hold_back(
     }
 }
 
-/// Stores what a delivery did to its key's hold, and announces `resolved` for a retry that
-/// succeeded or a head whose release begins. Returns whether a release begins.
+/// Announces `resolved` for a retry that succeeded or a head whose release begins, then stores
+/// what the delivery did to its key's hold. Returns whether a release begins.
+///
+/// The announcement goes first: once the hold remembers the lineage as resolved, a redelivery of
+/// the retry (its ack lost, or the sidecar dead before it) is settled without being delivered or
+/// announced again, so an announcement left for after the change could be lost for good. Announced
+/// first, a change that is not stored only brings a redelivery whose announcement is a duplicate.
 pub(crate) async fn commit(
     rt: &BindingRuntime,
     holds: &Holds,
@@ -76,15 +81,15 @@ pub(crate) async fn commit(
     let (change, releasing) = at_once_if_empty(rt, holds, key, change)
         .await
         .map_err(Settle::from)?;
+    if releasing || (d.is_retry() && outcome == Outcome::Done) {
+        resolved(rt, d, Some(holds.queued(key))).await?;
+    }
     holds.apply(key, change).await.map_err(Settle::from)?;
     if releasing {
         tracing::info!(
             held = holds.queued(key),
             "Head resolved; releasing the key's held messages."
         );
-    }
-    if releasing || (d.is_retry() && outcome == Outcome::Done) {
-        resolved(rt, d, Some(holds.queued(key))).await?;
     }
     Ok(releasing)
 }
