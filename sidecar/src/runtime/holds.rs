@@ -44,11 +44,53 @@ pub enum HoldError {
     Unstorable { key: String, message: String },
 }
 
+/// A hold as cached: without what every entry of the binding shares (its service and binding) or
+/// what the map's key repeats (the key), rebuilt into a [`Hold`] when asked for. The repeats took
+/// ~15 MiB at 100k held keys.
 struct Cached {
-    hold: Hold,
+    partition: u32,
+    /// Left by an earlier run held with messages waiting: still to look for its head's retry in
+    /// its queue (see [`Holds::take_looks`]).
+    look: bool,
+    head: String,
+    state: HoldState,
+    since: String,
+    resolved: Vec<String>,
     revision: u64,
     /// When this revision was written.
     written: SystemTime,
+}
+
+impl Cached {
+    fn new(hold: Hold, revision: u64, written: SystemTime) -> Self {
+        Self {
+            partition: hold.partition,
+            look: false,
+            head: hold.head,
+            state: hold.state,
+            since: hold.since,
+            resolved: hold.resolved,
+            revision,
+            written,
+        }
+    }
+
+    fn hold(&self, service: &str, binding: &str, key: &MessageKey) -> Hold {
+        Hold {
+            service: service.to_owned(),
+            binding: binding.to_owned(),
+            partition: self.partition,
+            key: key.0.clone(),
+            head: self.head.clone(),
+            state: self.state,
+            since: self.since.clone(),
+            resolved: self.resolved.clone(),
+        }
+    }
+
+    fn is_held(&self) -> bool {
+        self.state != HoldState::Resolved
+    }
 }
 
 /// What is cached of a binding's holds.
@@ -66,6 +108,9 @@ struct State {
     next: HashMap<MessageKey, StreamMessage>,
     /// Per key being released, messages done with since the last purge.
     done: HashMap<MessageKey, u64>,
+    /// Every look left by the load has been taken: [`Holds::take_looks`] walks the entries no more
+    /// (it is asked each time the dispatcher has room for a look).
+    looked: bool,
 }
 
 /// A release purges the messages it is done with this many at a time.
@@ -139,7 +184,7 @@ impl Holds {
             if entry.operation != kv::Operation::Put {
                 continue;
             }
-            let hold: Hold = match serde_json::from_slice(&entry.value) {
+            let mut hold: Hold = match serde_json::from_slice(&entry.value) {
                 Ok(hold) => hold,
                 Err(error) => {
                     tracing::error!(%error, entry = name, "Unreadable hold entry; left alone.");
@@ -149,24 +194,20 @@ impl Holds {
             if hold.binding != binding || hold.partition != partition {
                 continue;
             }
-            let key = MessageKey(hold.key.clone());
+            let key = MessageKey(std::mem::take(&mut hold.key));
             entries.insert(
                 key,
-                Cached {
-                    hold,
-                    revision: entry.revision,
-                    written: SystemTime::from(entry.created),
-                },
+                Cached::new(hold, entry.revision, SystemTime::from(entry.created)),
             );
         }
         drop(read);
         // How many messages each key's queue holds, from the stream's per-subject counts. A
         // spelled-out token gives its key back; a long key's token is a digest, so only those are
         // mapped back through the entries (a map of every token cost ~8 MiB at 100k held keys).
-        let digests: HashMap<String, &MessageKey> = entries
+        let digests: HashMap<String, MessageKey> = entries
             .keys()
             .filter(|k| k.0.len() > repair_rules::identity::MAX_SPELLED_KEY_BYTES)
-            .map(|k| (k.token(), k))
+            .map(|k| (k.token(), k.clone()))
             .collect();
         let mut queued = HashMap::new();
         let prefix = subjects::hold(service, "");
@@ -177,9 +218,11 @@ impl Holds {
             };
             let key = match MessageKey::from_token(token) {
                 Some(key) => Some(key),
-                None => digests.get(token).map(|k| (*k).clone()),
+                None => digests.get(token).cloned(),
             };
-            if let Some(key) = key.filter(|k| entries.contains_key(k)) {
+            let Some(key) = key else { continue };
+            if let Some(cached) = entries.get_mut(&key) {
+                cached.look = cached.state == HoldState::Held && count > 0;
                 queued.insert(key, count as u64);
             }
         }
@@ -197,6 +240,7 @@ impl Holds {
                 start: HashMap::new(),
                 next: HashMap::new(),
                 done: HashMap::new(),
+                looked: false,
             }),
         })
     }
@@ -219,16 +263,42 @@ impl Holds {
 
     /// The entry of `key`, if it has one.
     pub fn get(&self, key: &MessageKey) -> Option<Hold> {
-        self.state().entries.get(key).map(|c| c.hold.clone())
+        self.state()
+            .entries
+            .get(key)
+            .map(|c| c.hold(&self.service, &self.binding, key))
     }
 
-    /// Every key with an entry, and its state.
-    pub fn keys(&self) -> Vec<(MessageKey, HoldState)> {
+    /// The keys whose entry is in `state`.
+    pub fn keys_in(&self, state: HoldState) -> Vec<MessageKey> {
         self.state()
             .entries
             .iter()
-            .map(|(k, c)| (k.clone(), c.hold.state))
+            .filter(|(_, c)| c.state == state)
+            .map(|(k, _)| k.clone())
             .collect()
+    }
+
+    /// Up to `n` of the keys an earlier run left held with messages waiting, each given once: they
+    /// look for their head's retry in their queue. Taken in batches rather than listed at start, so
+    /// 100k such keys cost no list of 100k keys.
+    pub fn take_looks(&self, n: usize) -> Vec<MessageKey> {
+        let mut state = self.state();
+        if state.looked {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for (key, c) in state.entries.iter_mut() {
+            if out.len() >= n {
+                return out;
+            }
+            if std::mem::take(&mut c.look) && c.state == HoldState::Held {
+                out.push(key.clone());
+            }
+        }
+        // The walk reached the end: only the load sets a look, so none is left.
+        state.looked = true;
+        out
     }
 
     /// The queue of `key` was found empty: its count starts again from zero.
@@ -260,14 +330,15 @@ impl Holds {
         state
             .entries
             .iter()
-            .filter(|(_, c)| c.hold.is_held())
+            .filter(|(_, c)| c.is_held())
             .filter_map(|(k, c)| {
                 let queued = state.queued.get(k).copied().unwrap_or(0);
-                let old = humantime::parse_rfc3339_weak(&c.hold.since)
+                let old = humantime::parse_rfc3339_weak(&c.since)
                     .ok()
                     .and_then(|since| now.duration_since(since).ok())
                     .is_some_and(|held| held > age);
-                (old || queued > count).then(|| (k.clone(), c.hold.clone(), queued))
+                (old || queued > count)
+                    .then(|| (k.clone(), c.hold(&self.service, &self.binding, k), queued))
             })
             .collect()
     }
@@ -275,11 +346,11 @@ impl Holds {
     /// The figures for the metrics.
     pub fn stats(&self) -> Stats {
         let state = self.state();
-        let held = state.entries.values().filter(|c| c.hold.is_held());
+        let held = state.entries.values().filter(|c| c.is_held());
         let mut stats = Stats::default();
         for c in held {
             stats.keys += 1;
-            let since = humantime::parse_rfc3339_weak(&c.hold.since).ok();
+            let since = humantime::parse_rfc3339_weak(&c.since).ok();
             stats.oldest = match (stats.oldest, since) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -343,14 +414,9 @@ impl Holds {
             match written {
                 Ok(revision) => {
                     let written = SystemTime::now();
-                    self.state().entries.insert(
-                        key.clone(),
-                        Cached {
-                            hold,
-                            revision,
-                            written,
-                        },
-                    );
+                    self.state()
+                        .entries
+                        .insert(key.clone(), Cached::new(hold, revision, written));
                     return Ok(());
                 }
                 Err((true, _)) => {
@@ -360,11 +426,7 @@ impl Holds {
                         Ok(Some(entry)) if entry.value == value => {
                             self.state().entries.insert(
                                 key.clone(),
-                                Cached {
-                                    hold,
-                                    revision: entry.revision,
-                                    written: SystemTime::from(entry.created),
-                                },
+                                Cached::new(hold, entry.revision, SystemTime::from(entry.created)),
                             );
                             return Ok(());
                         }
@@ -391,7 +453,7 @@ impl Holds {
         self.state()
             .entries
             .iter()
-            .filter(|(_, c)| !c.hold.is_held() && c.written + older_than <= now)
+            .filter(|(_, c)| !c.is_held() && c.written + older_than <= now)
             .map(|(k, _)| k.clone())
             .collect()
     }
@@ -402,7 +464,7 @@ impl Holds {
         let revision = {
             let state = self.state();
             match state.entries.get(key) {
-                Some(c) if !c.hold.is_held() && c.written + older_than <= SystemTime::now() => {
+                Some(c) if !c.is_held() && c.written + older_than <= SystemTime::now() => {
                     c.revision
                 }
                 _ => return false,

@@ -63,6 +63,9 @@ type Running = FuturesUnordered<Pin<Box<dyn Future<Output = Done> + Send>>>;
 /// they go on beside the flow of messages.
 const LOOKS_AT_ONCE: usize = 8;
 
+/// Start-up looks taken from the holds at a time (each take walks the binding's entries once).
+const LOOKS_TAKEN: usize = 1024;
+
 /// Runs the binding until shutdown (or a lost lease): stop pulling, hand back what has not
 /// started, finish what is in flight within the shutdown timeout, hand back the rest.
 pub async fn run(
@@ -99,7 +102,8 @@ struct Dispatcher {
     /// Holds made loud already (until they are back under the alert age and count).
     alerted: HashSet<MessageKey>,
     /// Held keys left by an earlier run whose queue holds messages, still to look for their head's
-    /// retry there: a few at a time (see [`LOOKS_AT_ONCE`]).
+    /// retry there, taken from the holds [`LOOKS_TAKEN`] at a time and started a few at a time (see
+    /// [`LOOKS_AT_ONCE`]).
     looks: VecDeque<MessageKey>,
     timers: Timers,
     /// Once stopping: when the in-flight work is given up.
@@ -146,15 +150,9 @@ impl Dispatcher {
         // (`looks`). A held key whose queue is empty (the counts come from the stream when the
         // holds are loaded) waits for its head's retry or a command: looking would cost a read per
         // key (100k held keys took 226 MiB and held a free key's message up for 3 s).
-        let mut looks = VecDeque::new();
         if let Some(holds) = &rt.holds {
-            for (key, state) in holds.keys() {
-                match state {
-                    HoldState::Resolved => {}
-                    HoldState::Held if holds.queued(&key) > 0 => looks.push_back(key),
-                    HoldState::Held => {}
-                    HoldState::Releasing => chores.push(&mut lanes, key, Work::Release),
-                }
+            for key in holds.keys_in(HoldState::Releasing) {
+                chores.push(&mut lanes, key, Work::Release);
             }
         }
         let (quarantine, delivered) = quarantine_on_start(&rt, &consumer).await;
@@ -180,7 +178,7 @@ impl Dispatcher {
             batch,
             max_held,
             retries,
-            looks,
+            looks: VecDeque::new(),
             alerted: HashSet::new(),
             deadline: None,
             stopping: false,
@@ -391,6 +389,11 @@ impl Dispatcher {
             self.hand_back_queued().await;
         } else if !self.rt.shutdown.is_cancelled() {
             while self.chores.releasing.len() < LOOKS_AT_ONCE {
+                if self.looks.is_empty()
+                    && let Some(holds) = &self.rt.holds
+                {
+                    self.looks.extend(holds.take_looks(LOOKS_TAKEN));
+                }
                 let Some(key) = self.looks.pop_front() else {
                     break;
                 };
