@@ -183,3 +183,48 @@ async fn a_load_counts_the_queues_of_short_and_long_keys() -> anyhow::Result<()>
     assert_eq!(loaded.stats().messages, 3);
     Ok(())
 }
+
+/// Held keys loaded with messages waiting are each given once to look in their queue, also when
+/// their entry is written again before the look is taken (the old code listed them at start, so a
+/// later change could not drop one); keys with empty queues and released keys are not given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn looks_are_owed_to_held_keys_with_waiting_messages_until_taken() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let js = async_nats::jetstream::new(nats.client().await?);
+    mend::common::nats::ensure_layout(&js, &NatsConfig::default(), &Default::default()).await?;
+    let stop = CancellationToken::new();
+    let a = Holds::load(&js, "orders", "orders", 0, &stop).await?;
+    let keys: Vec<MessageKey> = (0..5).map(|i| MessageKey(format!("k{i}"))).collect();
+    for (i, key) in keys.iter().enumerate() {
+        let mut hold = a.fresh(key);
+        hold.head = format!("APP:{i}");
+        if i == 4 {
+            hold.state = HoldState::Releasing;
+        }
+        a.apply(key, Change::Create(hold)).await?;
+        // k3 has nothing waiting.
+        if i != 3 {
+            a.append(
+                key,
+                &format!("APP:{}:1:hold", 100 + i),
+                HeaderMap::new(),
+                Bytes::from("x"),
+                None,
+            )
+            .await?;
+        }
+    }
+    let loaded = Holds::load(&js, "orders", "orders", 0, &stop).await?;
+    // k1's entry is written again (a new head) before any look is taken.
+    let mut changed = loaded.get(&keys[1]).expect("k1 loaded");
+    changed.head = "APP:11".into();
+    loaded.apply(&keys[1], Change::Update(changed)).await?;
+    let mut first = loaded.take_looks(2);
+    assert_eq!(first.len(), 2);
+    let mut rest = loaded.take_looks(10);
+    first.append(&mut rest);
+    first.sort_by(|x, y| x.0.cmp(&y.0));
+    assert_eq!(first, keys[..3].to_vec());
+    assert!(loaded.take_looks(10).is_empty());
+    Ok(())
+}

@@ -113,6 +113,18 @@ struct State {
     looked: bool,
 }
 
+impl State {
+    /// Caches what was written to the entry of `key`. A look still owed to the key stays owed: a
+    /// change to the hold (a person's resubmission, say) does not take its head's retry out of the
+    /// queue.
+    fn cache(&mut self, key: &MessageKey, mut cached: Cached) {
+        if let Some(old) = self.entries.get(key) {
+            cached.look = old.look;
+        }
+        self.entries.insert(key.clone(), cached);
+    }
+}
+
 /// A release purges the messages it is done with this many at a time.
 pub const PURGE_EVERY: u64 = 64;
 
@@ -415,8 +427,7 @@ impl Holds {
                 Ok(revision) => {
                     let written = SystemTime::now();
                     self.state()
-                        .entries
-                        .insert(key.clone(), Cached::new(hold, revision, written));
+                        .cache(key, Cached::new(hold, revision, written));
                     return Ok(());
                 }
                 Err((true, _)) => {
@@ -424,8 +435,8 @@ impl Holds {
                     // another instance wrote.
                     match crate::common::nats::leader_entry(&self.kv, name.as_str()).await {
                         Ok(Some(entry)) if entry.value == value => {
-                            self.state().entries.insert(
-                                key.clone(),
+                            self.state().cache(
+                                key,
                                 Cached::new(hold, entry.revision, SystemTime::from(entry.created)),
                             );
                             return Ok(());
