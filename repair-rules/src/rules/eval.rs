@@ -288,11 +288,14 @@ fn repair(
             )
         })?;
         let value = to_json(&value).map_err(|e| format!("set {pointer}: {e}"))?;
-        let op: json_patch::Patch = serde_json::from_value(serde_json::json!([
-            {"op": "add", "path": pointer, "value": value}
-        ]))
-        .map_err(|e| format!("set {pointer}: {e}"))?;
-        json_patch::patch(&mut doc, &op).map_err(|e| format!("set {pointer} failed: {e}"))?;
+        let path = json_patch::jsonptr::Pointer::parse(pointer.as_str())
+            .map_err(|e| format!("set {pointer}: {e}"))?;
+        let op = json_patch::PatchOperation::Add(json_patch::AddOperation {
+            path: path.to_buf(),
+            value,
+        });
+        json_patch::patch(&mut doc, std::slice::from_ref(&op))
+            .map_err(|e| format!("set {pointer} failed: {e}"))?;
         bounded(&doc, &|| format!("set {pointer}"))?;
     }
     Ok(doc)

@@ -53,6 +53,19 @@ pub async fn durably(
     headers: async_nats::HeaderMap,
     body: Bytes,
 ) -> Result<Published, NotStored> {
+    durably_with(js, shutdown, subject, msg_id, || headers.clone(), body).await
+}
+
+/// [`durably`] with the headers built by `headers` for each try: a caller that builds them anyway
+/// saves a copy of the whole map per publish (the client takes the map it sends).
+pub async fn durably_with(
+    js: &Context,
+    shutdown: &CancellationToken,
+    subject: &str,
+    msg_id: &str,
+    headers: impl Fn() -> async_nats::HeaderMap,
+    body: Bytes,
+) -> Result<Published, NotStored> {
     let mut pause = RETRY_MIN;
     let client = js.client();
     loop {
@@ -67,7 +80,7 @@ pub async fn durably(
         }
         let message = PublishMessage::build()
             .payload(body.clone())
-            .headers(headers.clone())
+            .headers(headers())
             .message_id(msg_id);
         let result = match js.send_publish(subject.to_owned(), message).await {
             Ok(ack) => ack.await,

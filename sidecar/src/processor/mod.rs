@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use async_nats::jetstream::consumer::{self, PullConsumer};
+use async_nats::HeaderName;
 use async_nats::jetstream::{self, Message};
 use futures::StreamExt;
 use repair_rules::headers as h;
@@ -88,6 +89,8 @@ impl Counters {
 /// interrupted) and runs on; it keeps its room until it ends, so runaway rules take at most this
 /// many threads, and further evaluations wait for room within the same time limit.
 pub const EVALUATIONS_IN_FLIGHT: usize = 4;
+
+const CONTENT_TYPE: HeaderName = HeaderName::from_static("Content-Type");
 
 /// Runs the processor until `shutdown`, then finishes what is in progress.
 pub async fn run(config: ProcessorConfig, shutdown: CancellationToken) -> Result<(), RunError> {
@@ -243,7 +246,7 @@ async fn handle(p: &Processor, msg: Message) {
             };
             tracing::Instrument::instrument(work, span).await
         }
-        Err(error) => park_malformed(p, &msg, &error).await,
+        Err(error) => Box::pin(park_malformed(p, &msg, &error)).await,
     };
     match outcome {
         // Unconfirmed: everything the processor publishes carries a `Nats-Msg-Id`, so a lost ack
@@ -265,7 +268,7 @@ async fn decide(p: &Processor, envelope: &FailureEnvelope) -> Decision {
     }
     let (limits, env) = (p.limits, envelope.clone());
     let work = move || evaluate(&rules, &env, &limits);
-    match evaluate_bounded(&p.evaluations, p.rule_timeout, work).await {
+    match Box::pin(evaluate_bounded(&p.evaluations, p.rule_timeout, work)).await {
         Bounded::Done(decision) => decision,
         Bounded::Failed(error) => Decision::Park {
             rule: None,
@@ -355,7 +358,9 @@ async fn act(
                     metrics::counter!(telemetry::RULE_ERRORS, "rule" => rule.clone()).increment(1);
                 }
             }
-            park(p, envelope, rule.as_deref(), reason, &message).await?;
+            // Boxed, as the rarer outcome: its future would otherwise make every failure's task
+            // larger, copied in full when the task is spawned.
+            Box::pin(park(p, envelope, rule.as_deref(), reason, &message)).await?;
             metrics::counter!(telemetry::PARKED, "reason" => reason.as_str()).increment(1);
             tracing::info!(mend_id = %envelope.id, attempt = envelope.attempt, %reason, message, "Parked for a person.");
             Ok(())
@@ -395,33 +400,39 @@ async fn retry(
         .filter(|e| e.what == "repaired")
         .filter_map(|e| e.by.strip_prefix("rule:"))
         .collect();
-    let mut headers = async_nats::HeaderMap::new();
-    for (name, values) in &envelope.headers {
-        if !h::is_carried(name) || name.eq_ignore_ascii_case("content-type") {
-            continue;
-        }
-        for v in values {
-            headers.append(name.as_str(), v.as_str());
-        }
-    }
-    headers.insert("Content-Type", "application/json");
     let key = envelope.key.clone().map(repair_rules::MessageKey);
-    h::Lineage {
-        id: &envelope.id,
-        service: &envelope.service,
-        attempt,
-        original_subject: &envelope.subject,
-        key: key.as_ref(),
-        repaired_by: Some(&repaired_by.join(",")),
-        resubmitted_by: None,
-        hold_since: None,
-        history: Some(&history),
-    }
-    .write(|name, value| headers.insert(name, value));
+    let repaired_by = repaired_by.join(",");
+    // Built for each try rather than copied: the client takes the map it sends. Mend's names are
+    // static, so they are neither checked nor copied again.
+    let headers = || {
+        let mut headers = async_nats::HeaderMap::new();
+        for (name, values) in &envelope.headers {
+            if !h::is_carried(name) || name.eq_ignore_ascii_case("content-type") {
+                continue;
+            }
+            for v in values {
+                headers.append(name.as_str(), v.as_str());
+            }
+        }
+        headers.insert(CONTENT_TYPE, "application/json");
+        h::Lineage {
+            id: &envelope.id,
+            service: &envelope.service,
+            attempt,
+            original_subject: &envelope.subject,
+            key: key.as_ref(),
+            repaired_by: Some(&repaired_by),
+            resubmitted_by: None,
+            hold_since: None,
+            history: Some(&history),
+        }
+        .write(|name, value| headers.insert(HeaderName::from_static(name), value));
+        headers
+    };
     let lineage = envelope.lineage();
     let msg_id = lineage.msg_id(attempt, "retry");
     let subject = subjects::retry(&envelope.service);
-    match publish::durably(
+    match publish::durably_with(
         &p.js,
         &p.shutdown,
         &subject,
@@ -434,13 +445,13 @@ async fn retry(
         Published::Stored { .. } => {}
         Published::TooLarge => {
             // A repair that grew past max_payload cannot be sent back: a person decides.
-            return park(
+            return Box::pin(park(
                 p,
                 envelope,
                 Some(rule),
                 ParkReason::RuleError,
                 "the repaired message exceeds the server's max_payload",
-            )
+            ))
             .await;
         }
     }
