@@ -1066,6 +1066,7 @@ async fn processor_floor(
         .await?
         .create_consumer(pull::Config {
             durable_name: Some("floor".into()),
+            filter_subject: "floor.failed.>".into(),
             ack_policy: AckPolicy::Explicit,
             max_ack_pending: 1024,
             ..Default::default()
