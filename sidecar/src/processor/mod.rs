@@ -212,7 +212,9 @@ async fn consume(
                 match next {
                     Some(Ok(msg)) => {
                         let p = p.clone();
-                        running.spawn(async move { handle(&p, msg).await });
+                        // Boxed: a task's future is moved into the task, then its whole stage
+                        // again to take its output; a box makes each of those a pointer.
+                        running.spawn(Box::pin(async move { handle(&p, msg).await }));
                     }
                     Some(Err(error)) if crate::common::nats::pull_went_silent(&error) => {
                         tracing::warn!(%error, "Pull on MEND_FAILED went silent; pulling anew.");
