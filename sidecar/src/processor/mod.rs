@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use async_nats::jetstream::consumer::{self, PullConsumer};
 use async_nats::HeaderName;
+use async_nats::jetstream::consumer::{self, PullConsumer};
 use async_nats::jetstream::{self, Message};
 use futures::StreamExt;
 use repair_rules::headers as h;
@@ -151,7 +151,9 @@ pub async fn run(config: ProcessorConfig, shutdown: CancellationToken) -> Result
     ));
     let result = match consuming.await {
         Ok(result) => result,
-        Err(error) => Err(anyhow::anyhow!("the processor's consumer ended abnormally: {error}")),
+        Err(error) => Err(anyhow::anyhow!(
+            "the processor's consumer ended abnormally: {error}"
+        )),
     };
     if let Err(error) = client.flush().await {
         tracing::warn!(%error, "Final flush failed; unsent acks lead to redeliveries.");
