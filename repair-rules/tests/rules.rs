@@ -415,6 +415,10 @@ fn malformed_files_give_located_errors() {
             "rule `a`: key `set.\"a\"`: not a JSON Pointer",
         ),
         (
+            "[[rule]]\nname = \"a\"\nwhen = 'true'\nset = { \"/a~2\" = '1' }\n",
+            "rule `a`: key `set.\"/a~2\"`: not a JSON Pointer",
+        ),
+        (
             "[[rule]]\nname = \"a\"\nwhen = 'true'\nset = { \"/a\" = '1 +' }\n",
             "rule `a`: key `set.\"/a\"`: invalid CEL",
         ),

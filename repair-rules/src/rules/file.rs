@@ -416,6 +416,10 @@ fn compile(file: &str, text: &str, spec: RuleSpec) -> Result<Rule, RuleError> {
                     "not a JSON Pointer (it must start with '/')".into(),
                 ));
             }
+            // Checked here, so a rule that loads never fails on its pointer at evaluation.
+            if let Err(e) = json_patch::jsonptr::Pointer::parse(pointer.as_str()) {
+                return Err(err(table.span(), &key, format!("not a JSON Pointer: {e}")));
+            }
             let Some(source) = expr.as_str() else {
                 return Err(err(
                     table.span(),
