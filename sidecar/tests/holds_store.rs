@@ -228,3 +228,50 @@ async fn looks_are_owed_to_held_keys_with_waiting_messages_until_taken() -> anyh
     assert!(loaded.take_looks(10).is_empty());
     Ok(())
 }
+
+/// The subjects of a stream are read page by page: the server gives at most 100,000 in an answer,
+/// and a sidecar with more held keys than that must load every one (the second page starts where
+/// the first ended), each with its count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subjects_past_the_first_page_are_read() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let js = async_nats::jetstream::new(nats.client().await?);
+    mend_e2e::js::app_stream(&js, "PAGED", &["p.>"]).await?;
+    let n = 100_050;
+    let mut msgs: Vec<mend_e2e::js::Out> = (0..n)
+        .map(|i| mend_e2e::js::Out {
+            subject: format!("p.{i}"),
+            headers: HeaderMap::new(),
+            payload: Bytes::new(),
+        })
+        .collect();
+    for _ in 0..2 {
+        msgs.push(mend_e2e::js::Out {
+            subject: "p.77".into(),
+            headers: HeaderMap::new(),
+            payload: Bytes::new(),
+        });
+    }
+    mend_e2e::js::publish_all(&js, msgs).await?;
+    let read = mend::common::subject_counts::read(&js, "PAGED", "p.>").await?;
+    assert_eq!(read.len(), n);
+    let mut seen = std::collections::HashSet::new();
+    for (subject, count) in read.iter() {
+        assert!(seen.insert(subject.to_owned()), "{subject} read twice");
+        let expected = if subject == "p.77" { 3 } else { 1 };
+        assert_eq!(count, expected, "{subject}");
+    }
+    assert!((0..n).all(|i| seen.contains(&format!("p.{i}"))));
+    // A filter that matches nothing, and a stream that does not exist.
+    assert!(
+        mend::common::subject_counts::read(&js, "PAGED", "q.>")
+            .await?
+            .is_empty()
+    );
+    let missing = mend::common::subject_counts::read(&js, "NOPE", "p.>").await;
+    assert!(
+        missing.is_err_and(|e| e.to_string().contains("stream not found")),
+        "a missing stream is an error"
+    );
+    Ok(())
+}

@@ -13,4 +13,5 @@ pub mod payloads;
 pub mod publish;
 pub mod role;
 pub mod rules_live;
+pub mod subject_counts;
 pub mod telemetry;

@@ -21,13 +21,14 @@ use async_nats::jetstream::kv::{self, CreateErrorKind, UpdateErrorKind};
 use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::stream::{RawMessageErrorKind, Stream};
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use repair_rules::MessageKey;
 use repair_rules::holds::{Change, Hold, HoldState};
 use repair_rules::identity::subjects;
 use tokio_util::sync::CancellationToken;
 
 use crate::common::publish::{self, NotStored, Published};
+use crate::common::subject_counts;
 use repair_rules::identity::{buckets, streams};
 
 /// Why a hold operation did not happen.
@@ -168,19 +169,22 @@ impl Holds {
         let queues = js.get_stream(streams::HOLD).await?;
         // The entries' names from the bucket stream's subjects: stream info is answered by the
         // leader, while listing keys through a consumer may be served by a lagging replica.
-        let mut names = Vec::new();
-        let mut listed = kv
-            .stream
-            .info_with_subjects(format!("{}{service}.>", kv.prefix))
-            .await?;
-        while let Some((subject, _)) = listed.try_next().await? {
-            if let Some(name) = subject.strip_prefix(kv.prefix.as_str()) {
-                names.push(name.to_owned());
-            }
-        }
-        let mut entries = HashMap::new();
-        // Read from the leader, LOAD_READS at a time (one by one, 100k entries took 13 s).
-        let mut read = futures::stream::iter(names)
+        let names = subject_counts::read(
+            js,
+            &kv.stream.cached_info().config.name,
+            &format!("{}{service}.>", kv.prefix),
+        )
+        .await?;
+        // Sized once: grown by doubling, the map's last growth held both tables at once.
+        let mut entries = HashMap::with_capacity(names.len());
+        // Read from the leader, LOAD_READS at a time (one by one, 100k entries took 13 s). Each
+        // name is made when its read starts, so no list of every name is kept.
+        let kv_prefix = kv.prefix.as_str();
+        let named = (0..names.len()).filter_map(|i| {
+            let (subject, _) = names.get(i)?;
+            subject.strip_prefix(kv_prefix).map(str::to_owned)
+        });
+        let mut read = futures::stream::iter(named)
             .map(|name| {
                 let kv = &kv;
                 async move {
@@ -213,6 +217,11 @@ impl Holds {
             );
         }
         drop(read);
+        drop(names);
+        if entries.capacity() > 2 * entries.len() {
+            // Most entries were other partitions' or bindings'.
+            entries.shrink_to_fit();
+        }
         // How many messages each key's queue holds, from the stream's per-subject counts. A
         // spelled-out token gives its key back; a long key's token is a digest, so only those are
         // mapped back through the entries (a map of every token cost ~8 MiB at 100k held keys).
@@ -221,10 +230,10 @@ impl Holds {
             .filter(|k| k.0.len() > repair_rules::identity::MAX_SPELLED_KEY_BYTES)
             .map(|k| (k.token(), k.clone()))
             .collect();
-        let mut queued = HashMap::new();
+        let mut queued = HashMap::with_capacity(entries.len());
         let prefix = subjects::hold(service, "");
-        let mut counts = queues.info_with_subjects(format!("{prefix}>")).await?;
-        while let Some((subject, count)) = counts.try_next().await? {
+        let counts = subject_counts::read(js, streams::HOLD, &format!("{prefix}>")).await?;
+        for (subject, count) in counts.iter() {
             let Some(token) = subject.strip_prefix(prefix.as_str()) else {
                 continue;
             };
@@ -235,7 +244,7 @@ impl Holds {
             let Some(key) = key else { continue };
             if let Some(cached) = entries.get_mut(&key) {
                 cached.look = cached.state == HoldState::Held && count > 0;
-                queued.insert(key, count as u64);
+                queued.insert(key, count);
             }
         }
         Ok(Self {

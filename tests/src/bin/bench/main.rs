@@ -12,7 +12,8 @@
 //! whole loop), holds (the sidecar with 5% repairable failures against 0%, the processor running for
 //! both; what one repaired failure costs: messages stored in mend's streams and buckets, messages
 //! mend's processes sent to the server, CPU of each process), the release of a 10k-message hold,
-//! and holds at scale (a sidecar starting with 100,000 held keys; the dashboard's holds pages).
+//! and holds at scale (a sidecar starting with 100,000 held keys; the dashboard's holds pages; the
+//! release of every key against a hand-written client doing the same work).
 //! The no-op app is a separate process (this binary with `--serve-app`), as a real app is, for every
 //! run alike.
 //!
@@ -23,6 +24,7 @@
 //! ready, memory, how soon a message of another key gets through) and the dashboard's holds pages.
 
 mod holds_floor;
+mod release_floor;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::process::Stdio;
@@ -352,11 +354,9 @@ async fn floor_pair(
 /// head out for repair and one message waiting in its hold queue) when a sidecar starts. Prints how
 /// long it takes to be ready (it loads every hold first), its memory then and a minute on, how soon
 /// a message of a key that is not held gets through, what the dashboard's overview and holds pages
-/// take to answer, and how fast every key is released once its head's retry comes back.
+/// take to answer, and how fast every key is released once its head's retry comes back, against
+/// a hand-written client releasing as many keys with the same work (`release_floor`).
 async fn holds_at_scale(k: usize) -> anyhow::Result<()> {
-    use repair_rules::headers::Lineage;
-    use repair_rules::holds::{Hold, HoldState};
-    use repair_rules::identity::{buckets, subjects};
     let nats = Monitored::start().await?;
     let client = nats.server.client().await?;
     let js = jetstream::new(client.clone());
@@ -367,64 +367,8 @@ async fn holds_at_scale(k: usize) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     js::app_stream(&js, "HELD", &["held.>"]).await?;
     let service = "held";
-    let kv = js.get_key_value(buckets::HOLDS).await?;
-    let since = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
-    let key_of = |i: usize| repair_rules::MessageKey(format!("k{i}"));
-    // The message of key i that waits: lineage HELD:<k+i+1>, behind the head HELD:<i+1>.
-    let lineage_headers = |i: usize, id: &str, attempt: u32, hold_since: Option<&str>| {
-        let key = key_of(i);
-        let mut h = async_nats::HeaderMap::new();
-        h.insert("Account-Id", key.0.as_str());
-        h.insert("Content-Type", "application/json");
-        Lineage {
-            id,
-            service,
-            attempt,
-            original_subject: "held.m",
-            key: Some(&key),
-            repaired_by: (attempt > 1).then_some("amount-as-number"),
-            resubmitted_by: None,
-            hold_since,
-            history: None,
-        }
-        .write(|name, value| h.insert(name, value));
-        h
-    };
-    let body = |i: usize| Bytes::from(format!(r#"{{"key":"k{i}","amount":12.5}}"#));
     let started = Instant::now();
-    let mut puts = FuturesUnordered::new();
-    for i in 0..k {
-        let key = key_of(i);
-        let hold = Hold {
-            service: service.into(),
-            binding: service.into(),
-            partition: 0,
-            key: key.0.clone(),
-            head: format!("HELD:{}", i + 1),
-            state: HoldState::Held,
-            since: since.clone(),
-            resolved: Vec::new(),
-        };
-        let entry = subjects::hold_entry(service, &key.token());
-        let kv = kv.clone();
-        puts.push(async move {
-            kv.put(entry, serde_json::to_vec(&hold)?.into())
-                .await
-                .map_err(anyhow::Error::from)
-        });
-        if puts.len() >= 256 {
-            puts.next().await.transpose()?;
-        }
-    }
-    while puts.next().await.transpose()?.is_some() {}
-    let waiting: Vec<Out> = (0..k)
-        .map(|i| Out {
-            subject: subjects::hold(service, &key_of(i).token()),
-            headers: lineage_headers(i, &format!("HELD:{}", k + i + 1), 1, Some(&since)),
-            payload: body(i),
-        })
-        .collect();
-    js::publish_all(&js, waiting).await?;
+    let seeded = release_floor::Seeded::write(&js, service, k).await?;
     eprintln!(
         "{k} hold entries and {k} held messages written in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -528,13 +472,7 @@ async fn holds_at_scale(k: usize) -> anyhow::Result<()> {
         .map(|(_, pid)| pid.and_then(cpu_time).unwrap_or_default())
         .collect();
     let started = Instant::now();
-    let retries: Vec<Out> = (0..k)
-        .map(|i| Out {
-            subject: subjects::retry(service),
-            headers: lineage_headers(i, &format!("HELD:{}", i + 1), 2, None),
-            payload: body(i),
-        })
-        .collect();
+    let retries = seeded.retries();
     js::publish_all(&js, retries).await?;
     let retry = format!("mend-{service}-retry");
     mend_e2e::wait::until("every hold released", Duration::from_secs(1800), || async {
@@ -562,11 +500,35 @@ async fn holds_at_scale(k: usize) -> anyhow::Result<()> {
         })
         .collect();
     let overview = dashboard.ok("/api/overview").await?;
+    drop(sidecar);
+
+    // The floor of the release: the same keys held for another service, released by hand into the
+    // same streams and bucket, once the dashboard follows the new holds.
+    let floor_seeded = release_floor::Seeded::write(&js, "floor", k).await?;
+    mend_e2e::wait::until(
+        "the dashboard following the floor's holds",
+        Duration::from_secs(600),
+        || async {
+            let overview = dashboard.ok("/api/overview").await?;
+            Ok((overview["held_keys"].as_u64() >= Some(k as u64)).then_some(()))
+        },
+    )
+    .await?;
+    let floor = release_floor::run(&nats, &js, &client, &app, &floor_seeded).await?;
+    let floor_rate = k as f64 / floor.took.as_secs_f64();
+    let floor_cpu: Vec<String> = floor
+        .cpu
+        .iter()
+        .map(|(name, used)| format!("{name} {:.0}", used.as_secs_f64() * 1e6 / k as f64))
+        .collect();
+    let mend_rate = k as f64 / released.as_secs_f64();
     println!(
         "{k} held keys (one message waiting each): sidecar ready after {:.1} s (every hold loaded), peak RSS {:.1} MiB then, \
          {:.1} MiB a minute on (targets <= 10 s, <= 80 MiB); a message of a free key through {:.0} ms after it was published; \
          dashboard: {}; slowest page {:.0} ms (target <= 200 ms); every head's retry and every waiting message delivered, \
-         every hold removed in {:.1} s: {:.0} keys released per second (target >= 5000; CPU µs per key: {}); then the overview counts {} held keys",
+         every hold removed in {:.1} s: {:.0} keys released per second (target >= 5000; CPU µs per key: {}); then the overview counts {} held keys; \
+         the release's floor (a hand-written client doing the same reads, POSTs, writes and acks per key): {floor_rate:.0} keys/s \
+         (CPU µs per key: {}); mend against it {:.2} (target >= 0.8)",
         ready.as_secs_f64(),
         rss_ready as f64 / 1024.0,
         rss_later as f64 / 1024.0,
@@ -574,11 +536,12 @@ async fn holds_at_scale(k: usize) -> anyhow::Result<()> {
         pages.join(", "),
         slowest.as_secs_f64() * 1e3,
         released.as_secs_f64(),
-        k as f64 / released.as_secs_f64(),
+        mend_rate,
         release_cpu.join(", "),
-        overview["held_keys"]
+        overview["held_keys"],
+        floor_cpu.join(", "),
+        mend_rate / floor_rate
     );
-    drop(sidecar);
     shutdown.cancel();
     Ok(())
 }
