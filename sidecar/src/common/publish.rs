@@ -66,8 +66,21 @@ pub async fn durably_with(
     headers: impl Fn() -> async_nats::HeaderMap,
     body: Bytes,
 ) -> Result<Published, NotStored> {
+    durably_on(js, &js.client(), shutdown, subject, msg_id, headers, body).await
+}
+
+/// [`durably_with`] for a caller that holds `js`'s client: `Context::client` clones it (a few
+/// atomic counts up and down), which was ~2.5% of the processor's CPU at one call per failure.
+pub async fn durably_on(
+    js: &Context,
+    client: &async_nats::Client,
+    shutdown: &CancellationToken,
+    subject: &str,
+    msg_id: &str,
+    headers: impl Fn() -> async_nats::HeaderMap,
+    body: Bytes,
+) -> Result<Published, NotStored> {
     let mut pause = RETRY_MIN;
-    let client = js.client();
     loop {
         // While the connection is down, nothing is handed to the client: it would keep every try
         // and send them all once it reconnects, also after this publish was given up (a binding

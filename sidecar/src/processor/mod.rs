@@ -448,8 +448,9 @@ async fn retry(
     let lineage = envelope.lineage();
     let msg_id = lineage.msg_id(attempt, "retry");
     let subject = subjects::retry(&envelope.service);
-    match publish::durably_with(
+    match publish::durably_on(
         &p.js,
+        &p.client,
         &p.shutdown,
         &subject,
         &msg_id,
