@@ -1177,14 +1177,24 @@ async fn processor_medians(
     let (mut floors, mut floor_servers) = (Vec::new(), Vec::new());
     let per = |d: Duration| d.as_secs_f64() * 1e6 / m as f64;
     for round in 0..rounds {
-        let (took, server, own) = processor_floor(nats, js, client, m, round).await?;
+        // Which goes first alternates: the server's cost per envelope drifts up over a run (its
+        // streams' state grows), and the second of a pair would always bear more of it.
+        let floor_first = round % 2 == 0;
+        let mut floor_run = None;
+        if floor_first {
+            floor_run = Some(processor_floor(nats, js, client, m, round).await?);
+        }
+        let (took, cpu, server) = processor_alone(nats, js, m, round).await?;
+        if !floor_first {
+            floor_run = Some(processor_floor(nats, js, client, m, round).await?);
+        }
+        let (r, c, s) = (rate(m, took), per(cpu), per(server));
+        let (took, server, own) = floor_run.context("the floor's run")?;
         let (f, fs) = (rate(m, took), per(server));
         eprintln!(
             "round {round}: floor {f:.0} envelopes/s, server {fs:.1} µs CPU each, client {:.1} µs CPU each",
             per(own)
         );
-        let (took, cpu, server) = processor_alone(nats, js, m, round).await?;
-        let (r, c, s) = (rate(m, took), per(cpu), per(server));
         eprintln!(
             "round {round}: processor {r:.0} envelopes/s, {c:.1} µs CPU each, server {s:.1} µs CPU each"
         );
