@@ -88,6 +88,8 @@ struct ApiError {
     #[serde(default)]
     code: u64,
     #[serde(default)]
+    err_code: u64,
+    #[serde(default)]
     description: String,
 }
 
@@ -117,9 +119,10 @@ pub async fn read(
             .map_err(|e| anyhow::anyhow!("reading the subjects of {stream}: {e}"))?;
         if let Some(error) = page.error {
             anyhow::bail!(
-                "reading the subjects of {stream}: {} ({})",
+                "reading the subjects of {stream}: {} (status {}, error code {})",
                 error.description,
-                error.code
+                error.code,
+                error.err_code
             );
         }
         let Some(subjects) = page.state.subjects.filter(|s| !s.is_empty()) else {

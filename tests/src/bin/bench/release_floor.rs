@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use async_nats::jetstream::consumer::{AckPolicy, pull};
+use async_nats::jetstream::stream::RawMessageErrorKind;
 use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -242,10 +243,14 @@ pub async fn run(
                 length: 0,
             };
             post(&http, &url, &held_id, &source, &as_message).await?;
-            let after = queues
+            match queues
                 .get_first_raw_message_by_subject(queue.as_str(), held.sequence + 1)
-                .await;
-            anyhow::ensure!(after.is_err(), "a second message in the queue of {key:?}");
+                .await
+            {
+                Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => {}
+                Err(e) => return Err(e.into()),
+                Ok(_) => anyhow::bail!("a second message in the queue of {key:?}"),
+            }
             queues
                 .purge()
                 .filter(queue.as_str())
