@@ -1003,8 +1003,9 @@ async fn processor_alone(
 }
 
 /// The processor's broker work with nothing else, hand-written: `m` envelopes waiting on a work queue,
-/// 256 in flight; each is answered with a publish of a repaired message (10 headers, awaited, with a
-/// `Nats-Msg-Id`; a repair is not announced on its own), then an unconfirmed ack: the
+/// 256 in flight; each is answered with a publish of a repaired message (10 headers naming its own
+/// lineage, key and history, as each of the processor's retries must, in a map built for it;
+/// awaited, with a `Nats-Msg-Id`; a repair is not announced on its own), then an unconfirmed ack: the
 /// ceiling this machine and server put on any processor that keeps SPEC §6's order of steps. No JSON
 /// is parsed and no rule runs. Returns the duration and the server's and this process's CPU time
 /// over the run.
@@ -1013,7 +1014,6 @@ async fn processor_floor(
     js: &jetstream::Context,
     client: &async_nats::Client,
     m: usize,
-    round: usize,
 ) -> anyhow::Result<(Duration, Duration, Duration)> {
     use async_nats::jetstream::stream::RetentionPolicy;
     floor_streams(
@@ -1045,23 +1045,6 @@ async fn processor_floor(
             ..Default::default()
         })
         .await?;
-    let mut headers = async_nats::HeaderMap::new();
-    for (k, v) in [
-        ("Account-Id", "k1"),
-        ("Content-Type", "application/json"),
-        ("Mend-Id", "BENCHF:1"),
-        ("Mend-Service", "orders"),
-        ("Mend-Attempt", "2"),
-        ("Mend-Repaired-By", "amount-as-number"),
-        ("Mend-Original-Subject", "orders.created"),
-        ("Mend-Key", "k1"),
-        (
-            "Mend-History",
-            r#"[{"at":"2026-11-22T10:00:00Z","what":"delegated","by":"sidecar"},{"at":"2026-11-22T10:00:01.000Z","what":"repaired","by":"rule:amount-as-number"}]"#,
-        ),
-    ] {
-        headers.insert(k, v);
-    }
     let repaired = Bytes::from(format!(
         r#"{{"account":"acct-7","amount":12.5,"currency":"USD","pad":"{}"}}"#,
         "x".repeat(120)
@@ -1080,14 +1063,30 @@ async fn processor_floor(
                 .await
                 .context("stream ended")?
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let (js, client, headers, repaired) = (
-                js.clone(),
-                client.clone(),
-                headers.clone(),
-                repaired.clone(),
-            );
+            let (js, client, repaired) = (js.clone(), client.clone(), repaired.clone());
             running.spawn(async move {
                 let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+                // Each retry carries its own lineage, as the processor's do (an id, key and
+                // history of its own), in a map built for it; nothing is read from the envelope.
+                let (id, key) = (format!("BENCHF:{seq}"), format!("k{}", seq % 1000));
+                let history = format!(
+                    r#"[{{"at":"2026-11-22T10:00:00Z","what":"delegated","by":"sidecar"}},{{"at":"{}","what":"repaired","by":"rule:amount-as-number","attempt":2}}]"#,
+                    humantime::format_rfc3339_millis(std::time::SystemTime::now())
+                );
+                let mut headers = async_nats::HeaderMap::new();
+                for (k, v) in [
+                    ("Account-Id", key.as_str()),
+                    ("Content-Type", "application/json"),
+                    ("Mend-Id", id.as_str()),
+                    ("Mend-Service", "orders"),
+                    ("Mend-Attempt", "2"),
+                    ("Mend-Repaired-By", "amount-as-number"),
+                    ("Mend-Original-Subject", "orders.created"),
+                    ("Mend-Key", key.as_str()),
+                    ("Mend-History", history.as_str()),
+                ] {
+                    headers.insert(k, v);
+                }
                 let publish = |subject: &'static str, id: String, h, body| {
                     let js = js.clone();
                     async move {
@@ -1101,7 +1100,7 @@ async fn processor_floor(
                 };
                 publish(
                     "floor.retry.orders",
-                    format!("F{round}:{seq}:2:retry"),
+                    format!("{id}:2:retry"),
                     headers,
                     repaired,
                 )
@@ -1182,11 +1181,11 @@ async fn processor_medians(
         let floor_first = round % 2 == 0;
         let mut floor_run = None;
         if floor_first {
-            floor_run = Some(processor_floor(nats, js, client, m, round).await?);
+            floor_run = Some(processor_floor(nats, js, client, m).await?);
         }
         let (took, cpu, server) = processor_alone(nats, js, m, round).await?;
         if !floor_first {
-            floor_run = Some(processor_floor(nats, js, client, m, round).await?);
+            floor_run = Some(processor_floor(nats, js, client, m).await?);
         }
         let (r, c, s) = (rate(m, took), per(cpu), per(server));
         let (took, server, own) = floor_run.context("the floor's run")?;
