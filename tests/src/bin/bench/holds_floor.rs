@@ -6,7 +6,7 @@
 //! its confirmed ack; the key's later messages wait until then. No JSON tree is built, no rule runs,
 //! nothing is traced or counted. What it reaches is what this machine allows for that work.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use anyhow::Context;
 use async_nats::jetstream::consumer::{AckPolicy, pull};
@@ -18,16 +18,9 @@ use futures::stream::FuturesUnordered;
 use mend_e2e::js;
 
 use super::{
-    IN_FLIGHT, KeyLanes, Monitored, NoopApp, account_id, app_headers, consumer, cpu_time,
+    CpuWatch, FloorRun, IN_FLIGHT, KeyLanes, Monitored, NoopApp, account_id, app_headers, consumer,
     floor_streams, holds_messages,
 };
-
-/// What a floor run took, and the CPU time of the server, this process (the hand-written sidecar
-/// and repairer) and the app over it.
-pub struct FloorRun {
-    pub took: Duration,
-    pub cpu: Vec<(&'static str, Duration)>,
-}
 
 /// How one piece of work on a key ended.
 enum End {
@@ -82,18 +75,14 @@ pub async fn run(
     let failed = filtered(js, "HF_FAILED", &format!("hf.failed.{svc}")).await?;
     let retries = filtered(js, "HF_RETRY", &format!("hf.retry.{svc}")).await?;
 
-    let pids = [
+    let watch = CpuWatch::start([
         ("nats-server", nats.server.pid()),
         (
             "bench (hand-written sidecar and repairer)",
             Some(std::process::id()),
         ),
         ("app", app.pid()),
-    ];
-    let before: Vec<Duration> = pids
-        .iter()
-        .map(|(_, pid)| pid.and_then(cpu_time).unwrap_or_default())
-        .collect();
+    ]);
     let started = Instant::now();
     let repairer = tokio::spawn(repair(js.clone(), client.clone(), failed, svc.clone()));
     let http = reqwest::Client::builder()
@@ -223,18 +212,12 @@ pub async fn run(
     }
     let took = started.elapsed();
     repairer.abort();
-    let cpu = pids
-        .iter()
-        .zip(before)
-        .map(|((name, pid), before)| {
-            let after = pid.and_then(cpu_time).unwrap_or_default();
-            (*name, after.saturating_sub(before))
-        })
-        .collect();
+    let cpu = watch.used();
     Ok(FloorRun { took, cpu })
 }
 
-async fn filtered(
+/// A durable pull consumer of `stream` on `subject` alone.
+pub async fn filtered(
     js: &jetstream::Context,
     stream: &str,
     subject: &str,
@@ -253,15 +236,16 @@ async fn filtered(
         .await?)
 }
 
-async fn publish(
+/// A JetStream publish under a de-duplicating id, its ack awaited.
+pub async fn publish(
     js: &jetstream::Context,
     subject: String,
     id: String,
     headers: async_nats::HeaderMap,
-    body: String,
+    body: impl Into<Bytes>,
 ) -> anyhow::Result<()> {
     let message = jetstream::message::PublishMessage::build()
-        .payload(Bytes::from(body))
+        .payload(body.into())
         .headers(headers)
         .message_id(id);
     js.send_publish(subject, message).await?.await?;

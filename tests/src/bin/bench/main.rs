@@ -330,13 +330,7 @@ async fn floor_pair(
 ) -> anyhow::Result<(f64, f64)> {
     let f0 = holds_floor::run(nats, js, client, app, n, keys, 0, round).await?;
     let f5 = holds_floor::run(nats, js, client, app, n, keys, 5, round).await?;
-    let per = |run: &holds_floor::FloorRun| {
-        run.cpu
-            .iter()
-            .map(|(name, d)| format!("{name} {:.0}", d.as_secs_f64() * 1e6 / n as f64))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let per = |run: &FloorRun| per_unit(&run.cpu, n);
     eprintln!(
         "  floor: 0% {:.0} msg/s (CPU µs per message: {}), 5% {:.0} msg/s ({})",
         rate(n, f0.took),
@@ -459,15 +453,11 @@ async fn holds_at_scale(k: usize) -> anyhow::Result<()> {
     );
 
     // Every head's retry comes back: each key's retry is delivered, then its waiting message.
-    let cpu_pids = [
+    let watch = CpuWatch::start([
         ("sidecar", sidecar.pid()),
         ("nats-server", nats.server.pid()),
         ("app", app.pid()),
-    ];
-    let cpu_before: Vec<Duration> = cpu_pids
-        .iter()
-        .map(|(_, pid)| pid.and_then(cpu_time).unwrap_or_default())
-        .collect();
+    ]);
     let started = Instant::now();
     let retries = seeded.retries();
     js::publish_all(&js, retries).await?;
@@ -485,17 +475,7 @@ async fn holds_at_scale(k: usize) -> anyhow::Result<()> {
     })
     .await?;
     let released = started.elapsed();
-    let release_cpu: Vec<String> = cpu_pids
-        .iter()
-        .zip(cpu_before)
-        .map(|((name, pid), before)| {
-            let used = pid
-                .and_then(cpu_time)
-                .unwrap_or_default()
-                .saturating_sub(before);
-            format!("{name} {:.0}", used.as_secs_f64() * 1e6 / k as f64)
-        })
-        .collect();
+    let release_cpu = per_unit(&watch.used(), k);
     let overview = dashboard.ok("/api/overview").await?;
     drop(sidecar);
 
@@ -513,11 +493,7 @@ async fn holds_at_scale(k: usize) -> anyhow::Result<()> {
     .await?;
     let floor = release_floor::run(&nats, &js, &client, &app, &floor_seeded).await?;
     let floor_rate = k as f64 / floor.took.as_secs_f64();
-    let floor_cpu: Vec<String> = floor
-        .cpu
-        .iter()
-        .map(|(name, used)| format!("{name} {:.0}", used.as_secs_f64() * 1e6 / k as f64))
-        .collect();
+    let floor_cpu = per_unit(&floor.cpu, k);
     let mend_rate = k as f64 / released.as_secs_f64();
     println!(
         "{k} held keys (one message waiting each): sidecar ready after {:.1} s (every hold loaded), peak RSS {:.1} MiB then, \
@@ -534,9 +510,9 @@ async fn holds_at_scale(k: usize) -> anyhow::Result<()> {
         slowest.as_secs_f64() * 1e3,
         released.as_secs_f64(),
         mend_rate,
-        release_cpu.join(", "),
+        release_cpu,
         overview["held_keys"],
-        floor_cpu.join(", "),
+        floor_cpu,
         mend_rate / floor_rate
     );
     shutdown.cancel();
@@ -582,10 +558,7 @@ async fn holds_run(
     ];
     pids.extend_from_slice(others);
     pids.push(("bench (polling)", Some(std::process::id())));
-    let before: Vec<Duration> = pids
-        .iter()
-        .map(|(_, pid)| pid.and_then(cpu_time).unwrap_or_default())
-        .collect();
+    let watch = CpuWatch::start(pids);
     let stored_before = stored(js).await?;
     let sent_before = nats.sent_by_mend().await?;
     let started = Instant::now();
@@ -606,14 +579,7 @@ async fn holds_run(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let took = started.elapsed();
-    let cpu: Vec<(String, Duration)> = pids
-        .iter()
-        .zip(before)
-        .map(|((name, pid), before)| {
-            let after = pid.and_then(cpu_time).unwrap_or_default();
-            ((*name).to_owned(), after.saturating_sub(before))
-        })
-        .collect();
+    let cpu = watch.used();
     let stored_after = stored(js).await?;
     let sent_after = nats.sent_by_mend().await?;
     let cost = RunCost {
@@ -1087,19 +1053,9 @@ async fn processor_floor(
                 ] {
                     headers.insert(k, v);
                 }
-                let publish = |subject: &'static str, id: String, h, body| {
-                    let js = js.clone();
-                    async move {
-                        let message = jetstream::message::PublishMessage::build()
-                            .payload(body)
-                            .headers(h)
-                            .message_id(id);
-                        js.send_publish(subject, message).await?.await?;
-                        anyhow::Ok(())
-                    }
-                };
-                publish(
-                    "floor.retry.orders",
+                holds_floor::publish(
+                    &js,
+                    "floor.retry.orders".into(),
                     format!("{id}:2:retry"),
                     headers,
                     repaired,
@@ -1668,6 +1624,52 @@ async fn serve_app() -> anyhow::Result<()> {
     println!("http://{}/events", listener.local_addr()?);
     axum::serve(listener, router).await?;
     Ok(())
+}
+
+/// What a hand-written floor's run took, and the CPU time of each process over it.
+pub struct FloorRun {
+    pub took: Duration,
+    pub cpu: Vec<(String, Duration)>,
+}
+
+/// CPU µs per unit of work, per process: `name µs, …`.
+fn per_unit(cpu: &[(String, Duration)], units: usize) -> String {
+    cpu.iter()
+        .map(|(name, d)| format!("{name} {:.0}", d.as_secs_f64() * 1e6 / units as f64))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The CPU time named processes use from a moment on.
+struct CpuWatch {
+    pids: Vec<(String, Option<u32>)>,
+    before: Vec<Duration>,
+}
+
+impl CpuWatch {
+    fn start<'a>(pids: impl IntoIterator<Item = (&'a str, Option<u32>)>) -> Self {
+        let pids: Vec<(String, Option<u32>)> = pids
+            .into_iter()
+            .map(|(name, pid)| (name.to_owned(), pid))
+            .collect();
+        let before = pids
+            .iter()
+            .map(|(_, pid)| pid.and_then(cpu_time).unwrap_or_default())
+            .collect();
+        Self { pids, before }
+    }
+
+    /// What each process used since the start, by name.
+    fn used(&self) -> Vec<(String, Duration)> {
+        self.pids
+            .iter()
+            .zip(&self.before)
+            .map(|((name, pid), before)| {
+                let after = pid.and_then(cpu_time).unwrap_or_default();
+                (name.clone(), after.saturating_sub(*before))
+            })
+            .collect()
+    }
 }
 
 /// CPU time (user + system) a process has used so far.

@@ -12,10 +12,9 @@
 //! what it reaches is what this machine allows for that work.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use anyhow::Context;
-use async_nats::jetstream::consumer::{AckPolicy, pull};
 use async_nats::jetstream::stream::RawMessageErrorKind;
 use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
@@ -27,7 +26,7 @@ use repair_rules::headers::Lineage;
 use repair_rules::holds::{Hold, HoldState};
 use repair_rules::identity::{buckets, streams, subjects};
 
-use super::{IN_FLIGHT, Monitored, NoopApp, app_headers, cpu_time};
+use super::{CpuWatch, FloorRun, IN_FLIGHT, Monitored, NoopApp, app_headers};
 
 /// K keys of `service` held, each with one message waiting.
 pub struct Seeded {
@@ -144,13 +143,6 @@ fn body(i: usize) -> Bytes {
     Bytes::from(format!(r#"{{"key":"k{i}","amount":12.5}}"#))
 }
 
-/// What the floor's release took, and the CPU time of the server, this process (the hand-written
-/// releaser) and the app over it.
-pub struct FloorRun {
-    pub took: Duration,
-    pub cpu: Vec<(&'static str, Duration)>,
-}
-
 /// Releases every key of `seeded` by hand once each head's retry is published.
 pub async fn run(
     nats: &Monitored,
@@ -162,32 +154,19 @@ pub async fn run(
     let service = seeded.service.as_str();
     let kv = js.get_key_value(buckets::HOLDS).await?;
     let queues = js.get_stream(streams::HOLD).await?;
-    let retries = js
-        .get_stream(streams::RETRY)
-        .await?
-        .create_consumer(pull::Config {
-            durable_name: Some(format!("floor-{service}-retry")),
-            filter_subject: subjects::retry(service),
-            ack_policy: AckPolicy::Explicit,
-            max_ack_pending: 1024,
-            ..Default::default()
-        })
-        .await?;
+    let retries =
+        super::holds_floor::filtered(js, streams::RETRY, &subjects::retry(service)).await?;
     let http = reqwest::Client::builder()
         .tcp_nodelay(true)
         .pool_max_idle_per_host(IN_FLIGHT)
         .build()?;
     let source = reqwest::header::HeaderValue::from_str(&format!("urn:mend:floor:{service}"))?;
 
-    let pids = [
+    let watch = CpuWatch::start([
         ("nats-server", nats.server.pid()),
         ("bench (hand-written releaser)", Some(std::process::id())),
         ("app", app.pid()),
-    ];
-    let before: Vec<Duration> = pids
-        .iter()
-        .map(|(_, pid)| pid.and_then(cpu_time).unwrap_or_default())
-        .collect();
+    ]);
     let started = Instant::now();
     js::publish_all(js, seeded.retries()).await?;
 
@@ -288,14 +267,7 @@ pub async fn run(
         }
     }
     let took = started.elapsed();
-    let cpu = pids
-        .iter()
-        .zip(before)
-        .map(|((name, pid), before)| {
-            let after = pid.and_then(cpu_time).unwrap_or_default();
-            (*name, after.saturating_sub(before))
-        })
-        .collect();
+    let cpu = watch.used();
     Ok(FloorRun { took, cpu })
 }
 
@@ -334,12 +306,5 @@ async fn announce(
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Content-Type", "application/cloudevents+json");
     headers.insert("Mend-Id", id);
-    let message = jetstream::message::PublishMessage::build()
-        .payload(Bytes::from(body))
-        .headers(headers)
-        .message_id(msg_id);
-    js.send_publish(subjects::event(service, kind), message)
-        .await?
-        .await?;
-    Ok(())
+    super::holds_floor::publish(js, subjects::event(service, kind), msg_id, headers, body).await
 }
