@@ -35,6 +35,17 @@ pub enum Reply {
     Slow(Duration),
     /// This status with `Mend-Action: action`.
     Action(u16, &'static str),
+    /// In a batch: the entry is left out of the answer (single delivery: a 500).
+    Missing,
+}
+
+/// How the app answers a whole batch, instead of one status per entry.
+#[derive(Debug, Clone)]
+pub enum BatchReply {
+    /// This status and body (`text/plain`) for the whole batch.
+    Body(u16, String),
+    /// Wait this long, then answer entry by entry.
+    Slow(Duration),
 }
 
 /// One request the app received.
@@ -44,8 +55,12 @@ pub struct Delivery {
     pub body: Bytes,
     /// The body as JSON, when it is.
     pub json: Option<Value>,
-    /// The status the app answered.
+    /// The status the app answered (for an entry of a batch: 200 for SUCCESS, the reply's own
+    /// status otherwise, or the whole batch's non-2xx status; 0 when it was left out of the answer
+    /// or the whole batch got a 2xx answer without statuses).
     pub status: u16,
+    /// For an entry of a batch: the batch's number (from 0) and the entry as it came.
+    pub batch: Option<(usize, Value)>,
     /// How many times this `Mend-Id` had been delivered before (0 for the first).
     pub seen_before: usize,
     pub at: Instant,
@@ -107,6 +122,7 @@ pub fn order_problem(d: &Delivery) -> Option<Reply> {
 }
 
 type Script = dyn Fn(&Delivery) -> Reply + Send + Sync;
+type BatchScript = dyn Fn(&[Delivery]) -> Option<BatchReply> + Send + Sync;
 
 struct Shared {
     log: Mutex<Vec<Delivery>>,
@@ -114,6 +130,9 @@ struct Shared {
     in_flight: Mutex<(usize, usize)>,
     seen: Mutex<HashMap<String, usize>>,
     script: Mutex<Arc<Script>>,
+    batch_script: Mutex<Arc<BatchScript>>,
+    /// Batches received, and the most entries one had.
+    batches: Mutex<(usize, usize)>,
     changed: watch::Sender<usize>,
 }
 
@@ -134,6 +153,8 @@ impl FakeApp {
             in_flight: Mutex::new((0, 0)),
             seen: Mutex::new(HashMap::new()),
             script: Mutex::new(Arc::new(|_: &Delivery| Reply::Ok)),
+            batch_script: Mutex::new(Arc::new(|_: &[Delivery]| None)),
+            batches: Mutex::new((0, 0)),
             changed: watch::channel(0).0,
         });
         let mut app = Self {
@@ -151,9 +172,30 @@ impl FakeApp {
         *self.shared.script.lock().unwrap() = Arc::new(f);
     }
 
+    /// Replaces how the app answers a whole batch (`None`: entry by entry, by the script).
+    pub fn batch_script(
+        &self,
+        f: impl Fn(&[Delivery]) -> Option<BatchReply> + Send + Sync + 'static,
+    ) {
+        *self.shared.batch_script.lock().unwrap() = Arc::new(f);
+    }
+
     /// The endpoint URL for a binding.
     pub fn endpoint(&self) -> String {
         format!("http://{}/events", self.addr)
+    }
+
+    /// The endpoint URL for a binding with bulk delivery: each entry of a batch is logged as a
+    /// delivery (its attributes as the headers single delivery would have had) and answered by the
+    /// script: 2xx is SUCCESS, a transient status RETRY, `Mend-Action: drop` DROP, a problem or other
+    /// status FAIL (with the problem object), [`Reply::Missing`] no status.
+    pub fn batch_endpoint(&self) -> String {
+        format!("http://{}/batch", self.addr)
+    }
+
+    /// Batches received so far, and the most entries one had.
+    pub fn batches(&self) -> (usize, usize) {
+        *self.shared.batches.lock().unwrap()
     }
 
     /// The most requests the app was answering at the same time.
@@ -219,6 +261,7 @@ impl FakeApp {
         self.addr = listener.local_addr()?;
         let router = Router::new()
             .route("/events", post(handle))
+            .route("/batch", post(handle_batch))
             .with_state(self.shared.clone());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -255,6 +298,7 @@ async fn handle(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
         headers,
         body,
         status: 0,
+        batch: None,
         seen_before,
         at: Instant::now(),
     };
@@ -285,12 +329,166 @@ async fn handle(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
                 .insert("mend-action", HeaderValue::from_static(action));
             r
         }
+        Reply::Missing => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     };
     delivery.status = response.status().as_u16();
     shared.in_flight.lock().unwrap().0 -= 1;
     let n = {
         let mut log = shared.log.lock().unwrap();
         log.push(delivery);
+        log.len()
+    };
+    shared.changed.send_replace(n);
+    response
+}
+
+/// One entry of a batch as a delivery: its attributes as the headers single delivery has.
+fn entry_delivery(shared: &Shared, batch: usize, entry: Value) -> Delivery {
+    let mut headers = HeaderMap::new();
+    let attr = |name: &str| match &entry[name] {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    };
+    for (header, attribute) in [
+        ("mend-id", "id"),
+        ("ce-id", "id"),
+        ("mend-key", "subject"),
+        ("ce-subject", "subject"),
+        ("ce-type", "type"),
+        ("mend-original-subject", "type"),
+        ("mend-attempt", "mendattempt"),
+        ("mend-service", "mendservice"),
+        ("mend-repaired-by", "mendrepairedby"),
+        ("mend-resubmitted-by", "mendresubmittedby"),
+        ("content-type", "datacontenttype"),
+        ("traceparent", "traceparent"),
+        ("tracestate", "tracestate"),
+    ] {
+        if let Some(v) = attr(attribute).and_then(|v| HeaderValue::from_str(&v).ok()) {
+            headers.insert(header, v);
+        }
+    }
+    let body = match (&entry["data"], entry["data_base64"].as_str()) {
+        (Value::Null, Some(b64)) => {
+            use base64::Engine as _;
+            Bytes::from(
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .unwrap_or_default(),
+            )
+        }
+        (data, _) => Bytes::from(data.to_string()),
+    };
+    let id = attr("id").unwrap_or_default();
+    let seen_before = {
+        let mut seen = shared.seen.lock().unwrap();
+        let n = seen.entry(id).or_insert(0);
+        *n += 1;
+        *n - 1
+    };
+    Delivery {
+        json: serde_json::from_slice(&body).ok(),
+        headers,
+        body,
+        status: 0,
+        batch: Some((batch, entry)),
+        seen_before,
+        at: Instant::now(),
+    }
+}
+
+async fn handle_batch(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if headers.get("content-type").and_then(|v| v.to_str().ok())
+        != Some("application/cloudevents-batch+json")
+    {
+        return (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "not a CloudEvents batch",
+        )
+            .into_response();
+    }
+    let Ok(Value::Array(entries)) = serde_json::from_slice::<Value>(&body) else {
+        return (StatusCode::BAD_REQUEST, "not a JSON array").into_response();
+    };
+    let number = {
+        let mut b = shared.batches.lock().unwrap();
+        b.0 += 1;
+        b.1 = b.1.max(entries.len());
+        b.0 - 1
+    };
+    {
+        let mut f = shared.in_flight.lock().unwrap();
+        f.0 += 1;
+        f.1 = f.1.max(f.0);
+    }
+    let mut deliveries: Vec<Delivery> = entries
+        .into_iter()
+        .map(|e| entry_delivery(&shared, number, e))
+        .collect();
+    let whole = shared.batch_script.lock().unwrap().clone()(&deliveries);
+    let response = match whole {
+        Some(BatchReply::Body(s, text)) => {
+            // A 2xx body that is not the contract's processed nothing.
+            for d in &mut deliveries {
+                d.status = if (200..300).contains(&s) { 0 } else { s };
+            }
+            Some((status(s), [("content-type", "text/plain")], text).into_response())
+        }
+        Some(BatchReply::Slow(pause)) => {
+            tokio::time::sleep(pause).await;
+            None
+        }
+        None => None,
+    };
+    let response = response.unwrap_or_else(|| {
+        let script = shared.script.lock().unwrap().clone();
+        let mut statuses = Vec::new();
+        for d in &mut deliveries {
+            let id = d.mend_id().to_owned();
+            let (code, entry) = match script(d) {
+                Reply::Ok | Reply::Slow(_) => (200, serde_json::json!({"id": id, "status": "SUCCESS"})),
+                Reply::Status(s) if (200..300).contains(&s) => {
+                    (s, serde_json::json!({"id": id, "status": "SUCCESS"}))
+                }
+                Reply::Status(s) | Reply::RetryAfter(s, _)
+                    if [408, 425, 429, 502, 503, 504].contains(&s) =>
+                {
+                    (s, serde_json::json!({"id": id, "status": "RETRY"}))
+                }
+                Reply::Action(s, "drop") => (s, serde_json::json!({"id": id, "status": "DROP"})),
+                Reply::Problem(s, mut problem) => {
+                    // The problem object carries its status, as RFC 9457 suggests.
+                    if let Some(members) = problem.as_object_mut() {
+                        members.entry("status").or_insert(s.into());
+                    }
+                    (s, serde_json::json!({"id": id, "status": "FAIL", "problem": problem}))
+                }
+                Reply::Status(s) | Reply::RetryAfter(s, _) | Reply::Action(s, _) => (
+                    s,
+                    serde_json::json!({"id": id, "status": "FAIL", "problem": {"status": s}}),
+                ),
+                Reply::Text(s, text) => (
+                    s,
+                    serde_json::json!({"id": id, "status": "FAIL", "problem": {"status": s, "detail": text}}),
+                ),
+                Reply::Missing => (0, Value::Null),
+            };
+            d.status = code;
+            if !entry.is_null() {
+                statuses.push(entry);
+            }
+        }
+        axum::Json(serde_json::json!({ "statuses": statuses })).into_response()
+    });
+    shared.in_flight.lock().unwrap().0 -= 1;
+    let n = {
+        let mut log = shared.log.lock().unwrap();
+        log.extend(deliveries);
         log.len()
     };
     shared.changed.send_replace(n);

@@ -66,6 +66,9 @@ pub enum Command {
         /// Time between status lines.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         status_every: std::time::Duration,
+        /// Deliver to the demo app in batches of up to N events (bulk delivery, 1 to 1000).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1000))]
+        batch: Option<u16>,
     },
     /// Read a password from standard input and print its hash for `[[user]] password_hash`.
     HashPassword,
@@ -137,6 +140,7 @@ pub async fn main() -> ExitCode {
             rate,
             data,
             status_every,
+            batch,
         } => {
             let options = crate::dev::Options {
                 nats_url,
@@ -145,6 +149,7 @@ pub async fn main() -> ExitCode {
                 rate,
                 data,
                 status_every,
+                batch: batch.map(usize::from),
             };
             role(
                 "dev",

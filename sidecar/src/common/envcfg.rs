@@ -124,12 +124,17 @@ enum Candidate {
     Top(String),
     Table(String, String),
     Entry(String, usize, String),
+    /// A key of a table inside an entry of an array of tables (`binding.batch.max_messages`).
+    EntryTable(String, usize, String, String),
 }
 
 impl Candidate {
     fn key(&self) -> &str {
         match self {
-            Candidate::Top(k) | Candidate::Table(_, k) | Candidate::Entry(_, _, k) => k,
+            Candidate::Top(k)
+            | Candidate::Table(_, k)
+            | Candidate::Entry(_, _, k)
+            | Candidate::EntryTable(_, _, _, k) => k,
         }
     }
 
@@ -144,6 +149,14 @@ impl Candidate {
                 .get_mut(a)?
                 .as_array_mut()?
                 .get_mut(*i)?
+                .as_table_mut(),
+            Candidate::EntryTable(a, i, t, _) => table
+                .get_mut(a)?
+                .as_array_mut()?
+                .get_mut(*i)?
+                .as_table_mut()?
+                .entry(t.clone())
+                .or_insert_with(|| Value::Table(Table::new()))
                 .as_table_mut(),
         }
     }
@@ -163,6 +176,17 @@ fn candidates(table: &Table, name: &str, arrays: &[&str]) -> Vec<Candidate> {
             let prefix = format!("{}_", entry_name.to_ascii_lowercase().replace('-', "_"));
             if let Some(key) = rest.strip_prefix(&prefix) {
                 out.push(Candidate::Entry((*array).to_owned(), i, key.to_owned()));
+                for (at, _) in key.match_indices('_') {
+                    let (t, k) = (&key[..at], &key[at + 1..]);
+                    if !k.is_empty() {
+                        out.push(Candidate::EntryTable(
+                            (*array).to_owned(),
+                            i,
+                            t.to_owned(),
+                            k.to_owned(),
+                        ));
+                    }
+                }
             }
         }
     }

@@ -7,6 +7,13 @@ use std::sync::OnceLock;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
+/// Bulk delivery: messages per batch sent, by service and binding.
+pub const BATCH_SIZE: &str = "mend_batch_size";
+/// Bulk delivery: seconds from sending a batch to its answer, by service and binding.
+pub const BATCH_LATENCY: &str = "mend_batch_latency_seconds";
+/// Batch-size histogram buckets, in messages.
+const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0];
+
 /// Messages the app processed (2xx), by service and binding.
 pub const DELIVERED: &str = "mend_delivered_total";
 /// Failed app calls by `kind`: `transient`, `message`, `transient_exhausted`.
@@ -80,6 +87,10 @@ pub fn metrics() -> anyhow::Result<PrometheusHandle> {
     }
     let recorder = PrometheusBuilder::new()
         .set_buckets(LATENCY_BUCKETS)?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(BATCH_SIZE.to_owned()),
+            BATCH_SIZE_BUCKETS,
+        )?
         .build_recorder();
     let handle = recorder.handle();
     if metrics::set_global_recorder(recorder).is_ok() {

@@ -9,6 +9,10 @@
 //!   later goes through, and the account's orders held behind it follow in order,
 //! - and now and then answers 503 once (its database is "busy"): retried in place, never delegated.
 //!
+//! It takes one event per request (`/events`) or CloudEvents JSON batches (`/events/batch`, for
+//! `mend dev --batch N`), with one status per entry: the same refusals as FAIL with their problem
+//! object, a busy database as RETRY.
+//!
 //! It counts what it processed and checks that each account's events arrive in the order they were
 //! produced, which is what mend's holding queues promise.
 
@@ -81,7 +85,7 @@ pub struct DemoApp {
 }
 
 impl DemoApp {
-    /// Serves the app on a free loopback port: `POST /events`.
+    /// Serves the app on a free loopback port: `POST /events` and `POST /events/batch`.
     pub async fn start() -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
             .await
@@ -92,7 +96,10 @@ impl DemoApp {
             books: Arc::default(),
         };
         let stats = app.stats.clone();
-        let router = Router::new().route("/events", post(handle)).with_state(app);
+        let router = Router::new()
+            .route("/events", post(handle))
+            .route("/events/batch", post(handle_batch))
+            .with_state(app);
         let stop = CancellationToken::new();
         let task = tokio::spawn({
             let stop = stop.clone();
@@ -110,8 +117,10 @@ impl DemoApp {
         })
     }
 
-    pub fn endpoint(&self) -> String {
-        format!("http://{}/events", self.addr)
+    /// Where the sidecar delivers: one event per request, or (`batch`) CloudEvents JSON batches.
+    pub fn endpoint(&self, batch: bool) -> String {
+        let path = if batch { "/events/batch" } else { "/events" };
+        format!("http://{}{path}", self.addr)
     }
 
     pub async fn stop(self) {
@@ -122,31 +131,103 @@ impl DemoApp {
     }
 }
 
-fn problem(status: StatusCode, code: &str, title: &str, field: Option<&str>) -> Response {
+/// What the app makes of one event.
+enum Verdict {
+    Processed,
+    /// A message error, as an RFC 9457 problem object.
+    Problem(Value),
+    /// The database is busy: try again in a second.
+    Busy,
+}
+
+fn problem(status: StatusCode, code: &str, title: &str, field: Option<&str>) -> Verdict {
     let mut body = json!({"type": format!("https://demo.mend.dev/problems/{code}"), "title": title, "status": status.as_u16(), "code": code});
     if let Some(f) = field {
         body["field"] = json!(f);
     }
-    (
-        status,
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        )],
-        body.to_string(),
-    )
-        .into_response()
+    Verdict::Problem(body)
 }
 
+/// `POST /events`: one event per request (SPEC §4).
 async fn handle(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
-    let Ok(event) = serde_json::from_slice::<Value>(&body) else {
-        return problem(
+    let id = headers
+        .get(h::MEND_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let verdict = match serde_json::from_slice::<Value>(&body) {
+        Ok(event) => judge(
+            &app,
+            &event,
+            id,
+            headers.contains_key(h::MEND_REPAIRED_BY),
+            headers.contains_key(h::MEND_RESUBMITTED_BY),
+        ),
+        Err(_) => problem(
             StatusCode::BAD_REQUEST,
             "not_json",
             "the event is not JSON",
             None,
-        );
+        ),
     };
+    match verdict {
+        Verdict::Processed => StatusCode::NO_CONTENT.into_response(),
+        Verdict::Problem(body) => (
+            StatusCode::from_u16(body["status"].as_u64().unwrap_or(422) as u16)
+                .unwrap_or(StatusCode::UNPROCESSABLE_ENTITY),
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/problem+json"),
+            )],
+            body.to_string(),
+        )
+            .into_response(),
+        Verdict::Busy => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, HeaderValue::from_static("1"))],
+            "the database is busy; try again",
+        )
+            .into_response(),
+    }
+}
+
+/// `POST /events/batch`: a CloudEvents JSON batch (SPEC §4 "Bulk delivery"), one status per entry.
+async fn handle_batch(State(app): State<App>, body: Bytes) -> Response {
+    let Ok(Value::Array(entries)) = serde_json::from_slice::<Value>(&body) else {
+        return (StatusCode::BAD_REQUEST, "not a CloudEvents JSON batch").into_response();
+    };
+    let statuses: Vec<Value> = entries
+        .iter()
+        .map(|entry| {
+            let id = entry["id"].as_str().unwrap_or_default();
+            let verdict = match entry.get("data") {
+                Some(event) => judge(
+                    &app,
+                    event,
+                    id,
+                    entry.get("mendrepairedby").is_some(),
+                    entry.get("mendresubmittedby").is_some(),
+                ),
+                None => problem(
+                    StatusCode::BAD_REQUEST,
+                    "not_json",
+                    "the event is not JSON",
+                    None,
+                ),
+            };
+            match verdict {
+                Verdict::Processed => json!({"id": id, "status": "SUCCESS"}),
+                Verdict::Problem(problem) => {
+                    json!({"id": id, "status": "FAIL", "problem": problem})
+                }
+                Verdict::Busy => json!({"id": id, "status": "RETRY"}),
+            }
+        })
+        .collect();
+    axum::Json(json!({ "statuses": statuses })).into_response()
+}
+
+/// The app's business logic for one event with Mend-Id `id`.
+fn judge(app: &App, event: &Value, id: &str, repaired: bool, resubmitted: bool) -> Verdict {
     let Some(account) = event["account"].as_str().map(str::to_owned) else {
         return problem(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -179,11 +260,6 @@ async fn handle(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Resp
             Some("/currency"),
         );
     }
-    let id = headers
-        .get(h::MEND_ID)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
     let n = event["n"].as_u64().unwrap_or(0);
     {
         let mut books = app.books.lock().unwrap_or_else(|p| p.into_inner());
@@ -202,16 +278,11 @@ async fn handle(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Resp
             }
         }
         // The database is busy now and then: one 503 for about one event in thirteen.
-        if busy(&id) && books.unwell.insert(id.clone()) {
+        if busy(id) && books.unwell.insert(id.to_owned()) {
             app.stats.unavailable.fetch_add(1, Ordering::Relaxed);
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                [(header::RETRY_AFTER, HeaderValue::from_static("1"))],
-                "the database is busy; try again",
-            )
-                .into_response();
+            return Verdict::Busy;
         }
-        books.unwell.remove(&id);
+        books.unwell.remove(id);
         let last = books.last.entry(account.clone()).or_insert(0);
         if n == *last && n != 0 {
             app.stats.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -228,13 +299,13 @@ async fn handle(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Resp
         }
     }
     app.stats.delivered.fetch_add(1, Ordering::Relaxed);
-    if headers.contains_key(h::MEND_REPAIRED_BY) {
+    if repaired {
         app.stats.repaired.fetch_add(1, Ordering::Relaxed);
     }
-    if headers.contains_key(h::MEND_RESUBMITTED_BY) {
+    if resubmitted {
         app.stats.resubmitted.fetch_add(1, Ordering::Relaxed);
     }
-    StatusCode::NO_CONTENT.into_response()
+    Verdict::Processed
 }
 
 /// Whether the "database" is busy for this lineage (deterministic: about one in thirteen).

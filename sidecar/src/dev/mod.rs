@@ -51,6 +51,8 @@ pub struct Options {
     pub data: Option<PathBuf>,
     /// Between status lines.
     pub status_every: Duration,
+    /// Bulk delivery to the demo app, this many events per batch (None: one per request).
+    pub batch: Option<usize>,
 }
 
 /// The data folder: a kept one, or a temporary one removed on exit.
@@ -144,8 +146,14 @@ async fn run_with(
     };
     demo_stream(&js).await.map_err(RunError::Startup)?;
     let app = DemoApp::start().await.map_err(RunError::Startup)?;
-    let configs =
-        write_configs(dir, url, &app.endpoint(), opts.listen).map_err(RunError::Config)?;
+    let configs = write_configs(
+        dir,
+        url,
+        &app.endpoint(opts.batch.is_some()),
+        opts.batch,
+        opts.listen,
+    )
+    .map_err(RunError::Config)?;
 
     let roles_stop = CancellationToken::new();
     let mut roles: JoinSet<(&'static str, Result<(), RunError>)> = JoinSet::new();
@@ -180,7 +188,7 @@ async fn run_with(
         println!("mend dev is running. Dashboard: {base}/");
         println!(
             "  The demo orders app is at {}; the configs and rules in use are in {}",
-            app.endpoint(),
+            app.endpoint(opts.batch.is_some()),
             dir.display()
         );
         println!(
@@ -341,6 +349,7 @@ fn write_configs(
     dir: &Path,
     nats_url: &str,
     endpoint: &str,
+    batch: Option<usize>,
     listen: SocketAddr,
 ) -> anyhow::Result<Configs> {
     let url = quoted(nats_url);
@@ -356,7 +365,10 @@ fn write_configs(
          key         = {{ json = \"/account\" }}\n\
          endpoint    = {endpoint}\n\
          concurrency = 32\n\
-         timeout     = \"5s\"\n",
+         timeout     = \"5s\"\n{batch}",
+        batch = batch.map_or(String::new(), |n| format!(
+            "batch       = {{ max_messages = {n}, max_wait = \"2ms\" }}\n"
+        )),
         service = quoted(SERVICE),
         stream = quoted(STREAM),
         subjects = quoted(SUBJECTS),
@@ -472,9 +484,20 @@ mod tests {
             dir.path(),
             "nats://127.0.0.1:4333",
             "http://127.0.0.1:5555/events",
+            None,
             "127.0.0.1:8099".parse().unwrap(),
         )
         .unwrap();
+        assert_eq!(c.sidecar.bindings[0].batch, None);
+        let batched = write_configs(
+            dir.path(),
+            "nats://127.0.0.1:4333",
+            "http://127.0.0.1:5555/events/batch",
+            Some(50),
+            "127.0.0.1:8099".parse().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(batched.sidecar.bindings[0].batch.unwrap().max_messages, 50);
         assert_eq!(c.sidecar.service, SERVICE);
         assert_eq!(c.sidecar.bindings[0].stream, STREAM);
         assert_eq!(c.processor.rules, dir.path().join("rules/"));

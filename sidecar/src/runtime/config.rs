@@ -75,6 +75,9 @@ pub struct BindingConfig {
     /// Per app call.
     #[serde(default = "default_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// Bulk delivery (SPEC §4): many messages per app call, at most one per key. Off when absent.
+    #[serde(default)]
+    pub batch: Option<BatchConfig>,
     /// The consumer's ack wait; mend keeps waiting messages alive with in-progress acks.
     #[serde(default = "default_ack_wait", with = "humantime_serde")]
     pub ack_wait: Duration,
@@ -98,6 +101,25 @@ pub struct BindingConfig {
     )]
     pub hold_alert_count: u32,
 }
+
+/// A binding's bulk delivery: a batch is sent when it holds `max_messages` or `max_wait` after its
+/// first message; `concurrency` batches at most are in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Messages per batch (1 to [`MAX_BATCH`]).
+    #[serde(
+        default = "default_batch_messages",
+        deserialize_with = "batch_messages"
+    )]
+    pub max_messages: usize,
+    /// How long a batch waits for more messages after its first (at most 10s).
+    #[serde(default = "default_batch_wait", deserialize_with = "batch_wait")]
+    pub max_wait: Duration,
+}
+
+/// The most messages one batch may hold.
+pub const MAX_BATCH: usize = 1000;
 
 /// Where a binding's business key comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -223,6 +245,12 @@ impl BindingConfig {
         repair_rules::identity::consumers::binding(service, &self.name)
     }
 
+    /// Messages in flight at once: `concurrency`, or with bulk delivery `concurrency` batches of
+    /// `max_messages` (each message still one of its key's lane).
+    pub fn slots(&self) -> usize {
+        self.concurrency * self.batch.map_or(1, |b| b.max_messages)
+    }
+
     /// Whether the binding is split into partitions, each consumed by its own instance.
     pub fn is_partitioned(&self) -> bool {
         self.partitions > 1
@@ -318,6 +346,12 @@ const fn default_concurrency() -> usize {
 const fn default_timeout() -> Duration {
     Duration::from_secs(10)
 }
+const fn default_batch_messages() -> usize {
+    100
+}
+const fn default_batch_wait() -> Duration {
+    Duration::from_millis(2)
+}
 const fn default_transient_tries() -> u32 {
     10
 }
@@ -391,6 +425,29 @@ fn partitions<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     }
 }
 
+fn batch_messages<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = usize::deserialize(d)?;
+    if (1..=MAX_BATCH).contains(&n) {
+        Ok(n)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "{n} is out of range 1..={MAX_BATCH}"
+        )))
+    }
+}
+
+fn batch_wait<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let wait: Duration = humantime_serde::deserialize(d)?;
+    if wait <= Duration::from_secs(10) {
+        Ok(wait)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "{} is out of range: a batch waits at most 10s",
+            humantime::format_duration(wait)
+        )))
+    }
+}
+
 fn json_pointer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     let s = String::deserialize(d)?;
     if s.starts_with('/') {
@@ -439,6 +496,46 @@ timeout     = "10s"
         assert_eq!(b.ack_wait, Duration::from_secs(30));
         assert_eq!(b.consumer_name(&c.service), "mend-orders-orders");
         assert_eq!(c.nats.replicas, 1);
+    }
+
+    #[test]
+    fn batch_is_off_by_default_and_checked() {
+        let f = write(GOOD);
+        let c = SidecarConfig::load(f.path(), []).unwrap();
+        assert_eq!(c.bindings[0].batch, None);
+        assert_eq!(c.bindings[0].slots(), 64);
+        let f = write(&format!(
+            "{GOOD}batch = {{ max_messages = 100, max_wait = \"5ms\" }}\n"
+        ));
+        let c = SidecarConfig::load(f.path(), []).unwrap();
+        let batch = c.bindings[0].batch.unwrap();
+        assert_eq!(batch.max_messages, 100);
+        assert_eq!(batch.max_wait, Duration::from_millis(5));
+        assert_eq!(c.bindings[0].slots(), 6400);
+        let f = write(&format!("{GOOD}batch = {{}}\n"));
+        let c = SidecarConfig::load(f.path(), []).unwrap();
+        assert_eq!(
+            c.bindings[0].batch,
+            Some(BatchConfig {
+                max_messages: 100,
+                max_wait: Duration::from_millis(2)
+            })
+        );
+        for (bad, says) in [
+            ("batch = { max_messages = 0 }", "out of range 1..=1000"),
+            ("batch = { max_messages = 1001 }", "out of range 1..=1000"),
+            ("batch = { max_wait = \"11s\" }", "at most 10s"),
+            ("batch = { max_mesages = 10 }", "max_mesages"),
+        ] {
+            let f = write(&format!("{GOOD}{bad}\n"));
+            let e = SidecarConfig::load(f.path(), []).unwrap_err().to_string();
+            assert!(e.contains(says) && e.contains(":14:"), "{bad}: {e}");
+        }
+        let f = write(&format!("{GOOD}batch = {{}}\n"));
+        let env = [("MEND_BINDING_ORDERS_BATCH_MAX_MESSAGES", "7")]
+            .map(|(k, v)| (k.to_string(), v.to_string()));
+        let c = SidecarConfig::load(f.path(), env).unwrap();
+        assert_eq!(c.bindings[0].batch.unwrap().max_messages, 7);
     }
 
     #[test]

@@ -58,6 +58,30 @@ impl App {
 
     /// POSTs one message and classifies the answer; a refused connection or a timeout is transient.
     pub async fn call(&self, headers: HeaderMap, body: Bytes) -> Answer {
+        match self.post(headers, body, ERROR_BODY_LIMIT).await {
+            Ok(Reply {
+                status,
+                unread: Some(cause),
+                ..
+            }) if !status.is_success() => Answer::Transient {
+                status: Some(status.as_u16()),
+                retry_after: None,
+                cause,
+            },
+            Ok(reply) => classify(reply.status, &reply.headers, &reply.body),
+            Err(answer) => answer,
+        }
+    }
+
+    /// POSTs `body` and reads the answer: its status, the headers classification reads, and at most
+    /// `limit` bytes of its body (`truncated` says there was more). What kept an answer from coming
+    /// (a refused connection, a timeout) is the transient answer.
+    pub async fn post(
+        &self,
+        headers: HeaderMap,
+        body: Bytes,
+        limit: usize,
+    ) -> Result<Reply, Answer> {
         let response = match self
             .http
             .post(self.endpoint.clone())
@@ -75,11 +99,11 @@ impl App {
                 } else {
                     format!("app call failed: {e}")
                 };
-                return Answer::Transient {
+                return Err(Answer::Transient {
                     status: None,
                     retry_after: None,
                     cause,
-                };
+                });
             }
         };
         let status = response.status();
@@ -94,34 +118,51 @@ impl App {
                 headers.insert(name, v.clone());
             }
         }
-        let body = match read_capped(response, ERROR_BODY_LIMIT).await {
-            Ok(body) => body,
-            Err(e) if status.is_success() => {
-                tracing::debug!(%e, "reading a 2xx body failed; the answer stands");
-                Vec::new()
-            }
+        let (body, truncated, unread) = match read_capped(response, limit).await {
+            Ok((body, truncated)) => (body, truncated, None),
             Err(e) => {
-                return Answer::Transient {
-                    status: Some(status.as_u16()),
-                    retry_after: None,
-                    cause: format!("reading the app's answer failed: {e}"),
-                };
+                tracing::debug!(%e, %status, "reading the app's answer failed");
+                let cause = format!("reading the app's answer failed: {e}");
+                (Vec::new(), false, Some(cause))
             }
         };
-        classify(status, &headers, &body)
+        Ok(Reply {
+            status,
+            headers,
+            body,
+            truncated,
+            unread,
+        })
     }
 }
 
-async fn read_capped(mut response: reqwest::Response, limit: usize) -> reqwest::Result<Vec<u8>> {
+/// An answer the app gave.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    /// `Content-Type`, `Retry-After` and `Mend-Action`, when present.
+    pub headers: HeaderMap,
+    /// At most the limit asked for.
+    pub body: Vec<u8>,
+    /// The body went on past the limit.
+    pub truncated: bool,
+    /// Why the body could not be read (it is then empty).
+    pub unread: Option<String>,
+}
+
+async fn read_capped(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> reqwest::Result<(Vec<u8>, bool)> {
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await? {
         let room = limit.saturating_sub(body.len());
         body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if body.len() >= limit {
-            break;
+        if chunk.len() > room {
+            return Ok((body, true));
         }
     }
-    Ok(body)
+    Ok((body, false))
 }
 
 /// The class of an answer with `status`, `headers` and (the start of) `body`.

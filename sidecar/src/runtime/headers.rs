@@ -39,15 +39,56 @@ const HOP_BY_HOP: &[&str] = &[
 pub struct BindingHeaders {
     source: HeaderValue,
     service: HeaderValue,
+    /// `source` as text, for the entries of a batch.
+    source_text: String,
 }
 
 impl BindingHeaders {
     pub fn new(service: &str, stream: &str) -> Self {
+        let source_text = format!("urn:mend:{service}:{stream}");
         Self {
-            source: encode(&format!("urn:mend:{service}:{stream}")),
+            source: encode(&source_text),
             service: encode(service),
+            source_text,
         }
     }
+}
+
+/// The message as one entry of a bulk delivery (SPEC §4 "Bulk delivery"): a structured-mode
+/// CloudEvent with the attributes of the binary-mode headers of [`app_request`] and the message's
+/// W3C trace context. Its other NATS headers are not carried.
+pub fn batch_entry(
+    fixed: &BindingHeaders,
+    meta: &DeliveryMeta,
+    nats: Option<&async_nats::HeaderMap>,
+    payload: &[u8],
+) -> String {
+    let header = |wanted: &str| {
+        nats?
+            .iter()
+            .find(|(name, _)| AsRef::<str>::as_ref(name).eq_ignore_ascii_case(wanted))
+            .and_then(|(_, values)| values.first())
+            .map(|v| v.as_str())
+    };
+    let id = meta.lineage.to_string();
+    let time = humantime::format_rfc3339_millis(meta.published).to_string();
+    repair_rules::batch::entry(
+        &repair_rules::batch::EntryMeta {
+            id: &id,
+            source: &fixed.source_text,
+            subject: &meta.subject,
+            key: meta.key.as_ref().map(|k| k.as_str()),
+            time: &time,
+            attempt: meta.attempt,
+            service: &meta.service,
+            repaired_by: meta.repaired_by.as_deref(),
+            resubmitted_by: meta.resubmitted_by.as_deref(),
+            content_type: header("content-type"),
+            traceparent: header(h::TRACEPARENT),
+            tracestate: header(h::TRACESTATE),
+        },
+        payload,
+    )
 }
 
 /// The headers of the app call for a message with `meta` and NATS headers `nats`.

@@ -14,6 +14,7 @@
 //! [`rescue`], [`ready`], [`app_stream`], [`config`].
 
 pub mod app_stream;
+pub mod batcher;
 pub mod circuit;
 pub mod config;
 pub mod deliver;

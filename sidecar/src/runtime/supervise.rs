@@ -198,6 +198,10 @@ pub(crate) async fn consume_while_owned(
         }),
         metrics,
         holds,
+        batcher: cfg.batch.map(|b| {
+            let metrics = crate::runtime::batcher::BatchMetrics::new(&sh.service, &cfg.name);
+            crate::runtime::batcher::Batcher::start(app.clone(), b, cfg.concurrency, metrics)
+        }),
     });
     let (to_dispatcher, routed) = mpsc::channel(cfg.concurrency * 4);
     tokio::spawn(dispatch::chores::watch_consumer(rt.clone(), consumer.clone()).in_current_span());

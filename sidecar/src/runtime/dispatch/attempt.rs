@@ -35,10 +35,8 @@ pub(crate) async fn deliver(rt: &BindingRuntime, d: &Delivery) -> Result<Outcome
     let mut tries = 0;
     let mut pause = rt.cfg.backoff_initial;
     loop {
-        // Built per try (retries are rare): reqwest takes the map, and a clone would cost as much.
-        let headers = headers::app_request(&rt.fixed_headers, &d.meta, d.headers.as_ref());
         let started = Instant::now();
-        let answer = rt.app.call(headers, d.payload.clone()).await;
+        let answer = call(rt, d).await;
         rt.metrics.latency.record(started.elapsed().as_secs_f64());
         let (status, retry_after, cause) = match answer {
             Answer::Transient {
@@ -72,6 +70,23 @@ pub(crate) async fn deliver(rt: &BindingRuntime, d: &Delivery) -> Result<Outcome
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = rt.shutdown.cancelled() => return Err(Settle::HandBack),
+        }
+    }
+}
+
+/// One call of the app for `d`: its own request, or its entry in the next batch.
+async fn call(rt: &BindingRuntime, d: &Delivery) -> Answer {
+    match &rt.batcher {
+        Some(batcher) => {
+            let entry =
+                headers::batch_entry(&rt.fixed_headers, &d.meta, d.headers.as_ref(), &d.payload);
+            batcher.call(d.meta.lineage.to_string(), entry).await
+        }
+        None => {
+            // Built per try (retries are rare): reqwest takes the map, and a clone would cost as
+            // much.
+            let headers = headers::app_request(&rt.fixed_headers, &d.meta, d.headers.as_ref());
+            rt.app.call(headers, d.payload.clone()).await
         }
     }
 }

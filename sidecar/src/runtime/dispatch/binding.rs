@@ -49,6 +49,8 @@ pub struct BindingRuntime {
     pub metrics: BindingMetrics,
     /// The binding's holds (bindings with a key only).
     pub holds: Option<Holds>,
+    /// Bulk delivery's batching of app calls, when the binding has `batch`.
+    pub batcher: Option<crate::runtime::batcher::Batcher>,
 }
 
 /// Metric handles of one binding, labelled once.
@@ -112,8 +114,10 @@ impl BindingMetrics {
 }
 
 impl BindingRuntime {
-    /// The consumer's max ack pending, derived from the binding's concurrency.
+    /// The consumer's max ack pending, derived from the binding's concurrency. With bulk delivery
+    /// twice its messages in flight: enough for full batches of distinct keys without holding
+    /// `BUFFER_PER_SLOT` times thousands of messages.
     pub fn max_ack_pending(cfg: &BindingConfig) -> usize {
-        cfg.concurrency * BUFFER_PER_SLOT
+        (cfg.concurrency * BUFFER_PER_SLOT).max(cfg.slots() * 2)
     }
 }

@@ -143,7 +143,7 @@ impl Dispatcher {
         retries: Option<mpsc::Receiver<Inbound>>,
     ) -> Self {
         let max_held = BindingRuntime::max_ack_pending(&rt.cfg);
-        let mut lanes = Lanes::new(rt.cfg.concurrency);
+        let mut lanes = Lanes::new(rt.cfg.slots());
         let mut chores = Chores::default();
         // Holds left by an earlier run: releases in progress resume; held keys whose queue holds
         // messages look for their head's retry there, a few at a time beside the flow of messages

@@ -1,0 +1,343 @@
+//! Bulk delivery (SPEC §4 "Bulk delivery"): messages of a binding sent to the app many at a time.
+//!
+//! Each message is still its key's lane's work, with everything single delivery does around the call
+//! (transient retries, the circuit, delegation, holds, the confirmed ack); only the call is shared.
+//! A lane hands its entry to the binding's [`Batcher`] and waits for the answer to that entry. The
+//! batcher's task fills a batch with what the lanes hand it, sends it when it holds `max_messages`
+//! or `max_wait` after its first entry, and keeps up to `concurrency` batches in flight. A key has
+//! one message in flight at a time, so a batch holds at most one message per key and per-key order is
+//! exactly as in single delivery.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use metrics::Histogram;
+use repair_rules::batch::{self, EntryStatus};
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::common::telemetry as t;
+use crate::runtime::config::BatchConfig;
+use crate::runtime::deliver::{self, Answer, App, Reply};
+
+/// The most of an answer that is read: 1,000 entries with problem objects of a few KiB each.
+pub const ANSWER_LIMIT: usize = 16 * 1024 * 1024;
+
+/// An entry handed to the batcher and where its answer goes.
+struct Pending {
+    id: String,
+    entry: String,
+    answer: oneshot::Sender<Answer>,
+}
+
+/// The batching side of one binding's app: entries in, one answer per entry out.
+#[derive(Debug, Clone)]
+pub struct Batcher {
+    entries: mpsc::Sender<Pending>,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending").field("id", &self.id).finish()
+    }
+}
+
+/// Histograms of a binding's batches.
+#[derive(Clone)]
+pub struct BatchMetrics {
+    size: Histogram,
+    latency: Histogram,
+}
+
+impl BatchMetrics {
+    pub fn new(service: &str, binding: &str) -> Self {
+        let l = [
+            ("service", service.to_owned()),
+            ("binding", binding.to_owned()),
+        ];
+        Self {
+            size: metrics::histogram!(t::BATCH_SIZE, &l),
+            latency: metrics::histogram!(t::BATCH_LATENCY, &l),
+        }
+    }
+}
+
+impl Batcher {
+    /// Starts the batching task of a binding; it ends when the last `Batcher` handle is dropped.
+    pub fn start(app: App, cfg: BatchConfig, concurrency: usize, metrics: BatchMetrics) -> Self {
+        let (entries, rx) = mpsc::channel(cfg.max_messages * concurrency.max(1));
+        tokio::spawn(fill(
+            rx,
+            app,
+            cfg,
+            Arc::new(Semaphore::new(concurrency.max(1))),
+            metrics,
+        ));
+        Self { entries }
+    }
+
+    /// Sends the entry `entry` of the message with Mend-Id `id` in the next batch and returns what
+    /// the app answered for it.
+    pub async fn call(&self, id: String, entry: String) -> Answer {
+        let (answer, answered) = oneshot::channel();
+        if self
+            .entries
+            .send(Pending { id, entry, answer })
+            .await
+            .is_err()
+        {
+            return transient("the binding's batching stopped".into());
+        }
+        answered
+            .await
+            .unwrap_or_else(|_| transient("the batch was given up".into()))
+    }
+}
+
+/// The batching loop: waits for a free batch slot, then for a first entry, then for more until the
+/// batch is full or `max_wait` has passed since the first, and sends it in a task of its own.
+async fn fill(
+    mut rx: mpsc::Receiver<Pending>,
+    app: App,
+    cfg: BatchConfig,
+    slots: Arc<Semaphore>,
+    metrics: BatchMetrics,
+) {
+    // Entries whose Mend-Id was in the batch already (a lineage is one message at a time, but an
+    // unkeyed binding could meet a redelivery beside its retry): they go in the next batch.
+    let mut next: VecDeque<Pending> = VecDeque::new();
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let first = match next.pop_front() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        let deadline = tokio::time::Instant::now() + cfg.max_wait;
+        let mut ids = HashSet::with_capacity(cfg.max_messages);
+        ids.insert(first.id.clone());
+        let mut entries = Vec::with_capacity(cfg.max_messages);
+        entries.push(first);
+        while entries.len() < cfg.max_messages {
+            let p = if let Some(p) = next.pop_front() {
+                p
+            } else {
+                match rx.try_recv() {
+                    Ok(p) => p,
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        tokio::select! {
+                            got = rx.recv() => match got {
+                                Some(p) => p,
+                                None => break,
+                            },
+                            _ = tokio::time::sleep_until(deadline) => break,
+                        }
+                    }
+                }
+            };
+            if ids.insert(p.id.clone()) {
+                entries.push(p);
+            } else {
+                next.push_back(p);
+                if next.len() > cfg.max_messages {
+                    break;
+                }
+            }
+        }
+        let (app, metrics) = (app.clone(), metrics.clone());
+        tokio::spawn(async move {
+            send(&app, entries, &metrics).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Sends one batch and hands each entry its answer.
+async fn send(app: &App, entries: Vec<Pending>, metrics: &BatchMetrics) {
+    let body = batch::body(entries.iter().map(|p| p.entry.as_str()));
+    let mut headers = HeaderMap::with_capacity(1);
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(batch::CONTENT_TYPE));
+    metrics.size.record(entries.len() as f64);
+    let started = Instant::now();
+    let reply = app.post(headers, Bytes::from(body), ANSWER_LIMIT).await;
+    metrics.latency.record(started.elapsed().as_secs_f64());
+    let mut answers = match answers(reply, entries.len()) {
+        Ok(answers) => answers,
+        Err(all) => {
+            for p in entries {
+                let _ = p.answer.send((*all).clone());
+            }
+            return;
+        }
+    };
+    let mut missing = 0usize;
+    for p in entries {
+        let answer = match answers.remove(p.id.as_str()) {
+            Some(EntryStatus::Success) => Answer::Processed,
+            Some(EntryStatus::Drop) => Answer::Drop,
+            Some(EntryStatus::Fail(error)) => Answer::Rejected(*error),
+            Some(EntryStatus::Retry) => transient("the app answered RETRY for it".into()),
+            Some(EntryStatus::Unknown(status)) => {
+                tracing::warn!(
+                    id = p.id,
+                    status,
+                    "The app answered an unknown status for an entry; it will be retried."
+                );
+                transient(format!(
+                    "the app answered the unknown status {status:?} for it"
+                ))
+            }
+            None => {
+                missing += 1;
+                transient("the app's answer had no status for it".into())
+            }
+        };
+        let _ = p.answer.send(answer);
+    }
+    if missing > 0 {
+        tracing::warn!(
+            missing,
+            "The app's answer had no status for some entries; they will be retried."
+        );
+    }
+    if !answers.is_empty() {
+        tracing::warn!(
+            unknown = answers.len(),
+            "The app's answer had statuses for ids not in the batch; ignored."
+        );
+    }
+}
+
+/// The statuses of a batch by Mend-Id (the first for an id counts), or the one answer every entry
+/// gets: a transient failure to call, a non-2xx answer classified as for a single message, or a
+/// malformed answer (transient, and logged with what was wrong).
+fn answers(
+    reply: Result<Reply, Answer>,
+    entries: usize,
+) -> Result<HashMap<String, EntryStatus>, Box<Answer>> {
+    let reply = reply.map_err(Box::new)?;
+    if !reply.status.is_success() {
+        if let Some(cause) = reply.unread {
+            return Err(Box::new(Answer::Transient {
+                status: Some(reply.status.as_u16()),
+                retry_after: None,
+                cause,
+            }));
+        }
+        let body = &reply.body[..reply.body.len().min(64 * 1024)];
+        return Err(Box::new(deliver::classify(
+            reply.status,
+            &reply.headers,
+            body,
+        )));
+    }
+    let what = if let Some(cause) = reply.unread {
+        cause
+    } else if reply.truncated {
+        format!("the answer is larger than {} MiB", ANSWER_LIMIT >> 20)
+    } else {
+        match batch::statuses(&reply.body) {
+            Ok(list) => {
+                let mut by_id = HashMap::with_capacity(entries);
+                for (id, status) in list {
+                    by_id.entry(id).or_insert(status);
+                }
+                return Ok(by_id);
+            }
+            Err(what) => what,
+        }
+    };
+    tracing::warn!(
+        status = reply.status.as_u16(),
+        entries,
+        what,
+        "The app's answer to a batch is malformed; its entries will be retried."
+    );
+    Err(Box::new(Answer::Transient {
+        status: Some(reply.status.as_u16()),
+        retry_after: None,
+        cause: format!("malformed batch answer: {what}"),
+    }))
+}
+
+fn transient(cause: String) -> Answer {
+    Answer::Transient {
+        status: None,
+        retry_after: None,
+        cause,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::StatusCode;
+
+    fn reply(status: u16, body: &str) -> Reply {
+        Reply {
+            status: StatusCode::from_u16(status).unwrap(),
+            headers: HeaderMap::new(),
+            body: body.as_bytes().to_vec(),
+            truncated: false,
+            unread: None,
+        }
+    }
+
+    #[test]
+    fn a_non_2xx_answer_is_every_entrys() {
+        let Err(all) = answers(Ok(reply(503, "")), 3) else {
+            panic!()
+        };
+        assert!(matches!(
+            *all,
+            Answer::Transient {
+                status: Some(503),
+                ..
+            }
+        ));
+        let Err(all) = answers(Ok(reply(422, "no")), 3) else {
+            panic!()
+        };
+        assert!(matches!(*all, Answer::Rejected(_)));
+    }
+
+    #[test]
+    fn malformed_and_oversized_answers_are_transient() {
+        let Err(all) = answers(Ok(reply(200, "OK")), 2) else {
+            panic!()
+        };
+        let Answer::Transient { cause, .. } = *all else {
+            panic!()
+        };
+        assert!(cause.starts_with("malformed batch answer"), "{cause}");
+        let mut big = reply(200, "{");
+        big.truncated = true;
+        let Err(all) = answers(Ok(big), 2) else {
+            panic!()
+        };
+        let Answer::Transient { cause, .. } = *all else {
+            panic!()
+        };
+        assert!(cause.contains("larger than 16 MiB"), "{cause}");
+    }
+
+    #[test]
+    fn the_first_status_of_an_id_counts() {
+        let a = answers(
+            Ok(reply(
+                200,
+                r#"{"statuses":[{"id":"S:1","status":"DROP"},{"id":"S:1","status":"SUCCESS"}]}"#,
+            )),
+            1,
+        )
+        .unwrap();
+        assert_eq!(a["S:1"], EntryStatus::Drop);
+    }
+}
