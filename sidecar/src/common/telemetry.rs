@@ -111,8 +111,12 @@ pub enum LogFormat {
 /// Starts logging to stderr; the filter comes from `MEND_LOG` (else `default`, e.g. `info`).
 pub fn init_logging(format: LogFormat, default: &str) {
     let filter = EnvFilter::try_from_env("MEND_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    // Colours only for a terminal: escape codes in a log file or collector are noise, and the fmt
+    // layer writes every span's fields with them when the span is made (a message's span, in the
+    // sidecar's hot path).
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Pretty => builder.try_init(),

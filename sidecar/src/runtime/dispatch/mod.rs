@@ -52,7 +52,7 @@ use holdback::{Quarantine, end_hold_back, end_hold_back_now, quarantine_on_start
 use intake::{admit, admit_routed, enter};
 use lost::{Lost, hand_back_unarrived};
 use message::process;
-use pull::{PULL_BATCH, Puller, next_message};
+use pull::{BULK_PULL_BATCH, PULL_BATCH, Puller, next_message};
 use work::{Delivery, Done, Held, HeldId, Source, Work};
 
 /// The lanes' work in progress, polled by the dispatcher's task.
@@ -161,7 +161,12 @@ impl Dispatcher {
             &rt.cfg.stream,
             &consumer.cached_info().name,
         );
-        let batch = max_held.min(PULL_BATCH);
+        let per_pull = if rt.cfg.batch.is_some() {
+            BULK_PULL_BATCH
+        } else {
+            PULL_BATCH
+        };
+        let batch = max_held.min(per_pull);
         let messages = puller.open(batch, &rt.shutdown).await;
         Self {
             timers: Timers::new(&rt),

@@ -11,6 +11,9 @@ use tokio_util::sync::CancellationToken;
 
 /// Messages asked for per pull request, at most.
 pub(crate) const PULL_BATCH: usize = 256;
+/// ... with bulk delivery, where thousands of messages may be in flight: fewer, larger pulls cost
+/// the server less per message.
+pub(crate) const BULK_PULL_BATCH: usize = 1024;
 
 /// The app stream's own connection. A message whose header block the NATS client cannot parse
 /// takes down the connection it arrives on (see [`crate::runtime::rescue`]): on this one, that costs only the

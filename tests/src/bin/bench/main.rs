@@ -6,7 +6,9 @@
 //!     with the headers SPEC §4 requires, 64 keys in flight, per-key order, confirmed ack (the limit
 //!     for this work on this machine);
 //! (c) the sidecar doing the same through its full code path;
-//! (d) the loop of (b) one message at a time (what a naive consumer does).
+//! (d) the loop of (b) one message at a time (what a naive consumer does);
+//! (e) the sidecar in batch mode (bulk delivery: 100 per batch, 64 batches in flight) and (f) a
+//!     hand-written batching loop doing the same essential work (`batch.rs`).
 //! Then the latency the sidecar adds over (b) with one message in flight, and the sidecar's peak RSS.
 //! Then repairs (the processor alone, against its broker work done by a hand-written client, and the
 //! whole loop), holds (the sidecar with 5% repairable failures against 0%, the processor running for
@@ -20,9 +22,12 @@
 //! Usage: `mend-bench [--messages N] [--keys K]` (defaults 200000, 1000);
 //! `mend-bench --processor-only R --messages M`: only the processor, R rounds of M envelopes;
 //! `mend-bench --holds-only R --messages M`: only the holds runs, R rounds, and the 10k hold;
+//! `mend-bench --batch-only R`: (a) once, then R alternating rounds of (c), (e) and (f), and the
+//! holds runs in batch mode;
 //! `mend-bench --held-keys K`: only holds at scale: a sidecar starting with K held keys (time to
 //! ready, memory, how soon a message of another key gets through) and the dashboard's holds pages.
 
+mod batch;
 mod holds_floor;
 mod release_floor;
 
@@ -57,6 +62,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let (mut n, mut keys, mut processor_rounds, mut holds_rounds, mut held_keys) =
         (200_000usize, 1000usize, 0usize, 0usize, 0usize);
+    let mut batch_rounds = 0usize;
     while let Some(a) = args.next() {
         let v = args.next().context("a value after the flag")?.parse()?;
         match a.as_str() {
@@ -65,6 +71,7 @@ async fn main() -> anyhow::Result<()> {
             "--processor-only" => processor_rounds = v,
             "--holds-only" => holds_rounds = v,
             "--held-keys" => held_keys = v,
+            "--batch-only" => batch_rounds = v,
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
@@ -76,6 +83,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if held_keys > 0 {
         return holds_at_scale(held_keys).await;
+    }
+    if batch_rounds > 0 {
+        return batch_only(n, keys, batch_rounds).await;
     }
     let monitored = Monitored::start().await?;
     let nats = &monitored.server;
@@ -123,6 +133,7 @@ async fn main() -> anyhow::Result<()> {
         looped(&js, &client, &app.url, "BENCH", "loop1", n_d, 1).await?,
     );
     eprintln!("(d) one at a time: {d:.0} msg/s (over {n_d} messages)");
+    let bulk = batch::bulk_rounds(&monitored, &js, &client, &app, n, keys, ROUNDS).await?;
 
     // Latency with one message in flight: the hand-written loop, then the sidecar.
     js::app_stream(&js, "LATLOOP", &["latloop.>"]).await?;
@@ -183,8 +194,8 @@ async fn main() -> anyhow::Result<()> {
     let (mut floor_clean, mut floor_failing) = (Vec::new(), Vec::new());
     for round in 0..ROUNDS {
         let others = [("processor", processor.pid()), ("app", app.pid())];
-        let c0 = holds_run(&monitored, &js, &app, h, keys, 0, round, &others).await?;
-        let c5 = holds_run(&monitored, &js, &app, h, keys, 5, round, &others).await?;
+        let c0 = holds_run(&monitored, &js, &app, h, keys, 0, round, &others, false).await?;
+        let c5 = holds_run(&monitored, &js, &app, h, keys, 5, round, &others, false).await?;
         let (r0, r5) = (rate(h, c0.took), rate(h, c5.took));
         eprintln!("holds: 0% failures {r0:.0} msg/s, 5% repairable failures {r5:.0} msg/s");
         eprintln!("  {}", per_failure(&c0, &c5));
@@ -223,10 +234,21 @@ async fn main() -> anyhow::Result<()> {
     println!("| (c) mend sidecar, full code path | {c:.0} |");
     println!("| (d) hand-written loop, one message at a time | {d:.0} |");
     println!(
+        "| (e) mend sidecar, batch mode ({} per batch, {} batches in flight at most) | {:.0} |",
+        batch::BATCH,
+        batch::BATCHES_IN_FLIGHT,
+        bulk.e
+    );
+    println!(
+        "| (f) hand-written batching loop: the same batches, key order, statuses, confirmed acks | {:.0} |",
+        bulk.f
+    );
+    println!(
         "\nc/b = {:.2} (target >= 0.8)   c/d = {:.1} (target >= 3)",
         c / b,
         c / d
     );
+    bulk.print(a, c);
     println!(
         "latency publish -> app, one in flight: loop p50 {:.3} ms p99 {:.3} ms; sidecar p50 {:.3} ms p99 {:.3} ms",
         ms(p(&loop_lat, 0.5)),
@@ -279,6 +301,34 @@ async fn main() -> anyhow::Result<()> {
     holds_at_scale(100_000).await
 }
 
+/// `--batch-only R`: (a) once, R rounds of (c), then R alternating rounds of (e) and (f) and the
+/// holds runs in batch mode.
+async fn batch_only(n: usize, keys: usize, rounds: usize) -> anyhow::Result<()> {
+    let monitored = Monitored::start().await?;
+    let nats = &monitored.server;
+    let client = nats.client().await?;
+    let js = jetstream::new(client.clone());
+    let app = NoopApp::start().await?;
+    js::app_stream(&js, "BENCH", &["bench.>"]).await?;
+    js::publish_all(&js, messages("bench.m", n, keys)).await?;
+    let a = rate(n, raw(&js, n).await?);
+    eprintln!("(a) raw pull + ack: {a:.0} msg/s");
+    let mut cs = Vec::new();
+    for round in 0..rounds {
+        let (took, _) = sidecar_run(nats, &js, &app, &format!("bench{round}")).await?;
+        cs.push(rate(n, took));
+        eprintln!("(c) mend sidecar: {:.0} msg/s", rate(n, took));
+    }
+    let c = median(&mut cs);
+    let bulk = batch::bulk_rounds(&monitored, &js, &client, &app, n, keys, rounds).await?;
+    println!(
+        "(a) {a:.0} msg/s, (c) {c:.0} msg/s, (e) {:.0} msg/s, (f) {:.0} msg/s ({n} messages, {keys} keys)",
+        bulk.e, bulk.f
+    );
+    bulk.print(a, c);
+    Ok(())
+}
+
 /// `--holds-only R`: only the holds runs, R rounds of `--messages` each, and the 10k hold.
 async fn holds_only(n: usize, keys: usize, rounds: usize) -> anyhow::Result<()> {
     let monitored = Monitored::start().await?;
@@ -295,8 +345,8 @@ async fn holds_only(n: usize, keys: usize, rounds: usize) -> anyhow::Result<()> 
     processor.ready().await?;
     for round in 0..rounds {
         let others = [("processor", processor.pid()), ("app", app.pid())];
-        let c0 = holds_run(&monitored, &js, &app, n, keys, 0, round, &others).await?;
-        let c5 = holds_run(&monitored, &js, &app, n, keys, 5, round, &others).await?;
+        let c0 = holds_run(&monitored, &js, &app, n, keys, 0, round, &others, false).await?;
+        let c5 = holds_run(&monitored, &js, &app, n, keys, 5, round, &others, false).await?;
         let (r0, r5) = (rate(n, c0.took), rate(n, c5.took));
         println!(
             "0% failures {r0:.0} msg/s, 5% repairable {r5:.0} msg/s, ratio {:.2}",
@@ -535,9 +585,11 @@ async fn holds_run(
     percent: usize,
     round: usize,
     others: &[(&str, Option<u32>)],
+    batched: bool,
 ) -> anyhow::Result<RunCost> {
-    let name = format!("HOLDS{percent}R{round}");
-    let subject = format!("holds{percent}r{round}");
+    let mode = if batched { "B" } else { "" };
+    let name = format!("HOLDS{percent}R{round}{mode}");
+    let subject = format!("holds{percent}r{round}{}", mode.to_lowercase());
     js::app_stream(js, &name, &[&format!("{subject}.>")]).await?;
     let (msgs, failures) = holds_messages(&format!("{subject}.m"), n, keys, percent);
     js::publish_all(js, msgs).await?;
@@ -547,8 +599,16 @@ async fn holds_run(
         &nats.server.url(),
         &name,
         &[&format!("{subject}.>")],
-        &app.url,
-        "key = { header = \"Account-Id\" }\nconcurrency = 64",
+        &if batched {
+            batch::batch_url(app)
+        } else {
+            app.url.clone()
+        },
+        &if batched {
+            batch::batch_binding()
+        } else {
+            "key = { header = \"Account-Id\" }\nconcurrency = 64".to_owned()
+        },
     );
     let mut sidecar = MendProcess::start("sidecar", &config).await?;
     sidecar.ready().await?;
@@ -1618,6 +1678,17 @@ async fn serve_app() -> anyhow::Result<()> {
                 }
                 (StatusCode::OK, [("content-type", "text/plain")], "")
             }
+        }),
+    );
+    let router = router.route(
+        "/batch",
+        post(|body: Bytes| async move {
+            let (status, answer) = batch::answer_batch(&body);
+            (
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+                [("content-type", "application/json")],
+                answer,
+            )
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
