@@ -28,7 +28,7 @@ pub(crate) async fn deliver(rt: &BindingRuntime, d: &Delivery) -> Result<Outcome
         error.code = Some(UNREADABLE_HEADERS.to_owned());
         error.title = Some("the message's NATS headers cannot be read".to_owned());
         error.detail = Some(unreadable.why.clone());
-        delegate::failure(rt, d, error, Destination::Unreadable).await?;
+        Box::pin(delegate::failure(rt, d, error, Destination::Unreadable)).await?;
         rt.metrics.parked.increment(1);
         return Ok(Outcome::Unresolved);
     }
@@ -44,9 +44,15 @@ pub(crate) async fn deliver(rt: &BindingRuntime, d: &Delivery) -> Result<Outcome
                 retry_after,
                 cause,
             } => (status, retry_after, cause),
+            Answer::Processed => {
+                rt.circuit.answered();
+                rt.metrics.delivered.increment(1);
+                return Ok(Outcome::Done);
+            }
+            // Boxed: delegation is the larger and rarer part of a delivery's future.
             answer => {
                 rt.circuit.answered();
-                return finish(rt, d, answer).await;
+                return Box::pin(finish(rt, d, answer)).await;
             }
         };
         rt.metrics.failed_transient.increment(1);
@@ -57,7 +63,7 @@ pub(crate) async fn deliver(rt: &BindingRuntime, d: &Delivery) -> Result<Outcome
             rt.metrics.failed_exhausted.increment(1);
             let mut error = FailureError::bare(ErrorKind::TransientExhausted, status);
             error.detail = Some(format!("{cause} ({tries} tries)"));
-            return finish(rt, d, Answer::Rejected(error)).await;
+            return Box::pin(finish(rt, d, Answer::Rejected(error))).await;
         }
         let delay = retry_after.unwrap_or(pause).min(rt.cfg.backoff_max);
         pause = (pause * 2).min(rt.cfg.backoff_max);
