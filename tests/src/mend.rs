@@ -374,6 +374,20 @@ pub async fn readyz(config: &str) -> anyhow::Result<(u16, String)> {
 }
 
 /// The `listen` address of a config written by [`sidecar_config`].
+/// The value of the first series of metric `name` with labels `service` and `binding` = `svc`, from
+/// the /metrics of the sidecar running `config`.
+pub async fn metric(config: &str, svc: &str, name: &str) -> anyhow::Result<Option<f64>> {
+    let text = reqwest::get(format!("http://{}/metrics", listen_addr(config)))
+        .await?
+        .text()
+        .await?;
+    let prefix = format!("{name}{{service=\"{svc}\",binding=\"{svc}\"");
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok()))
+}
+
 pub fn listen_addr(config: &str) -> String {
     config
         .lines()

@@ -128,3 +128,30 @@ pub fn first_successes_in_order(log: &[crate::app::Delivery]) -> Result<(), Stri
     }
     Ok(())
 }
+
+/// Checks the failure envelopes of service `svc` on MEND_FAILED: no lineage delegated twice, and
+/// exactly the messages whose `n` is in `expect` delegated.
+pub async fn delegated_once(
+    js: &jetstream::Context,
+    svc: &str,
+    expect: &std::collections::HashSet<u64>,
+) -> anyhow::Result<()> {
+    let failed = js::failed(js, svc).await?;
+    let mut per_id: std::collections::HashMap<String, usize> = Default::default();
+    for e in &failed {
+        *per_id.entry(e.id.clone()).or_default() += 1;
+    }
+    anyhow::ensure!(
+        per_id.values().all(|&c| c == 1),
+        "a failure delegated twice: {per_id:?}"
+    );
+    let delegated: std::collections::HashSet<u64> = failed
+        .iter()
+        .filter_map(|e| e.payload["n"].as_u64())
+        .collect();
+    anyhow::ensure!(
+        &delegated == expect,
+        "delegated {delegated:?}, expected {expect:?}"
+    );
+    Ok(())
+}

@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use mend_e2e::app::{BatchReply, Delivery, Reply, order_problem};
 use mend_e2e::js::{self, Out};
-use mend_e2e::mend::{example_rules, listen_addr, sidecar_config, with_top_level};
+use mend_e2e::mend::{example_rules, metric, sidecar_config, with_top_level};
 use mend_e2e::wait;
-use mend_e2e::world::{KEY_HEADER, STREAM, TEST_TIMEOUT, World, first_successes_in_order};
+use mend_e2e::world::{
+    KEY_HEADER, STREAM, TEST_TIMEOUT, World, delegated_once, first_successes_in_order,
+};
 use serde_json::{Value, json};
 
 /// A keyed sidecar of service `svc` delivering to the app's batch endpoint, with `extra` binding
@@ -26,20 +28,7 @@ fn batch_config(w: &World, svc: &str, extra: &str) -> String {
     )
 }
 
-/// The sidecar's metric `name{service,binding}` (its first series), from its /metrics.
-async fn metric(config: &str, svc: &str, name: &str) -> anyhow::Result<Option<f64>> {
-    let text = reqwest::get(format!("http://{}/metrics", listen_addr(config)))
-        .await?
-        .text()
-        .await?;
-    let prefix = format!("{name}{{service=\"{svc}\",binding=\"{svc}\"");
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with(&prefix))
-        .find_map(|l| l.rsplit(' ').next()?.parse().ok()))
-}
-
-/// Every `n` in `expect` succeeded; returns how often each `n` succeeded.
+/// How often each `n` succeeded.
 fn successes(log: &[Delivery]) -> HashMap<u64, usize> {
     let mut times = HashMap::new();
     for d in log.iter().filter(|d| d.ok()) {
@@ -451,20 +440,7 @@ async fn sigkill_three_times_with_batches_in_flight_loses_nothing_and_delegates_
         .await?;
     w.drained("crash").await?;
     first_successes_in_order(&log).map_err(anyhow::Error::msg)?;
-    let failed = js::failed(&w.js, "crash").await?;
-    let mut per_id: HashMap<String, usize> = HashMap::new();
-    for e in &failed {
-        *per_id.entry(e.id.clone()).or_default() += 1;
-    }
-    assert!(
-        per_id.values().all(|&c| c == 1),
-        "a failure delegated twice: {per_id:?}"
-    );
-    let delegated: HashSet<u64> = failed
-        .iter()
-        .map(|e| e.payload["n"].as_u64().unwrap())
-        .collect();
     let expect_failed: HashSet<u64> = (0..total).filter(|n| failing(*n)).collect();
-    assert_eq!(delegated, expect_failed, "every failing message delegated");
+    delegated_once(&w.js, "crash", &expect_failed).await?;
     Ok(())
 }

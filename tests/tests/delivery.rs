@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use mend_e2e::app::Reply;
 use mend_e2e::js::{self, Out};
-use mend_e2e::mend::{listen_addr, sidecar_config};
+use mend_e2e::mend::{metric, sidecar_config};
 use mend_e2e::world::{KEY_HEADER, TEST_TIMEOUT, World, first_successes_in_order};
 use serde_json::json;
 
@@ -134,14 +134,11 @@ async fn waiting_messages_are_kept_alive_past_the_ack_wait() -> anyhow::Result<(
     w.drained("alive").await?;
     first_successes_in_order(&log).map_err(anyhow::Error::msg)?;
     // The server redelivered nothing the sidecar was holding (it counts every such redelivery).
-    let url = format!("http://{}/metrics", listen_addr(&config));
-    let metrics = reqwest::get(url).await?.text().await?;
-    let line = "mend_redelivered_while_buffered_total{service=\"alive\",binding=\"alive\"} ";
-    let redelivered = metrics.lines().find_map(|l| l.strip_prefix(line));
+    let redelivered = metric(&config, "alive", "mend_redelivered_while_buffered_total").await?;
     assert_eq!(
         redelivered,
-        Some("0"),
-        "in-progress acks keep waiting messages alive\n{metrics}"
+        Some(0.0),
+        "in-progress acks keep waiting messages alive"
     );
     assert!(js::failed(&w.js, "alive").await?.is_empty());
     Ok(())

@@ -74,6 +74,27 @@ impl Dev {
         .unwrap_or_else(|e| panic!("{e:#}\nlog:\n{}", self.process.log()));
     }
 
+    /// Waits until a line of its output `says` so.
+    async fn status_says(&self, what: &str, says: impl Fn(&str) -> bool) {
+        wait::until(what, LIMIT, || async {
+            Ok(self.process.log().lines().any(&says).then_some(()))
+        })
+        .await
+        .unwrap();
+    }
+
+    /// Ctrl-C: `mend dev` exits successfully, its app never saw an account's events out of order;
+    /// returns its log.
+    async fn interrupt(&mut self) -> String {
+        self.process.signal("INT").unwrap();
+        let status = self.process.wait_exit(LIMIT).await.unwrap();
+        let log = self.process.log();
+        assert!(status.success(), "{status}\n{log}");
+        assert!(!log.contains("OUT OF ORDER"), "{log}");
+        assert!(!log.contains("panicked"), "{log}");
+        log
+    }
+
     /// The largest `delivered N` of the status lines so far.
     fn delivered(&self) -> u64 {
         self.process
@@ -161,22 +182,11 @@ async fn mend_dev_with_batch_delivers_in_batches_through_the_whole_loop() {
     );
     dev.whole_loop_seen().await;
     // The demo app's busy database answered RETRY for some entries; they went through in place.
-    wait::until("a RETRY retried", LIMIT, || async {
-        Ok(dev
-            .process
-            .log()
-            .lines()
-            .any(|l| l.contains("503s retried") && !l.contains("503s retried 0"))
-            .then_some(()))
+    dev.status_says("a RETRY retried", |l| {
+        l.contains("503s retried") && !l.contains("503s retried 0")
     })
-    .await
-    .unwrap();
-    dev.process.signal("INT").unwrap();
-    let status = dev.process.wait_exit(LIMIT).await.unwrap();
-    let log = dev.process.log();
-    assert!(status.success(), "{status}\n{log}");
-    assert!(!log.contains("OUT OF ORDER"), "{log}");
-    assert!(!log.contains("panicked"), "{log}");
+    .await;
+    dev.interrupt().await;
 }
 
 #[tokio::test]
@@ -261,23 +271,13 @@ async fn mend_dev_runs_the_whole_loop_and_stops_cleanly_on_sigint() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e:#}\nlog:\n{}", dev.process.log()));
-    wait::until("the resubmission counted by the app", LIMIT, || async {
-        Ok(dev
-            .process
-            .log()
-            .lines()
-            .any(|l| l.contains("resubmitted 1") || l.contains("resubmitted 2"))
-            .then_some(()))
+    dev.status_says("the resubmission counted by the app", |l| {
+        l.contains("resubmitted 1") || l.contains("resubmitted 2")
     })
-    .await
-    .unwrap();
+    .await;
 
     // Ctrl-C: everything stops, nothing is left.
-    dev.process.signal("INT").unwrap();
-    let status = dev.process.wait_exit(LIMIT).await.unwrap();
-    let log = dev.process.log();
-    assert!(status.success(), "{status}\n{log}");
-    assert!(!log.contains("OUT OF ORDER"), "{log}");
+    let log = dev.interrupt().await;
     assert!(log.contains("Stopped; removed"), "{log}");
     assert!(!alive(nats_pid), "nats-server {nats_pid} outlived mend dev");
     assert!(children(mend_pid).is_empty());

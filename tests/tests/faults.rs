@@ -1,13 +1,13 @@
 //! Crashes and restarts: the sidecar SIGKILLed mid-run, nats-server restarted, a graceful SIGTERM.
 //! Nothing is lost and no failure is delegated twice (SPEC §4 delegation order, §8 guarantee 1).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 use mend_e2e::app::Reply;
 use mend_e2e::js;
 use mend_e2e::mend::with_top_level;
-use mend_e2e::world::{TEST_TIMEOUT, World, first_successes_in_order};
+use mend_e2e::world::{TEST_TIMEOUT, World, delegated_once, first_successes_in_order};
 
 /// Messages with n % 97 == 5 fail with 422.
 fn failing(n: u64) -> bool {
@@ -73,21 +73,8 @@ async fn sigkill_three_times_loses_nothing_and_delegates_once() -> anyhow::Resul
     w.drained("crash").await?;
     first_successes_in_order(&log).map_err(anyhow::Error::msg)?;
 
-    let failed = js::failed(&w.js, "crash").await?;
-    let mut per_id: HashMap<String, usize> = HashMap::new();
-    for e in &failed {
-        *per_id.entry(e.id.clone()).or_default() += 1;
-    }
-    assert!(
-        per_id.values().all(|&c| c == 1),
-        "a failure delegated twice: {per_id:?}"
-    );
-    let delegated: HashSet<u64> = failed
-        .iter()
-        .map(|e| e.payload["n"].as_u64().unwrap())
-        .collect();
     let expect_failed: HashSet<u64> = (0..total).filter(|n| failing(*n)).collect();
-    assert_eq!(delegated, expect_failed, "every failing message delegated");
+    delegated_once(&w.js, "crash", &expect_failed).await?;
     assert_eq!(seqs.len() as u64, total);
     Ok(())
 }

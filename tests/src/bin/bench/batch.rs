@@ -16,12 +16,11 @@ use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use mend_e2e::js;
-use mend_e2e::mend::{MendProcess, sidecar_config};
+use mend_e2e::mend::MendProcess;
 use mend_e2e::nats::NatsServer;
 use serde::Deserialize;
 
-use super::{CpuWatch, KeyLanes, NoopApp, account_id, peak_rss_kib, per_unit};
+use super::{CpuWatch, KeyLanes, NoopApp, account_id, per_unit};
 
 /// Messages per batch and batches in flight, for (e) and (f).
 pub const BATCH: usize = 100;
@@ -48,42 +47,7 @@ pub async fn sidecar_batched(
     app: &NoopApp,
     service: &str,
 ) -> anyhow::Result<(Duration, u64)> {
-    let config = sidecar_config(
-        service,
-        &nats.url(),
-        "BENCH",
-        &["bench.>"],
-        &batch_url(app),
-        &batch_binding(),
-    );
-    let mut sidecar = MendProcess::start("sidecar", &config).await?;
-    sidecar.ready().await?;
-    let watch = CpuWatch::start([
-        ("sidecar", sidecar.pid()),
-        ("nats-server", nats.pid()),
-        ("app", app.pid()),
-    ]);
-    let started = Instant::now();
-    js::consumer_drained(
-        js,
-        "BENCH",
-        &format!("mend-{service}-{service}"),
-        Duration::from_secs(600),
-    )
-    .await?;
-    let took = started.elapsed();
-    eprintln!(
-        "  (e) CPU µs per message: {}",
-        per_unit(&watch.used(), js_count(js).await?)
-    );
-    let peak = sidecar.pid().and_then(peak_rss_kib).unwrap_or(0);
-    sidecar.terminate(Duration::from_secs(30)).await?;
-    Ok((took, peak))
-}
-
-/// How many messages stream BENCH holds.
-async fn js_count(js: &jetstream::Context) -> anyhow::Result<usize> {
-    Ok(js.get_stream("BENCH").await?.info().await?.state.messages as usize)
+    super::sidecar_through(nats, js, app, service, &batch_url(app), &batch_binding()).await
 }
 
 #[derive(Deserialize)]

@@ -1289,16 +1289,43 @@ async fn sidecar_run(
     app: &NoopApp,
     service: &str,
 ) -> anyhow::Result<(Duration, u64)> {
+    sidecar_through(
+        nats,
+        js,
+        app,
+        service,
+        &app.url,
+        "key = { header = \"Account-Id\" }\nconcurrency = 64",
+    )
+    .await
+}
+
+/// A sidecar of `service` over stream BENCH delivering to `endpoint` with binding keys `binding`:
+/// how long it took to drain the stream, and its peak RSS (KiB). Prints the CPU per message of
+/// the sidecar, nats-server and the app.
+async fn sidecar_through(
+    nats: &NatsServer,
+    js: &jetstream::Context,
+    app: &NoopApp,
+    service: &str,
+    endpoint: &str,
+    binding: &str,
+) -> anyhow::Result<(Duration, u64)> {
     let config = sidecar_config(
         service,
         &nats.url(),
         "BENCH",
         &["bench.>"],
-        &app.url,
-        "key = { header = \"Account-Id\" }\nconcurrency = 64",
+        endpoint,
+        binding,
     );
     let mut sidecar = MendProcess::start("sidecar", &config).await?;
     sidecar.ready().await?;
+    let watch = CpuWatch::start([
+        ("sidecar", sidecar.pid()),
+        ("nats-server", nats.pid()),
+        ("app", app.pid()),
+    ]);
     let started = Instant::now();
     js::consumer_drained(
         js,
@@ -1308,6 +1335,11 @@ async fn sidecar_run(
     )
     .await?;
     let took = started.elapsed();
+    let n = js.get_stream("BENCH").await?.info().await?.state.messages as usize;
+    eprintln!(
+        "  {service}: CPU µs per message: {}",
+        per_unit(&watch.used(), n)
+    );
     let peak = sidecar.pid().and_then(peak_rss_kib).unwrap_or(0);
     sidecar.terminate(Duration::from_secs(30)).await?;
     Ok((took, peak))
