@@ -6,6 +6,8 @@ use std::time::Instant;
 use repair_rules::holds::Outcome;
 use repair_rules::{ErrorKind, FailureError};
 
+use tracing::Instrument;
+
 use super::binding::{BindingRuntime, UNREADABLE_HEADERS};
 use super::delegate;
 use super::delegate::Destination;
@@ -18,22 +20,13 @@ use crate::runtime::headers::{self};
 /// answer asks for: nothing, an envelope for the processor or the dashboard, or a `dropped`
 /// announcement. It is not settled here.
 pub(crate) async fn deliver(rt: &BindingRuntime, d: &Delivery) -> Result<Outcome, Settle> {
-    if let Some(unreadable) = &d.unreadable {
-        // Its headers cannot be passed on as they are: a person decides.
-        tracing::warn!(
-            why = unreadable.why,
-            "NATS headers unreadable; parking the message."
-        );
-        let mut error = FailureError::bare(ErrorKind::Message, None);
-        error.code = Some(UNREADABLE_HEADERS.to_owned());
-        error.title = Some("the message's NATS headers cannot be read".to_owned());
-        error.detail = Some(unreadable.why.clone());
-        Box::pin(delegate::failure(rt, d, error, Destination::Unreadable)).await?;
-        rt.metrics.parked.increment(1);
-        return Ok(Outcome::Unresolved);
+    if d.unreadable.is_some() {
+        return Box::pin(unreadable(rt, d).instrument(d.span())).await;
     }
     let mut tries = 0;
     let mut pause = rt.cfg.backoff_initial;
+    // Made at the first transient answer: what follows logs.
+    let mut span = None;
     loop {
         let started = Instant::now();
         let answer = call(rt, d).await;
@@ -52,9 +45,11 @@ pub(crate) async fn deliver(rt: &BindingRuntime, d: &Delivery) -> Result<Outcome
             // Boxed: delegation is the larger and rarer part of a delivery's future.
             answer => {
                 rt.circuit.answered();
-                return Box::pin(finish(rt, d, answer)).await;
+                return Box::pin(finish(rt, d, answer).instrument(d.span())).await;
             }
         };
+        let span = span.get_or_insert_with(|| d.span());
+        let _entered = span.enter();
         rt.metrics.failed_transient.increment(1);
         if rt.circuit.transient() {
             tries += 1;
@@ -63,7 +58,9 @@ pub(crate) async fn deliver(rt: &BindingRuntime, d: &Delivery) -> Result<Outcome
             rt.metrics.failed_exhausted.increment(1);
             let mut error = FailureError::bare(ErrorKind::TransientExhausted, status);
             error.detail = Some(format!("{cause} ({tries} tries)"));
-            return Box::pin(finish(rt, d, Answer::Rejected(error))).await;
+            drop(_entered);
+            let finish = finish(rt, d, Answer::Rejected(error)).instrument(span.clone());
+            return Box::pin(finish).await;
         }
         let delay = retry_after.unwrap_or(pause).min(rt.cfg.backoff_max);
         pause = (pause * 2).min(rt.cfg.backoff_max);
@@ -73,11 +70,30 @@ pub(crate) async fn deliver(rt: &BindingRuntime, d: &Delivery) -> Result<Outcome
             delay_ms = delay.as_millis() as u64,
             "Transient failure; will retry."
         );
+        drop(_entered);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = rt.shutdown.cancelled() => return Err(Settle::HandBack),
         }
     }
+}
+
+/// A message whose NATS headers cannot be passed on as they are: parked for a person.
+async fn unreadable(rt: &BindingRuntime, d: &Delivery) -> Result<Outcome, Settle> {
+    let why = d
+        .unreadable
+        .as_ref()
+        .map(|u| u.why.clone())
+        .unwrap_or_default();
+    // Its headers cannot be passed on as they are: a person decides.
+    tracing::warn!(why, "NATS headers unreadable; parking the message.");
+    let mut error = FailureError::bare(ErrorKind::Message, None);
+    error.code = Some(UNREADABLE_HEADERS.to_owned());
+    error.title = Some("the message's NATS headers cannot be read".to_owned());
+    error.detail = Some(why);
+    Box::pin(delegate::failure(rt, d, error, Destination::Unreadable)).await?;
+    rt.metrics.parked.increment(1);
+    Ok(Outcome::Unresolved)
 }
 
 /// One call of the app for `d`: its own request, or its entry in the next batch.

@@ -1,6 +1,8 @@
 //! The last stage of every piece of work on a consumer's message: ack (confirmed or not), hand back
 //! or leave it, as the work's [`Settle`] says.
 
+use tracing::Instrument;
+
 use super::binding::BindingRuntime;
 use super::work::{Delivery, Source};
 use crate::common::ack;
@@ -62,7 +64,10 @@ pub(crate) async fn settle(
     how: Settle,
 ) -> Result<(), StopBinding> {
     match &d.source {
-        Source::Consumer { reply, .. } => settle_reply(rt, reply, how).await,
+        // An ack logs only when the server does not answer; the other ways log what they do, in
+        // the message's span.
+        Source::Consumer { reply, .. } if how == Settle::Ack => settle_reply(rt, reply, how).await,
+        Source::Consumer { reply, .. } => settle_reply(rt, reply, how).instrument(d.span()).await,
         Source::Queue { .. } if how == Settle::StopBinding => Err(StopBinding),
         Source::Queue { .. } => Ok(()),
     }

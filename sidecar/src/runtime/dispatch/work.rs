@@ -58,6 +58,17 @@ pub struct HeldId {
 }
 
 impl Delivery {
+    /// The message's span (`msg`, with its lineage, key and attempt), for the steps that log: made
+    /// when one runs, not for every message.
+    pub(crate) fn span(&self) -> tracing::Span {
+        tracing::info_span!(
+            "msg",
+            mend_id = %self.meta.lineage,
+            key = self.meta.key.as_ref().map(|k| k.as_str()),
+            attempt = self.meta.attempt,
+        )
+    }
+
     /// Whether its headers are mend's copy rather than the app's original (a retry, or a message of
     /// a hold queue): mend's own headers in them are not the message's.
     pub fn is_retry(&self) -> bool {
