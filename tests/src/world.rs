@@ -94,6 +94,46 @@ impl World {
         js::publish_all(&self.js, msgs).await
     }
 
+    /// SIGKILLs `sidecar` and starts it again three times, once the app has seen each fifth of
+    /// `total` requests (up to three fifths).
+    pub async fn kill_three_times(
+        &self,
+        sidecar: &mut MendProcess,
+        total: u64,
+    ) -> anyhow::Result<()> {
+        for round in 1..=3u64 {
+            let reached = round * total / 5;
+            self.app
+                .wait_for(
+                    &format!("{reached} requests before kill {round}"),
+                    TEST_TIMEOUT,
+                    |log| log.len() as u64 >= reached,
+                )
+                .await?;
+            sidecar.kill().await?;
+            sidecar.restart().await?;
+            sidecar.ready().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every `n` of `expect` went through (a 2xx) and returns the app's log.
+    pub async fn delivered(
+        &self,
+        expect: &std::collections::HashSet<u64>,
+    ) -> anyhow::Result<Vec<crate::app::Delivery>> {
+        self.app
+            .wait_for("every good message delivered", TEST_TIMEOUT, |log| {
+                let ok: std::collections::HashSet<u64> = log
+                    .iter()
+                    .filter(|d| d.ok())
+                    .map(crate::app::Delivery::n)
+                    .collect();
+                expect.is_subset(&ok)
+            })
+            .await
+    }
+
     /// Waits until the sidecar's consumer for `svc` has nothing pending or unacked.
     pub async fn drained(&self, svc: &str) -> anyhow::Result<()> {
         js::consumer_drained(&self.js, STREAM, &format!("mend-{svc}-{svc}"), TEST_TIMEOUT).await

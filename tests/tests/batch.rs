@@ -417,30 +417,108 @@ async fn sigkill_three_times_with_batches_in_flight_loses_nothing_and_delegates_
         "lease_ttl = \"2s\"",
     );
     let mut sidecar = w.sidecar(&config).await?;
-    for round in 1..=3u64 {
-        let reached = round * total / 5;
-        w.app
-            .wait_for(
-                &format!("{reached} entries before kill {round}"),
-                TEST_TIMEOUT,
-                |log| log.len() as u64 >= reached,
-            )
-            .await?;
-        sidecar.kill().await?;
-        sidecar.restart().await?;
-        sidecar.ready().await?;
-    }
+    w.kill_three_times(&mut sidecar, total).await?;
     let expect_ok: HashSet<u64> = (0..total).filter(|n| !failing(*n)).collect();
-    let log = w
-        .app
-        .wait_for("every good message delivered", TEST_TIMEOUT, |log| {
-            let ok: HashSet<u64> = log.iter().filter(|d| d.ok()).map(Delivery::n).collect();
-            expect_ok.is_subset(&ok)
-        })
-        .await?;
+    let log = w.delivered(&expect_ok).await?;
     w.drained("crash").await?;
     first_successes_in_order(&log).map_err(anyhow::Error::msg)?;
     let expect_failed: HashSet<u64> = (0..total).filter(|n| failing(*n)).collect();
     delegated_once(&w.js, "crash", &expect_failed).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_binary_and_long_keyed_messages_travel_in_batches_an_app_takes() -> anyhow::Result<()>
+{
+    let w = World::new().await?;
+    // Twelve messages of ~300 KiB on twelve keys: all in one batch would be ~3.6 MiB, over the
+    // 2 MiB an axum app (as the test app) takes by default; its 413 would delegate every entry.
+    let pad = "x".repeat(300 * 1024);
+    let mut msgs: Vec<Out> = (0..12)
+        .map(|i| {
+            let key = format!("k{i}");
+            Out::keyed(
+                "app.created",
+                KEY_HEADER,
+                &key,
+                json!({"key": key, "n": i, "pad": pad}),
+            )
+        })
+        .collect();
+    // One at the server's size limit leaves room for small ones only; one not JSON (bytes of every value) as
+    // data_base64; one whose key is 60 KiB long (near the server's 64 KiB for headers) as its entry's subject.
+    let limit = "y".repeat(1_040_000);
+    msgs.push(Out::keyed(
+        "app.created",
+        KEY_HEADER,
+        "big",
+        json!({"key": "big", "n": 12, "pad": limit}),
+    ));
+    let binary: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
+    let mut raw = Out::keyed("app.created", KEY_HEADER, "raw", json!(null));
+    raw.payload = bytes::Bytes::from(binary.clone());
+    raw.headers
+        .insert("Content-Type", "application/octet-stream");
+    msgs.push(raw);
+    let long_key = "L".repeat(60 * 1024);
+    msgs.push(Out::keyed(
+        "app.created",
+        KEY_HEADER,
+        &long_key,
+        json!({"key": long_key, "n": 14}),
+    ));
+    js::publish_all(&w.js, msgs).await?;
+    let config = batch_config(
+        &w,
+        "large",
+        "batch = { max_messages = 100, max_wait = \"500ms\" }",
+    );
+    let s = w.sidecar(&config).await?;
+    let log = w
+        .app
+        .wait_for("all 15 processed", TEST_TIMEOUT, |log| {
+            log.iter().filter(|d| d.ok()).count() >= 15
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:#}\nsidecar log:\n{}", s.log()))?;
+    w.drained("large").await?;
+    assert!(
+        log.iter().all(|d| d.ok()),
+        "no entry refused or retried: {:?}",
+        log.iter().map(|d| d.status).collect::<Vec<_>>()
+    );
+    assert!(js::failed(&w.js, "large").await?.is_empty());
+    // No batch passed 1 MiB of entries: at most three of the 300 KiB ones went together, and none
+    // went with the one at the size limit.
+    let mut per_batch: HashMap<usize, Vec<u64>> = HashMap::new();
+    for d in &log {
+        let (b, _) = d.batch.as_ref().expect("in a batch");
+        per_batch.entry(*b).or_default().push(d.n());
+    }
+    for ns in per_batch.values() {
+        let large = ns.iter().filter(|n| **n < 12).count();
+        assert!(large <= 3, "a batch of {ns:?}");
+        if ns.contains(&12) {
+            assert_eq!(large, 0, "the message at the limit had no room: {ns:?}");
+        }
+    }
+    let raw = log
+        .iter()
+        .find(|d| d.header("mend-key") == Some("raw"))
+        .expect("the binary message");
+    let (_, entry) = raw.batch.as_ref().unwrap();
+    assert_eq!(entry["datacontenttype"], "application/octet-stream");
+    assert!(entry.get("data").is_none());
+    assert_eq!(
+        raw.body.as_ref(),
+        binary.as_slice(),
+        "data_base64 carries the bytes"
+    );
+    let long = log
+        .iter()
+        .find(|d| d.n() == 14)
+        .expect("the long key's message");
+    let (_, entry) = long.batch.as_ref().unwrap();
+    assert_eq!(entry["subject"].as_str().map(str::len), Some(60 * 1024));
     Ok(())
 }

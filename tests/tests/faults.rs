@@ -44,32 +44,10 @@ async fn sigkill_three_times_loses_nothing_and_delegates_once() -> anyhow::Resul
     let config = with_top_level(&w.keyed_config("crash", CRASHY), "lease_ttl = \"2s\"");
     let mut sidecar = w.sidecar(&config).await?;
 
-    for round in 1..=3u64 {
-        let reached = round * total / 5;
-        w.app
-            .wait_for(
-                &format!("{reached} requests before kill {round}"),
-                TEST_TIMEOUT,
-                |log| log.len() as u64 >= reached,
-            )
-            .await?;
-        sidecar.kill().await?;
-        sidecar.restart().await?;
-        sidecar.ready().await?;
-    }
+    w.kill_three_times(&mut sidecar, total).await?;
 
     let expect_ok: HashSet<u64> = (0..total).filter(|n| !failing(*n)).collect();
-    let log = w
-        .app
-        .wait_for("every good message delivered", TEST_TIMEOUT, |log| {
-            let ok: HashSet<u64> = log
-                .iter()
-                .filter(|d| d.ok())
-                .map(mend_e2e::app::Delivery::n)
-                .collect();
-            expect_ok.is_subset(&ok)
-        })
-        .await?;
+    let log = w.delivered(&expect_ok).await?;
     w.drained("crash").await?;
     first_successes_in_order(&log).map_err(anyhow::Error::msg)?;
 

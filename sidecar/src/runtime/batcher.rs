@@ -25,6 +25,11 @@ use crate::runtime::deliver::{self, Answer, App, Reply};
 /// The most of an answer that is read: 1,000 entries with problem objects of a few KiB each.
 pub const ANSWER_LIMIT: usize = 16 * 1024 * 1024;
 
+/// A batch's entries stop short of this many bytes (an entry this large on its own travels alone):
+/// a request body an app's server takes (many refuse bodies over 1 or 2 MiB, with a 413 that would
+/// count as a message error of every entry), and a bound on what one batch holds.
+pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
+
 /// An entry handed to the batcher and where its answer goes.
 struct Pending {
     id: String,
@@ -66,15 +71,17 @@ impl BatchMetrics {
 
 impl Batcher {
     /// Starts the batching task of a binding; it ends when the last `Batcher` handle is dropped.
-    pub fn start(app: App, cfg: BatchConfig, concurrency: usize, metrics: BatchMetrics) -> Self {
+    /// `keyed`: the binding has a key (a lineage then has one message in flight).
+    pub fn start(
+        app: App,
+        cfg: BatchConfig,
+        concurrency: usize,
+        keyed: bool,
+        metrics: BatchMetrics,
+    ) -> Self {
         let (entries, rx) = mpsc::channel(cfg.max_messages * concurrency.max(1));
-        tokio::spawn(fill(
-            rx,
-            app,
-            cfg,
-            Arc::new(Semaphore::new(concurrency.max(1))),
-            metrics,
-        ));
+        let slots = Arc::new(Semaphore::new(concurrency.max(1)));
+        tokio::spawn(fill(rx, app, cfg, keyed, slots, metrics));
         Self { entries }
     }
 
@@ -97,22 +104,26 @@ impl Batcher {
 }
 
 /// The batching loop: waits for a free batch slot, then for a first entry, then for more until the
-/// batch is full or `max_wait` has passed since the first, and sends it in a task of its own.
+/// batch is full (`max_messages`, or [`MAX_BATCH_BYTES`]) or `max_wait` has passed since the
+/// first, and sends it in a task of its own.
 async fn fill(
     mut rx: mpsc::Receiver<Pending>,
     app: App,
     cfg: BatchConfig,
+    keyed: bool,
     slots: Arc<Semaphore>,
     metrics: BatchMetrics,
 ) {
-    // Entries whose Mend-Id was in the batch already (a lineage is one message at a time, but an
-    // unkeyed binding could meet a redelivery beside its retry): they go in the next batch.
+    // Entries left for the next batch: one that would have passed the byte limit, and (unkeyed
+    // bindings only: with a key, a lineage has one message in flight) one whose Mend-Id the batch
+    // held already, a redelivery beside its retry.
     let mut next: VecDeque<Pending> = VecDeque::new();
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
-        let first = match next.pop_front() {
+        let mut carried = std::mem::take(&mut next);
+        let first = match carried.pop_front() {
             Some(p) => p,
             None => match rx.recv().await {
                 Some(p) => p,
@@ -120,42 +131,54 @@ async fn fill(
             },
         };
         let deadline = tokio::time::Instant::now() + cfg.max_wait;
-        let mut ids = HashSet::with_capacity(cfg.max_messages);
-        ids.insert(first.id.clone());
+        let mut ids = HashSet::new();
+        if !keyed {
+            ids.insert(first.id.clone());
+        }
+        let mut bytes = first.entry.len();
         let mut entries = Vec::with_capacity(cfg.max_messages);
         entries.push(first);
         while entries.len() < cfg.max_messages {
-            let p = if let Some(p) = next.pop_front() {
-                p
-            } else {
-                match rx.try_recv() {
-                    Ok(p) => p,
-                    Err(mpsc::error::TryRecvError::Disconnected) => break,
-                    Err(mpsc::error::TryRecvError::Empty) => {
-                        tokio::select! {
-                            got = rx.recv() => match got {
-                                Some(p) => p,
-                                None => break,
-                            },
-                            _ = tokio::time::sleep_until(deadline) => break,
-                        }
-                    }
-                }
+            let p = match carried.pop_front() {
+                Some(p) => p,
+                None => match next_entry(&mut rx, deadline).await {
+                    Some(p) => p,
+                    None => break,
+                },
             };
-            if ids.insert(p.id.clone()) {
-                entries.push(p);
-            } else {
+            if bytes + p.entry.len() > MAX_BATCH_BYTES {
                 next.push_back(p);
-                if next.len() > cfg.max_messages {
-                    break;
-                }
+                break;
             }
+            if !keyed && !ids.insert(p.id.clone()) {
+                next.push_back(p);
+                continue;
+            }
+            bytes += p.entry.len();
+            entries.push(p);
         }
+        // What was carried and not taken goes first next time, in its order.
+        next.extend(carried);
         let (app, metrics) = (app.clone(), metrics.clone());
         tokio::spawn(async move {
             send(&app, entries, &metrics).await;
             drop(permit);
         });
+    }
+}
+
+/// The next entry handed in before `deadline`; `None` once it has passed or no lane is left.
+async fn next_entry(
+    rx: &mut mpsc::Receiver<Pending>,
+    deadline: tokio::time::Instant,
+) -> Option<Pending> {
+    match rx.try_recv() {
+        Ok(p) => Some(p),
+        Err(mpsc::error::TryRecvError::Disconnected) => None,
+        Err(mpsc::error::TryRecvError::Empty) => tokio::select! {
+            got = rx.recv() => got,
+            _ = tokio::time::sleep_until(deadline) => None,
+        },
     }
 }
 

@@ -54,11 +54,12 @@ impl BindingHeaders {
     }
 }
 
-/// The message as one entry of a bulk delivery (SPEC §4 "Bulk delivery"): a structured-mode
+/// The message with Mend-Id `id` as one entry of a bulk delivery (SPEC §4 "Bulk delivery"): a structured-mode
 /// CloudEvent with the attributes of the binary-mode headers of [`app_request`] and the message's
 /// W3C trace context. Its other NATS headers are not carried.
 pub fn batch_entry(
     fixed: &BindingHeaders,
+    id: &str,
     meta: &DeliveryMeta,
     nats: Option<&async_nats::HeaderMap>,
     payload: &[u8],
@@ -70,11 +71,10 @@ pub fn batch_entry(
             .and_then(|(_, values)| values.first())
             .map(|v| v.as_str())
     };
-    let id = meta.lineage.to_string();
     let time = humantime::format_rfc3339_millis(meta.published).to_string();
     repair_rules::batch::entry(
         &repair_rules::batch::EntryMeta {
-            id: &id,
+            id,
             source: &fixed.source_text,
             subject: &meta.subject,
             key: meta.key.as_ref().map(|k| k.as_str()),

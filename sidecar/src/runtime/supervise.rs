@@ -200,7 +200,8 @@ pub(crate) async fn consume_while_owned(
         holds,
         batcher: cfg.batch.map(|b| {
             let metrics = crate::runtime::batcher::BatchMetrics::new(&sh.service, &cfg.name);
-            crate::runtime::batcher::Batcher::start(app.clone(), b, cfg.concurrency, metrics)
+            let keyed = cfg.key.is_some();
+            crate::runtime::batcher::Batcher::start(app.clone(), b, cfg.concurrency, keyed, metrics)
         }),
     });
     let (to_dispatcher, routed) = mpsc::channel(cfg.concurrency * 4);

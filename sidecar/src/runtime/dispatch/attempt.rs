@@ -49,28 +49,28 @@ pub(crate) async fn deliver(rt: &BindingRuntime, d: &Delivery) -> Result<Outcome
             }
         };
         let span = span.get_or_insert_with(|| d.span());
-        let _entered = span.enter();
         rt.metrics.failed_transient.increment(1);
-        if rt.circuit.transient() {
+        // The circuit logs when it opens: in the message's span.
+        if span.in_scope(|| rt.circuit.transient()) {
             tries += 1;
         }
         if tries >= rt.cfg.transient_tries {
             rt.metrics.failed_exhausted.increment(1);
             let mut error = FailureError::bare(ErrorKind::TransientExhausted, status);
             error.detail = Some(format!("{cause} ({tries} tries)"));
-            drop(_entered);
             let finish = finish(rt, d, Answer::Rejected(error)).instrument(span.clone());
             return Box::pin(finish).await;
         }
         let delay = retry_after.unwrap_or(pause).min(rt.cfg.backoff_max);
         pause = (pause * 2).min(rt.cfg.backoff_max);
-        tracing::warn!(
-            cause,
-            tries,
-            delay_ms = delay.as_millis() as u64,
-            "Transient failure; will retry."
-        );
-        drop(_entered);
+        span.in_scope(|| {
+            tracing::warn!(
+                cause,
+                tries,
+                delay_ms = delay.as_millis() as u64,
+                "Transient failure; will retry."
+            );
+        });
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = rt.shutdown.cancelled() => return Err(Settle::HandBack),
@@ -100,9 +100,10 @@ async fn unreadable(rt: &BindingRuntime, d: &Delivery) -> Result<Outcome, Settle
 async fn call(rt: &BindingRuntime, d: &Delivery) -> Answer {
     match &rt.batcher {
         Some(batcher) => {
-            let entry =
-                headers::batch_entry(&rt.fixed_headers, &d.meta, d.headers.as_ref(), &d.payload);
-            batcher.call(d.meta.lineage.to_string(), entry).await
+            let id = d.meta.lineage.to_string();
+            let (nats, payload) = (d.headers.as_ref(), &d.payload);
+            let entry = headers::batch_entry(&rt.fixed_headers, &id, &d.meta, nats, payload);
+            batcher.call(id, entry).await
         }
         None => {
             // Built per try (retries are rare): reqwest takes the map, and a clone would cost as
