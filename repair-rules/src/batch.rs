@@ -139,7 +139,7 @@ pub enum EntryStatus {
 
 /// Reads the app's 2xx answer `{"statuses": [{"id", "status", "problem"?}]}` into `(id, status)`
 /// pairs, in the answer's order. An `Err` says what is wrong with a malformed answer.
-pub fn statuses(body: &[u8]) -> Result<Vec<(String, EntryStatus)>, String> {
+pub fn statuses(body: &[u8]) -> Result<Vec<(Cow<'_, str>, EntryStatus)>, String> {
     #[derive(Deserialize)]
     struct Answer<'a> {
         #[serde(borrow)]
@@ -162,14 +162,19 @@ pub fn statuses(body: &[u8]) -> Result<Vec<(String, EntryStatus)>, String> {
         .statuses
         .into_iter()
         .map(|s| {
-            let status = match s.status.to_ascii_uppercase().as_str() {
-                "SUCCESS" => EntryStatus::Success,
-                "RETRY" => EntryStatus::Retry,
-                "DROP" => EntryStatus::Drop,
-                "FAIL" => EntryStatus::Fail(Box::new(failure(s.problem.as_ref()))),
-                _ => EntryStatus::Unknown(crate::problem::cut_text(s.status.as_bytes(), 64)),
+            let is = |name: &str| s.status.eq_ignore_ascii_case(name);
+            let status = if is("SUCCESS") {
+                EntryStatus::Success
+            } else if is("RETRY") {
+                EntryStatus::Retry
+            } else if is("DROP") {
+                EntryStatus::Drop
+            } else if is("FAIL") {
+                EntryStatus::Fail(Box::new(failure(s.problem.as_ref())))
+            } else {
+                EntryStatus::Unknown(crate::problem::cut_text(s.status.as_bytes(), 64))
             };
-            (s.id.into_owned(), status)
+            (s.id, status)
         })
         .collect())
 }

@@ -144,22 +144,24 @@ pub enum Change {
     Update(Hold),
 }
 
-/// What the hold becomes after a delivery of `lineage` from `origin` ended with `outcome`. `fresh` is
-/// the entry to create when the key has none (its `head` is `lineage`).
+/// What the hold becomes after a delivery of `lineage` from `origin` ended with `outcome`. `fresh`
+/// makes the entry to create when the key has none (its `head` is `lineage`); it is called only
+/// then, or for a new hold's time: a free key's message that went through (most of them) needs
+/// neither.
 pub fn after_delivery(
     hold: Option<&Hold>,
     origin: Origin,
     lineage: &str,
     outcome: Outcome,
-    fresh: Hold,
+    fresh: impl FnOnce() -> Hold,
 ) -> Change {
     match (hold, outcome) {
         (None, Outcome::Done) if origin == Origin::App => Change::Keep,
         // A retry resolves its lineage: remembered, so its original's stale redelivery is settled.
         (None, Outcome::Done) => {
-            Change::Create(fresh.with(lineage, HoldState::Resolved).resolving(lineage))
+            Change::Create(fresh().with(lineage, HoldState::Resolved).resolving(lineage))
         }
-        (None, Outcome::Unresolved) => Change::Create(fresh.with(lineage, HoldState::Held)),
+        (None, Outcome::Unresolved) => Change::Create(fresh().with(lineage, HoldState::Held)),
         (Some(h), Outcome::Done) if h.is_held() && h.head == lineage => {
             Change::Update(h.with(lineage, HoldState::Releasing).resolving(lineage))
         }
@@ -168,7 +170,7 @@ pub fn after_delivery(
         }
         // A new hold of the key: it begins now (its copies are told from an earlier hold's by it).
         (Some(h), Outcome::Unresolved) if !h.is_held() => Change::Update(Hold {
-            since: fresh.since,
+            since: fresh().since,
             ..h.with(lineage, HoldState::Held)
         }),
         // A failed retry of the head stays the head; nothing else of a held key is delivered.
@@ -312,19 +314,19 @@ mod tests {
         let fresh = hold("", Held);
         let h = hold("A:1", Held);
         assert_eq!(
-            after_delivery(Some(&h), Origin::Retry, "A:1", Outcome::Done, fresh.clone()),
+            after_delivery(Some(&h), Origin::Retry, "A:1", Outcome::Done, || fresh.clone()),
             Change::Update(done("A:1", Releasing, &["A:1"]))
         );
         assert_eq!(
-            after_delivery(None, Origin::App, "A:1", Outcome::Unresolved, fresh.clone()),
+            after_delivery(None, Origin::App, "A:1", Outcome::Unresolved, || fresh.clone()),
             Change::Create(hold("A:1", Held))
         );
         assert_eq!(
-            after_delivery(None, Origin::App, "A:1", Outcome::Done, fresh.clone()),
+            after_delivery(None, Origin::App, "A:1", Outcome::Done, || fresh.clone()),
             Change::Keep
         );
         assert_eq!(
-            after_delivery(None, Origin::Retry, "A:1", Outcome::Done, fresh.clone()),
+            after_delivery(None, Origin::Retry, "A:1", Outcome::Done, || fresh.clone()),
             Change::Create(done("A:1", Resolved, &["A:1"]))
         );
         assert_eq!(
@@ -333,7 +335,7 @@ mod tests {
                 Origin::App,
                 "A:4",
                 Outcome::Unresolved,
-                fresh
+                || fresh
             ),
             Change::Update(done("A:4", Held, &["A:0"]))
         );

@@ -180,7 +180,7 @@ impl Model {
                     origin,
                     &lineage(m.n),
                     outcome,
-                    fresh(m.n),
+                    || fresh(m.n),
                 );
                 if change != Change::Keep {
                     self.apply(change);
@@ -256,7 +256,7 @@ impl Model {
                     Origin::Retry,
                     &lineage(m.n),
                     outcome,
-                    fresh(m.n),
+                    || fresh(m.n),
                 )
             } else {
                 after_release_delivery(&hold, &lineage(m.n), outcome)

@@ -77,7 +77,12 @@ pub async fn confirm(client: &Client, reply: &Reply, epoch: &Epoch, budget: Dura
             tracing::debug!("Delivered before a reconnect: plain ack.");
             return plain(client, subject).await;
         }
-        let request = client.request(subject.clone(), Bytes::from(AckKind::Ack));
+        // One timer per ack: ours bounds the whole request (handing it to the connection too), so
+        // the client's own request timeout is switched off.
+        let request = async_nats::Request::new()
+            .payload(Bytes::from(AckKind::Ack))
+            .timeout(None);
+        let request = client.send_request(subject.clone(), request);
         match tokio::time::timeout(CONFIRM_TIMEOUT, request).await {
             Ok(Ok(_)) => return true,
             Ok(Err(error)) => tracing::debug!(%error, attempt, "Ack not confirmed; retrying."),

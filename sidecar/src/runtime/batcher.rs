@@ -8,6 +8,7 @@
 //! one message in flight at a time, so a batch holds at most one message per key and per-key order is
 //! exactly as in single delivery.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
@@ -191,7 +192,7 @@ async fn send(app: &App, entries: Vec<Pending>, metrics: &BatchMetrics) {
     let started = Instant::now();
     let reply = app.post(headers, Bytes::from(body), ANSWER_LIMIT).await;
     metrics.latency.record(started.elapsed().as_secs_f64());
-    let mut answers = match answers(reply, entries.len()) {
+    let mut answers = match answers(&reply, entries.len()) {
         Ok(answers) => answers,
         Err(all) => {
             for p in entries {
@@ -238,16 +239,16 @@ async fn send(app: &App, entries: Vec<Pending>, metrics: &BatchMetrics) {
     }
 }
 
-/// The statuses of a batch by Mend-Id (the first for an id counts), or the one answer every entry
-/// gets: a transient failure to call, a non-2xx answer classified as for a single message, or a
-/// malformed answer (transient, and logged with what was wrong).
+/// The statuses of a batch by Mend-Id (the first for an id counts; ids borrowed from the answer),
+/// or the one answer every entry gets: a transient failure to call, a non-2xx answer classified as
+/// for a single message, or a malformed answer (transient, and logged with what was wrong).
 fn answers(
-    reply: Result<Reply, Answer>,
+    reply: &Result<Reply, Answer>,
     entries: usize,
-) -> Result<HashMap<String, EntryStatus>, Box<Answer>> {
-    let reply = reply.map_err(Box::new)?;
+) -> Result<HashMap<Cow<'_, str>, EntryStatus>, Box<Answer>> {
+    let reply = reply.as_ref().map_err(|a| Box::new(a.clone()))?;
     if !reply.status.is_success() {
-        if let Some(cause) = reply.unread {
+        if let Some(cause) = reply.unread.clone() {
             return Err(Box::new(Answer::Transient {
                 status: Some(reply.status.as_u16()),
                 retry_after: None,
@@ -261,8 +262,8 @@ fn answers(
             body,
         )));
     }
-    let what = if let Some(cause) = reply.unread {
-        cause
+    let what = if let Some(cause) = &reply.unread {
+        cause.clone()
     } else if reply.truncated {
         format!("the answer is larger than {} MiB", ANSWER_LIMIT >> 20)
     } else {
@@ -315,7 +316,7 @@ mod tests {
 
     #[test]
     fn a_non_2xx_answer_is_every_entrys() {
-        let Err(all) = answers(Ok(reply(503, "")), 3) else {
+        let Err(all) = answers(&Ok(reply(503, "")), 3) else {
             panic!()
         };
         assert!(matches!(
@@ -325,7 +326,7 @@ mod tests {
                 ..
             }
         ));
-        let Err(all) = answers(Ok(reply(422, "no")), 3) else {
+        let Err(all) = answers(&Ok(reply(422, "no")), 3) else {
             panic!()
         };
         assert!(matches!(*all, Answer::Rejected(_)));
@@ -333,7 +334,7 @@ mod tests {
 
     #[test]
     fn malformed_and_oversized_answers_are_transient() {
-        let Err(all) = answers(Ok(reply(200, "OK")), 2) else {
+        let Err(all) = answers(&Ok(reply(200, "OK")), 2) else {
             panic!()
         };
         let Answer::Transient { cause, .. } = *all else {
@@ -342,7 +343,7 @@ mod tests {
         assert!(cause.starts_with("malformed batch answer"), "{cause}");
         let mut big = reply(200, "{");
         big.truncated = true;
-        let Err(all) = answers(Ok(big), 2) else {
+        let Err(all) = answers(&Ok(big), 2) else {
             panic!()
         };
         let Answer::Transient { cause, .. } = *all else {
@@ -353,14 +354,11 @@ mod tests {
 
     #[test]
     fn the_first_status_of_an_id_counts() {
-        let a = answers(
-            Ok(reply(
-                200,
-                r#"{"statuses":[{"id":"S:1","status":"DROP"},{"id":"S:1","status":"SUCCESS"}]}"#,
-            )),
-            1,
-        )
-        .unwrap();
+        let r = Ok(reply(
+            200,
+            r#"{"statuses":[{"id":"S:1","status":"DROP"},{"id":"S:1","status":"SUCCESS"}]}"#,
+        ));
+        let a = answers(&r, 1).unwrap();
         assert_eq!(a["S:1"], EntryStatus::Drop);
     }
 }

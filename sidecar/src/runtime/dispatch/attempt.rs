@@ -18,8 +18,13 @@ use crate::runtime::headers::{self};
 
 /// Delivers a message to the app (retrying transient failures in place) and finishes what its
 /// answer asks for: nothing, an envelope for the processor or the dashboard, or a `dropped`
-/// announcement. It is not settled here.
-pub(crate) async fn deliver(rt: &BindingRuntime, d: &Delivery) -> Result<Outcome, Settle> {
+/// announcement. It is not settled here. `id` is its Mend-Id (`d.meta.lineage`, formatted once by
+/// the caller).
+pub(crate) async fn deliver(
+    rt: &BindingRuntime,
+    d: &Delivery,
+    id: &str,
+) -> Result<Outcome, Settle> {
     if d.unreadable.is_some() {
         return Box::pin(unreadable(rt, d).instrument(d.span())).await;
     }
@@ -29,7 +34,7 @@ pub(crate) async fn deliver(rt: &BindingRuntime, d: &Delivery) -> Result<Outcome
     let mut span = None;
     loop {
         let started = Instant::now();
-        let answer = call(rt, d).await;
+        let answer = call(rt, d, id).await;
         rt.metrics.latency.record(started.elapsed().as_secs_f64());
         let (status, retry_after, cause) = match answer {
             Answer::Transient {
@@ -96,14 +101,13 @@ async fn unreadable(rt: &BindingRuntime, d: &Delivery) -> Result<Outcome, Settle
     Ok(Outcome::Unresolved)
 }
 
-/// One call of the app for `d`: its own request, or its entry in the next batch.
-async fn call(rt: &BindingRuntime, d: &Delivery) -> Answer {
+/// One call of the app for `d` (Mend-Id `id`): its own request, or its entry in the next batch.
+async fn call(rt: &BindingRuntime, d: &Delivery, id: &str) -> Answer {
     match &rt.batcher {
         Some(batcher) => {
-            let id = d.meta.lineage.to_string();
             let (nats, payload) = (d.headers.as_ref(), &d.payload);
-            let entry = headers::batch_entry(&rt.fixed_headers, &id, &d.meta, nats, payload);
-            batcher.call(id, entry).await
+            let entry = headers::batch_entry(&rt.fixed_headers, id, &d.meta, nats, payload);
+            batcher.call(id.to_owned(), entry).await
         }
         None => {
             // Built per try (retries are rare): reqwest takes the map, and a clone would cost as

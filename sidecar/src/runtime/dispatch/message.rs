@@ -108,8 +108,9 @@ async fn message(
     } else {
         d
     };
+    let lineage = d.meta.lineage.to_string();
     let (Some(key), Some(holds)) = (key, rt.holds.as_ref()) else {
-        let how = match deliver(rt, &d).await {
+        let how = match deliver(rt, &d, &lineage).await {
             Ok(Outcome::Done) if d.is_retry() => {
                 match Box::pin(resolved(rt, &d, None).instrument(d.span())).await {
                     Ok(()) => Settle::Ack,
@@ -123,7 +124,6 @@ async fn message(
         return Ok(None);
     };
     let hold = holds.get(key);
-    let lineage = d.meta.lineage.to_string();
     let origin = d.origin();
     let (how, then) = match protocol::route(hold.as_ref(), origin, &lineage) {
         Route::Settle => {
@@ -140,10 +140,10 @@ async fn message(
             Box::pin(hold_back(rt, holds, key, &d, hold.as_ref()).instrument(d.span())).await,
             None,
         ),
-        Route::Deliver => match deliver(rt, &d).await {
+        Route::Deliver => match deliver(rt, &d, &lineage).await {
             Err(how) => (how, None),
             Ok(outcome) => {
-                let fresh = holds.fresh(key);
+                let fresh = || holds.fresh(key);
                 let change =
                     protocol::after_delivery(hold.as_ref(), origin, &lineage, outcome, fresh);
                 if matches!(change, protocol::Change::Keep) && !d.is_retry() {

@@ -143,7 +143,7 @@ pub(crate) async fn release_next(
             };
             let d = queued(rt, msg).await?;
             let lineage = d.meta.lineage.to_string();
-            let (outcome, ()) = tokio::join!(deliver(rt, &d), holds.prefetch(key, seq));
+            let (outcome, ()) = tokio::join!(deliver(rt, &d, &lineage), holds.prefetch(key, seq));
             let outcome = outcome?;
             let change = protocol::after_release_delivery(hold, &lineage, outcome);
             holds.apply(key, change).await?;
@@ -197,13 +197,13 @@ pub(crate) async fn head_retry(
             "The head's retry waited in its own queue; delivering it."
         );
         let d = queued(rt, msg).await?;
-        let outcome = deliver(rt, &d).await?;
+        let outcome = deliver(rt, &d, &d.meta.lineage.to_string()).await?;
         let change = protocol::after_delivery(
             Some(hold),
             Origin::Retry,
             &lineage,
             outcome,
-            holds.fresh(key),
+            || holds.fresh(key),
         );
         let releasing = commit(rt, holds, key, &d, outcome, change).await?;
         holds.remove(key, seq).await?;

@@ -14,9 +14,11 @@ use async_nats::jetstream::stream::{RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use mend_e2e::js;
 
+use super::batch::{self, BATCH, BATCHES_IN_FLIGHT};
 use super::{
     CpuWatch, FloorRun, IN_FLIGHT, KeyLanes, Monitored, NoopApp, account_id, app_headers, consumer,
     floor_streams, holds_messages,
@@ -32,8 +34,99 @@ enum End {
     Resolved,
 }
 
+/// What the hand-written sidecar's deliveries share.
+#[derive(Clone)]
+struct Side {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    kv: jetstream::kv::Store,
+    svc: String,
+    stream: String,
+}
+
+impl Side {
+    /// The lineage id of `m`: its stream sequence, or a retry's Mend-Id.
+    fn id(&self, m: &jetstream::Message, retry: bool) -> String {
+        match m.headers.as_ref().and_then(|h| h.get("Mend-Id")) {
+            Some(id) if retry => id.to_string(),
+            _ => format!(
+                "{}:{}",
+                self.stream,
+                m.info().map(|i| i.stream_sequence).unwrap_or(0)
+            ),
+        }
+    }
+
+    /// What follows the app's answer for one message (`ok`: processed), then its confirmed ack.
+    async fn after(
+        self,
+        key: String,
+        m: jetstream::Message,
+        id: String,
+        retry: bool,
+        ok: bool,
+    ) -> anyhow::Result<(String, End)> {
+        let (svc, js) = (&self.svc, &self.js);
+        let entry = format!("{svc}.{key}");
+        let end = match (ok, retry) {
+            (true, false) => End::Done,
+            (false, false) => {
+                let body = format!(
+                    r#"{{"version":1,"id":"{id}","service":"{svc}","key":"{key}","error":{{"kind":"message","status":422,"code":"bad_type","field":"/amount","title":"amount must be a number"}},"attempt":1,"payload":{}}}"#,
+                    String::from_utf8_lossy(&m.payload)
+                );
+                let mut h = async_nats::HeaderMap::new();
+                h.insert("Mend-Id", id.as_str());
+                h.insert("Account-Id", key.as_str());
+                publish(
+                    js,
+                    format!("hf.failed.{svc}"),
+                    format!("{id}:1:failed"),
+                    h,
+                    body,
+                )
+                .await?;
+                let since = humantime::format_rfc3339_micros(SystemTime::now());
+                let hold =
+                    format!(r#"{{"head":"{id}","state":"held","since":"{since}","key":"{key}"}}"#);
+                self.kv.put(&entry, hold.into()).await?;
+                End::Held
+            }
+            (true, true) => {
+                let hold = format!(r#"{{"head":"{id}","state":"resolved","key":"{key}"}}"#);
+                self.kv.put(&entry, hold.into()).await?;
+                let now = humantime::format_rfc3339_millis(SystemTime::now());
+                let event = format!(
+                    r#"{{"specversion":"1.0","id":"{id}:2:resolved","source":"urn:mend:bench","type":"mend.resolved","subject":"{id}","time":"{now}","datacontenttype":"application/json","data":{{"service":"{svc}","id":"{id}","attempt":2,"key":"{key}","steps":[{{"what":"delegated","attempt":1}},{{"what":"repaired","attempt":2}}]}}}}"#
+                );
+                let mut h = async_nats::HeaderMap::new();
+                h.insert("Content-Type", "application/cloudevents+json");
+                h.insert("Mend-Id", id.as_str());
+                publish(
+                    js,
+                    format!("hf.events.{svc}.resolved"),
+                    format!("{id}:2:resolved"),
+                    h,
+                    event,
+                )
+                .await?;
+                End::Resolved
+            }
+            (false, true) => anyhow::bail!("a repaired message failed again"),
+        };
+        if let Some(reply) = m.reply.clone() {
+            self.client.request(reply, Bytes::from(AckKind::Ack)).await?;
+        }
+        anyhow::Ok((key, end))
+    }
+}
+
+/// A message to deliver: its key, itself, and whether it is a repaired retry.
+type Next = (String, jetstream::Message, bool);
+
 /// The holds workload of `holds_run` (`n` messages over `keys` keys, `percent` repairable
-/// failures), done by hand.
+/// failures), done by hand; `batched`: in batches as (e) sends them (up to 100 entries, 64 batches
+/// in flight, a retry in the next batch), each entry's follow-up as a single message's.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     nats: &Monitored,
@@ -44,8 +137,10 @@ pub async fn run(
     keys: usize,
     percent: usize,
     round: usize,
+    batched: bool,
 ) -> anyhow::Result<FloorRun> {
-    let svc = format!("hf{percent}r{round}");
+    let mode = if batched { "b" } else { "" };
+    let svc = format!("hf{percent}r{round}{mode}");
     let stream = svc.to_uppercase();
     floor_streams(
         js,
@@ -90,23 +185,17 @@ pub async fn run(
         .pool_max_idle_per_host(IN_FLIGHT)
         .build()?;
     let source = reqwest::header::HeaderValue::from_str(&format!("urn:mend:bench:{stream}"))?;
-    let deliver = |key: String, m: jetstream::Message, retry: bool| {
-        let (http, client, js, kv, source) = (
-            http.clone(),
-            client.clone(),
-            js.clone(),
-            kv.clone(),
-            source.clone(),
-        );
-        let (url, svc, stream) = (app.url.clone(), svc.clone(), stream.clone());
+    let side = Side {
+        client: client.clone(),
+        js: js.clone(),
+        kv,
+        svc: svc.clone(),
+        stream: stream.clone(),
+    };
+    let single = |(key, m, retry): Next| {
+        let (http, side, url, source) = (http.clone(), side.clone(), app.url.clone(), source.clone());
         async move {
-            let id = match m.headers.as_ref().and_then(|h| h.get("Mend-Id")) {
-                Some(id) if retry => id.to_string(),
-                _ => format!(
-                    "{stream}:{}",
-                    m.info().map(|i| i.stream_sequence).unwrap_or(0)
-                ),
-            };
+            let id = side.id(&m, retry);
             let ok = http
                 .post(&url)
                 .headers(app_headers(&id, &source, &m))
@@ -115,64 +204,50 @@ pub async fn run(
                 .await
                 .map(|r| r.status().is_success())
                 .unwrap_or(false);
-            let entry = format!("{svc}.{key}");
-            let end = match (ok, retry) {
-                (true, false) => End::Done,
-                (false, false) => {
-                    let body = format!(
-                        r#"{{"version":1,"id":"{id}","service":"{svc}","key":"{key}","error":{{"kind":"message","status":422,"code":"bad_type","field":"/amount","title":"amount must be a number"}},"attempt":1,"payload":{}}}"#,
-                        String::from_utf8_lossy(&m.payload)
-                    );
-                    let mut h = async_nats::HeaderMap::new();
-                    h.insert("Mend-Id", id.as_str());
-                    h.insert("Account-Id", key.as_str());
-                    publish(
-                        &js,
-                        format!("hf.failed.{svc}"),
-                        format!("{id}:1:failed"),
-                        h,
-                        body,
-                    )
-                    .await?;
-                    let since = humantime::format_rfc3339_micros(SystemTime::now());
-                    let hold = format!(
-                        r#"{{"head":"{id}","state":"held","since":"{since}","key":"{key}"}}"#
-                    );
-                    kv.put(&entry, hold.into()).await?;
-                    End::Held
+            Ok(vec![side.after(key, m, id, retry, ok).await?])
+        }
+    };
+    let batch_url = batch::batch_url(app);
+    let batch = |group: Vec<Next>| {
+        let (http, side, url) = (http.clone(), side.clone(), batch_url.clone());
+        async move {
+            let ids: Vec<String> = group.iter().map(|(_, m, retry)| side.id(m, *retry)).collect();
+            let mut body = String::with_capacity(group.len() * 600);
+            body.push('[');
+            for (i, ((key, m, _), id)) in group.iter().zip(&ids).enumerate() {
+                if i > 0 {
+                    body.push(',');
                 }
-                (true, true) => {
-                    let hold = format!(r#"{{"head":"{id}","state":"resolved","key":"{key}"}}"#);
-                    kv.put(&entry, hold.into()).await?;
-                    let now = humantime::format_rfc3339_millis(SystemTime::now());
-                    let event = format!(
-                        r#"{{"specversion":"1.0","id":"{id}:2:resolved","source":"urn:mend:bench","type":"mend.resolved","subject":"{id}","time":"{now}","datacontenttype":"application/json","data":{{"service":"{svc}","id":"{id}","attempt":2,"key":"{key}","steps":[{{"what":"delegated","attempt":1}},{{"what":"repaired","attempt":2}}]}}}}"#
-                    );
-                    let mut h = async_nats::HeaderMap::new();
-                    h.insert("Content-Type", "application/cloudevents+json");
-                    h.insert("Mend-Id", id.as_str());
-                    publish(
-                        &js,
-                        format!("hf.events.{svc}.resolved"),
-                        format!("{id}:2:resolved"),
-                        h,
-                        event,
-                    )
-                    .await?;
-                    End::Resolved
-                }
-                (false, true) => anyhow::bail!("a repaired message failed again"),
-            };
-            if let Some(reply) = m.reply.clone() {
-                client.request(reply, Bytes::from(AckKind::Ack)).await?;
+                batch::entry(&mut body, id, key, m);
             }
-            anyhow::Ok((key, end))
+            body.push(']');
+            let answer = http
+                .post(&url)
+                .header("content-type", "application/cloudevents-batch+json")
+                .body(body)
+                .send()
+                .await;
+            let text = match answer {
+                Ok(r) if r.status().is_success() => r.bytes().await.unwrap_or_default(),
+                _ => Bytes::new(),
+            };
+            let ok = batch::processed(&text, &ids);
+            let after = group
+                .into_iter()
+                .zip(ids)
+                .zip(ok)
+                .map(|(((key, m, retry), id), ok)| side.clone().after(key, m, id, retry, ok));
+            futures::future::join_all(after)
+                .await
+                .into_iter()
+                .collect::<anyhow::Result<Vec<_>>>()
         }
     };
 
+    let pulled = if batched { 1024 } else { 256 };
     let mut originals = originals
         .stream()
-        .max_messages_per_batch(256)
+        .max_messages_per_batch(pulled)
         .messages()
         .await?;
     let mut retries = retries
@@ -180,34 +255,60 @@ pub async fn run(
         .max_messages_per_batch(256)
         .messages()
         .await?;
+    let (per, in_flight, waiting) = if batched {
+        (BATCH, BATCHES_IN_FLIGHT, BATCH * BATCHES_IN_FLIGHT * 2)
+    } else {
+        (1, IN_FLIGHT, 1024)
+    };
     let mut lanes = KeyLanes::default();
-    let mut running = FuturesUnordered::new();
+    let mut running: FuturesUnordered<BoxFuture<'_, anyhow::Result<Vec<(String, End)>>>> =
+        FuturesUnordered::new();
+    let mut repaired: Vec<Next> = Vec::new();
     let mut done = 0usize;
     while done < n {
         tokio::select! {
-            Some(end) = running.next(), if !running.is_empty() => {
-                let (key, end): (String, End) = end?;
-                match end {
-                    End::Held => {}
-                    End::Done | End::Resolved => {
-                        done += 1;
-                        lanes.finish(key);
+            Some(ends) = running.next(), if !running.is_empty() => {
+                for (key, end) in ends? {
+                    match end {
+                        End::Held => {}
+                        End::Done | End::Resolved => {
+                            done += 1;
+                            lanes.finish(key);
+                        }
                     }
                 }
             }
             m = retries.next() => {
                 let m = m.context("retries ended")?.map_err(|e| anyhow::anyhow!("{e}"))?;
-                // The head's retry goes at once: its key is held (busy) for it.
-                running.push(deliver(account_id(&m), m, true));
+                // The head's retry goes next (its key is held, busy, for it): at once one by one,
+                // in the next batch in batch mode.
+                let next = (account_id(&m), m, true);
+                if batched {
+                    repaired.push(next);
+                } else {
+                    running.push(Box::pin(single(next)));
+                }
             }
-            m = originals.next(), if lanes.queued < 1024 => {
+            m = originals.next(), if lanes.queued < waiting => {
                 let m = m.context("stream ended")?.map_err(|e| anyhow::anyhow!("{e}"))?;
                 lanes.push(account_id(&m), m);
             }
         }
-        while running.len() < IN_FLIGHT {
-            let Some((key, m)) = lanes.start() else { break };
-            running.push(deliver(key, m, false));
+        while running.len() < in_flight {
+            let mut group: Vec<Next> = repaired.drain(..repaired.len().min(per)).collect();
+            while group.len() < per {
+                let Some((key, m)) = lanes.start() else { break };
+                group.push((key, m, false));
+            }
+            match group.len() {
+                0 => break,
+                _ if batched => running.push(Box::pin(batch(group))),
+                _ => {
+                    for next in group {
+                        running.push(Box::pin(single(next)));
+                    }
+                }
+            }
         }
     }
     let took = started.elapsed();

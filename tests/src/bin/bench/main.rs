@@ -199,7 +199,7 @@ async fn main() -> anyhow::Result<()> {
         let (r0, r5) = (rate(h, c0.took), rate(h, c5.took));
         eprintln!("holds: 0% failures {r0:.0} msg/s, 5% repairable failures {r5:.0} msg/s");
         eprintln!("  {}", per_failure(&c0, &c5));
-        let (f0, f5) = floor_pair(&monitored, &js, &client, &app, h, keys, round).await?;
+        let (f0, f5) = floor_pair(&monitored, &js, &client, &app, h, keys, round, false).await?;
         clean.push(r0);
         failing.push(r5);
         floor_clean.push(f0);
@@ -353,7 +353,7 @@ async fn holds_only(n: usize, keys: usize, rounds: usize) -> anyhow::Result<()> 
             r5 / r0
         );
         println!("{}", per_failure(&c0, &c5));
-        let (f0, f5) = floor_pair(&monitored, &js, &client, &app, n, keys, round).await?;
+        let (f0, f5) = floor_pair(&monitored, &js, &client, &app, n, keys, round, false).await?;
         println!(
             "floor (hand-written, the same broker work): 0% {f0:.0} msg/s, 5% {f5:.0} msg/s, ratio {:.2}; \
              mend at 5% against it: {:.2}",
@@ -377,9 +377,10 @@ async fn floor_pair(
     n: usize,
     keys: usize,
     round: usize,
+    batched: bool,
 ) -> anyhow::Result<(f64, f64)> {
-    let f0 = holds_floor::run(nats, js, client, app, n, keys, 0, round).await?;
-    let f5 = holds_floor::run(nats, js, client, app, n, keys, 5, round).await?;
+    let f0 = holds_floor::run(nats, js, client, app, n, keys, 0, round, batched).await?;
+    let f5 = holds_floor::run(nats, js, client, app, n, keys, 5, round, batched).await?;
     let per = |run: &FloorRun| per_unit(&run.cpu, n);
     eprintln!(
         "  floor: 0% {:.0} msg/s (CPU µs per message: {}), 5% {:.0} msg/s ({})",
