@@ -158,9 +158,11 @@ pub fn after_delivery(
     match (hold, outcome) {
         (None, Outcome::Done) if origin == Origin::App => Change::Keep,
         // A retry resolves its lineage: remembered, so its original's stale redelivery is settled.
-        (None, Outcome::Done) => {
-            Change::Create(fresh().with(lineage, HoldState::Resolved).resolving(lineage))
-        }
+        (None, Outcome::Done) => Change::Create(
+            fresh()
+                .with(lineage, HoldState::Resolved)
+                .resolving(lineage),
+        ),
         (None, Outcome::Unresolved) => Change::Create(fresh().with(lineage, HoldState::Held)),
         (Some(h), Outcome::Done) if h.is_held() && h.head == lineage => {
             Change::Update(h.with(lineage, HoldState::Releasing).resolving(lineage))
@@ -314,11 +316,13 @@ mod tests {
         let fresh = hold("", Held);
         let h = hold("A:1", Held);
         assert_eq!(
-            after_delivery(Some(&h), Origin::Retry, "A:1", Outcome::Done, || fresh.clone()),
+            after_delivery(Some(&h), Origin::Retry, "A:1", Outcome::Done, || fresh
+                .clone()),
             Change::Update(done("A:1", Releasing, &["A:1"]))
         );
         assert_eq!(
-            after_delivery(None, Origin::App, "A:1", Outcome::Unresolved, || fresh.clone()),
+            after_delivery(None, Origin::App, "A:1", Outcome::Unresolved, || fresh
+                .clone()),
             Change::Create(hold("A:1", Held))
         );
         assert_eq!(

@@ -175,13 +175,10 @@ impl Model {
                     self.step()?;
                     Outcome::Unresolved
                 };
-                let change = after_delivery(
-                    self.hold.as_ref(),
-                    origin,
-                    &lineage(m.n),
-                    outcome,
-                    || fresh(m.n),
-                );
+                let change =
+                    after_delivery(self.hold.as_ref(), origin, &lineage(m.n), outcome, || {
+                        fresh(m.n)
+                    });
                 if change != Change::Keep {
                     self.apply(change);
                     self.step()?;
@@ -251,13 +248,9 @@ impl Model {
                 Outcome::Unresolved
             };
             let change = if head_retry {
-                after_delivery(
-                    Some(&hold),
-                    Origin::Retry,
-                    &lineage(m.n),
-                    outcome,
-                    || fresh(m.n),
-                )
+                after_delivery(Some(&hold), Origin::Retry, &lineage(m.n), outcome, || {
+                    fresh(m.n)
+                })
             } else {
                 after_release_delivery(&hold, &lineage(m.n), outcome)
             };

@@ -303,6 +303,97 @@ fn transient(cause: String) -> Answer {
 mod tests {
     use super::*;
     use reqwest::StatusCode;
+    use std::io::Write as _;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use crate::runtime::config::SidecarConfig;
+
+    /// An app on loopback that answers each entry of a batch with SUCCESS, plus an answer for an
+    /// id the batch did not hold, and records the ids of every batch.
+    async fn recording_app() -> (String, Arc<Mutex<Vec<Vec<String>>>>) {
+        let seen: Arc<Mutex<Vec<Vec<String>>>> = Arc::default();
+        let record = seen.clone();
+        let app = axum::Router::new().route(
+            "/batch",
+            axum::routing::post(move |body: Bytes| {
+                let record = record.clone();
+                async move {
+                    let entries: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
+                    let ids: Vec<String> = entries
+                        .iter()
+                        .map(|e| e["id"].as_str().unwrap().to_owned())
+                        .collect();
+                    let mut statuses: Vec<_> = ids
+                        .iter()
+                        .map(|id| serde_json::json!({"id": id, "status": "SUCCESS"}))
+                        .collect();
+                    statuses.push(serde_json::json!({"id": "NOT:1", "status": "FAIL"}));
+                    record.lock().unwrap().push(ids);
+                    axum::Json(serde_json::json!({ "statuses": statuses }))
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (format!("http://{addr}/batch"), seen)
+    }
+
+    /// A batcher of an unkeyed binding with one batch in flight, up to `max` entries a batch.
+    fn batcher(endpoint: &str, max: usize) -> Batcher {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        write!(
+            f,
+            r#"
+service  = "orders"
+nats_url = "nats://127.0.0.1:4222"
+[[binding]]
+name     = "orders"
+stream   = "ORDERS"
+subjects = ["orders.>"]
+endpoint = "{endpoint}"
+batch    = {{ max_messages = {max}, max_wait = "50ms" }}
+"#
+        )
+        .unwrap();
+        let c = SidecarConfig::load(f.path(), []).unwrap();
+        let b = &c.bindings[0];
+        let app = App::new(b).unwrap();
+        Batcher::start(app, b.batch.unwrap(), 1, false, BatchMetrics::new("t", "t"))
+    }
+
+    // A redelivery beside its own retry (unkeyed): the same Mend-Id twice while a batch fills. The
+    // second waits for the next batch; before, it was drawn again and again within the same batch
+    // and the batcher never yielded (the call below never returned). An answer for an id not in the
+    // batch is ignored.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_mend_id_twice_waits_for_the_next_batch() {
+        let (endpoint, seen) = recording_app().await;
+        let batcher = batcher(&endpoint, 4);
+        let call = |id: &str| batcher.call(id.to_owned(), format!(r#"{{"id":"{id}"}}"#));
+        let answers = tokio::time::timeout(
+            Duration::from_secs(20),
+            futures::future::join_all([call("S:1"), call("S:1"), call("S:2"), call("S:3")]),
+        )
+        .await
+        .expect("the batcher answers");
+        assert!(
+            answers.iter().all(|a| *a == Answer::Processed),
+            "{answers:?}"
+        );
+        let seen = seen.lock().unwrap().clone();
+        let mut all: Vec<&String> = seen.iter().flatten().collect();
+        all.sort();
+        assert_eq!(all, ["S:1", "S:1", "S:2", "S:3"], "{seen:?}");
+        for batch in &seen {
+            let mut ids = batch.clone();
+            ids.sort();
+            ids.dedup();
+            assert_eq!(ids.len(), batch.len(), "an id twice in one batch: {seen:?}");
+        }
+        assert!(seen.len() >= 2, "{seen:?}");
+    }
 
     fn reply(status: u16, body: &str) -> Reply {
         Reply {

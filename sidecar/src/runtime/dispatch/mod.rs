@@ -41,6 +41,7 @@ use futures::{FutureExt, StreamExt};
 use repair_rules::MessageKey;
 use repair_rules::holds::HoldState;
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio::time::{Interval, MissedTickBehavior, Sleep};
 use tracing::Instrument;
 
@@ -95,6 +96,9 @@ struct Dispatcher {
     /// Every consumer's message the dispatcher holds (queued or at work), kept alive until settled.
     held: HashMap<HeldId, Held>,
     running: Running,
+    /// With bulk delivery, each message's work as a task of its own (see [`caught`]); aborted when
+    /// the dispatcher is dropped.
+    tasks: JoinSet<Done>,
     /// While set, newly pulled messages are held back (see [`holdback`]).
     quarantine: Option<Quarantine>,
     lost: Lost,
@@ -183,6 +187,7 @@ impl Dispatcher {
             chores,
             held: HashMap::new(),
             running: FuturesUnordered::new(),
+            tasks: JoinSet::new(),
             quarantine,
             lost: Lost::new(delivered),
             puller,
@@ -213,6 +218,15 @@ impl Dispatcher {
                         }
                     }
                 }
+                Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                    self.joined(joined);
+                    for _ in 1..EVENTS_PER_TURN {
+                        match self.tasks.try_join_next() {
+                            Some(joined) => self.joined(joined),
+                            None => break,
+                        }
+                    }
+                }
                 _ = self.rt.shutdown.cancelled(), if !self.stopping => self.stop().await,
                 // Retries are not held to the app stream's budget: they are the heads of their
                 // lineages, and the retry consumer's own max ack pending bounds them.
@@ -235,7 +249,7 @@ impl Dispatcher {
                 found = search(&mut self.lost.search), if self.lost.search.is_some() => self.found(found),
                 _ = self.timers.look.tick(), if pulling && self.lost.search.is_none() => self.look().await,
                 _ = until(&mut self.deadline), if self.deadline.is_some() => {
-                    tracing::warn!(in_flight = self.running.len(), "Shutdown deadline reached; handing back in-flight messages.");
+                    tracing::warn!(in_flight = self.in_flight(), "Shutdown deadline reached; handing back in-flight messages.");
                     for h in self.held.values() {
                         ack::hand_back(&self.rt.client, &h.reply).await;
                     }
@@ -246,10 +260,11 @@ impl Dispatcher {
                 self.lost.next_search(&self.rt, &self.consumer, &self.held);
             }
             self.start_work().await;
-            self.rt.metrics.in_flight.set(self.running.len() as f64);
-            let queued = self.held.len().saturating_sub(self.running.len());
+            let in_flight = self.in_flight();
+            self.rt.metrics.in_flight.set(in_flight as f64);
+            let queued = self.held.len().saturating_sub(in_flight);
             self.rt.metrics.queued.set(queued as f64);
-            if self.stopping && self.running.is_empty() {
+            if self.stopping && in_flight == 0 {
                 return;
             }
         }
@@ -262,6 +277,20 @@ impl Dispatcher {
             && self.messages.is_some()
             && self.held.len() < self.max_held
             && !self.rt.circuit.is_open()
+    }
+
+    /// Pieces of work under way.
+    fn in_flight(&self) -> usize {
+        self.running.len() + self.tasks.len()
+    }
+
+    /// A message's task ended: it is always its work's [`Done`] (see [`caught`]), unless the task
+    /// was cancelled, which happens only when the runtime shuts down.
+    fn joined(&mut self, joined: Result<Done, tokio::task::JoinError>) {
+        match joined {
+            Ok(done) => self.finished(done),
+            Err(error) => tracing::warn!(%error, "A message's work was cancelled."),
+        }
     }
 
     /// A piece of work finished: its key may take its next; the binding stops if the work says so.
@@ -403,7 +432,7 @@ impl Dispatcher {
         self.lost.search = None;
         end_hold_back_now(&mut self.quarantine, &mut self.lanes);
         self.hand_back_queued().await;
-        tracing::info!(in_flight = self.running.len(), binding = %self.rt.cfg.name,
+        tracing::info!(in_flight = self.in_flight(), binding = %self.rt.cfg.name,
             "Stopping: pulling stopped, finishing in-flight deliveries.");
         self.deadline = Some(Box::pin(tokio::time::sleep(self.rt.shutdown_timeout)));
     }
@@ -435,9 +464,8 @@ impl Dispatcher {
                         was: work.chore(),
                         stop: true,
                     };
-                    // Boxed once: the task and its output move pointers, not the work's state.
-                    let run = Box::pin(process(self.rt.clone(), key, work));
-                    self.running.push(Box::pin(on_a_task(run, fallback)));
+                    let run = caught(process(self.rt.clone(), key, work), fallback);
+                    self.tasks.spawn(run.in_current_span());
                 } else {
                     self.running
                         .push(Box::pin(process(self.rt.clone(), key, work)));
@@ -458,25 +486,16 @@ impl Dispatcher {
     }
 }
 
-/// With bulk delivery, each message's work runs as a task of its own: thousands are in flight, and
-/// polled inside the dispatcher's task their entries, answers and acks all ran on one thread (the
-/// dispatcher's task took two thirds of the sidecar's CPU, with a core left idle). Dropping the
-/// future (the dispatcher gave up its work) aborts the task. A task that panicked stops the binding,
-/// which starts again from its holds, as after another instance's change.
-async fn on_a_task(work: impl Future<Output = Done> + Send + 'static, fallback: Done) -> Done {
-    struct Aborting(tokio::task::JoinHandle<Box<Done>>);
-    impl Drop for Aborting {
-        fn drop(&mut self) {
-            self.0.abort();
-        }
-    }
-    let mut task = Aborting(tokio::spawn(
-        async move { Box::new(work.await) }.in_current_span(),
-    ));
-    match (&mut task.0).await {
-        Ok(done) => *done,
-        Err(e) => {
-            tracing::error!(error = %e, "A message's work failed; the binding starts again.");
+/// With bulk delivery, each message's work runs as a task of its own (in the dispatcher's
+/// `JoinSet`): thousands are in flight, and polled inside the dispatcher's task their entries,
+/// answers and acks all ran on one thread (the dispatcher's task took two thirds of the sidecar's
+/// CPU, with a core left idle). A task's work that panicked stops the binding, which starts again
+/// from its holds, as after another instance's change: its `Done` is `fallback`.
+async fn caught(work: impl Future<Output = Done> + Send, fallback: Done) -> Done {
+    match std::panic::AssertUnwindSafe(work).catch_unwind().await {
+        Ok(done) => done,
+        Err(_) => {
+            tracing::error!("A message's work failed; the binding starts again.");
             fallback
         }
     }

@@ -198,13 +198,9 @@ pub(crate) async fn head_retry(
         );
         let d = queued(rt, msg).await?;
         let outcome = deliver(rt, &d, &d.meta.lineage.to_string()).await?;
-        let change = protocol::after_delivery(
-            Some(hold),
-            Origin::Retry,
-            &lineage,
-            outcome,
-            || holds.fresh(key),
-        );
+        let change = protocol::after_delivery(Some(hold), Origin::Retry, &lineage, outcome, || {
+            holds.fresh(key)
+        });
         let releasing = commit(rt, holds, key, &d, outcome, change).await?;
         holds.remove(key, seq).await?;
         return Ok(releasing.then_some(Work::Release));

@@ -115,7 +115,9 @@ impl Side {
             (false, true) => anyhow::bail!("a repaired message failed again"),
         };
         if let Some(reply) = m.reply.clone() {
-            self.client.request(reply, Bytes::from(AckKind::Ack)).await?;
+            self.client
+                .request(reply, Bytes::from(AckKind::Ack))
+                .await?;
         }
         anyhow::Ok((key, end))
     }
@@ -123,6 +125,9 @@ impl Side {
 
 /// A message to deliver: its key, itself, and whether it is a repaired retry.
 type Next = (String, jetstream::Message, bool);
+
+/// How each message of a delivery (one, or a batch) ended, by key.
+type Ends = anyhow::Result<Vec<(String, End)>>;
 
 /// The holds workload of `holds_run` (`n` messages over `keys` keys, `percent` repairable
 /// failures), done by hand; `batched`: in batches as (e) sends them (up to 100 entries, 64 batches
@@ -193,7 +198,8 @@ pub async fn run(
         stream: stream.clone(),
     };
     let single = |(key, m, retry): Next| {
-        let (http, side, url, source) = (http.clone(), side.clone(), app.url.clone(), source.clone());
+        let (http, side, url, source) =
+            (http.clone(), side.clone(), app.url.clone(), source.clone());
         async move {
             let id = side.id(&m, retry);
             let ok = http
@@ -211,7 +217,10 @@ pub async fn run(
     let batch = |group: Vec<Next>| {
         let (http, side, url) = (http.clone(), side.clone(), batch_url.clone());
         async move {
-            let ids: Vec<String> = group.iter().map(|(_, m, retry)| side.id(m, *retry)).collect();
+            let ids: Vec<String> = group
+                .iter()
+                .map(|(_, m, retry)| side.id(m, *retry))
+                .collect();
             let mut body = String::with_capacity(group.len() * 600);
             body.push('[');
             for (i, ((key, m, _), id)) in group.iter().zip(&ids).enumerate() {
@@ -261,8 +270,7 @@ pub async fn run(
         (1, IN_FLIGHT, 1024)
     };
     let mut lanes = KeyLanes::default();
-    let mut running: FuturesUnordered<BoxFuture<'_, anyhow::Result<Vec<(String, End)>>>> =
-        FuturesUnordered::new();
+    let mut running: FuturesUnordered<BoxFuture<'_, Ends>> = FuturesUnordered::new();
     let mut repaired: Vec<Next> = Vec::new();
     let mut done = 0usize;
     while done < n {
