@@ -236,6 +236,19 @@ impl FakeApp {
         }
     }
 
+    /// Waits until `n` deliveries were answered with success (redeliveries counted each time).
+    pub async fn wait_for_successes(
+        &self,
+        n: usize,
+        limit: Duration,
+    ) -> anyhow::Result<Vec<Delivery>> {
+        let what = format!("{n} successful deliveries");
+        self.wait_for(&what, limit, |log| {
+            log.iter().filter(|d| d.ok()).count() >= n
+        })
+        .await
+    }
+
     /// Stops answering: the port refuses connections until [`FakeApp::up`].
     pub async fn down(&mut self) -> anyhow::Result<()> {
         if let Some((stop, task)) = self.server.take() {

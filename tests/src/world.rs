@@ -117,6 +117,26 @@ impl World {
         Ok(())
     }
 
+    /// [`World::kill_three_times`], then what no crash may break: every one of the `total` messages
+    /// that is not `failing` delivered, the consumer of `svc` drained, first successes in key
+    /// order, and each failing one delegated exactly once.
+    pub async fn survives_three_kills(
+        &self,
+        sidecar: &mut MendProcess,
+        svc: &str,
+        total: u64,
+        failing: impl Fn(u64) -> bool,
+    ) -> anyhow::Result<()> {
+        use std::collections::HashSet;
+        self.kill_three_times(sidecar, total).await?;
+        let expect_ok: HashSet<u64> = (0..total).filter(|n| !failing(*n)).collect();
+        let log = self.delivered(&expect_ok).await?;
+        self.drained(svc).await?;
+        first_successes_in_order(&log).map_err(anyhow::Error::msg)?;
+        let expect_failed: HashSet<u64> = (0..total).filter(|n| failing(*n)).collect();
+        delegated_once(&self.js, svc, &expect_failed).await
+    }
+
     /// Waits until every `n` of `expect` went through (a 2xx) and returns the app's log.
     pub async fn delivered(
         &self,

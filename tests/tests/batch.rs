@@ -10,9 +10,7 @@ use mend_e2e::app::{BatchReply, Delivery, Reply, order_problem};
 use mend_e2e::js::{self, Out};
 use mend_e2e::mend::{example_rules, metric, sidecar_config, with_top_level};
 use mend_e2e::wait;
-use mend_e2e::world::{
-    KEY_HEADER, STREAM, TEST_TIMEOUT, World, delegated_once, first_successes_in_order,
-};
+use mend_e2e::world::{KEY_HEADER, STREAM, TEST_TIMEOUT, World, first_successes_in_order};
 use serde_json::{Value, json};
 
 /// A keyed sidecar of service `svc` delivering to the app's batch endpoint, with `extra` binding
@@ -48,12 +46,7 @@ async fn ten_thousand_messages_over_100_keys_in_batches_once_and_in_key_order() 
         "concurrency = 4\nbatch = { max_messages = 100, max_wait = \"5ms\" }",
     );
     let _sidecar = w.sidecar(&config).await?;
-    let log = w
-        .app
-        .wait_for("10k successful deliveries", TEST_TIMEOUT, |log| {
-            log.iter().filter(|d| d.ok()).count() >= 10_000
-        })
-        .await?;
+    let log = w.app.wait_for_successes(10_000, TEST_TIMEOUT).await?;
     w.drained("bulk").await?;
 
     let times = successes(&w.app.log());
@@ -417,14 +410,8 @@ async fn sigkill_three_times_with_batches_in_flight_loses_nothing_and_delegates_
         "lease_ttl = \"2s\"",
     );
     let mut sidecar = w.sidecar(&config).await?;
-    w.kill_three_times(&mut sidecar, total).await?;
-    let expect_ok: HashSet<u64> = (0..total).filter(|n| !failing(*n)).collect();
-    let log = w.delivered(&expect_ok).await?;
-    w.drained("crash").await?;
-    first_successes_in_order(&log).map_err(anyhow::Error::msg)?;
-    let expect_failed: HashSet<u64> = (0..total).filter(|n| failing(*n)).collect();
-    delegated_once(&w.js, "crash", &expect_failed).await?;
-    Ok(())
+    w.survives_three_kills(&mut sidecar, "crash", total, failing)
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -476,9 +463,7 @@ async fn large_binary_and_long_keyed_messages_travel_in_batches_an_app_takes() -
     let s = w.sidecar(&config).await?;
     let log = w
         .app
-        .wait_for("all 15 processed", TEST_TIMEOUT, |log| {
-            log.iter().filter(|d| d.ok()).count() >= 15
-        })
+        .wait_for_successes(15, TEST_TIMEOUT)
         .await
         .map_err(|e| anyhow::anyhow!("{e:#}\nsidecar log:\n{}", s.log()))?;
     w.drained("large").await?;

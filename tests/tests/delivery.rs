@@ -15,12 +15,7 @@ async fn ten_thousand_messages_over_100_keys_delivered_once_in_key_order() -> an
     w.publish_keyed(10_000, 100).await?;
     let _sidecar = w.sidecar(&w.keyed_config("bulk", "")).await?;
 
-    let log = w
-        .app
-        .wait_for("10k successful deliveries", TEST_TIMEOUT, |log| {
-            log.iter().filter(|d| d.ok()).count() >= 10_000
-        })
-        .await?;
+    let log = w.app.wait_for_successes(10_000, TEST_TIMEOUT).await?;
     w.drained("bulk").await?;
 
     let mut times: HashMap<u64, usize> = HashMap::new();
@@ -125,12 +120,7 @@ async fn waiting_messages_are_kept_alive_past_the_ack_wait() -> anyhow::Result<(
     w.publish_keyed(3, 1).await?;
     let config = w.keyed_config("alive", "ack_wait = \"2s\"\ntimeout = \"500ms\"");
     let _s = w.sidecar(&config).await?;
-    let log = w
-        .app
-        .wait_for("3 successes", TEST_TIMEOUT, |log| {
-            log.iter().filter(|d| d.ok()).count() >= 3
-        })
-        .await?;
+    let log = w.app.wait_for_successes(3, TEST_TIMEOUT).await?;
     w.drained("alive").await?;
     first_successes_in_order(&log).map_err(anyhow::Error::msg)?;
     // The server redelivered nothing the sidecar was holding (it counts every such redelivery).

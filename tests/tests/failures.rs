@@ -47,12 +47,7 @@ async fn message_errors_are_delegated_with_complete_envelopes() -> anyhow::Resul
     let seqs = js::publish_all(&w.js, msgs).await?;
     let _sidecar = w.sidecar(&w.keyed_config("errs", "")).await?;
 
-    let log = w
-        .app
-        .wait_for("198 successes", TEST_TIMEOUT, |log| {
-            log.iter().filter(|d| d.ok()).count() >= 198
-        })
-        .await?;
+    let log = w.app.wait_for_successes(198, TEST_TIMEOUT).await?;
     w.drained("errs").await?;
     first_successes_in_order(&log).map_err(anyhow::Error::msg)?;
 
@@ -132,11 +127,7 @@ async fn failing_message_does_not_block_other_keys() -> anyhow::Result<()> {
             "timeout = \"1s\"\nack_wait = \"3s\"\ntransient_tries = 2",
         ))
         .await?;
-    w.app
-        .wait_for("49 successes", TEST_TIMEOUT, |log| {
-            log.iter().filter(|d| d.ok()).count() >= 49
-        })
-        .await?;
+    w.app.wait_for_successes(49, TEST_TIMEOUT).await?;
     let log = w
         .app
         .wait_for("key `slow` rejected", TEST_TIMEOUT, |log| {
@@ -179,12 +170,7 @@ async fn transient_twice_then_ok_is_delivered_in_order_not_delegated() -> anyhow
     let _sidecar = w
         .sidecar(&w.keyed_config("flaky", "backoff_initial = \"20ms\""))
         .await?;
-    let log = w
-        .app
-        .wait_for("20 successes", TEST_TIMEOUT, |log| {
-            log.iter().filter(|d| d.ok()).count() >= 20
-        })
-        .await?;
+    let log = w.app.wait_for_successes(20, TEST_TIMEOUT).await?;
     w.drained("flaky").await?;
     let statuses: Vec<(u64, u16)> = log.iter().map(|d| (d.n(), d.status)).collect();
     assert_eq!(&statuses[3..7], &[(3, 200), (4, 503), (4, 503), (4, 200)]);
@@ -303,12 +289,7 @@ async fn app_down_for_ten_seconds_delegates_nothing() -> anyhow::Result<()> {
         "nothing delegated while down"
     );
     w.app.up().await?;
-    let log = w
-        .app
-        .wait_for("300 successes", TEST_TIMEOUT, |log| {
-            log.iter().filter(|d| d.ok()).count() >= 300
-        })
-        .await?;
+    let log = w.app.wait_for_successes(300, TEST_TIMEOUT).await?;
     w.drained("down").await?;
     first_successes_in_order(&log).map_err(anyhow::Error::msg)?;
     assert!(

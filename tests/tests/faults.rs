@@ -7,7 +7,7 @@ use std::time::Duration;
 use mend_e2e::app::Reply;
 use mend_e2e::js;
 use mend_e2e::mend::with_top_level;
-use mend_e2e::world::{TEST_TIMEOUT, World, delegated_once, first_successes_in_order};
+use mend_e2e::world::{TEST_TIMEOUT, World, first_successes_in_order};
 
 /// Messages with n % 97 == 5 fail with 422.
 fn failing(n: u64) -> bool {
@@ -44,15 +44,8 @@ async fn sigkill_three_times_loses_nothing_and_delegates_once() -> anyhow::Resul
     let config = with_top_level(&w.keyed_config("crash", CRASHY), "lease_ttl = \"2s\"");
     let mut sidecar = w.sidecar(&config).await?;
 
-    w.kill_three_times(&mut sidecar, total).await?;
-
-    let expect_ok: HashSet<u64> = (0..total).filter(|n| !failing(*n)).collect();
-    let log = w.delivered(&expect_ok).await?;
-    w.drained("crash").await?;
-    first_successes_in_order(&log).map_err(anyhow::Error::msg)?;
-
-    let expect_failed: HashSet<u64> = (0..total).filter(|n| failing(*n)).collect();
-    delegated_once(&w.js, "crash", &expect_failed).await?;
+    w.survives_three_kills(&mut sidecar, "crash", total, failing)
+        .await?;
     assert_eq!(seqs.len() as u64, total);
     Ok(())
 }

@@ -24,11 +24,7 @@ async fn health_readiness_and_metrics() -> anyhow::Result<()> {
     let config = w.keyed_config("ops", "backoff_initial = \"10ms\"");
     let base = format!("http://{}", listen_addr(&config));
     let _s = w.sidecar(&config).await?;
-    w.app
-        .wait_for("9 successes", TEST_TIMEOUT, |log| {
-            log.iter().filter(|d| d.ok()).count() >= 9
-        })
-        .await?;
+    w.app.wait_for_successes(9, TEST_TIMEOUT).await?;
     w.drained("ops").await?;
 
     assert_eq!(get(&format!("{base}/healthz")).await?.0, 200);

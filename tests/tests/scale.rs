@@ -697,11 +697,7 @@ async fn a_release_stops_when_the_lease_is_lost() -> anyhow::Result<()> {
     w.js.publish("mend.control.rel", discard.to_string().into())
         .await?
         .await?;
-    w.app
-        .wait_for("the release under way", TEST_TIMEOUT, |log| {
-            log.iter().filter(|d| d.ok()).count() >= 30
-        })
-        .await?;
+    w.app.wait_for_successes(30, TEST_TIMEOUT).await?;
     let leases = w.js.get_key_value("mend_leases").await?;
     let intruder = json!({"owner": "intruder", "nonce": "x", "ttl_ms": 60000, "acquired": ""});
     leases.put("rel.rel.0", intruder.to_string().into()).await?;

@@ -104,30 +104,15 @@ pub async fn looped_batches(
     let send = |batch: Vec<(String, jetstream::Message)>| {
         let (http, client, url) = (http.clone(), client.clone(), url.to_owned());
         async move {
-            let mut body = String::with_capacity(batch.len() * 600);
-            body.push('[');
-            let mut ids = Vec::with_capacity(batch.len());
-            for (i, (key, m)) in batch.iter().enumerate() {
-                let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
-                let id = format!("BENCH:{seq}");
-                if i > 0 {
-                    body.push(',');
-                }
-                entry(&mut body, &id, key, m);
-                ids.push(id);
-            }
-            body.push(']');
-            let answer = http
-                .post(url)
-                .header("content-type", "application/cloudevents-batch+json")
-                .body(body)
-                .send()
-                .await;
-            let text = match answer {
-                Ok(r) if r.status().is_success() => r.bytes().await.unwrap_or_default(),
-                _ => Bytes::new(),
-            };
-            let ok = processed(&text, &ids);
+            let ids: Vec<String> = batch
+                .iter()
+                .map(|(_, m)| format!("BENCH:{}", m.info().map(|i| i.stream_sequence).unwrap_or(0)))
+                .collect();
+            let entries = batch
+                .iter()
+                .zip(&ids)
+                .map(|((key, m), id)| (id.as_str(), key.as_str(), m));
+            let ok = post(&http, &url, entries, &ids).await;
             let acks = batch
                 .iter()
                 .zip(&ok)
@@ -176,8 +161,38 @@ pub async fn looped_batches(
     Ok(took)
 }
 
+/// POSTs one batch of `entries` (lineage id, key, message) to `url`; which of them (`ids`, in the
+/// same order) the app processed.
+pub async fn post<'a>(
+    http: &reqwest::Client,
+    url: &str,
+    entries: impl ExactSizeIterator<Item = (&'a str, &'a str, &'a jetstream::Message)>,
+    ids: &[String],
+) -> Vec<bool> {
+    let mut body = String::with_capacity(entries.len() * 600);
+    body.push('[');
+    for (i, (id, key, m)) in entries.enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        entry(&mut body, id, key, m);
+    }
+    body.push(']');
+    let answer = http
+        .post(url)
+        .header("content-type", "application/cloudevents-batch+json")
+        .body(body)
+        .send()
+        .await;
+    let text = match answer {
+        Ok(r) if r.status().is_success() => r.bytes().await.unwrap_or_default(),
+        _ => Bytes::new(),
+    };
+    processed(&text, ids)
+}
+
 /// Which of the entries `ids` the app's answer `text` says were processed (SUCCESS).
-pub fn processed(text: &[u8], ids: &[String]) -> Vec<bool> {
+fn processed(text: &[u8], ids: &[String]) -> Vec<bool> {
     match serde_json::from_slice::<Answer>(text) {
         Ok(a) => ids
             .iter()
@@ -195,7 +210,7 @@ pub fn processed(text: &[u8], ids: &[String]) -> Vec<bool> {
 }
 
 /// One structured-mode CloudEvent for message `m` of lineage `id`, appended to `out`.
-pub fn entry(out: &mut String, id: &str, key: &str, m: &jetstream::Message) {
+fn entry(out: &mut String, id: &str, key: &str, m: &jetstream::Message) {
     let quoted = |s: &str| serde_json::to_string(s).unwrap_or_default();
     let time = humantime::format_rfc3339_millis(
         m.info()

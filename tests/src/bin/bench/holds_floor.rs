@@ -221,26 +221,11 @@ pub async fn run(
                 .iter()
                 .map(|(_, m, retry)| side.id(m, *retry))
                 .collect();
-            let mut body = String::with_capacity(group.len() * 600);
-            body.push('[');
-            for (i, ((key, m, _), id)) in group.iter().zip(&ids).enumerate() {
-                if i > 0 {
-                    body.push(',');
-                }
-                batch::entry(&mut body, id, key, m);
-            }
-            body.push(']');
-            let answer = http
-                .post(&url)
-                .header("content-type", "application/cloudevents-batch+json")
-                .body(body)
-                .send()
-                .await;
-            let text = match answer {
-                Ok(r) if r.status().is_success() => r.bytes().await.unwrap_or_default(),
-                _ => Bytes::new(),
-            };
-            let ok = batch::processed(&text, &ids);
+            let entries = group
+                .iter()
+                .zip(&ids)
+                .map(|((key, m, _), id)| (id.as_str(), key.as_str(), m));
+            let ok = batch::post(&http, &url, entries, &ids).await;
             let after = group
                 .into_iter()
                 .zip(ids)
