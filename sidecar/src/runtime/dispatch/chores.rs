@@ -43,7 +43,7 @@ impl Chores {
     /// A piece of work finished: its follow-up, if any, goes to the back of the key's lane.
     pub(crate) fn done(&mut self, lanes: &mut crate::runtime::lanes::Lanes<Work>, done: Done) {
         let Some(key) = done.key else { return };
-        match (done.was, done.then) {
+        match (done.was, done.then.map(|then| *then)) {
             (Chore::Release, Some(Work::Release)) => lanes.push_urgent(key, Work::Release),
             (was, then) => {
                 match was {

@@ -47,7 +47,7 @@ pub(crate) async fn process(rt: Arc<BindingRuntime>, key: Option<MessageKey>, wo
         Work::Unkeyable(d, why) => Box::pin(park_unkeyable(&rt, d, why)).await,
     };
     let (then, stop) = match next {
-        Ok(then) => (then, false),
+        Ok(then) => (then.map(Box::new), false),
         Err(StopBinding) => (None, true),
     };
     Done {

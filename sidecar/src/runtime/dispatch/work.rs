@@ -171,7 +171,8 @@ impl Work {
 pub(crate) struct Done {
     pub(crate) held_id: Option<HeldId>,
     pub(crate) key: Option<MessageKey>,
-    pub(crate) then: Option<Work>,
+    /// Boxed: it is rare, and a `Done` is a message task's output, moved a few times per message.
+    pub(crate) then: Option<Box<Work>>,
     /// What kind of work finished (a release step or a forget: the key's pending marker ends).
     pub(crate) was: Chore,
     /// The binding must stop: another instance changed its holds.
