@@ -107,10 +107,19 @@ pub fn body<'a>(entries: impl IntoIterator<Item = &'a str>) -> Vec<u8> {
     out
 }
 
+/// Appends `s` as a JSON string. Nearly every value (ids, subjects, keys, times) needs no escape:
+/// it is copied between quotes as it is, as serde_json writes it (which escapes only `"`, `\\` and
+/// control characters); only the rest goes through serde_json, into a string of its own.
 fn push_str(out: &mut String, s: &str) {
-    // Writing a `str` as a JSON string cannot fail.
-    if let Ok(quoted) = serde_json::to_string(s) {
-        out.push_str(&quoted);
+    if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        // Writing a `str` as a JSON string cannot fail.
+        if let Ok(quoted) = serde_json::to_string(s) {
+            out.push_str(&quoted);
+        }
+    } else {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
     }
 }
 
@@ -225,6 +234,19 @@ mod tests {
             content_type: None,
             traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
             tracestate: None,
+        }
+    }
+
+    #[test]
+    fn strings_are_written_as_serde_json_writes_them() {
+        for s in [
+            "", "plain", "k\"1\"", "back\\slash", "tab\there", "nul\0", "bell\u{7}", "del\u{7f}",
+            "ünïcødé ✓", "line\nbreak", "cr\r", "a/b", "\u{2028}",
+        ] {
+            let mut out = String::new();
+            push_str(&mut out, s);
+            assert_eq!(out, serde_json::to_string(s).unwrap(), "{s:?}");
+            assert_eq!(serde_json::from_str::<String>(&out).unwrap(), s);
         }
     }
 

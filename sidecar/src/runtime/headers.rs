@@ -64,13 +64,23 @@ pub fn batch_entry(
     nats: Option<&async_nats::HeaderMap>,
     payload: &[u8],
 ) -> String {
-    let header = |wanted: &str| {
-        nats?
-            .iter()
-            .find(|(name, _)| AsRef::<str>::as_ref(name).eq_ignore_ascii_case(wanted))
-            .and_then(|(_, values)| values.first())
-            .map(|v| v.as_str())
-    };
+    // The three headers an entry carries, found in one pass over the message's headers.
+    let [mut content_type, mut traceparent, mut tracestate] = [None::<&str>; 3];
+    for (name, values) in nats.into_iter().flat_map(|h| h.iter()) {
+        let name: &str = name.as_ref();
+        let slot = if name.eq_ignore_ascii_case("content-type") {
+            &mut content_type
+        } else if name.eq_ignore_ascii_case(h::TRACEPARENT) {
+            &mut traceparent
+        } else if name.eq_ignore_ascii_case(h::TRACESTATE) {
+            &mut tracestate
+        } else {
+            continue;
+        };
+        if slot.is_none() {
+            *slot = values.first().map(|v| v.as_str());
+        }
+    }
     let time = humantime::format_rfc3339_millis(meta.published).to_string();
     repair_rules::batch::entry(
         &repair_rules::batch::EntryMeta {
@@ -83,9 +93,9 @@ pub fn batch_entry(
             service: &meta.service,
             repaired_by: meta.repaired_by.as_deref(),
             resubmitted_by: meta.resubmitted_by.as_deref(),
-            content_type: header("content-type"),
-            traceparent: header(h::TRACEPARENT),
-            tracestate: header(h::TRACESTATE),
+            content_type,
+            traceparent,
+            tracestate,
         },
         payload,
     )

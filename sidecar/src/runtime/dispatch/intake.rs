@@ -85,7 +85,7 @@ pub(crate) fn admit(
         lineage: LineageId::new(rt.cfg.stream.clone(), seq),
         key: None,
         attempt: 1,
-        subject: msg.subject.to_string(),
+        subject: msg.subject.as_str().to_owned(),
         published,
         repaired_by: None,
         resubmitted_by: None,
