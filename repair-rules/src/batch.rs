@@ -240,8 +240,19 @@ mod tests {
     #[test]
     fn strings_are_written_as_serde_json_writes_them() {
         for s in [
-            "", "plain", "k\"1\"", "back\\slash", "tab\there", "nul\0", "bell\u{7}", "del\u{7f}",
-            "ünïcødé ✓", "line\nbreak", "cr\r", "a/b", "\u{2028}",
+            "",
+            "plain",
+            "k\"1\"",
+            "back\\slash",
+            "tab\there",
+            "nul\0",
+            "bell\u{7}",
+            "del\u{7f}",
+            "ünïcødé ✓",
+            "line\nbreak",
+            "cr\r",
+            "a/b",
+            "\u{2028}",
         ] {
             let mut out = String::new();
             push_str(&mut out, s);

@@ -75,20 +75,20 @@ pub async fn confirm(client: &Client, reply: &Reply, epoch: &Epoch, budget: Dura
         let (subject, delivered_on) = reply.current();
         if delivered_on != epoch.current() {
             tracing::debug!("Delivered before a reconnect: plain ack.");
-            return plain(client, subject).await;
+            return Box::pin(plain(client, subject)).await;
         }
         // One timer per ack: ours bounds the whole request (handing it to the connection too), so
         // the client's own request timeout is switched off.
         let request = async_nats::Request::new()
             .payload(Bytes::from(AckKind::Ack))
             .timeout(None);
-        let request = client.send_request(subject.clone(), request);
+        let request = Box::pin(client.send_request(subject.clone(), request));
         match tokio::time::timeout(CONFIRM_TIMEOUT, request).await {
             Ok(Ok(_)) => return true,
             Ok(Err(error)) => tracing::debug!(%error, attempt, "Ack not confirmed; retrying."),
             Err(_) => {
                 tracing::warn!("Ack confirmation not answered; acked without waiting.");
-                return plain(client, subject).await;
+                return Box::pin(plain(client, subject)).await;
             }
         }
         if Instant::now() + CONFIRM_PAUSE >= give_up {

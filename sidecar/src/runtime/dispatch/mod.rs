@@ -96,9 +96,14 @@ struct Dispatcher {
     /// Every consumer's message the dispatcher holds (queued or at work), kept alive until settled.
     held: HashMap<HeldId, Held>,
     running: Running,
-    /// With bulk delivery, each message's work as a task of its own (see [`caught`]); aborted when
-    /// the dispatcher is dropped.
-    tasks: JoinSet<Done>,
+    /// With bulk delivery, the work started in one turn runs as a task of its own (see [`group`]);
+    /// aborted when the dispatcher is dropped.
+    groups: JoinSet<()>,
+    /// Each grouped piece of work's [`Done`], sent as it finishes.
+    finished_tx: mpsc::UnboundedSender<Done>,
+    finished_rx: mpsc::UnboundedReceiver<Done>,
+    /// Grouped pieces of work not finished yet.
+    grouped: usize,
     /// While set, newly pulled messages are held back (see [`holdback`]).
     quarantine: Option<Quarantine>,
     lost: Lost,
@@ -179,6 +184,7 @@ impl Dispatcher {
         };
         let batch = max_held.min(per_pull);
         let messages = puller.open(batch, &rt.shutdown).await;
+        let (finished_tx, finished_rx) = mpsc::unbounded_channel();
         Self {
             timers: Timers::new(&rt),
             info_consumer: consumer.clone(),
@@ -187,7 +193,10 @@ impl Dispatcher {
             chores,
             held: HashMap::new(),
             running: FuturesUnordered::new(),
-            tasks: JoinSet::new(),
+            groups: JoinSet::new(),
+            finished_tx,
+            finished_rx,
+            grouped: 0,
             quarantine,
             lost: Lost::new(delivered),
             puller,
@@ -218,13 +227,23 @@ impl Dispatcher {
                         }
                     }
                 }
-                Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => {
-                    self.joined(joined);
+                Some(done) = self.finished_rx.recv(), if self.grouped > 0 => {
+                    self.grouped -= 1;
+                    self.finished(done);
                     for _ in 1..EVENTS_PER_TURN {
-                        match self.tasks.try_join_next() {
-                            Some(joined) => self.joined(joined),
-                            None => break,
+                        match self.finished_rx.try_recv() {
+                            Ok(done) => {
+                                self.grouped -= 1;
+                                self.finished(done);
+                            }
+                            Err(_) => break,
                         }
+                    }
+                }
+                Some(ended) = self.groups.join_next(), if !self.groups.is_empty() => {
+                    self.ended(ended);
+                    while let Some(ended) = self.groups.try_join_next() {
+                        self.ended(ended);
                     }
                 }
                 _ = self.rt.shutdown.cancelled(), if !self.stopping => self.stop().await,
@@ -281,15 +300,16 @@ impl Dispatcher {
 
     /// Pieces of work under way.
     fn in_flight(&self) -> usize {
-        self.running.len() + self.tasks.len()
+        self.running.len() + self.grouped
     }
 
-    /// A message's task ended: it is always its work's [`Done`] (see [`caught`]), unless the task
-    /// was cancelled, which happens only when the runtime shuts down.
-    fn joined(&mut self, joined: Result<Done, tokio::task::JoinError>) {
-        match joined {
-            Ok(done) => self.finished(done),
-            Err(error) => tracing::warn!(%error, "A message's work was cancelled."),
+    /// A group's task ended. Its work's `Done`s came before (a piece that panicked gives one too, see
+    /// [`caught`]); a task cancelled (only when the runtime shuts down) or failed outside its
+    /// pieces leaves work that never reports: the binding stops and starts again from its holds.
+    fn ended(&mut self, ended: Result<(), tokio::task::JoinError>) {
+        if let Err(error) = ended {
+            tracing::error!(%error, "A group of messages' work ended early; the binding starts again.");
+            self.rt.shutdown.cancel();
         }
     }
 
@@ -455,19 +475,31 @@ impl Dispatcher {
                 };
                 self.chores.push(&mut self.lanes, key, Work::Release);
             }
-            while let Some((key, work)) = self.lanes.start_next() {
-                if self.rt.batcher.is_some() {
-                    let fallback = (work.held_id(), key.clone(), work.chore());
-                    // Boxed: a task's future is moved in and out of its cell several times (made,
-                    // polled, its output taken), and a message's is kilobytes large. Boxed, only
-                    // the pointer moves (these copies were an eighth of the sidecar's CPU).
-                    let work = Box::pin(process(self.rt.clone(), key, work));
-                    self.tasks.spawn(caught(work, fallback).in_current_span());
-                } else {
+            if self.rt.batcher.is_some() {
+                self.start_grouped();
+            } else {
+                while let Some((key, work)) = self.lanes.start_next() {
                     self.running
                         .push(Box::pin(process(self.rt.clone(), key, work)));
                 }
             }
+        }
+    }
+
+    /// With bulk delivery, the work whose keys' turn it is starts as one task (see [`group`]).
+    fn start_grouped(&mut self) {
+        let work = FuturesUnordered::new();
+        while let Some((key, one)) = self.lanes.start_next() {
+            let fallback = (one.held_id(), key.clone(), one.chore());
+            // Boxed: a message's future is kilobytes large, and `caught` and the group move what
+            // they hold; boxed, only the pointer moves.
+            let one = Box::pin(process(self.rt.clone(), key, one));
+            work.push(caught(one, fallback));
+        }
+        if !work.is_empty() {
+            self.grouped += work.len();
+            let finished = self.finished_tx.clone();
+            self.groups.spawn(group(work, finished).in_current_span());
         }
     }
 
@@ -483,12 +515,27 @@ impl Dispatcher {
     }
 }
 
-/// With bulk delivery, each message's work runs as a task of its own (in the dispatcher's
-/// `JoinSet`): thousands are in flight, and polled inside the dispatcher's task their entries,
-/// answers and acks all ran on one thread (the dispatcher's task took two thirds of the sidecar's
-/// CPU, with a core left idle). A task's work that panicked stops the binding, which starts again
-/// from its holds, as after another instance's change: its `Done` is made from `fallback` (the
-/// work's held message, key and kind).
+/// With bulk delivery, the work started in one turn of the dispatcher runs as a task of its own
+/// (in the dispatcher's `JoinSet`), which reports each piece's [`Done`] as it finishes. Thousands
+/// of messages are in flight: polled inside the dispatcher's task, their entries, answers and acks
+/// all ran on one thread (the dispatcher's task took two thirds of the sidecar's CPU, with a core
+/// left idle); as a task each, spawning, waking and joining a task per message (and moving its
+/// kilobytes-large future in and out of the task's cell) cost a fifth of it. The work started
+/// together is mostly the next messages of the keys whose entries one batch answered, whose answers
+/// and acks come together too: one wake-up of the group's task serves them all.
+async fn group(
+    mut work: FuturesUnordered<impl Future<Output = Done> + Send>,
+    finished: mpsc::UnboundedSender<Done>,
+) {
+    while let Some(done) = work.next().await {
+        // The dispatcher is gone only when the binding stopped.
+        let _ = finished.send(done);
+    }
+}
+
+/// A piece of grouped work: one that panicked stops the binding, which starts again from its
+/// holds, as after another instance's change: its `Done` is made from `fallback` (the work's held
+/// message, key and kind).
 async fn caught(
     work: Pin<Box<impl Future<Output = Done> + Send>>,
     fallback: (Option<HeldId>, Option<MessageKey>, work::Chore),

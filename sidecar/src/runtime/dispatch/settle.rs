@@ -83,14 +83,14 @@ pub(crate) async fn settle_reply(
         Settle::Ack => {
             ack::confirm(&rt.client, reply, &rt.epoch, rt.cfg.ack_wait).await;
         }
-        Settle::AckPlain => ack::unconfirmed(&rt.client, reply).await,
+        Settle::AckPlain => Box::pin(ack::unconfirmed(&rt.client, reply)).await,
         Settle::HandBack => {
             tracing::warn!("Not finished; handing the message back.");
-            ack::hand_back(&rt.client, reply).await;
+            Box::pin(ack::hand_back(&rt.client, reply)).await;
         }
         Settle::Leave => {}
         Settle::StopBinding => {
-            ack::hand_back(&rt.client, reply).await;
+            Box::pin(ack::hand_back(&rt.client, reply)).await;
             return Err(StopBinding);
         }
     }
