@@ -2,7 +2,8 @@
 //! as in the failure envelope (headers map a name to its list of values; absent error fields are null).
 //!
 //! JSON numbers become CEL `int` when they are integers and `double` otherwise (the CEL crate would
-//! make positive integers `uint`, which does not mix with `int` literals). Extra function: `trim()`.
+//! make positive integers `uint`, which does not mix with `int` literals). Extra functions: `trim()`,
+//! `lowerAscii()`, `upperAscii()`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -165,6 +166,13 @@ fn add_functions(ctx: &mut Context<'static, 'static>) {
     use cel::extractors::This;
     // `"  x ".trim()` and `trim("  x ")`.
     let _ = ctx.add_function("trim", |This(s): This<Arc<String>>| s.trim().to_owned());
+    // As CEL's strings extension names them: ASCII letters re-cased, the rest as it is.
+    let _ = ctx.add_function("lowerAscii", |This(s): This<Arc<String>>| {
+        s.to_ascii_lowercase()
+    });
+    let _ = ctx.add_function("upperAscii", |This(s): This<Arc<String>>| {
+        s.to_ascii_uppercase()
+    });
     // Each iteration of a comprehension (see `bounded`).
     let _ = ctx.add_function(super::bounded::TICK, super::bounded::tick);
 }

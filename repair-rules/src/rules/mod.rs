@@ -6,9 +6,11 @@
 //! - [`env`]: the CEL environment: envelope fields as variables, JSON as CEL values, extra functions.
 //! - [`eval`]: [`evaluate`] — first matching rule wins; repair, park, or park on error.
 //! - [`inline`]: `[[rule.test]]` cases.
+//! - [`draft`]: a rule drafted from a person's fix of a parked message.
 //! - [`subject`]: NATS wildcard matching for the `subject` filter.
 
 pub mod bounded;
+pub mod draft;
 pub mod env;
 pub mod eval;
 pub mod file;
