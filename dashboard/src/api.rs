@@ -28,6 +28,7 @@ pub fn routes() -> Router<Shared> {
         .route("/api/messages/{id}/resubmit", post(resubmit))
         .route("/api/messages/{id}/discard", post(discard))
         .route("/api/messages/{id}/try", post(try_rules))
+        .route("/api/messages/{id}/rule-draft", get(rule_draft))
         .route("/api/groups", get(groups))
         .route("/api/groups/{id}/resubmit", post(group_resubmit))
         .route("/api/groups/{id}/discard", post(group_discard))
@@ -553,6 +554,39 @@ async fn try_rules(
     Ok(Json(
         dry_run_shown(&s, rules, &m, masked_for(&s, &who)).await,
     ))
+}
+
+#[utoipa::path(
+    get, path = "/api/messages/{id}/rule-draft", tag = "rules",
+    params(("id" = String, Path, description = "The message's Mend-Id")),
+    responses(
+        (status = 200, description = "A rule file (TOML) that would have made the person's fix: it passes `mend rules check` and repairs this message into the edited payload", content_type = "application/toml", body = String),
+        crate::openapi::Unauthorized,
+        crate::openapi::NotFound,
+        crate::openapi::Conflict,
+        crate::openapi::Invalid,
+        crate::openapi::Unavailable
+    )
+)]
+async fn rule_draft(
+    State(s): State<Shared>,
+    ApiCaller(who): ApiCaller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let m = s
+        .store
+        .get(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no message {id}")))?;
+    let text = crate::drafts::of(&s.store, &m, masked_for(&s, &who)).await?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/toml; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
 }
 
 #[utoipa::path(

@@ -8,6 +8,7 @@ pub mod actions;
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod drafts;
 pub mod holds;
 pub mod ingest;
 pub mod jobs;

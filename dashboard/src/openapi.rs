@@ -226,6 +226,7 @@ impl Modify for BearerAuth {
         crate::api::resubmit,
         crate::api::discard,
         crate::api::try_rules,
+        crate::api::rule_draft,
         crate::api::groups,
         crate::api::group_resubmit,
         crate::api::group_discard,

@@ -189,6 +189,14 @@ pub struct AuditRecord {
     pub after: Option<String>,
 }
 
+/// A message's last resubmission (see [`Store::last_resubmission`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LastResubmission {
+    pub actor: String,
+    /// The payload before and after the person's edit (JSON text); `None` when it was not edited.
+    pub edit: Option<(String, String)>,
+}
+
 /// An audit record to write.
 #[derive(Debug, Clone, Default)]
 pub struct Audit<'a> {
@@ -775,6 +783,34 @@ impl Store {
             None
         };
         Ok(Page { items, next_cursor })
+    }
+
+    /// The last resubmission of message `id` (`resubmit` or `edit_and_resubmit`) with the payload
+    /// before and after its edit (`None` for a resubmission as it was).
+    pub async fn last_resubmission(
+        &self,
+        id: &str,
+    ) -> Result<Option<LastResubmission>, StoreError> {
+        let row = sqlx::query(
+            "SELECT actor, action, before_payload, after_payload FROM audit \
+             WHERE message_id = $1 AND action IN ('resubmit', 'edit_and_resubmit') \
+             ORDER BY row_id DESC LIMIT 1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            let action: String = r.try_get("action")?;
+            let before: Option<String> = r.try_get("before_payload")?;
+            let after: Option<String> = r.try_get("after_payload")?;
+            Ok(LastResubmission {
+                actor: r.try_get("actor")?,
+                edit: (action == "edit_and_resubmit")
+                    .then_some(())
+                    .and(before.zip(after)),
+            })
+        })
+        .transpose()
     }
 
     /// Parked messages grouped by service, subject and error kind, code and title, largest first.

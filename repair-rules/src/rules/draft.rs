@@ -49,7 +49,9 @@ enum Step {
 pub fn draft(envelope: &FailureEnvelope, after: &Json, name: &str) -> Result<String, NoDraft> {
     let before = &envelope.payload;
     if before == after {
-        return Err(NoDraft("the payload was resubmitted unchanged".into()));
+        return Err(NoDraft(
+            "the edited payload is the one that was parked (as far as it is shown)".into(),
+        ));
     }
     // Generalised where a transform is recognised; should that draft not redo the fix (a text CEL
     // reads differently than Rust, say), the values written out as this message's.
