@@ -267,3 +267,53 @@ pub fn delivered(log: &[Delivery], key: &str) -> Vec<u64> {
         .map(|d| d.field("n").and_then(Value::as_u64).unwrap_or(u64::MAX))
         .collect()
 }
+
+// Helpers of the web tests: they unwrap, as tests do.
+/// The value of the hidden field `name` in a page's first form that has it.
+pub fn hidden(html: &str, name: &str) -> Option<String> {
+    let marker = format!("name=\"{name}\" value=\"");
+    let start = html.find(&marker)? + marker.len();
+    let end = html[start..].find('"')? + start;
+    Some(html[start..end].to_owned())
+}
+
+/// Opens the login page with `client` (which keeps its cookie) and returns the form's CSRF token.
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+pub async fn login_token(d: &Dashboard, client: &reqwest::Client) -> String {
+    let page = client.get(format!("{}/login", d.url)).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    let html = page.text().await.unwrap();
+    hidden(&html, "csrf").expect("the login form has a CSRF field")
+}
+
+/// A browser-like client: keeps cookies, does not follow redirects.
+#[allow(clippy::unwrap_used)]
+pub fn browser() -> reqwest::Client {
+    reqwest::Client::builder()
+        .cookie_store(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// Logs `client` in as `user`; returns the login answer.
+#[allow(clippy::unwrap_used)]
+pub async fn login(
+    d: &Dashboard,
+    client: &reqwest::Client,
+    user: &str,
+    password: &str,
+) -> reqwest::Response {
+    let csrf = login_token(d, client).await;
+    client
+        .post(format!("{}/login", d.url))
+        .form(&[
+            ("username", user),
+            ("password", password),
+            ("csrf", &csrf),
+            ("next", "/messages"),
+        ])
+        .send()
+        .await
+        .unwrap()
+}

@@ -5,59 +5,13 @@
 // Test helpers outside #[test] functions unwrap too.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use mend_e2e::dashboard::{Dashboard, OPERATOR_TOKEN, Stack};
+use mend_e2e::dashboard::{Dashboard, OPERATOR_TOKEN, Stack, browser, hidden, login, login_token};
 use mend_e2e::js::{self, Out};
 use mend_e2e::postgres::Postgres;
 use mend_e2e::world::TEST_TIMEOUT;
 use reqwest::StatusCode;
 use reqwest::header::{LOCATION, SET_COOKIE};
 use serde_json::json;
-
-/// The value of the hidden field `name` in a page's first form that has it.
-fn hidden(html: &str, name: &str) -> Option<String> {
-    let marker = format!("name=\"{name}\" value=\"");
-    let start = html.find(&marker)? + marker.len();
-    let end = html[start..].find('"')? + start;
-    Some(html[start..end].to_owned())
-}
-
-/// Opens the login page with `client` (which keeps its cookie) and returns the form's CSRF token.
-async fn login_token(d: &Dashboard, client: &reqwest::Client) -> String {
-    let page = client.get(format!("{}/login", d.url)).send().await.unwrap();
-    assert_eq!(page.status(), StatusCode::OK);
-    let html = page.text().await.unwrap();
-    hidden(&html, "csrf").expect("the login form has a CSRF field")
-}
-
-/// A browser-like client: keeps cookies, does not follow redirects.
-fn browser() -> reqwest::Client {
-    reqwest::Client::builder()
-        .cookie_store(true)
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
-}
-
-/// Logs `client` in as `user`; returns the login answer.
-async fn login(
-    d: &Dashboard,
-    client: &reqwest::Client,
-    user: &str,
-    password: &str,
-) -> reqwest::Response {
-    let csrf = login_token(d, client).await;
-    client
-        .post(format!("{}/login", d.url))
-        .form(&[
-            ("username", user),
-            ("password", password),
-            ("csrf", &csrf),
-            ("next", "/messages"),
-        ])
-        .send()
-        .await
-        .unwrap()
-}
 
 async fn stack(database_url: Option<&str>, extra: &str) -> Stack {
     Stack::start(database_url, extra).await.unwrap()

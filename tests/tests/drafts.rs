@@ -4,7 +4,9 @@
 //! processor's rules the next message failing the same way is repaired by it and delivered.
 
 use mend_e2e::app::Reply;
-use mend_e2e::dashboard::{Dashboard, OPERATOR_TOKEN, VIEWER_TOKEN, delivered, order_with};
+use mend_e2e::dashboard::{
+    Dashboard, OPERATOR_TOKEN, USERS, VIEWER_TOKEN, browser, delivered, login, order_with,
+};
 use mend_e2e::js;
 use mend_e2e::mend::{MendProcess, example_rules, mend_bin, processor_config};
 use mend_e2e::world::{TEST_TIMEOUT, World};
@@ -114,6 +116,27 @@ async fn a_fix_by_hand_becomes_a_rule_that_repairs_the_next_such_failure() {
     assert_eq!(status, StatusCode::OK, "{viewed}");
     assert!(text.contains("4111-1111"), "{text}");
     assert!(!viewed.contains("4111-1111"), "{viewed}");
+
+    // The message's page shows the draft, and the try form starts with it.
+    let web = browser();
+    let (user, password, _) = USERS[0];
+    login(&d, &web, user, password).await;
+    let page = web
+        .get(format!("{}/messages/{id}", d.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("A rule from this fix"), "{html}");
+    let in_form = html
+        .split("<textarea id=\"rules\"")
+        .nth(1)
+        .unwrap_or_default();
+    assert!(
+        in_form.contains("fix-app-app-created-unknown-account"),
+        "{html}"
+    );
 
     // The draft passes `mend rules check` beside the rules it joins (first: the example rules
     // would park such a message).

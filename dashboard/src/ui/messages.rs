@@ -349,6 +349,10 @@ pub struct MessagePage {
     /// Whether the reader may try a draft rule file.
     pub can_draft: bool,
     pub rules_loaded: bool,
+    /// Resolved by an edited resubmission: the rule drafted from the fix (the try form starts with
+    /// it), or why no rule redoes it.
+    pub rule_draft: Option<String>,
+    pub no_draft: Option<String>,
 }
 
 /// The payload of a message as the page shows it.
@@ -489,6 +493,16 @@ pub async fn detail_page(
     let mut timeline = s.store.timeline(id).await?;
     let masked = api::masked_for(s, who);
     let view = payload_view(s, &m, masked).await;
+    let (rule_draft, no_draft) = if m.status == Status::Resolved {
+        match crate::drafts::of(&s.store, &m, masked).await {
+            Ok(text) => (Some(text), None),
+            // Resolved without an edit: nothing to draft from.
+            Err(e) if e.status == axum::http::StatusCode::CONFLICT => (None, None),
+            Err(e) => (None, Some(e.message)),
+        }
+    } else {
+        (None, None)
+    };
     let mut m = m;
     api::redact_message(&mut m, &mut timeline, masked);
     let env = &m.envelope;
@@ -571,6 +585,8 @@ pub async fn detail_page(
         note,
         can_draft: can_act(who),
         rules_loaded: (s.rules)().is_some(),
+        rule_draft,
+        no_draft,
     })
 }
 
