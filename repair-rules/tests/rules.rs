@@ -266,7 +266,7 @@ fn cel_builtins_the_docs_promise() {
         r#"[[rule]]
 name = "all"
 when = 'has(payload.s) && size(payload.list) == 3 && payload.s.matches("^ *[0-9]+ *$") && type(payload.list) == list && timestamp("2026-11-22T10:00:00Z") < timestamp("2026-11-23T00:00:00Z")'
-set = { "/i" = 'int(payload.s.trim())', "/d" = 'double("2.5")', "/s" = 'string(payload.list[0])', "/t" = 'payload.s.trim()', "/doubled" = 'payload.list.map(x, x * 2)', "/k" = 'key', "/h" = 'headers["Account-Id"][0]' }
+set = { "/i" = 'int(payload.s.trim())', "/d" = 'double("2.5")', "/s" = 'string(payload.list[0])', "/t" = 'payload.s.trim()', "/lo" = '"MiXeD Ä".lowerAscii()', "/up" = 'payload.s.trim().upperAscii()', "/doubled" = 'payload.list.map(x, x * 2)', "/k" = 'key', "/h" = 'headers["Account-Id"][0]' }
 "#,
     );
     let d = evaluate(
@@ -281,6 +281,8 @@ set = { "/i" = 'int(payload.s.trim())', "/d" = 'double("2.5")', "/s" = 'string(p
     assert_eq!(payload["d"], 2.5);
     assert_eq!(payload["s"], "1");
     assert_eq!(payload["t"], "42");
+    assert_eq!(payload["lo"], "mixed Ä", "ASCII letters only");
+    assert_eq!(payload["up"], "42");
     assert_eq!(payload["doubled"], json!([2, 4, 6]));
     assert_eq!(payload["k"], "acct-7");
     assert_eq!(payload["h"], "acct-7");
