@@ -178,6 +178,23 @@ impl Dashboard {
     }
 
     /// Waits until `query` lists exactly `n` messages; returns them.
+    /// Publishes `out`, which the app and the example rules park, waits until it is the one parked
+    /// message here and returns its id.
+    pub async fn park_one(
+        &self,
+        js: &async_nats::jetstream::Context,
+        out: Out,
+    ) -> anyhow::Result<String> {
+        crate::js::publish_all(js, vec![out]).await?;
+        let parked = self
+            .wait_messages("status=parked", 1, crate::world::TEST_TIMEOUT)
+            .await?;
+        parked[0]["id"]
+            .as_str()
+            .map(str::to_owned)
+            .context("a parked message without an id")
+    }
+
     pub async fn wait_messages(
         &self,
         query: &str,

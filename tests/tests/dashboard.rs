@@ -315,14 +315,10 @@ async fn bad_requests_are_refused_and_change_nothing() {
         .await
         .unwrap();
     let (world, d) = (&s.world, &s.dashboard);
-    js::publish_all(&world.js, vec![order("k5", 0, "nobody")])
+    let id = d
+        .park_one(&world.js, order("k5", 0, "nobody"))
         .await
         .unwrap();
-    let parked = d
-        .wait_messages("status=parked", 1, TEST_TIMEOUT)
-        .await
-        .unwrap();
-    let id = parked[0]["id"].as_str().unwrap().to_owned();
     let resubmit = format!("/api/messages/{id}/resubmit");
     let retry_seq = || async {
         let info = world

@@ -143,17 +143,13 @@ async fn login_sessions_and_rate_limiting() {
 async fn forms_need_their_token_and_role_and_payloads_are_escaped() {
     let s = stack(None, "max_body_bytes = 4096").await;
     let (world, d) = (&s.world, &s.dashboard);
-    js::publish_all(
-        &world.js,
-        vec![order("w1", 0, "nobody", "<script>alert(1)</script>")],
-    )
-    .await
-    .unwrap();
-    let parked = d
-        .wait_messages("status=parked", 1, TEST_TIMEOUT)
+    let id = d
+        .park_one(
+            &world.js,
+            order("w1", 0, "nobody", "<script>alert(1)</script>"),
+        )
         .await
         .unwrap();
-    let id = parked[0]["id"].as_str().unwrap().to_owned();
     let detail = format!("{}/messages/{id}", d.url);
 
     let operator = browser();

@@ -41,14 +41,10 @@ async fn fixed_by_hand(
     extra: serde_json::Value,
     fixed: serde_json::Value,
 ) -> String {
-    js::publish_all(&world.js, vec![order_with(key, 0, "nobody", extra)])
+    let id = d
+        .park_one(&world.js, order_with(key, 0, "nobody", extra))
         .await
         .unwrap();
-    let parked = d
-        .wait_messages("status=parked", 1, TEST_TIMEOUT)
-        .await
-        .unwrap();
-    let id = parked[0]["id"].as_str().unwrap().to_owned();
     // Not resolved yet: no draft.
     let (status, body) = draft(d, &id, OPERATOR_TOKEN).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
