@@ -40,6 +40,7 @@ pub fn routes() -> Router<Shared> {
         .route("/api/holds", get(holds))
         .route("/api/holds/{service}/{key}/release", post(release))
         .route("/api/rules", get(rules))
+        .route("/api/rules/try", post(rules_try))
         .route("/api/audit", get(audit))
         .route("/api/sessions/end", post(end_sessions))
         .route("/api/openapi.json", get(crate::openapi::document))
@@ -553,6 +554,75 @@ async fn try_rules(
         .ok_or_else(|| ApiError::not_found(format!("no message {id}")))?;
     Ok(Json(
         dry_run_shown(&s, rules, &m, masked_for(&s, &who)).await,
+    ))
+}
+
+#[derive(Deserialize, Default, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct RulesTryBody {
+    /// A draft rule file (TOML) to try instead of the loaded rules (operators).
+    #[serde(default)]
+    rules: Option<String>,
+    /// One message (its Mend-Id) …
+    #[serde(default)]
+    message: Option<String>,
+    /// … or one failure group's parked messages …
+    #[serde(default)]
+    group: Option<String>,
+    /// … or the whole parked backlog, optionally of one service.
+    #[serde(default)]
+    service: Option<String>,
+    /// Where an earlier answer stopped (its `next_cursor`).
+    #[serde(default)]
+    cursor: Option<String>,
+}
+
+#[utoipa::path(
+    post, path = "/api/rules/try", tag = "rules",
+    request_body(content = Option<RulesTryBody>, description = "The rules (or a draft) and where to try them: a message, a group, or the parked backlog (of one service)"),
+    responses(
+        (status = 200, description = "Counts per outcome and per rule, a few examples of each outcome; `next_cursor` continues where the request's bound stopped it", body = Object),
+        crate::openapi::BadRequest,
+        crate::openapi::Unauthorized,
+        crate::openapi::Forbidden,
+        crate::openapi::NotFound,
+        crate::openapi::Conflict,
+        crate::openapi::TooLarge,
+        crate::openapi::NotJson,
+        crate::openapi::Invalid,
+        crate::openapi::Unavailable
+    )
+)]
+async fn rules_try(
+    State(s): State<Shared>,
+    ApiCaller(who): ApiCaller,
+    Body(b): Body<RulesTryBody>,
+) -> Result<Json<Value>, ApiError> {
+    draft_allowed(&who, b.rules.as_deref())?;
+    let scopes = [&b.message, &b.group]
+        .iter()
+        .filter(|x| x.is_some())
+        .count();
+    if scopes > 1 || (b.message.is_some() && b.service.is_some()) {
+        return Err(ApiError::bad_request(
+            "give one scope: `message`, or `group`, or the backlog (optionally of one `service`)",
+        ));
+    }
+    if let Some(c) = &b.cursor
+        && c.parse::<i64>().is_err()
+    {
+        return Err(ApiError::bad_request(format!(
+            "`cursor` {c:?} is not one this API gave"
+        )));
+    }
+    let rules = rules_to_try(&s, b.rules.as_deref())?;
+    let scope = crate::backlog::Scope {
+        message: b.message,
+        group: b.group,
+        service: b.service,
+    };
+    Ok(Json(
+        crate::backlog::try_rules(&s, &who, rules, &scope, b.cursor).await?,
     ))
 }
 

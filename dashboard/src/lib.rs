@@ -8,6 +8,7 @@ pub mod actions;
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod backlog;
 pub mod drafts;
 pub mod holds;
 pub mod ingest;

@@ -238,6 +238,7 @@ impl Modify for BearerAuth {
         crate::api::holds,
         crate::api::release,
         crate::api::rules,
+        crate::api::rules_try,
         crate::api::audit,
         crate::api::end_sessions,
         document,

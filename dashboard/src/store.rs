@@ -99,6 +99,8 @@ impl FromStr for Status {
 /// A parked lineage as the dashboard shows it: its latest envelope and where it stands.
 #[derive(Debug, Clone)]
 pub struct Message {
+    /// Its place in the store's lists (a list's cursor continues after it).
+    pub row_id: i64,
     pub id: String,
     pub status: Status,
     /// The latest attempt: the parked one, or the resubmitted one after a resubmission.
@@ -983,6 +985,7 @@ fn message(row: &AnyRow) -> Result<Message, StoreError> {
         .map_err(|e| StoreError::Corrupt(format!("the envelope of {id}: {e}")))?;
     let status: String = row.try_get("status")?;
     Ok(Message {
+        row_id: row.try_get("row_id")?,
         status: status.parse().map_err(StoreError::Corrupt)?,
         attempt: to_u32(row.try_get("attempt")?)?,
         group_id: row.try_get("group_id")?,

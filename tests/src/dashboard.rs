@@ -334,3 +334,32 @@ pub async fn login(
         .await
         .unwrap()
 }
+
+/// Parks `n` messages of service `orders` (ids `ORDERS:1..=n`, keys `a1..`, payload `payload(seq)`,
+/// error code `unknown_account`) straight on MEND_PARKED, as the processor would (the stream is
+/// there once a mend role has started).
+pub async fn park_directly(
+    world: &World,
+    n: u64,
+    payload: impl Fn(u64) -> Value,
+) -> anyhow::Result<()> {
+    let outs = (1..=n)
+        .map(|seq| {
+            let envelope = serde_json::json!({
+                "version": 1, "id": format!("ORDERS:{seq}"), "service": "orders", "binding": "orders",
+                "stream": "ORDERS", "seq": seq, "subject": "orders.created", "key": format!("a{seq}"),
+                "headers": {}, "payload": payload(seq), "payload_base64": null,
+                "error": {"kind": "message", "status": 422, "code": "unknown_account"},
+                "attempt": 1, "first_failed_at": "2026-11-23T10:00:00Z",
+                "failed_at": "2026-11-23T10:00:00Z", "reason": "no_rule", "history": [],
+            });
+            Out {
+                subject: "mend.parked.orders".into(),
+                headers: Default::default(),
+                payload: bytes::Bytes::from(envelope.to_string()),
+            }
+        })
+        .collect();
+    crate::js::publish_all(&world.js, outs).await?;
+    Ok(())
+}

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use mend_e2e::app::Reply;
 use mend_e2e::dashboard::{
-    ADMIN_TOKEN, Dashboard, OPERATOR_TOKEN, Stack, VIEWER_TOKEN, delivered, order,
+    ADMIN_TOKEN, Dashboard, OPERATOR_TOKEN, Stack, VIEWER_TOKEN, delivered, order, park_directly,
 };
 use mend_e2e::js::{self, Out};
 use mend_e2e::mend::{MendProcess, example_rules, processor_config};
@@ -714,30 +714,6 @@ async fn the_last_countable_attempt_is_not_resubmitted() {
     assert_eq!(m["attempt"], last, "{m}");
 }
 
-/// Parks `n` messages of service `orders` (ids `ORDERS:1..=n`, keys `a1..`) straight on
-/// MEND_PARKED, as the processor would (the stream is there once a mend role has started).
-async fn park_directly(world: &World, n: u64) -> anyhow::Result<()> {
-    let outs = (1..=n)
-        .map(|seq| {
-            let envelope = json!({
-                "version": 1, "id": format!("ORDERS:{seq}"), "service": "orders", "binding": "orders",
-                "stream": "ORDERS", "seq": seq, "subject": "orders.created", "key": format!("a{seq}"),
-                "headers": {}, "payload": {"n": seq}, "payload_base64": null,
-                "error": {"kind": "message", "status": 422, "code": "unknown_account"},
-                "attempt": 1, "first_failed_at": "2026-11-23T10:00:00Z",
-                "failed_at": "2026-11-23T10:00:00Z", "reason": "no_rule", "history": [],
-            });
-            Out {
-                subject: "mend.parked.orders".into(),
-                headers: Default::default(),
-                payload: bytes::Bytes::from(envelope.to_string()),
-            }
-        })
-        .collect();
-    js::publish_all(&world.js, outs).await?;
-    Ok(())
-}
-
 /// The payloads stored on `subject` of `stream`, as JSON.
 async fn stored(world: &World, stream: &str, subject: &str) -> anyhow::Result<Vec<Value>> {
     Ok(js::read_all(&world.js, stream, subject)
@@ -758,7 +734,9 @@ async fn an_edit_whose_confirmation_is_late_is_found_out_and_nothing_is_sent_ove
     let d = Dashboard::start(&proxy.url(), "publish_timeout = \"1s\"")
         .await
         .unwrap();
-    park_directly(&world, 1).await.unwrap();
+    park_directly(&world, 1, |seq| json!({"n": seq}))
+        .await
+        .unwrap();
     d.wait_messages("service=orders", 1, TEST_TIMEOUT)
         .await
         .unwrap();
@@ -838,7 +816,9 @@ async fn a_resubmission_and_a_discard_of_one_message_at_once_cannot_both_happen(
     let world = World::new().await.unwrap();
     let n = 16;
     let d = Dashboard::start(&world.nats.url(), "").await.unwrap();
-    park_directly(&world, n).await.unwrap();
+    park_directly(&world, n, |seq| json!({"n": seq}))
+        .await
+        .unwrap();
     d.wait_messages("service=orders", n as usize, TEST_TIMEOUT)
         .await
         .unwrap();

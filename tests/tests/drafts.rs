@@ -6,6 +6,7 @@
 use mend_e2e::app::Reply;
 use mend_e2e::dashboard::{
     Dashboard, OPERATOR_TOKEN, USERS, VIEWER_TOKEN, browser, delivered, login, order_with,
+    park_directly,
 };
 use mend_e2e::js;
 use mend_e2e::mend::{MendProcess, example_rules, mend_bin, processor_config};
@@ -181,4 +182,171 @@ async fn a_fix_by_hand_becomes_a_rule_that_repairs_the_next_such_failure() {
 
     let (status, _) = draft(&d, "APP:999999", OPERATOR_TOKEN).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+/// `POST /api/rules/try` with `body` and `token`.
+#[allow(clippy::unwrap_used)]
+async fn try_rules(
+    d: &Dashboard,
+    token: &str,
+    body: serde_json::Value,
+) -> (StatusCode, serde_json::Value) {
+    d.post("/api/rules/try", Some(token), &body).await.unwrap()
+}
+
+/// Every answer of a dry-run over the scope `body`, following `next_cursor`.
+#[allow(clippy::unwrap_used)]
+async fn try_all(d: &Dashboard, token: &str, body: serde_json::Value) -> Vec<serde_json::Value> {
+    let mut answers = Vec::new();
+    let mut body = body;
+    loop {
+        let (status, a) = try_rules(d, token, body.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{a}");
+        let next = a["next_cursor"].clone();
+        answers.push(a);
+        if next.is_null() {
+            return answers;
+        }
+        body["cursor"] = next;
+        assert!(answers.len() < 100, "{answers:?}");
+    }
+}
+
+fn total(answers: &[serde_json::Value], outcome: &str) -> u64 {
+    answers
+        .iter()
+        .map(|a| a["outcomes"][outcome].as_u64().unwrap_or(0))
+        .sum()
+}
+
+const ACCOUNT_RULE: &str = r#"
+[[rule]]
+name    = "account-tidy"
+service = "orders"
+when    = 'error.code == "unknown_account" && has(payload.account) && payload.account != "nobody"'
+set     = { "/account" = 'payload.account.trim().lowerAscii()', "/card" = 'payload.card.trim()' }
+"#;
+
+#[tokio::test]
+async fn rules_tried_on_a_backlog_of_thousands_count_each_outcome_within_their_bound() {
+    let world = World::new().await.unwrap();
+    let rules = tempfile::tempdir().unwrap();
+    std::fs::write(rules.path().join("tidy.toml"), ACCOUNT_RULE).unwrap();
+    let d = Dashboard::start(
+        &world.nats.url(),
+        &format!("mask = [\"/card\"]\nrules = \"{}\"", rules.path().display()),
+    )
+    .await
+    .unwrap();
+    // 3,000 parked: two in three with an account the rule tidies, one in three `nobody`.
+    let n = 3000;
+    park_directly(&world, n, |seq| {
+        let account = if seq % 3 == 0 {
+            "nobody".to_owned()
+        } else {
+            format!(" Acct-{seq} ")
+        };
+        json!({"n": seq, "account": account, "card": format!(" 4111-{seq:04} ")})
+    })
+    .await
+    .unwrap();
+    mend_e2e::wait::until("3000 parked", TEST_TIMEOUT, || async {
+        let groups = d.ok("/api/groups").await?;
+        Ok((groups["items"][0]["count"] == n).then_some(()))
+    })
+    .await
+    .unwrap();
+
+    // An operator tries a draft (the same rule under another name) on the whole backlog.
+    let draft = ACCOUNT_RULE.replace("account-tidy", "account-tidy-draft");
+    let answers = try_all(&d, OPERATOR_TOKEN, json!({"rules": draft})).await;
+    assert_eq!(total(&answers, "repaired"), 2000, "{answers:?}");
+    assert_eq!(total(&answers, "no_rule"), 1000, "{answers:?}");
+    let tried: u64 = answers.iter().map(|a| a["tried"].as_u64().unwrap()).sum();
+    assert_eq!(tried, n);
+    let last = answers.last().unwrap();
+    if answers.len() == 1 {
+        assert_eq!(
+            last["summary"], "would repair 2000 of 3000, park 1000",
+            "{last}"
+        );
+        assert_eq!(
+            last["rules"]["account-tidy-draft"]["repaired"], 2000,
+            "{last}"
+        );
+    }
+    let example = &answers[0]["examples"]["repaired"][0];
+    let changes = example["changes"].as_array().unwrap();
+    let account = changes.iter().find(|c| c["path"] == "/account").unwrap();
+    let seq: u64 = example["id"].as_str().unwrap()[7..].parse().unwrap();
+    assert_eq!(account["before"], format!(" Acct-{seq} "), "{example}");
+    assert_eq!(account["after"], format!("acct-{seq}"), "{example}");
+    assert_eq!(
+        answers[0]["examples"]["repaired"].as_array().unwrap().len(),
+        3
+    );
+    assert_eq!(
+        answers[0]["examples"]["no_rule"].as_array().unwrap().len(),
+        3
+    );
+    let card = changes.iter().find(|c| c["path"] == "/card").unwrap();
+    assert_eq!(card["after"], format!("4111-{seq:04}"), "operators see it");
+
+    // A viewer tries the loaded rules, not a draft, and sees masked values masked.
+    let (status, body) = try_rules(&d, VIEWER_TOKEN, json!({"rules": draft})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let viewed = try_all(&d, VIEWER_TOKEN, json!({"service": "orders"})).await;
+    assert_eq!(total(&viewed, "repaired"), 2000, "{viewed:?}");
+    let shown = viewed[0]["examples"].to_string();
+    assert!(!shown.contains("4111-"), "{shown}");
+
+    // One message, one group, a service with nothing parked; a scope that is two scopes.
+    let (_, one) = try_rules(&d, OPERATOR_TOKEN, json!({"message": "ORDERS:3"})).await;
+    assert_eq!(one["tried"], 1, "{one}");
+    assert_eq!(one["outcomes"]["no_rule"], 1, "{one}");
+    let group = d.ok("/api/groups").await.unwrap()["items"][0]["id"].clone();
+    let by_group = try_all(&d, OPERATOR_TOKEN, json!({"group": group})).await;
+    assert_eq!(total(&by_group, "repaired"), 2000);
+    let (_, none) = try_rules(&d, OPERATOR_TOKEN, json!({"service": "nothing"})).await;
+    assert_eq!(none["summary"], "would repair 0 of 0, park 0", "{none}");
+    let (status, body) = try_rules(
+        &d,
+        OPERATOR_TOKEN,
+        json!({"message": "ORDERS:3", "group": group}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+}
+
+#[tokio::test]
+async fn a_costly_rule_on_the_backlog_is_tried_a_bounded_slice_at_a_time() {
+    let world = World::new().await.unwrap();
+    let d = Dashboard::start(&world.nats.url(), "").await.unwrap();
+    // Each evaluation of this rule runs into the dry-run's time limit.
+    let n = 6;
+    let list: Vec<u64> = (0..4000).collect();
+    park_directly(&world, n, |seq| json!({"n": seq, "list": list}))
+        .await
+        .unwrap();
+    mend_e2e::wait::until("6 parked", TEST_TIMEOUT, || async {
+        let groups = d.ok("/api/groups").await?;
+        Ok((groups["items"][0]["count"] == n).then_some(()))
+    })
+    .await
+    .unwrap();
+    let costly = r#"
+[[rule]]
+name = "costly"
+when = 'payload.list.all(x, payload.list.exists(y, y == x))'
+park = "never reached"
+"#;
+    let answers = try_all(&d, OPERATOR_TOKEN, json!({"rules": costly})).await;
+    assert!(answers.len() > 1, "the budget splits the work: {answers:?}");
+    let tried: u64 = answers.iter().map(|a| a["tried"].as_u64().unwrap()).sum();
+    assert_eq!(tried, n, "each message once, over the answers: {answers:?}");
+    assert_eq!(total(&answers, "error"), n, "{answers:?}");
+    for a in &answers {
+        // The budget, and at most one evaluation's time limit past it.
+        assert!(a["took_ms"].as_u64().unwrap() <= 5_000 + 2_500, "{a}");
+    }
 }

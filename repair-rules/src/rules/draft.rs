@@ -197,6 +197,29 @@ impl<'a> Diff<'a> {
     }
 }
 
+/// What differs between `before` and `after`, place by place: `(pointer, before, after)`, `None`
+/// where the place is absent (objects compared member by member, anything else as a whole).
+pub fn changes<'a>(
+    before: &'a Json,
+    after: &'a Json,
+) -> Vec<(String, Option<&'a Json>, Option<&'a Json>)> {
+    let mut d = Diff::default();
+    Diff::of("", before, after, &mut d);
+    let mut out: Vec<_> = d
+        .removed
+        .into_iter()
+        .map(|(at, v)| (at, Some(v), None))
+        .chain(d.added.into_iter().map(|(at, v)| (at, None, Some(v))))
+        .chain(
+            d.changed
+                .into_iter()
+                .map(|(at, b, a)| (at, Some(b), Some(a))),
+        )
+        .collect();
+    out.sort_by(|x, y| x.0.cmp(&y.0));
+    out
+}
+
 /// A member name as a JSON Pointer token.
 fn escape(token: &str) -> String {
     token.replace('~', "~0").replace('/', "~1")
