@@ -300,6 +300,53 @@ async fn rules_tried_on_a_backlog_of_thousands_count_each_outcome_within_their_b
     let shown = viewed[0]["examples"].to_string();
     assert!(!shown.contains("4111-"), "{shown}");
 
+    // From a service owner's laptop: the local files against the backlog, through the API.
+    let mine = tempfile::tempdir().unwrap();
+    std::fs::write(mine.path().join("draft.toml"), &draft).unwrap();
+    let token = mine.path().join("token");
+    std::fs::write(&token, format!("{OPERATOR_TOKEN}\n")).unwrap();
+    let cli = |files: &std::path::Path, url: &str, token: &std::path::Path| {
+        let out = std::process::Command::new(mend_bin().unwrap())
+            .args(["rules", "try"])
+            .arg(files)
+            .args(["--dashboard", url, "--token-file"])
+            .arg(token)
+            .args(["--service", "orders"])
+            .output()
+            .unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), said)
+    };
+    let (code, said) = cli(mine.path(), &d.url, &token);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(
+        said.contains("On the parked backlog of orders: would repair 2000 of 3000, park 1000"),
+        "{said}"
+    );
+    assert!(
+        said.contains("rule `account-tidy-draft`: repaired 2000"),
+        "{said}"
+    );
+    let wrong = mine.path().join("wrong-token");
+    std::fs::write(&wrong, "not-a-token").unwrap();
+    let (code, said) = cli(mine.path(), &d.url, &wrong);
+    assert_eq!(code, Some(69), "{said}");
+    assert!(said.contains("401"), "{said}");
+    let (code, said) = cli(mine.path(), "http://127.0.0.1:9", &token);
+    assert_eq!(code, Some(69), "{said}");
+    let broken = tempfile::tempdir().unwrap();
+    std::fs::write(
+        broken.path().join("b.toml"),
+        "[[rule]]\nname = \"b\"\nwhen = 'true &&'\npark = \"x\"\n",
+    )
+    .unwrap();
+    let (code, said) = cli(broken.path(), &d.url, &token);
+    assert_eq!(code, Some(1), "{said}");
+
     // One message, one group, a service with nothing parked; a scope that is two scopes.
     let (_, one) = try_rules(&d, OPERATOR_TOKEN, json!({"message": "ORDERS:3"})).await;
     assert_eq!(one["tried"], 1, "{one}");

@@ -103,14 +103,28 @@ pub enum RulesCommand {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
-    /// Show what the rules would do to one failure envelope.
+    /// Show what the rules would do to one failure envelope, or to a dashboard's parked backlog.
     Try {
         /// Rule files, or directories of `*.toml` files.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
         /// A failure envelope (JSON), e.g. one copied from the dashboard.
-        #[arg(long)]
-        message: PathBuf,
+        #[arg(
+            long,
+            required_unless_present = "dashboard",
+            conflicts_with = "dashboard"
+        )]
+        message: Option<PathBuf>,
+        /// A running dashboard (e.g. `https://mend.example.com`): try the rules on its parked
+        /// backlog through its API.
+        #[arg(long, requires = "token_file")]
+        dashboard: Option<String>,
+        /// A file holding the dashboard's API token (an operator's: the files are a draft).
+        #[arg(long, requires = "dashboard")]
+        token_file: Option<PathBuf>,
+        /// Only this service's parked messages.
+        #[arg(long, requires = "dashboard")]
+        service: Option<String>,
         /// Repairs of one lineage before it is parked.
         #[arg(long, default_value_t = 3)]
         max_repairs: u32,
@@ -173,14 +187,30 @@ pub async fn main() -> ExitCode {
             RulesCommand::Try {
                 paths,
                 message,
+                dashboard,
+                token_file,
+                service,
                 max_repairs,
-            } => {
-                let limits = repair_rules::rules::Limits {
-                    max_repairs,
-                    ..Default::default()
-                };
-                crate::cli::rules::try_one(&paths, &message, &limits)
-            }
+            } => match (message, dashboard, token_file) {
+                (Some(message), _, _) => {
+                    let limits = repair_rules::rules::Limits {
+                        max_repairs,
+                        ..Default::default()
+                    };
+                    crate::cli::rules::try_one(&paths, &message, &limits)
+                }
+                (None, Some(dashboard), Some(token_file)) => {
+                    crate::cli::rules::try_backlog(
+                        &paths,
+                        &dashboard,
+                        &token_file,
+                        service.as_deref(),
+                    )
+                    .await
+                }
+                // clap requires a message, or a dashboard with its token file.
+                _ => ExitCode::from(64),
+            },
         },
         Command::Processor { config } => {
             role(

@@ -1,4 +1,5 @@
-//! `mend rules check` and `mend rules try`: how a service owner tests rules before shipping them.
+//! `mend rules check` and `mend rules try`: how a service owner tests rules before shipping them:
+//! on a failure envelope, or on a running dashboard's parked backlog.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -123,4 +124,194 @@ pub fn payload_diff(before: &serde_json::Value, after: &serde_json::Value) -> St
 fn fail(code: u8, message: &str) -> ExitCode {
     eprintln!("mend rules: {message}");
     ExitCode::from(code)
+}
+
+/// Exit status when the dashboard cannot be reached or refuses the request (EX_UNAVAILABLE).
+const EXIT_UNAVAILABLE: u8 = 69;
+
+/// Answers of one backlog try, at most (each covers up to the dashboard's per-request bound).
+const MOST_ANSWERS: usize = 1_000;
+
+/// `mend rules try --dashboard`: the rule files (checked here first, as `mend rules check` does)
+/// tried on the parked backlog of a running dashboard through its API (`POST /api/rules/try`,
+/// page after page), printed as one report: what they would repair and park, per rule, with
+/// examples.
+pub async fn try_backlog(
+    paths: &[PathBuf],
+    dashboard: &str,
+    token_file: &Path,
+    service: Option<&str>,
+) -> ExitCode {
+    let files = match collect(paths) {
+        Ok(f) => f,
+        Err(e) => return fail(EXIT_INPUT, &e),
+    };
+    let texts = match read(&files) {
+        Ok(t) => t,
+        Err(e) => return fail(EXIT_INPUT, &format!("cannot read rules: {e}")),
+    };
+    let rules = match RuleSet::parse(texts.iter().map(|(n, t)| (n.as_str(), t.as_str()))) {
+        Ok(r) => r,
+        Err(e) => return fail(EXIT_RULES, &e.to_string()),
+    };
+    let (_, failures) = run_tests(&rules, &Limits::default());
+    if !failures.is_empty() {
+        for f in &failures {
+            eprintln!("{f}");
+        }
+        return fail(EXIT_RULES, "the rules' own tests fail; nothing was tried");
+    }
+    let token = match std::fs::read_to_string(token_file) {
+        Ok(t) if !t.trim().is_empty() => t.trim().to_owned(),
+        Ok(_) => return fail(EXIT_INPUT, &format!("{}: empty", token_file.display())),
+        Err(e) => return fail(EXIT_INPUT, &format!("{}: {e}", token_file.display())),
+    };
+    // The files as one draft, in their order (rule files are arrays of `[[rule]]` tables).
+    let draft: String = texts
+        .iter()
+        .map(|(_, t)| t.as_str())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let url = format!("{}/api/rules/try", dashboard.trim_end_matches('/'));
+    let http = match reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(60))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_UNAVAILABLE, &format!("no HTTP client: {e}")),
+    };
+    let mut total = Totals::default();
+    let mut cursor: Option<String> = None;
+    for _ in 0..MOST_ANSWERS {
+        let mut body = serde_json::json!({ "rules": draft });
+        if let Some(s) = service {
+            body["service"] = s.into();
+        }
+        if let Some(c) = &cursor {
+            body["cursor"] = c.as_str().into();
+        }
+        let answer = match post(&http, &url, &token, &body).await {
+            Ok(a) => a,
+            Err(e) => return fail(EXIT_UNAVAILABLE, &e),
+        };
+        total.add(&answer);
+        cursor = answer["next_cursor"].as_str().map(str::to_owned);
+        if cursor.is_none() {
+            break;
+        }
+    }
+    total.print(service, cursor.is_some());
+    ExitCode::SUCCESS
+}
+
+/// One `POST` of the backlog try: its JSON answer, or why there is none.
+async fn post(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    body: &serde_json::Value,
+) -> Result<serde_json::Value, String> {
+    let res = http
+        .post(url)
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    let status = res.status();
+    let answer: serde_json::Value = res
+        .json()
+        .await
+        .map_err(|e| format!("{url}: {status}, not JSON: {e}"))?;
+    if !status.is_success() {
+        let why = answer["error"]["message"]
+            .as_str()
+            .unwrap_or("no reason given");
+        return Err(format!("{url}: {status}: {why}"));
+    }
+    Ok(answer)
+}
+
+/// The answers of one backlog try, summed.
+#[derive(Default)]
+struct Totals {
+    tried: u64,
+    outcomes: std::collections::BTreeMap<String, u64>,
+    rules: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
+    examples: std::collections::BTreeMap<String, Vec<serde_json::Value>>,
+}
+
+impl Totals {
+    fn add(&mut self, answer: &serde_json::Value) {
+        self.tried += answer["tried"].as_u64().unwrap_or(0);
+        let counts = |v: &serde_json::Value| -> Vec<(String, u64)> {
+            v.as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0)))
+                .collect()
+        };
+        for (outcome, n) in counts(&answer["outcomes"]) {
+            *self.outcomes.entry(outcome).or_default() += n;
+        }
+        for (rule, per) in answer["rules"].as_object().into_iter().flatten() {
+            for (outcome, n) in counts(per) {
+                *self
+                    .rules
+                    .entry(rule.clone())
+                    .or_default()
+                    .entry(outcome)
+                    .or_default() += n;
+            }
+        }
+        for (outcome, list) in answer["examples"].as_object().into_iter().flatten() {
+            let kept = self.examples.entry(outcome.clone()).or_default();
+            for e in list.as_array().into_iter().flatten() {
+                if kept.len() < 3 {
+                    kept.push(e.clone());
+                }
+            }
+        }
+    }
+
+    fn print(&self, service: Option<&str>, cut: bool) {
+        let n = |o: &str| self.outcomes.get(o).copied().unwrap_or(0);
+        let parked = self.tried - n("repaired");
+        let scope = service.map_or("the parked backlog".to_owned(), |s| {
+            format!("the parked backlog of {s}")
+        });
+        println!(
+            "On {scope}: would repair {} of {}, park {parked}{}",
+            n("repaired"),
+            self.tried,
+            if cut { " (stopped: more remain)" } else { "" }
+        );
+        for (outcome, count) in &self.outcomes {
+            println!("  {outcome}: {count}");
+        }
+        for (rule, per) in &self.rules {
+            let per: Vec<String> = per.iter().map(|(o, c)| format!("{o} {c}")).collect();
+            println!("  rule `{rule}`: {}", per.join(", "));
+        }
+        for (outcome, list) in &self.examples {
+            println!("examples ({outcome}):");
+            for e in list {
+                let id = e["id"].as_str().unwrap_or("?");
+                match e["changes"].as_array() {
+                    Some(changes) => {
+                        println!("  {id} by `{}`:", e["rule"].as_str().unwrap_or("?"));
+                        for c in changes {
+                            println!(
+                                "    {}: {} -> {}",
+                                c["path"].as_str().unwrap_or(""),
+                                c["before"],
+                                c["after"]
+                            );
+                        }
+                    }
+                    None => println!("  {id}: {}", e["message"].as_str().unwrap_or("")),
+                }
+            }
+        }
+    }
 }
