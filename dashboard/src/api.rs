@@ -685,10 +685,21 @@ async fn group_members(s: &Shared, id: &str) -> Result<Vec<(String, u32)>, ApiEr
     Ok(members)
 }
 
+#[derive(Deserialize, Default, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct GroupResubmitBody {
+    #[serde(default)]
+    note: Option<String>,
+    /// A draft rule file (TOML): each message is repaired by it first and resubmitted with the
+    /// repaired payload (an edit, audited); a message it does not repair stays parked.
+    #[serde(default)]
+    rules: Option<String>,
+}
+
 #[utoipa::path(
     post, path = "/api/groups/{id}/resubmit", tag = "groups",
     params(("id" = String, Path, description = "The failure group")),
-    request_body(content = Option<NoteBody>, description = "Optional: a note"),
+    request_body(content = Option<GroupResubmitBody>, description = "Optional: a note, and a draft rule file to repair each message with first"),
     responses(
         (status = 202, description = "A bulk job started, canary first", body = crate::jobs::Progress),
         crate::openapi::BadRequest,
@@ -697,6 +708,7 @@ async fn group_members(s: &Shared, id: &str) -> Result<Vec<(String, u32)>, ApiEr
         crate::openapi::NotFound,
         crate::openapi::TooLarge,
         crate::openapi::NotJson,
+        crate::openapi::Invalid,
         crate::openapi::Unavailable
     )
 )]
@@ -704,9 +716,24 @@ async fn group_resubmit(
     State(s): State<Shared>,
     ApiCaller(who): ApiCaller,
     Path(id): Path<String>,
-    Body(b): Body<NoteBody>,
+    Body(b): Body<GroupResubmitBody>,
 ) -> Result<Response, ApiError> {
-    group_job(s, who, id, Kind::Resubmit, b.note).await
+    who.require(Role::Operator)?;
+    let repair = match b.rules.as_deref().filter(|r| !r.trim().is_empty()) {
+        Some(draft) => Some(rules_to_try(&s, Some(draft))?),
+        None => None,
+    };
+    let members = group_members(&s, &id).await?;
+    let p = jobs::start(
+        s.clone(),
+        who,
+        Kind::Resubmit,
+        Some(id),
+        members,
+        b.note,
+        repair,
+    );
+    Ok((StatusCode::ACCEPTED, Json(json!(p))).into_response())
 }
 
 #[utoipa::path(
@@ -743,7 +770,7 @@ async fn group_job(
 ) -> Result<Response, ApiError> {
     who.require(Role::Operator)?;
     let members = group_members(&s, &group).await?;
-    let p = jobs::start(s.clone(), who, kind, Some(group), members, note);
+    let p = jobs::start(s.clone(), who, kind, Some(group), members, note, None);
     Ok((StatusCode::ACCEPTED, Json(json!(p))).into_response())
 }
 
@@ -856,7 +883,7 @@ async fn bulk(
             .ok_or_else(|| ApiError::not_found(format!("no message {id}")))?;
         members.push((m.id, m.attempt));
     }
-    let p = jobs::start(s.clone(), who, action, None, members, b.note);
+    let p = jobs::start(s.clone(), who, action, None, members, b.note, None);
     Ok((StatusCode::ACCEPTED, Json(json!(p))).into_response())
 }
 

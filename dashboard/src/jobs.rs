@@ -1,16 +1,19 @@
 //! Bulk actions on a failure group or a selection (SPEC §9): a resubmission goes canary first (one
 //! message, then its outcome is awaited), then the rest at `bulk_rate` per second; a discard goes
 //! at that rate at once. Progress can be watched and the job stopped. Jobs live in the dashboard
-//! that started them; every message they touch is audited like a single action.
+//! that started them; every message they touch is audited like a single action. A resubmission
+//! may repair each message with a draft rule file first (the canary is the first it repairs; what
+//! it does not repair stays parked).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use repair_rules::rules::{Decision, Limits, RuleSet, evaluate};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::actions;
+use crate::actions::{self, Edit};
 use crate::app::{Principal, Shared};
 use crate::store::{Status, now_ms};
 
@@ -48,6 +51,8 @@ pub struct Progress {
     /// Messages no longer parked when their turn came (someone else acted).
     pub skipped: usize,
     pub failed: usize,
+    /// With a draft to repair with first: messages it did not repair (left parked).
+    pub not_repaired: usize,
     pub canary: Option<String>,
     /// The last problem, if any.
     pub message: Option<String>,
@@ -139,6 +144,7 @@ pub fn start(
     group: Option<String>,
     members: Vec<(String, u32)>,
     note: Option<String>,
+    repair: Option<Arc<RuleSet>>,
 ) -> Progress {
     let id = crate::auth::new_secret()[..12].to_owned();
     let progress = Progress {
@@ -155,6 +161,7 @@ pub fn start(
         done: 0,
         skipped: 0,
         failed: 0,
+        not_repaired: 0,
         canary: None,
         message: None,
         started_at: now_ms(),
@@ -165,7 +172,7 @@ pub fn start(
         stop: CancellationToken::new(),
     });
     state.jobs.insert(id, job.clone(), now_ms());
-    tokio::spawn(run(state, who, kind, members, note, job));
+    tokio::spawn(run(state, who, kind, members, note, repair, job));
     progress
 }
 
@@ -175,16 +182,55 @@ async fn run(
     kind: Kind,
     members: Vec<(String, u32)>,
     note: Option<String>,
+    repair: Option<Arc<RuleSet>>,
     job: Arc<Job>,
 ) {
     let rate = state.settings.bulk_rate.max(1);
     let pause = Duration::from_secs_f64(1.0 / f64::from(rate));
     let mut rest = members.as_slice();
+    // With a draft, the canary is the first message it repairs.
+    let mut canary_edit = None;
+    if let Some(rules) = &repair {
+        while let Some(((id, _), others)) = rest.split_first() {
+            match repaired(&state, rules, id, note.as_deref()).await {
+                Ok(Some(edit)) => {
+                    canary_edit = Some(edit);
+                    break;
+                }
+                Ok(None) => update(&job, |p| p.not_repaired += 1),
+                Err(e) => update(&job, |p| {
+                    p.failed += 1;
+                    p.message = Some(format!("{id}: {}", e.message));
+                }),
+            }
+            rest = others;
+        }
+        if rest.is_empty() {
+            return finish(
+                &job,
+                JobState::Finished,
+                Some("the draft repairs none of the group's messages: nothing was sent".into()),
+            );
+        }
+    }
     if kind == Kind::Resubmit
         && let Some(((canary, attempt), others)) = rest.split_first()
     {
         update(&job, |p| p.canary = Some(canary.clone()));
-        match actions::resubmit(&state, &who, canary, Some(*attempt), None, note.as_deref()).await {
+        let (edit, canary_note) = match canary_edit {
+            Some((edit, note)) => (Some(edit), Some(note)),
+            None => (None, note.clone()),
+        };
+        match actions::resubmit(
+            &state,
+            &who,
+            canary,
+            Some(*attempt),
+            edit,
+            canary_note.as_deref(),
+        )
+        .await
+        {
             Ok(_) => {}
             Err(e) => {
                 return finish(&job, JobState::CanaryFailed, Some(e.message));
@@ -203,11 +249,23 @@ async fn run(
             return finish(&job, JobState::Stopped, None);
         }
         let result = match kind {
-            Kind::Resubmit => {
-                actions::resubmit(&state, &who, id, Some(*attempt), None, note.as_deref())
+            Kind::Resubmit => match &repair {
+                Some(rules) => match repaired(&state, rules, id, note.as_deref()).await {
+                    Ok(Some((edit, note))) => {
+                        actions::resubmit(&state, &who, id, Some(*attempt), Some(edit), Some(&note))
+                            .await
+                            .map(drop)
+                    }
+                    Ok(None) => {
+                        update(&job, |p| p.not_repaired += 1);
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                },
+                None => actions::resubmit(&state, &who, id, Some(*attempt), None, note.as_deref())
                     .await
-                    .map(drop)
-            }
+                    .map(drop),
+            },
             Kind::Discard => actions::discard(&state, &who, id, Some(*attempt), note.as_deref())
                 .await
                 .map(drop),
@@ -228,6 +286,42 @@ async fn run(
         }
     }
     finish(&job, JobState::Finished, None);
+}
+
+/// Message `id` repaired by the draft `rules` (evaluated off the async threads, within the
+/// dry-run limit): the edit to resubmit and its note (the rule named, then the person's), or `None`
+/// when the draft does not repair it.
+async fn repaired(
+    state: &Shared,
+    rules: &Arc<RuleSet>,
+    id: &str,
+    note: Option<&str>,
+) -> Result<Option<(Edit, String)>, crate::app::ApiError> {
+    let m = state
+        .store
+        .get(id)
+        .await?
+        .ok_or_else(|| crate::app::ApiError::not_found(format!("no message {id}")))?;
+    let rules = rules.clone();
+    let decision = tokio::task::spawn_blocking(move || {
+        let limits = Limits {
+            time_limit: Some(crate::api::DRY_RUN_LIMIT),
+            ..Limits::default()
+        };
+        evaluate(&rules, &m.envelope, &limits)
+    })
+    .await
+    .map_err(|e| crate::app::ApiError::invalid(format!("the draft's evaluation failed: {e}")))?;
+    Ok(match decision {
+        Decision::Repaired { rule, payload } => {
+            let said = match note {
+                Some(n) => format!("repaired with the draft rule `{rule}` first; {n}"),
+                None => format!("repaired with the draft rule `{rule}` first"),
+            };
+            Some((Edit::Json(payload), said))
+        }
+        Decision::Park { .. } => None,
+    })
 }
 
 /// Waits until the canary is resolved; its failing again, being discarded, the timeout or a stop
@@ -312,6 +406,7 @@ mod tests {
                 done: 1,
                 skipped: 0,
                 failed: 0,
+                not_repaired: 0,
                 canary: None,
                 message: None,
                 started_at,

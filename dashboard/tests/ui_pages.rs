@@ -46,6 +46,7 @@ fn progress(state: JobState, finished: bool) -> Progress {
         done: 3,
         skipped: 1,
         failed: 0,
+        not_repaired: 0,
         canary: Some("ORDERS:7".into()),
         message: None,
         started_at: now_ms(),

@@ -195,6 +195,28 @@ impl Dashboard {
             .context("a parked message without an id")
     }
 
+    /// Resubmits failure group `group` (a bulk job, `body` as the API takes it) and waits until the
+    /// job ends; returns the job.
+    pub async fn resubmit_group(&self, group: &str, body: &Value) -> anyhow::Result<Value> {
+        let (status, job) = self
+            .post(
+                &format!("/api/groups/{group}/resubmit"),
+                Some(OPERATOR_TOKEN),
+                body,
+            )
+            .await?;
+        anyhow::ensure!(status == StatusCode::ACCEPTED, "{status} {job}");
+        let id = job["id"]
+            .as_str()
+            .context("a job without an id")?
+            .to_owned();
+        crate::wait::until("the job ends", crate::world::TEST_TIMEOUT, || async {
+            let j = self.ok(&format!("/api/jobs/{id}")).await?;
+            Ok(j["finished_at"].is_number().then_some(j))
+        })
+        .await
+    }
+
     pub async fn wait_messages(
         &self,
         query: &str,

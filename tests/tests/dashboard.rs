@@ -236,27 +236,6 @@ async fn discarding_a_head_releases_its_key_and_release_gives_up_order() {
     assert_eq!(body["error"]["code"], "conflict");
 }
 
-/// Resubmits failure group `group` (a bulk job) and waits until the job ends; returns the job.
-#[allow(clippy::unwrap_used)]
-async fn resubmit_group(d: &Dashboard, group: &str, body: &Value) -> Value {
-    let (status, job) = d
-        .post(
-            &format!("/api/groups/{group}/resubmit"),
-            Some(OPERATOR_TOKEN),
-            body,
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
-    let id = job["id"].as_str().unwrap().to_owned();
-    wait::until("the job ends", TEST_TIMEOUT, || async {
-        let j = d.ok(&format!("/api/jobs/{id}")).await?;
-        Ok(j["finished_at"].is_number().then_some(j))
-    })
-    .await
-    .unwrap()
-}
-
 #[tokio::test]
 async fn group_resubmission_goes_canary_first() {
     let s = Stack::start(None, "bulk_rate = 50\ncanary_timeout = \"30s\"")
@@ -285,7 +264,7 @@ async fn group_resubmission_goes_canary_first() {
     assert_eq!(groups["items"][0]["count"], 4);
 
     // While the app still fails them, the canary fails again and the rest are not sent.
-    let done = resubmit_group(d, &group, &json!({})).await;
+    let done = d.resubmit_group(&group, &json!({})).await.unwrap();
     assert_eq!(done["state"], "canary_failed", "{done}");
     assert_eq!(done["done"], 1);
     let resubmitted = world
@@ -301,7 +280,10 @@ async fn group_resubmission_goes_canary_first() {
 
     // Once the accounts exist, the canary goes through and so do the rest.
     fixed.store(true, Ordering::SeqCst);
-    let done = resubmit_group(d, &group, &json!({"note": "accounts created"})).await;
+    let done = d
+        .resubmit_group(&group, &json!({"note": "accounts created"}))
+        .await
+        .unwrap();
     assert_eq!(done["state"], "finished", "{done}");
     assert_eq!(done["done"], 4, "{done}");
     d.wait_messages("status=resolved", 4, TEST_TIMEOUT)

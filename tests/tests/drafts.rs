@@ -135,6 +135,61 @@ async fn a_fix_by_hand_becomes_a_rule_that_repairs_the_next_such_failure() {
         "{html}"
     );
 
+    // Three more such failures, resubmitted as a group with the draft's repair first: two have a
+    // currency (repaired, the canary first), one has none (the draft's `set` fails: left parked).
+    let more = [
+        ("k4", json!({"currency": "gbp"})),
+        ("k5", json!({"currency": "chf"})),
+        ("k6", json!({})),
+    ];
+    js::publish_all(
+        &world.js,
+        more.iter()
+            .map(|(k, extra)| order_with(k, 0, "nobody", extra.clone()))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    d.wait_messages("status=parked", 3, TEST_TIMEOUT)
+        .await
+        .unwrap();
+    let groups = d.ok("/api/groups").await.unwrap();
+    let group = groups["items"][0]["id"].as_str().unwrap().to_owned();
+    let job = d
+        .resubmit_group(&group, &json!({"rules": text, "note": "drafted"}))
+        .await
+        .unwrap();
+    assert_eq!(job["state"], "finished", "{job}");
+    assert_eq!(
+        (job["done"].clone(), job["not_repaired"].clone()),
+        (json!(2), json!(1)),
+        "{job}"
+    );
+    let log = world
+        .app
+        .wait_for("k4 and k5 delivered", TEST_TIMEOUT, |log| {
+            delivered(log, "k4") == [0] && delivered(log, "k5") == [0]
+        })
+        .await
+        .unwrap();
+    let k5 = log
+        .iter()
+        .find(|x| x.ok() && x.field("key") == Some(&json!("k5")))
+        .unwrap();
+    assert_eq!(k5.field("currency"), Some(&json!("CHF")));
+    assert_eq!(k5.field("account"), Some(&json!("acct-1")));
+    let audit = d.ok("/api/audit").await.unwrap();
+    assert!(
+        audit["items"].as_array().unwrap().iter().any(|a| a["action"] == "edit_and_resubmit"
+            && a["note"].as_str().unwrap_or("").starts_with("repaired with the draft rule `fix-app-app-created-unknown-account` first; drafted")),
+        "{audit}"
+    );
+    let parked = d
+        .wait_messages("status=parked", 1, TEST_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(parked[0]["key"], "k6");
+
     // The draft passes `mend rules check` beside the rules it joins (first: the example rules
     // would park such a message).
     std::fs::write(rules.path().join("00-draft.toml"), &text).unwrap();
@@ -178,7 +233,13 @@ async fn a_fix_by_hand_becomes_a_rule_that_repairs_the_next_such_failure() {
         Some("fix-app-app-created-unknown-account")
     );
     let parked = d.ok("/api/messages?status=parked").await.unwrap();
-    assert_eq!(parked["items"], json!([]), "{parked}");
+    let keys: Vec<&serde_json::Value> = parked["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| &m["key"])
+        .collect();
+    assert_eq!(keys, [&json!("k6")], "{parked}");
 
     let (status, _) = draft(&d, "APP:999999", OPERATOR_TOKEN).await;
     assert_eq!(status, StatusCode::NOT_FOUND);

@@ -120,7 +120,7 @@ async fn start(
         );
     }
     let note = non_empty(&f.note).map(str::to_owned);
-    let p = jobs::start(s.clone(), who, kind, Some(id), members, note);
+    let p = jobs::start(s.clone(), who, kind, Some(id), members, note, None);
     see_other(&super::jobs::job_url(&p.id))
 }
 

@@ -44,7 +44,9 @@ pub struct JobRow {
     pub done: usize,
     pub skipped: usize,
     pub failed: usize,
-    /// done + skipped + failed.
+    /// Left parked: the draft the job repaired with first did not repair them.
+    pub not_repaired: usize,
+    /// done + skipped + failed + not repaired.
     pub handled: usize,
     pub canary: Option<String>,
     pub message: Option<String>,
@@ -81,7 +83,8 @@ impl JobRow {
             done: p.done,
             skipped: p.skipped,
             failed: p.failed,
-            handled: p.done + p.skipped + p.failed,
+            not_repaired: p.not_repaired,
+            handled: p.done + p.skipped + p.failed + p.not_repaired,
             canary: p.canary.clone(),
             message: p.message.clone(),
             problem: p.failed > 0 || p.state == JobState::CanaryFailed,

@@ -281,7 +281,7 @@ async fn bulk(
         );
     }
     let note = non_empty(field("note")).map(str::to_owned);
-    let p = jobs::start(s.clone(), who, kind, None, members, note);
+    let p = jobs::start(s.clone(), who, kind, None, members, note, None);
     see_other(&super::jobs::job_url(&p.id))
 }
 
