@@ -93,6 +93,9 @@ struct NoteForm {
     csrf: String,
     #[serde(default)]
     note: String,
+    /// A draft rule file to repair each message with first (resubmission only).
+    #[serde(default)]
+    rules: String,
 }
 
 async fn start(
@@ -119,8 +122,15 @@ async fn start(
             "/groups",
         );
     }
+    let repair = match non_empty(&f.rules).filter(|_| kind == Kind::Resubmit) {
+        Some(draft) => match crate::api::rules_to_try(&s, Some(draft)) {
+            Ok(rules) => Some(rules),
+            Err(e) => return error_page(Some(&who), e, "/groups"),
+        },
+        None => None,
+    };
     let note = non_empty(&f.note).map(str::to_owned);
-    let p = jobs::start(s.clone(), who, kind, Some(id), members, note, None);
+    let p = jobs::start(s.clone(), who, kind, Some(id), members, note, repair);
     see_other(&super::jobs::job_url(&p.id))
 }
 
