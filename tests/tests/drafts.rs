@@ -397,6 +397,38 @@ async fn rules_tried_on_a_backlog_of_thousands_count_each_outcome_within_their_b
     let shown = viewed[0]["examples"].to_string();
     assert!(!shown.contains("4111-"), "{shown}");
 
+    // The same on the rules page.
+    let web = browser();
+    let (user, password, _) = USERS[0];
+    login(&d, &web, user, password).await;
+    let html = web
+        .get(format!("{}/rules", d.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = hidden(&html, "csrf").unwrap();
+    let page = web
+        .post(format!("{}/rules/try", d.url))
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("backlog", "on"),
+            ("service", "orders"),
+            ("rules", draft.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    let html = page.text().await.unwrap();
+    assert!(
+        html.contains("would repair 2000 of 3000, park 1000"),
+        "{html}"
+    );
+    assert!(html.contains("account-tidy-draft"), "{html}");
+
     // From a service owner's laptop: the local files against the backlog, through the API.
     let mine = tempfile::tempdir().unwrap();
     std::fs::write(mine.path().join("draft.toml"), &draft).unwrap();

@@ -114,6 +114,9 @@ async fn try_one(
     if let Err(page) = check_csrf(&who, &f.csrf) {
         return *page;
     }
+    if non_empty(&f.backlog).is_some() {
+        return on_backlog(&s, &who, &f).await;
+    }
     match (non_empty(&f.id), non_empty(&f.group)) {
         (Some(id), _) => try_rules::on_message(&s, &who, id, &f.rules).await,
         (None, Some(group)) => try_rules::on_group(&s, &who, group, &f.rules).await,
@@ -123,4 +126,136 @@ async fn try_one(
             "/rules",
         ),
     }
+}
+
+/// One example of a backlog dry-run.
+pub struct ExampleRow {
+    pub outcome: String,
+    pub id: String,
+    /// The rule and the repair's changes, or the park message.
+    pub text: String,
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "backlog.html")]
+pub struct BacklogPage {
+    pub nav: Nav,
+    /// `the parked backlog` or `the parked backlog of orders`.
+    pub target: String,
+    pub service: String,
+    /// The draft rule file tried (empty: the loaded rules).
+    pub draft: String,
+    pub error: Option<String>,
+    pub summary: String,
+    pub outcomes: Vec<(String, u64)>,
+    /// Per rule, its outcomes in words.
+    pub rules: Vec<(String, String)>,
+    pub examples: Vec<ExampleRow>,
+    pub next_cursor: Option<String>,
+}
+
+/// The rules (or a draft) on the parked backlog (of one service), a bounded slice at a time.
+async fn on_backlog(s: &Shared, who: &crate::app::Principal, f: &TryForm) -> Response {
+    let service = non_empty(&f.service).map(str::to_owned);
+    let draft = non_empty(&f.rules)
+        .map(|d| d.replace("\r\n", "\n"))
+        .unwrap_or_default();
+    let mut page = BacklogPage {
+        nav: Nav::new(who, "rules"),
+        target: match &service {
+            Some(s) => format!("the parked backlog of {s}"),
+            None => "the parked backlog".into(),
+        },
+        service: service.clone().unwrap_or_default(),
+        draft: draft.clone(),
+        error: None,
+        summary: String::new(),
+        outcomes: Vec::new(),
+        rules: Vec::new(),
+        examples: Vec::new(),
+        next_cursor: None,
+    };
+    if !draft.is_empty() && !can_act(who) {
+        return error_page(
+            Some(who),
+            ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                "forbidden",
+                "trying a draft rule file needs the operator role; the loaded rules can be tried",
+            ),
+            "/rules",
+        );
+    }
+    let rules = match crate::api::rules_to_try(s, Some(&draft)) {
+        Ok(r) => r,
+        Err(e) => {
+            page.error = Some(e.message);
+            return page.into_response();
+        }
+    };
+    let scope = crate::backlog::Scope {
+        service,
+        ..Default::default()
+    };
+    let cursor = non_empty(&f.cursor).map(str::to_owned);
+    match crate::backlog::try_rules(s, who, rules, &scope, cursor).await {
+        Ok(v) => fill(&mut page, &v),
+        Err(e) => page.error = Some(e.message),
+    }
+    page.into_response()
+}
+
+fn fill(page: &mut BacklogPage, v: &serde_json::Value) {
+    let counts = |v: &serde_json::Value| -> Vec<(String, u64)> {
+        v.as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0)))
+            .collect()
+    };
+    page.summary = v["summary"].as_str().unwrap_or_default().to_owned();
+    page.outcomes = counts(&v["outcomes"]);
+    page.rules = v["rules"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(rule, per)| {
+            let words: Vec<String> = counts(per)
+                .into_iter()
+                .map(|(o, n)| format!("{o} {n}"))
+                .collect();
+            (rule.clone(), words.join(", "))
+        })
+        .collect();
+    for (outcome, list) in v["examples"].as_object().into_iter().flatten() {
+        for e in list.as_array().into_iter().flatten() {
+            let text = match e["changes"].as_array() {
+                Some(changes) => {
+                    let parts: Vec<String> = changes
+                        .iter()
+                        .map(|c| {
+                            format!(
+                                "{}: {} → {}",
+                                c["path"].as_str().unwrap_or(""),
+                                c["before"],
+                                c["after"]
+                            )
+                        })
+                        .collect();
+                    format!(
+                        "by {}: {}",
+                        e["rule"].as_str().unwrap_or("?"),
+                        parts.join("; ")
+                    )
+                }
+                None => e["message"].as_str().unwrap_or_default().to_owned(),
+            };
+            page.examples.push(ExampleRow {
+                outcome: outcome.clone(),
+                id: e["id"].as_str().unwrap_or_default().to_owned(),
+                text,
+            });
+        }
+    }
+    page.next_cursor = v["next_cursor"].as_str().map(str::to_owned);
 }

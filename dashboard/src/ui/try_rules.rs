@@ -77,9 +77,16 @@ pub struct TryForm {
     /// `/rules/try`: a message id…
     #[serde(default)]
     pub id: String,
-    /// …or a group.
+    /// …or a group…
     #[serde(default)]
     pub group: String,
+    /// …or (when set) the whole parked backlog, of `service` when given, from `cursor` on.
+    #[serde(default)]
+    pub backlog: String,
+    #[serde(default)]
+    pub service: String,
+    #[serde(default)]
+    pub cursor: String,
 }
 
 /// A dry-run result of [`api::dry_run`] as a row (its payload masked with `masked`).
