@@ -597,7 +597,7 @@ async fn rules_try(
     State(s): State<Shared>,
     ApiCaller(who): ApiCaller,
     Body(b): Body<RulesTryBody>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<crate::backlog::Answer>, ApiError> {
     draft_allowed(&who, b.rules.as_deref())?;
     let scopes = [&b.message, &b.group]
         .iter()

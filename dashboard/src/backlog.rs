@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use repair_rules::rules::{Decision, Limits, ParkReason, RuleSet, evaluate};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::api::{DRY_RUN_LIMIT, masked_for};
@@ -44,7 +45,7 @@ pub async fn try_rules(
     rules: Arc<RuleSet>,
     scope: &Scope,
     cursor: Option<String>,
-) -> Result<Value, ApiError> {
+) -> Result<Answer, ApiError> {
     let masked = masked_for(s, who).to_vec();
     let mut report = Report::default();
     let started = Instant::now();
@@ -55,7 +56,7 @@ pub async fn try_rules(
             .await?
             .ok_or_else(|| ApiError::not_found(format!("no message {id}")))?;
         let (report, _) = evaluate_page(s, rules, vec![m], masked, report, started).await?;
-        return Ok(report.json(None, started));
+        return Ok(report.finish(None, started));
     }
     let filter = Filter {
         status: Some(Status::Parked),
@@ -78,9 +79,9 @@ pub async fn try_rules(
         } else {
             next
         };
-        let spent = report.cut || started.elapsed() >= BUDGET || report.tried >= MOST;
+        let spent = report.cut || started.elapsed() >= BUDGET || report.answer.tried >= MOST;
         if cursor.is_none() || spent {
-            return Ok(report.json(cursor, started));
+            return Ok(report.finish(cursor, started));
         }
     }
 }
@@ -111,7 +112,7 @@ async fn evaluate_page(
         report.cut = false;
         let mut last = None;
         for m in &items {
-            if report.tried >= MOST || started.elapsed() >= BUDGET {
+            if report.answer.tried >= MOST || started.elapsed() >= BUDGET {
                 report.cut = true;
                 break;
             }
@@ -126,22 +127,131 @@ async fn evaluate_page(
         .map_err(|e| ApiError::invalid(format!("the dry-run failed: {e}")))
 }
 
-/// Counts and examples.
+/// Counts and examples, as the API answers them (`POST /api/rules/try`); the rules page shows it
+/// and `mend rules try --dashboard` reads and sums it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Answer {
+    /// "would repair 37 of 40, park 3"
+    pub summary: String,
+    pub tried: usize,
+    /// Per outcome (`repaired`, `parked`, `no_rule`, `error`): how many.
+    pub outcomes: BTreeMap<String, usize>,
+    /// Per rule: per outcome, how many.
+    pub rules: BTreeMap<String, BTreeMap<String, usize>>,
+    /// A few per outcome.
+    pub examples: BTreeMap<String, Vec<Example>>,
+    pub took_ms: u64,
+    /// Where the next request goes on, if the bound stopped this one.
+    pub next_cursor: Option<String>,
+}
+
+/// One example of an outcome.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Example {
+    pub id: String,
+    pub rule: Option<String>,
+    /// A repair: what it changed, by JSON Pointer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes: Option<Vec<Change>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// One place a repair changed (`None`: absent on that side).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Change {
+    pub path: String,
+    pub before: Option<Value>,
+    pub after: Option<Value>,
+}
+
+impl Example {
+    /// In words: `by rule: /a: "x" → 1; …`, or the park message.
+    pub fn describe(&self) -> String {
+        match &self.changes {
+            Some(changes) => {
+                let parts: Vec<String> = changes
+                    .iter()
+                    .map(|c| {
+                        let show = |v: &Option<Value>| {
+                            v.as_ref().map_or("(absent)".to_owned(), Value::to_string)
+                        };
+                        format!("{}: {} → {}", c.path, show(&c.before), show(&c.after))
+                    })
+                    .collect();
+                format!(
+                    "by {}: {}",
+                    self.rule.as_deref().unwrap_or("?"),
+                    parts.join("; ")
+                )
+            }
+            None => self.message.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl Answer {
+    /// Adds a later answer of the same try (its counts, examples up to [`EXAMPLES`], its cursor).
+    pub fn merge(&mut self, later: Answer) {
+        self.tried += later.tried;
+        for (o, n) in later.outcomes {
+            *self.outcomes.entry(o).or_default() += n;
+        }
+        for (rule, per) in later.rules {
+            let mine = self.rules.entry(rule).or_default();
+            for (o, n) in per {
+                *mine.entry(o).or_default() += n;
+            }
+        }
+        for (o, list) in later.examples {
+            let mine = self.examples.entry(o).or_default();
+            let room = EXAMPLES.saturating_sub(mine.len());
+            mine.extend(list.into_iter().take(room));
+        }
+        self.took_ms += later.took_ms;
+        self.next_cursor = later.next_cursor;
+        self.summary = self.summarise();
+    }
+
+    fn count(&self, outcome: &str) -> usize {
+        self.outcomes.get(outcome).copied().unwrap_or(0)
+    }
+
+    fn summarise(&self) -> String {
+        let errors = self.count("error");
+        format!(
+            "would repair {} of {}, park {}{}{}",
+            self.count("repaired"),
+            self.tried,
+            self.tried - self.count("repaired"),
+            if errors > 0 {
+                format!(" ({errors} on a rule error)")
+            } else {
+                String::new()
+            },
+            if self.next_cursor.is_some() {
+                " so far (more to try: continue with next_cursor)"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+/// Counts and examples being gathered.
 #[derive(Debug, Default)]
 struct Report {
-    tried: usize,
-    /// Per outcome (`repaired`, `parked`, `no_rule`, `error`): how many.
-    outcomes: BTreeMap<&'static str, usize>,
-    /// Per rule: per outcome, how many.
-    rules: BTreeMap<String, BTreeMap<&'static str, usize>>,
-    examples: BTreeMap<&'static str, Vec<Value>>,
+    answer: Answer,
     /// The last page was cut short by the budget.
     cut: bool,
 }
 
 impl Report {
     fn add(&mut self, m: &Message, decision: &Decision, masked: &[String]) {
-        self.tried += 1;
+        let a = &mut self.answer;
+        a.tried += 1;
         let (outcome, rule) = match decision {
             Decision::Repaired { rule, .. } => ("repaired", Some(rule)),
             Decision::Park { rule, reason, .. } => (
@@ -154,83 +264,59 @@ impl Report {
                 rule.as_ref(),
             ),
         };
-        *self.outcomes.entry(outcome).or_default() += 1;
+        *a.outcomes.entry(outcome.to_owned()).or_default() += 1;
         if let Some(rule) = rule {
-            *self
-                .rules
+            *a.rules
                 .entry(rule.clone())
                 .or_default()
-                .entry(outcome)
+                .entry(outcome.to_owned())
                 .or_default() += 1;
         }
-        let examples = self.examples.entry(outcome).or_default();
+        let examples = a.examples.entry(outcome.to_owned()).or_default();
         if examples.len() < EXAMPLES {
             examples.push(example(m, decision, masked));
         }
     }
 
-    fn json(self, next_cursor: Option<String>, started: Instant) -> Value {
-        let count = |o: &str| self.outcomes.get(o).copied().unwrap_or(0);
-        let summary = format!(
-            "would repair {} of {}, park {}{}{}",
-            count("repaired"),
-            self.tried,
-            count("parked") + count("no_rule") + count("error"),
-            if count("error") > 0 {
-                format!(" ({} on a rule error)", count("error"))
-            } else {
-                String::new()
-            },
-            if next_cursor.is_some() {
-                " so far (more to try: continue with next_cursor)"
-            } else {
-                ""
-            }
-        );
-        json!({
-            "summary": summary,
-            "tried": self.tried,
-            "outcomes": self.outcomes,
-            "rules": self.rules,
-            "examples": self.examples,
-            "took_ms": started.elapsed().as_millis() as u64,
-            "next_cursor": next_cursor,
-        })
+    fn finish(self, next_cursor: Option<String>, started: Instant) -> Answer {
+        let mut a = self.answer;
+        a.next_cursor = next_cursor;
+        a.took_ms = started.elapsed().as_millis() as u64;
+        a.summary = a.summarise();
+        a
     }
 }
 
 /// One example: the message, what decided it, and for a repair the payload's changes (masked as
 /// the caller sees the message).
-fn example(m: &Message, decision: &Decision, masked: &[String]) -> Value {
-    let mut before = m.envelope.payload.clone();
-    match decision {
+fn example(m: &Message, decision: &Decision, masked: &[String]) -> Example {
+    let mut v = match decision {
         Decision::Repaired { rule, payload } => {
-            let mut after = payload.clone();
+            let (mut before, mut after) = (m.envelope.payload.clone(), payload.clone());
             mask(&mut before, masked);
             mask(&mut after, masked);
             let changes: Vec<Value> = repair_rules::rules::draft::changes(&before, &after)
                 .into_iter()
                 .map(|(path, b, a)| json!({"path": path, "before": b, "after": a}))
                 .collect();
-            let mut v = json!({"id": m.id, "rule": rule, "changes": changes});
-            crate::auth::redact(
-                &mut v,
-                &crate::auth::masked_values(&m.envelope.payload, masked),
-            );
-            v
+            json!({"id": m.id, "rule": rule, "changes": changes})
         }
         Decision::Park {
             rule,
             reason,
             message,
-        } => {
-            let mut v =
-                json!({"id": m.id, "rule": rule, "reason": reason.as_str(), "message": message});
-            crate::auth::redact(
-                &mut v,
-                &crate::auth::masked_values(&m.envelope.payload, masked),
-            );
-            v
-        }
-    }
+        } => json!({"id": m.id, "rule": rule, "reason": reason.as_str(), "message": message}),
+    };
+    // What a masked field holds, wherever else it shows (a rule's message, a copied value).
+    crate::auth::redact(
+        &mut v,
+        &crate::auth::masked_values(&m.envelope.payload, masked),
+    );
+    serde_json::from_value(v).unwrap_or_else(|_| Example {
+        id: m.id.clone(),
+        rule: None,
+        changes: None,
+        reason: None,
+        message: None,
+    })
 }

@@ -385,3 +385,20 @@ pub async fn park_directly(
     crate::js::publish_all(&world.js, outs).await?;
     Ok(())
 }
+
+/// A browser-like client logged in as `user` of [`USERS`] (by name).
+#[allow(clippy::unwrap_used)]
+pub async fn logged_in(d: &Dashboard, user: &str) -> reqwest::Client {
+    let client = browser();
+    let (_, password, _) = USERS.iter().find(|(n, _, _)| *n == user).unwrap();
+    login(d, &client, user, password).await;
+    client
+}
+
+/// The text of page `path` as `client` gets it.
+#[allow(clippy::unwrap_used)]
+pub async fn page_text(d: &Dashboard, client: &reqwest::Client, path: &str) -> String {
+    let res = client.get(format!("{}{path}", d.url)).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK, "GET {path}");
+    res.text().await.unwrap()
+}

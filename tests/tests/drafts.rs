@@ -5,7 +5,7 @@
 
 use mend_e2e::app::Reply;
 use mend_e2e::dashboard::{
-    Dashboard, OPERATOR_TOKEN, USERS, VIEWER_TOKEN, browser, delivered, hidden, login, order_with,
+    Dashboard, OPERATOR_TOKEN, VIEWER_TOKEN, delivered, hidden, logged_in, order_with, page_text,
     park_directly,
 };
 use mend_e2e::js;
@@ -115,16 +115,8 @@ async fn a_fix_by_hand_becomes_a_rule_that_repairs_the_next_such_failure() {
     assert!(!viewed.contains("4111-1111"), "{viewed}");
 
     // The message's page shows the draft, and the try form starts with it.
-    let web = browser();
-    let (user, password, _) = USERS[0];
-    login(&d, &web, user, password).await;
-    let page = web
-        .get(format!("{}/messages/{id}", d.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(page.status(), StatusCode::OK);
-    let html = page.text().await.unwrap();
+    let web = logged_in(&d, "alice").await;
+    let html = page_text(&d, &web, &format!("/messages/{id}")).await;
     assert!(html.contains("A rule from this fix"), "{html}");
     let in_form = html
         .split("<textarea id=\"rules\"")
@@ -192,14 +184,7 @@ async fn a_fix_by_hand_becomes_a_rule_that_repairs_the_next_such_failure() {
     let k6 = parked[0]["id"].as_str().unwrap().to_owned();
 
     // On the groups page, the same with another draft for the one left: it is repaired and resolves.
-    let html = web
-        .get(format!("{}/groups", d.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let html = page_text(&d, &web, "/groups").await;
     assert!(html.contains("Repair with a draft rule first"), "{html}");
     let csrf = hidden(&html, "csrf").unwrap();
     let second = r#"
@@ -398,17 +383,8 @@ async fn rules_tried_on_a_backlog_of_thousands_count_each_outcome_within_their_b
     assert!(!shown.contains("4111-"), "{shown}");
 
     // The same on the rules page.
-    let web = browser();
-    let (user, password, _) = USERS[0];
-    login(&d, &web, user, password).await;
-    let html = web
-        .get(format!("{}/rules", d.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let web = logged_in(&d, "alice").await;
+    let html = page_text(&d, &web, "/rules").await;
     let csrf = hidden(&html, "csrf").unwrap();
     let page = web
         .post(format!("{}/rules/try", d.url))

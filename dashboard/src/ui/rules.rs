@@ -147,7 +147,7 @@ pub struct BacklogPage {
     pub draft: String,
     pub error: Option<String>,
     pub summary: String,
-    pub outcomes: Vec<(String, u64)>,
+    pub outcomes: Vec<(String, usize)>,
     /// Per rule, its outcomes in words.
     pub rules: Vec<(String, String)>,
     pub examples: Vec<ExampleRow>,
@@ -199,63 +199,34 @@ async fn on_backlog(s: &Shared, who: &crate::app::Principal, f: &TryForm) -> Res
     };
     let cursor = non_empty(&f.cursor).map(str::to_owned);
     match crate::backlog::try_rules(s, who, rules, &scope, cursor).await {
-        Ok(v) => fill(&mut page, &v),
+        Ok(a) => fill(&mut page, a),
         Err(e) => page.error = Some(e.message),
     }
     page.into_response()
 }
 
-fn fill(page: &mut BacklogPage, v: &serde_json::Value) {
-    let counts = |v: &serde_json::Value| -> Vec<(String, u64)> {
-        v.as_object()
-            .into_iter()
-            .flatten()
-            .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0)))
-            .collect()
+fn fill(page: &mut BacklogPage, a: crate::backlog::Answer) {
+    let words = |per: &std::collections::BTreeMap<String, usize>| {
+        let parts: Vec<String> = per.iter().map(|(o, n)| format!("{o} {n}")).collect();
+        parts.join(", ")
     };
-    page.summary = v["summary"].as_str().unwrap_or_default().to_owned();
-    page.outcomes = counts(&v["outcomes"]);
-    page.rules = v["rules"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .map(|(rule, per)| {
-            let words: Vec<String> = counts(per)
-                .into_iter()
-                .map(|(o, n)| format!("{o} {n}"))
-                .collect();
-            (rule.clone(), words.join(", "))
+    page.rules = a
+        .rules
+        .iter()
+        .map(|(r, per)| (r.clone(), words(per)))
+        .collect();
+    page.examples = a
+        .examples
+        .iter()
+        .flat_map(|(outcome, list)| {
+            list.iter().map(move |e| ExampleRow {
+                outcome: outcome.clone(),
+                id: e.id.clone(),
+                text: e.describe(),
+            })
         })
         .collect();
-    for (outcome, list) in v["examples"].as_object().into_iter().flatten() {
-        for e in list.as_array().into_iter().flatten() {
-            let text = match e["changes"].as_array() {
-                Some(changes) => {
-                    let parts: Vec<String> = changes
-                        .iter()
-                        .map(|c| {
-                            format!(
-                                "{}: {} → {}",
-                                c["path"].as_str().unwrap_or(""),
-                                c["before"],
-                                c["after"]
-                            )
-                        })
-                        .collect();
-                    format!(
-                        "by {}: {}",
-                        e["rule"].as_str().unwrap_or("?"),
-                        parts.join("; ")
-                    )
-                }
-                None => e["message"].as_str().unwrap_or_default().to_owned(),
-            };
-            page.examples.push(ExampleRow {
-                outcome: outcome.clone(),
-                id: e["id"].as_str().unwrap_or_default().to_owned(),
-                text,
-            });
-        }
-    }
-    page.next_cursor = v["next_cursor"].as_str().map(str::to_owned);
+    page.outcomes = a.outcomes.into_iter().collect();
+    page.summary = a.summary;
+    page.next_cursor = a.next_cursor;
 }

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use mend_dashboard::backlog::Answer;
 use repair_rules::FailureEnvelope;
 use repair_rules::rules::{Decision, Limits, RuleSet, evaluate, inline, run_tests};
 
@@ -180,7 +181,7 @@ pub async fn try_backlog(
         Ok(c) => c,
         Err(e) => return fail(EXIT_UNAVAILABLE, &format!("no HTTP client: {e}")),
     };
-    let mut total = Totals::default();
+    let mut total: Option<Answer> = None;
     let mut cursor: Option<String> = None;
     for _ in 0..MOST_ANSWERS {
         let mut body = serde_json::json!({ "rules": draft });
@@ -194,23 +195,26 @@ pub async fn try_backlog(
             Ok(a) => a,
             Err(e) => return fail(EXIT_UNAVAILABLE, &e),
         };
-        total.add(&answer);
-        cursor = answer["next_cursor"].as_str().map(str::to_owned);
+        cursor = answer.next_cursor.clone();
+        match total.as_mut() {
+            Some(t) => t.merge(answer),
+            None => total = Some(answer),
+        }
         if cursor.is_none() {
             break;
         }
     }
-    total.print(service, cursor.is_some());
+    print(&total.unwrap_or_default(), service);
     ExitCode::SUCCESS
 }
 
-/// One `POST` of the backlog try: its JSON answer, or why there is none.
+/// One `POST` of the backlog try: its answer, or why there is none.
 async fn post(
     http: &reqwest::Client,
     url: &str,
     token: &str,
     body: &serde_json::Value,
-) -> Result<serde_json::Value, String> {
+) -> Result<Answer, String> {
     let res = http
         .post(url)
         .bearer_auth(token)
@@ -219,99 +223,37 @@ async fn post(
         .await
         .map_err(|e| format!("{url}: {e}"))?;
     let status = res.status();
-    let answer: serde_json::Value = res
-        .json()
+    let text = res
+        .text()
         .await
-        .map_err(|e| format!("{url}: {status}, not JSON: {e}"))?;
+        .map_err(|e| format!("{url}: {status}: {e}"))?;
     if !status.is_success() {
+        let answer: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
         let why = answer["error"]["message"]
             .as_str()
             .unwrap_or("no reason given");
         return Err(format!("{url}: {status}: {why}"));
     }
-    Ok(answer)
+    serde_json::from_str(&text).map_err(|e| format!("{url}: not a dry-run answer: {e}"))
 }
 
-/// The answers of one backlog try, summed.
-#[derive(Default)]
-struct Totals {
-    tried: u64,
-    outcomes: std::collections::BTreeMap<String, u64>,
-    rules: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
-    examples: std::collections::BTreeMap<String, Vec<serde_json::Value>>,
-}
-
-impl Totals {
-    fn add(&mut self, answer: &serde_json::Value) {
-        self.tried += answer["tried"].as_u64().unwrap_or(0);
-        let counts = |v: &serde_json::Value| -> Vec<(String, u64)> {
-            v.as_object()
-                .into_iter()
-                .flatten()
-                .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0)))
-                .collect()
-        };
-        for (outcome, n) in counts(&answer["outcomes"]) {
-            *self.outcomes.entry(outcome).or_default() += n;
-        }
-        for (rule, per) in answer["rules"].as_object().into_iter().flatten() {
-            for (outcome, n) in counts(per) {
-                *self
-                    .rules
-                    .entry(rule.clone())
-                    .or_default()
-                    .entry(outcome)
-                    .or_default() += n;
-            }
-        }
-        for (outcome, list) in answer["examples"].as_object().into_iter().flatten() {
-            let kept = self.examples.entry(outcome.clone()).or_default();
-            for e in list.as_array().into_iter().flatten() {
-                if kept.len() < 3 {
-                    kept.push(e.clone());
-                }
-            }
-        }
+/// The summed answers of one backlog try, in words.
+fn print(total: &Answer, service: Option<&str>) {
+    let scope = service.map_or("the parked backlog".to_owned(), |s| {
+        format!("the parked backlog of {s}")
+    });
+    println!("On {scope}: {}", total.summary);
+    for (outcome, count) in &total.outcomes {
+        println!("  {outcome}: {count}");
     }
-
-    fn print(&self, service: Option<&str>, cut: bool) {
-        let n = |o: &str| self.outcomes.get(o).copied().unwrap_or(0);
-        let parked = self.tried - n("repaired");
-        let scope = service.map_or("the parked backlog".to_owned(), |s| {
-            format!("the parked backlog of {s}")
-        });
-        println!(
-            "On {scope}: would repair {} of {}, park {parked}{}",
-            n("repaired"),
-            self.tried,
-            if cut { " (stopped: more remain)" } else { "" }
-        );
-        for (outcome, count) in &self.outcomes {
-            println!("  {outcome}: {count}");
-        }
-        for (rule, per) in &self.rules {
-            let per: Vec<String> = per.iter().map(|(o, c)| format!("{o} {c}")).collect();
-            println!("  rule `{rule}`: {}", per.join(", "));
-        }
-        for (outcome, list) in &self.examples {
-            println!("examples ({outcome}):");
-            for e in list {
-                let id = e["id"].as_str().unwrap_or("?");
-                match e["changes"].as_array() {
-                    Some(changes) => {
-                        println!("  {id} by `{}`:", e["rule"].as_str().unwrap_or("?"));
-                        for c in changes {
-                            println!(
-                                "    {}: {} -> {}",
-                                c["path"].as_str().unwrap_or(""),
-                                c["before"],
-                                c["after"]
-                            );
-                        }
-                    }
-                    None => println!("  {id}: {}", e["message"].as_str().unwrap_or("")),
-                }
-            }
+    for (rule, per) in &total.rules {
+        let per: Vec<String> = per.iter().map(|(o, c)| format!("{o} {c}")).collect();
+        println!("  rule `{rule}`: {}", per.join(", "));
+    }
+    for (outcome, list) in &total.examples {
+        println!("examples ({outcome}):");
+        for e in list {
+            println!("  {}: {}", e.id, e.describe());
         }
     }
 }
