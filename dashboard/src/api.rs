@@ -239,7 +239,7 @@ pub fn filter(q: &HashMap<String, String>) -> Result<Filter, ApiError> {
 #[utoipa::path(
     get, path = "/api/overview", tag = "overview",
     responses(
-        (status = 200, description = "Counts per service and status, the oldest parked message, held keys, rule outcomes of the last 24 hours", body = crate::openapi::OverviewView),
+        (status = 200, description = "Counts per service and status, the oldest parked message, held keys, rule outcomes of the last 24 hours; per service the parked, repaired, resolved and held per hour over the last 24 hours, the largest failure groups with their trend, the oldest hold", body = crate::openapi::OverviewView),
         crate::openapi::Unauthorized,
         crate::openapi::Unavailable
     )
@@ -254,7 +254,11 @@ async fn overview(
     let held_messages = crate::holds::held_messages(&s.js)
         .await
         .map_err(|e| ApiError::unavailable(format!("cannot count held messages: {e}")))?;
+    let live = crate::overview::live(&s).await?;
     Ok(Json(json!({
+        "hourly": live.hourly,
+        "top_groups": live.top_groups,
+        "oldest_hold": live.oldest_hold,
         "counts": o.counts.iter().map(|(service, status, n)| json!({"service": service, "status": status, "count": n})).collect::<Vec<_>>(),
         "oldest_parked": o.oldest_parked.map(|(id, at)| json!({"id": id, "parked_at": at})),
         "held_keys": holds.held_keys,

@@ -14,6 +14,7 @@ pub mod holds;
 pub mod ingest;
 pub mod jobs;
 pub mod openapi;
+pub mod overview;
 pub mod payloads;
 pub mod store;
 pub mod ui;

@@ -154,6 +154,10 @@ pub struct OverviewView {
     pub held_keys: u64,
     pub held_messages: u64,
     pub rules_last_24h: Vec<RuleCount>,
+    pub hourly: crate::overview::Hourly,
+    /// The failure groups with the most parked messages (five at most), largest first.
+    pub top_groups: Vec<crate::overview::GroupTrend>,
+    pub oldest_hold: Option<crate::overview::OldestHold>,
 }
 
 /// A loaded rule and what it did.
@@ -243,7 +247,7 @@ impl Modify for BearerAuth {
         crate::api::end_sessions,
         document,
     ),
-    components(schemas(ErrorBody, MessageView, Group, AuditRecord, Progress, crate::holds::HeldKey)),
+    components(schemas(ErrorBody, MessageView, Group, AuditRecord, Progress, crate::holds::HeldKey, crate::overview::Hourly, crate::overview::ServiceHours, crate::overview::GroupTrend, crate::overview::OldestHold)),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]

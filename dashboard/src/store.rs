@@ -817,12 +817,18 @@ impl Store {
 
     /// Parked messages grouped by service, subject and error kind, code and title, largest first.
     pub async fn groups(&self) -> Result<Vec<Group>, StoreError> {
+        self.largest_groups(i64::MAX).await
+    }
+
+    /// The `n` failure groups with the most parked messages (as [`Store::groups`]).
+    pub async fn largest_groups(&self, n: i64) -> Result<Vec<Group>, StoreError> {
         let rows = sqlx::query(
             "SELECT group_id, service, subject, error_kind, error_code, error_title, COUNT(*) AS n, \
              MIN(parked_at) AS oldest FROM messages WHERE status = 'parked' \
              GROUP BY group_id, service, subject, error_kind, error_code, error_title \
-             ORDER BY n DESC, oldest ASC",
+             ORDER BY n DESC, oldest ASC LIMIT $1",
         )
+        .bind(n)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -903,6 +909,56 @@ impl Store {
             oldest_parked,
             rules,
         })
+    }
+
+    /// Announcements of the overview's kinds (parked, repaired, resolved, held) since `since`:
+    /// (service, kind, hour as epoch milliseconds divided by `HOUR_MS`, count).
+    pub async fn hourly(&self, since: i64) -> Result<Vec<(String, String, i64, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT service, kind, at / 3600000 AS hour, COUNT(*) AS n FROM events \
+             WHERE kind IN ('parked', 'repaired', 'resolved', 'held') AND at >= $1 \
+             GROUP BY service, kind, at / 3600000",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("service")?,
+                    r.try_get("kind")?,
+                    r.try_get("hour")?,
+                    r.try_get("n")?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Parkings since `since` of the messages now in `groups` (five at most: more are left out):
+    /// (group, hour, count), the hour as in [`Store::hourly`].
+    pub async fn group_parkings(
+        &self,
+        groups: &[String],
+        since: i64,
+    ) -> Result<Vec<(String, i64, i64)>, StoreError> {
+        if groups.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Five places, the unused ones bound to "" (no group has an empty id).
+        let mut query = sqlx::query(
+            "SELECT m.group_id AS group_id, e.at / 3600000 AS hour, COUNT(*) AS n \
+             FROM events e JOIN messages m ON m.id = e.message_id \
+             WHERE e.kind = 'parked' AND e.at >= $1 AND m.group_id IN ($2, $3, $4, $5, $6) \
+             GROUP BY m.group_id, e.at / 3600000",
+        )
+        .bind(since);
+        for i in 0..5 {
+            query = query.bind(groups.get(i).cloned().unwrap_or_default());
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("group_id")?, r.try_get("hour")?, r.try_get("n")?)))
+            .collect()
     }
 
     /// Stores a session under the SHA-256 of its id.

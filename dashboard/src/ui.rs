@@ -47,6 +47,7 @@ pub fn routes() -> Router<Shared> {
         .route("/login", get(login_form).post(login))
         .route("/logout", axum::routing::post(logout))
         .route("/static/mend.css", get(css))
+        .route("/static/live.js", get(live_js))
         .merge(messages::routes())
         .merge(groups::routes())
         .merge(jobs::routes())
@@ -242,6 +243,17 @@ pub fn age(secs: u64) -> String {
         s if s < 86400 => format!("{}h {}m", s / 3600, (s % 3600) / 60),
         s => format!("{}d {}h", s / 86400, (s % 86400) / 3600),
     }
+}
+
+/// The overview's in-place refresh (the page also works, by a plain reload, without it).
+async fn live_js() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=86400"),
+        ],
+        include_str!("../static/live.js"),
+    )
 }
 
 async fn css() -> impl IntoResponse {
@@ -570,13 +582,56 @@ struct OverviewPage {
     oldest_id: Option<String>,
     counts: Vec<CountRow>,
     rules: Vec<RuleRow>,
+    /// Seconds between two refreshes of the page.
+    refresh: u64,
+    /// When the figures were read (UTC, `HH:MM:SS`).
+    read_at: String,
+    charts: Vec<crate::overview::Chart>,
+    groups: Vec<GroupRow>,
+    oldest_hold: Option<HoldRow>,
 }
 
-async fn overview(State(s): State<Shared>, WebUser(who): WebUser) -> Response {
+struct GroupRow {
+    g: crate::overview::GroupTrend,
+    spark: crate::overview::Sparkline,
+    arrow: &'static str,
+}
+
+struct HoldRow {
+    h: crate::overview::OldestHold,
+    age: String,
+}
+
+/// `?refresh=N`: the overview's refresh period in seconds.
+#[derive(Deserialize)]
+struct OverviewQuery {
+    refresh: Option<String>,
+}
+
+/// The overview refreshes itself this often by default, and within these bounds when asked.
+const REFRESH_DEFAULT: u64 = 15;
+const REFRESH_BOUNDS: (u64, u64) = (2, 3600);
+
+async fn overview(
+    State(s): State<Shared>,
+    WebUser(who): WebUser,
+    Query(q): Query<OverviewQuery>,
+) -> Response {
+    // A refresh period that is not a number is the default; one out of bounds is brought in.
+    let refresh = q
+        .refresh
+        .and_then(|r| r.trim().parse::<u64>().ok())
+        .map_or(REFRESH_DEFAULT, |r| {
+            r.clamp(REFRESH_BOUNDS.0, REFRESH_BOUNDS.1)
+        });
     let since = now_ms() - 24 * 3600 * 1000;
     let o = match s.store.overview(since).await {
         Ok(o) => o,
         Err(e) => return error_page(Some(&who), e.into(), "/"),
+    };
+    let live = match crate::overview::live(&s).await {
+        Ok(live) => live,
+        Err(e) => return error_page(Some(&who), e, "/"),
     };
     let held_keys = match s.holds.summary(None).await {
         Ok(summary) => summary.held_keys,
@@ -640,6 +695,27 @@ async fn overview(State(s): State<Shared>, WebUser(who): WebUser) -> Response {
         ),
         None => ("–".into(), None),
     };
+    let charts = live
+        .hourly
+        .services
+        .iter()
+        .enumerate()
+        .map(|(n, svc)| crate::overview::chart(live.hourly.from, svc, n))
+        .collect();
+    let groups = live
+        .top_groups
+        .into_iter()
+        .map(|g| GroupRow {
+            spark: crate::overview::sparkline(&g),
+            arrow: match g.trend.as_str() {
+                "rising" => "↑",
+                "falling" => "↓",
+                _ => "→",
+            },
+            g,
+        })
+        .collect();
+    let read_at = now_ms();
     OverviewPage {
         nav: Nav::new(&who, "overview"),
         parked: counts.iter().map(|c| c.parked).sum(),
@@ -649,6 +725,19 @@ async fn overview(State(s): State<Shared>, WebUser(who): WebUser) -> Response {
         oldest_id,
         counts,
         rules,
+        refresh,
+        read_at: format!(
+            "{:02}:{:02}:{:02}",
+            read_at / 3_600_000 % 24,
+            read_at / 60_000 % 60,
+            read_at / 1000 % 60
+        ),
+        charts,
+        groups,
+        oldest_hold: live.oldest_hold.map(|h| HoldRow {
+            age: age(h.age_seconds),
+            h,
+        }),
     }
     .into_response()
 }

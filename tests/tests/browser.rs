@@ -42,11 +42,11 @@ fn require_browser(root: &Path) {
     );
 }
 
-/// Runs `node tests/browser/flow.mjs <config>` from the workspace root, its output streamed into
+/// Runs `node tests/browser/<script> <config>` from the workspace root, its output streamed into
 /// the test's; panics unless it exits 0.
-async fn run_flow(root: &Path, config: &Value) {
+async fn run_flow(root: &Path, script: &str, config: &Value) {
     let mut child = Command::new("node")
-        .arg("tests/browser/flow.mjs")
+        .arg(format!("tests/browser/{script}"))
         .arg(config.to_string())
         .current_dir(root)
         .stdin(Stdio::null())
@@ -148,7 +148,7 @@ async fn a_person_fixes_a_parked_message_in_the_browser() {
         "timeout_ms": STEP_TIMEOUT.as_millis(),
     });
     let flow_started = Instant::now();
-    run_flow(&root, &config).await;
+    run_flow(&root, "flow.mjs", &config).await;
     let flow = flow_started.elapsed();
 
     // What the browser did, seen through the API and by the app.
@@ -219,4 +219,193 @@ async fn a_person_fixes_a_parked_message_in_the_browser() {
         started.elapsed(),
         shots.display()
     );
+}
+
+/// An announcement of `kind` for message `id` of `service` made `at`, as mend's components write
+/// them on MEND_EVENTS (a structured CloudEvent).
+fn announcement(service: &str, kind: &str, id: &str, at: std::time::SystemTime) -> js::Out {
+    let event = json!({
+        "specversion": "1.0",
+        "id": format!("{id}:1:{kind}"),
+        "source": "urn:mend:sidecar:billing:billing",
+        "type": format!("mend.{kind}"),
+        "time": humantime::format_rfc3339_millis(at).to_string(),
+        "datacontenttype": "application/json",
+        "data": {"service": service, "id": id, "attempt": 1},
+    });
+    js::Out {
+        subject: format!("mend.events.{service}.{kind}"),
+        headers: async_nats::HeaderMap::new(),
+        payload: event.to_string().into(),
+    }
+}
+
+#[tokio::test]
+async fn the_overview_charts_match_the_api_and_refresh_themselves() {
+    let root = mend_e2e::workspace();
+    require_browser(&root);
+    let shots = root.join("target/screenshots/overview");
+    let _ = std::fs::remove_dir_all(&shots);
+    std::fs::create_dir_all(&shots).unwrap();
+    let stack = Stack::start(None, "").await.unwrap();
+    let (world, d) = (&stack.world, &stack.dashboard);
+
+    // This hour, through the whole loop: three heads for an unknown account, parked, with three
+    // later orders of two of their keys held.
+    let mut msgs = Vec::new();
+    for (key, later) in [("b1", 2), ("b2", 0), ("b3", 1)] {
+        msgs.push(order(key, 0, "nobody"));
+        msgs.extend((1..=later).map(|n| order(key, n, "acct-1")));
+    }
+    js::publish_all(&world.js, msgs).await.unwrap();
+    let parked = d
+        .wait_messages("status=parked", 3, TEST_TIMEOUT)
+        .await
+        .unwrap();
+    let id_of = |key: &str| {
+        parked
+            .iter()
+            .find(|m| m["key"] == key)
+            .and_then(|m| m["id"].as_str())
+            .unwrap_or_else(|| panic!("no parked message of {key}: {parked:?}"))
+            .to_owned()
+    };
+    let (b2, b3) = (id_of("b2"), id_of("b3"));
+    // b2 fixed by hand: resolved, and so the source of a rule draft.
+    let (status, body) = d
+        .post(
+            &format!("/api/messages/{b2}/resubmit"),
+            Some(mend_e2e::dashboard::OPERATOR_TOKEN),
+            &json!({"payload": {"key": "b2", "n": 0, "account": "acct-1", "amount": 10}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    d.wait_status(&b2, "resolved", TEST_TIMEOUT).await.unwrap();
+
+    // Earlier hours of another service, announced as the components announce them (repairs
+    // among them: the example rules repair nothing of this app).
+    let now = std::time::SystemTime::now();
+    let hours_ago = |h: u64| now - Duration::from_secs(h * 3600);
+    let seeded: [(&str, u64, usize); 5] = [
+        ("parked", 3, 3),
+        ("repaired", 3, 2),
+        ("resolved", 10, 1),
+        ("held", 20, 4),
+        ("parked", 23, 1),
+    ];
+    let mut announcements = Vec::new();
+    for (kind, ago, n) in seeded {
+        for i in 0..n {
+            let id = format!("BILLING:{ago}{i}");
+            announcements.push(announcement("billing", kind, &id, hours_ago(ago)));
+        }
+    }
+    // One older than the window, never counted.
+    announcements.push(announcement(
+        "billing",
+        "parked",
+        "BILLING:old",
+        hours_ago(30),
+    ));
+    js::publish_all(&world.js, announcements).await.unwrap();
+
+    // The API, checked on its own: each seeded count in its hour, the loop's in the window.
+    let total = |s: &Value, kind: &str| -> i64 {
+        s[kind]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_i64().unwrap())
+            .sum()
+    };
+    let o = wait::until("the overview's hours", TEST_TIMEOUT, || async {
+        let o = d.ok("/api/overview").await?;
+        let services = o["hourly"]["services"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let of = |name: &str| services.iter().find(|s| s["service"] == name).cloned();
+        let (Some(app), Some(billing)) = (of("app"), of("billing")) else {
+            return Ok(None);
+        };
+        // `held` counts keys put on hold (b1 and b3), not the messages behind them.
+        let app_done = [("parked", 3), ("repaired", 0), ("resolved", 1), ("held", 2)]
+            .iter()
+            .all(|(k, n)| total(&app, k) == *n);
+        let billing_done = [("parked", 4), ("repaired", 2), ("resolved", 1), ("held", 4)]
+            .iter()
+            .all(|(k, n)| total(&billing, k) == *n);
+        Ok((app_done && billing_done).then_some(o))
+    })
+    .await;
+    let o = match o {
+        Ok(o) => o,
+        Err(e) => panic!(
+            "{e:#}; the last overview: {}",
+            d.ok("/api/overview").await.unwrap()
+        ),
+    };
+    let from = o["hourly"]["from"].as_i64().unwrap();
+    assert_eq!(o["hourly"]["hour_ms"], 3_600_000);
+    let billing = o["hourly"]["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["service"] == "billing")
+        .unwrap();
+    for (kind, ago, n) in seeded {
+        let at = hours_ago(ago)
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let slot = (at / 3_600_000 - from / 3_600_000) as usize;
+        assert_eq!(
+            billing[kind][slot], n as i64,
+            "billing {kind} {ago} hours ago: {o}"
+        );
+    }
+    let top = &o["top_groups"][0];
+    assert_eq!(top["service"], "app", "{o}");
+    assert_eq!(top["parked"], 2, "b1 and b3 parked now: {o}");
+    assert_eq!(top["trend"], "rising", "{o}");
+    let parkings: i64 = top["parkings_per_hour"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .sum();
+    assert_eq!(parkings, 3, "b1, b2 and b3 were parked in the window: {o}");
+    assert_eq!(o["oldest_hold"]["service"], "app", "{o}");
+
+    let (user, password, _) = USERS[0];
+    let config = json!({
+        "base_url": d.url,
+        "user": user,
+        "password": password,
+        "token": mend_e2e::dashboard::OPERATOR_TOKEN,
+        "discard_id": b3,
+        "draft_id": b2,
+        "service": "app",
+        "screenshots": shots.display().to_string(),
+        "timeout_ms": STEP_TIMEOUT.as_millis(),
+    });
+    run_flow(&root, "overview.mjs", &config).await;
+
+    // What the browser did: b3 discarded (its held order released and delivered).
+    d.wait_status(&b3, "discarded", TEST_TIMEOUT).await.unwrap();
+    world
+        .app
+        .wait_for("b3's held order delivered", TEST_TIMEOUT, |log| {
+            delivered(log, "b3") == [1]
+        })
+        .await
+        .unwrap();
+    for name in ["overview-charts", "rule-draft", "backlog-try"] {
+        let found = std::fs::read_dir(&shots).unwrap().flatten().any(|e| {
+            let f = e.file_name().to_string_lossy().into_owned();
+            f.ends_with(&format!("-{name}.png")) && e.metadata().is_ok_and(|m| m.len() > 1000)
+        });
+        assert!(found, "no screenshot of {name} in {}", shots.display());
+    }
 }

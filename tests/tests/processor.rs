@@ -272,14 +272,25 @@ async fn hot_reload_changes_behaviour_and_a_broken_edit_does_not() -> anyhow::Re
     assert_eq!(park(3).await?, "v2", "the previous rules stay live");
 
     let metrics_url = format!("http://{}/metrics", mend_e2e::mend::listen_addr(&config));
-    let metrics = reqwest::get(&metrics_url).await?.text().await?;
-    for line in [
+    let lines = [
         "mend_rules_reloads_total{result=\"ok\"} 1",
         "mend_rules_reloads_total{result=\"refused\"} 1",
         "mend_parked_total{reason=\"rule_park\"} 3",
         "mend_rule_matched_total{rule=\"r\"} 3",
         "mend_rules_loaded 1",
-    ] {
+    ];
+    // A park is counted once its publish is stored, so just after the parked copy can be read:
+    // wait for the counters rather than read them once.
+    let _ = wait::until("the counters of three parks", TEST_TIMEOUT, || {
+        let url = metrics_url.clone();
+        async move {
+            let text = reqwest::get(&url).await?.text().await?;
+            Ok(lines.iter().all(|l| text.contains(l)).then_some(()))
+        }
+    })
+    .await;
+    let metrics = reqwest::get(&metrics_url).await?.text().await?;
+    for line in lines {
         assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
     }
     assert_eq!(
