@@ -59,6 +59,14 @@ impl ServiceHours {
         }
     }
 
+    /// Everything counted in the window.
+    pub fn total(&self) -> i64 {
+        [&self.parked, &self.repaired, &self.resolved, &self.held]
+            .iter()
+            .flat_map(|v| v.iter())
+            .fold(0i64, |a, b| a.saturating_add(*b))
+    }
+
     /// The series named `kind` (one of [`SERIES`]).
     pub fn series(&self, kind: &str) -> Option<&[i64]> {
         match kind {

@@ -587,6 +587,8 @@ struct OverviewPage {
     /// When the figures were read (UTC, `HH:MM:SS`).
     read_at: String,
     charts: Vec<crate::overview::Chart>,
+    /// Services with a chart in the API but not on the page.
+    more_services: usize,
     groups: Vec<GroupRow>,
     oldest_hold: Option<HoldRow>,
 }
@@ -611,6 +613,8 @@ struct OverviewQuery {
 /// The overview refreshes itself this often by default, and within these bounds when asked.
 const REFRESH_DEFAULT: u64 = 15;
 const REFRESH_BOUNDS: (u64, u64) = (2, 3600);
+/// Charts on the overview at most (the busiest services).
+const MOST_CHARTS: usize = 12;
 
 async fn overview(
     State(s): State<Shared>,
@@ -695,10 +699,13 @@ async fn overview(
         ),
         None => ("–".into(), None),
     };
-    let charts = live
-        .hourly
-        .services
-        .iter()
+    // The busiest services first, a page's worth of them; the API has every one.
+    let mut busiest: Vec<&crate::overview::ServiceHours> = live.hourly.services.iter().collect();
+    busiest.sort_by_key(|svc| std::cmp::Reverse(svc.total()));
+    let more_services = busiest.len().saturating_sub(MOST_CHARTS);
+    let charts = busiest
+        .into_iter()
+        .take(MOST_CHARTS)
         .enumerate()
         .map(|(n, svc)| crate::overview::chart(live.hourly.from, svc, n))
         .collect();
@@ -733,6 +740,7 @@ async fn overview(
             read_at / 1000 % 60
         ),
         charts,
+        more_services,
         groups,
         oldest_hold: live.oldest_hold.map(|h| HoldRow {
             age: age(h.age_seconds),

@@ -689,6 +689,77 @@ async fn exercise(store: &Store) {
         ..audit("discard", "NUL:1")
     };
     store.record(&note_audit, 5020).await.unwrap();
+
+    // The overview's hours: announcements of four kinds counted per service, kind and hour from
+    // `since` on; other kinds and older ones left out.
+    const H: i64 = 3_600_000;
+    let mut evs = Vec::new();
+    for (i, (kind, at)) in [
+        ("parked", 10 * H + 5),
+        ("parked", 10 * H + H - 1),
+        ("held", 11 * H),
+        ("repaired", 12 * H + 7),
+        ("resolved", 12 * H + 8),
+        ("delegated", 12 * H + 9),
+        ("parked", 9 * H + H - 1),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        evs.push(Event {
+            service: "hours".into(),
+            ..event(&format!("HOURS:{i}"), kind, 1, at, None)
+        });
+    }
+    store.ingest_events(&evs, 12 * H).await.unwrap();
+    let mut rows: Vec<_> = store
+        .hourly(10 * H)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.0 == "hours")
+        .collect();
+    rows.sort();
+    let expected: Vec<(String, String, i64, i64)> = [
+        ("held", 11, 1),
+        ("parked", 10, 2),
+        ("repaired", 12, 1),
+        ("resolved", 12, 1),
+    ]
+    .iter()
+    .map(|(k, h, n)| ("hours".to_owned(), (*k).to_owned(), *h, *n))
+    .collect();
+    assert_eq!(rows, expected);
+
+    // The largest groups, and the parkings of their messages per hour.
+    let groups = store.groups().await.unwrap();
+    assert_eq!(store.largest_groups(2).await.unwrap(), groups[..2].to_vec());
+    for seq in [1, 2] {
+        store
+            .ingest_parked(&envelope("TREND", seq, 1, "trend", json!({})), 13 * H)
+            .await
+            .unwrap();
+    }
+    let trend = store.get("TREND:1").await.unwrap().unwrap().group_id;
+    store
+        .ingest_events(
+            &[
+                event("TREND:1", "parked", 1, 13 * H + 1, None),
+                event("TREND:2", "parked", 1, 14 * H + 1, None),
+                event("TREND:2", "held", 1, 14 * H + 2, None),
+                event("TREND:1", "parked", 1, 12 * H, None),
+            ],
+            14 * H,
+        )
+        .await
+        .unwrap();
+    let mut per_hour = store
+        .group_parkings(&[trend.clone(), "no-such-group".into()], 13 * H)
+        .await
+        .unwrap();
+    per_hour.sort();
+    assert_eq!(per_hour, [(trend.clone(), 13, 1), (trend, 14, 1)]);
+    assert!(store.group_parkings(&[], 0).await.unwrap().is_empty());
 }
 
 #[tokio::test]

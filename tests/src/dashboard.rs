@@ -402,3 +402,29 @@ pub async fn page_text(d: &Dashboard, client: &reqwest::Client, path: &str) -> S
     assert_eq!(res.status(), StatusCode::OK, "GET {path}");
     res.text().await.unwrap()
 }
+
+/// An announcement of `kind` for message `id` of `service` made `at`, as mend's components write
+/// them on MEND_EVENTS (a structured CloudEvent).
+pub fn announcement(service: &str, kind: &str, id: &str, at: std::time::SystemTime) -> Out {
+    let event = serde_json::json!({
+        "specversion": "1.0",
+        "id": format!("{id}:1:{kind}"),
+        "source": "urn:mend:test",
+        "type": format!("mend.{kind}"),
+        "time": humantime::format_rfc3339_millis(at).to_string(),
+        "datacontenttype": "application/json",
+        "data": {"service": service, "id": id, "attempt": 1},
+    });
+    // The subject's service token is what a subject can carry; the service is the data's.
+    let token: String = service
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .take(64)
+        .collect();
+    let token = if token.is_empty() { "_".into() } else { token };
+    Out {
+        subject: format!("mend.events.{token}.{kind}"),
+        headers: async_nats::HeaderMap::new(),
+        payload: event.to_string().into(),
+    }
+}

@@ -221,25 +221,6 @@ async fn a_person_fixes_a_parked_message_in_the_browser() {
     );
 }
 
-/// An announcement of `kind` for message `id` of `service` made `at`, as mend's components write
-/// them on MEND_EVENTS (a structured CloudEvent).
-fn announcement(service: &str, kind: &str, id: &str, at: std::time::SystemTime) -> js::Out {
-    let event = json!({
-        "specversion": "1.0",
-        "id": format!("{id}:1:{kind}"),
-        "source": "urn:mend:sidecar:billing:billing",
-        "type": format!("mend.{kind}"),
-        "time": humantime::format_rfc3339_millis(at).to_string(),
-        "datacontenttype": "application/json",
-        "data": {"service": service, "id": id, "attempt": 1},
-    });
-    js::Out {
-        subject: format!("mend.events.{service}.{kind}"),
-        headers: async_nats::HeaderMap::new(),
-        payload: event.to_string().into(),
-    }
-}
-
 #[tokio::test]
 async fn the_overview_charts_match_the_api_and_refresh_themselves() {
     let root = mend_e2e::workspace();
@@ -298,11 +279,16 @@ async fn the_overview_charts_match_the_api_and_refresh_themselves() {
     for (kind, ago, n) in seeded {
         for i in 0..n {
             let id = format!("BILLING:{ago}{i}");
-            announcements.push(announcement("billing", kind, &id, hours_ago(ago)));
+            announcements.push(mend_e2e::dashboard::announcement(
+                "billing",
+                kind,
+                &id,
+                hours_ago(ago),
+            ));
         }
     }
     // One older than the window, never counted.
-    announcements.push(announcement(
+    announcements.push(mend_e2e::dashboard::announcement(
         "billing",
         "parked",
         "BILLING:old",

@@ -759,3 +759,114 @@ async fn the_operations_endpoints_can_be_kept_off_the_address_people_reach() {
     let (status, _) = d.get("/api/overview", Some(OPERATOR_TOKEN)).await.unwrap();
     assert_eq!(status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn the_overview_draws_any_service_name_escaped_and_bounds_itself() {
+    let world = mend_e2e::world::World::new().await.unwrap();
+    let d = Dashboard::start(&world.nats.url(), "").await.unwrap();
+    // Service names are whatever the announcements carry: markup, quotes, NUL, 10,000 characters;
+    // and more services than one page draws.
+    let long = "s".repeat(10_000);
+    let mut names: Vec<String> = vec![
+        "<script>alert(1)</script>".into(),
+        "a\"b'c&d".into(),
+        "nul\0in".into(),
+        long.clone(),
+    ];
+    names.extend((0..14).map(|i| format!("quiet-{i:02}")));
+    let now = std::time::SystemTime::now();
+    let mut out = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        // The first four are the busiest (3 each), the quiet ones have one each.
+        let n = if i < 4 { 3 } else { 1 };
+        for j in 0..n {
+            out.push(mend_e2e::dashboard::announcement(
+                name,
+                "parked",
+                &format!("X:{i}-{j}"),
+                now,
+            ));
+        }
+    }
+    js::publish_all(&world.js, out).await.unwrap();
+    let o = mend_e2e::wait::until("every service's hours", TEST_TIMEOUT, || async {
+        let o = d.ok("/api/overview").await?;
+        let n = o["hourly"]["services"].as_array().map_or(0, Vec::len);
+        Ok((n == names.len()).then_some(o))
+    })
+    .await
+    .unwrap();
+    let services: Vec<&str> = o["hourly"]["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["service"].as_str().unwrap())
+        .collect();
+    // A NUL is kept as U+FFFD in the store's columns (as for every other text column).
+    assert!(services.contains(&"nul\u{FFFD}in"), "{:?}", &services[..4]);
+    assert!(services.contains(&long.as_str()));
+
+    let web = mend_e2e::dashboard::logged_in(&d, "alice").await;
+    let page = mend_e2e::dashboard::page_text(&d, &web, "/").await;
+    assert!(
+        !page.contains("<script>alert"),
+        "markup from a service name"
+    );
+    assert!(
+        page.contains("&#60;script&#62;alert(1)&#60;/script&#62;")
+            || page.contains("&lt;script&gt;alert(1)&lt;/script&gt;")
+    );
+    assert!(!page.contains("a\"b'c"), "quotes from a service name");
+    assert!(page.contains(&long), "the long name is shown whole");
+    // Twelve charts, the busiest first; the rest said in a line.
+    assert_eq!(page.matches("<svg class=\"hours\"").count(), 12, "{page}");
+    assert!(
+        page.contains("6 quieter services are not drawn here"),
+        "{page}"
+    );
+    assert!(page.find("alert(1)") < page.find("quiet-"));
+
+    // The refresh period: a number within 2 s and 1 h, anything else the default (15 s).
+    for (asked, got) in [
+        ("", "15"),
+        ("?refresh=5", "5"),
+        ("?refresh=0", "2"),
+        ("?refresh=86400", "3600"),
+        ("?refresh=-1", "15"),
+        ("?refresh=abc", "15"),
+        ("?refresh=99999999999999999999999", "15"),
+        ("?refresh=%00", "15"),
+        ("?refresh=1&refresh=2", "15"),
+    ] {
+        let res = web.get(format!("{}/{asked}", d.url)).send().await.unwrap();
+        let status = res.status();
+        let page = res.text().await.unwrap();
+        if asked.contains('&') {
+            // A repeated parameter is a bad request or the first/last value; never a crash.
+            assert!(
+                status == StatusCode::OK || status == StatusCode::BAD_REQUEST,
+                "{asked}: {status}"
+            );
+            continue;
+        }
+        assert_eq!(status, StatusCode::OK, "{asked}");
+        assert!(
+            page.contains(&format!("<meta http-equiv=\"refresh\" content=\"{got}\">"))
+                && page.contains(&format!("data-live=\"{got}\"")),
+            "{asked}: not {got}"
+        );
+    }
+    // The script the page uses is served as a script, from the dashboard itself.
+    let res = web
+        .get(format!("{}/static/live.js", d.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(
+        res.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/javascript")
+    );
+}
