@@ -339,8 +339,8 @@ impl ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        if crate::store::is_bad_cursor(&e) {
-            return ApiError::bad_request(e.to_string());
+        if let (true, StoreError::Corrupt(what)) = (crate::store::is_bad_cursor(&e), &e) {
+            return ApiError::bad_request(what.clone());
         }
         tracing::error!(error = %e, "Store error.");
         ApiError::unavailable(format!("the store failed: {e}"))

@@ -404,6 +404,31 @@ async fn rules_tried_on_a_backlog_of_thousands_count_each_outcome_within_their_b
         "{html}"
     );
     assert!(html.contains("account-tidy-draft"), "{html}");
+    // A crafted cursor in the form is refused with a clear error; nothing is tried.
+    for cursor in [
+        "not-a-cursor",
+        "-1",
+        "99999999999999999999999",
+        "\u{0}",
+        &"9".repeat(5000),
+    ] {
+        let page = web
+            .post(format!("{}/rules/try", d.url))
+            .form(&[
+                ("csrf", csrf.as_str()),
+                ("backlog", "on"),
+                ("cursor", cursor),
+                ("rules", draft.as_str()),
+            ])
+            .send()
+            .await
+            .unwrap();
+        let status = page.status();
+        let html = page.text().await.unwrap();
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{cursor:.20}: {html}");
+        assert!(html.contains("cursor"), "{cursor:.20}: {html}");
+        assert!(!html.contains("would repair"), "{cursor:.20}: {html}");
+    }
 
     // From a service owner's laptop: the local files against the backlog, through the API.
     let mine = tempfile::tempdir().unwrap();

@@ -200,7 +200,12 @@ async fn on_backlog(s: &Shared, who: &crate::app::Principal, f: &TryForm) -> Res
     let cursor = non_empty(&f.cursor).map(str::to_owned);
     match crate::backlog::try_rules(s, who, rules, &scope, cursor).await {
         Ok(a) => fill(&mut page, a),
-        Err(e) => page.error = Some(e.message),
+        Err(e) => {
+            // A crafted cursor is the caller's (400), a store that fails is not (503).
+            let status = e.status;
+            page.error = Some(e.message);
+            return (status, page).into_response();
+        }
     }
     page.into_response()
 }
