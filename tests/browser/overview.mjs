@@ -10,6 +10,7 @@
 // Usage: node tests/browser/overview.mjs '<json>' with
 //   {"base_url": "http://127.0.0.1:PORT", "user": "alice", "password": "…", "token": "<API token>",
 //    "discard_id": "<a parked message to discard>", "draft_id": "<a message fixed by hand>",
+//    "draft_contains": "<text its draft must hold (optional)>",
 //    "service": "app", "screenshots": "<directory>", "timeout_ms": 20000}
 // Prints one line per step; exits 1 with the reason on the first failed expectation.
 
@@ -229,8 +230,12 @@ async function main() {
     await page.goto(url(`/messages/${encodeURIComponent(cfg.draft_id)}`));
     const draft = (await page.locator('#rule-draft pre').innerText()).trim();
     expect(draft.includes('[[rule]]') && draft.includes('[[rule.test]]'), `the draft is "${draft}"`);
-    await page.locator('#rule-draft').scrollIntoViewIfNeeded();
-    await screenshot(page, 'rule-draft');
+    if (cfg.draft_contains) expect(draft.includes(cfg.draft_contains), `the draft lacks ${cfg.draft_contains}: "${draft}"`);
+    await screenshot(page, 'fixed-message');
+    shot += 1;
+    const draftShot = join(cfg.screenshots, `${String(shot).padStart(2, '0')}-rule-draft.png`);
+    await page.locator('#rule-draft').screenshot({ path: draftShot });
+    step(`screenshot ${draftShot}`);
     await page.goto(url('/rules'));
     await page.getByLabel('the whole parked backlog').check();
     await page.getByLabel('of service').fill(cfg.service);

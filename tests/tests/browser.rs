@@ -231,16 +231,25 @@ async fn the_overview_charts_match_the_api_and_refresh_themselves() {
     let stack = Stack::start(None, "").await.unwrap();
     let (world, d) = (&stack.world, &stack.dashboard);
 
-    // This hour, through the whole loop: three heads for an unknown account, parked, with three
-    // later orders of two of their keys held.
+    // This hour, through the whole loop: two heads for an unknown account, parked, with three
+    // later orders of their keys held; three orders with the amount as text, parked too (the
+    // example rules repair that for `orders` only).
     let mut msgs = Vec::new();
-    for (key, later) in [("b1", 2), ("b2", 0), ("b3", 1)] {
+    for (key, later) in [("b1", 2), ("b3", 1)] {
         msgs.push(order(key, 0, "nobody"));
         msgs.extend((1..=later).map(|n| order(key, n, "acct-1")));
     }
+    for key in ["r1", "r2", "r3"] {
+        msgs.push(mend_e2e::dashboard::order_with(
+            key,
+            0,
+            "acct-1",
+            json!({"amount": "10.50"}),
+        ));
+    }
     js::publish_all(&world.js, msgs).await.unwrap();
     let parked = d
-        .wait_messages("status=parked", 3, TEST_TIMEOUT)
+        .wait_messages("status=parked", 5, TEST_TIMEOUT)
         .await
         .unwrap();
     let id_of = |key: &str| {
@@ -251,18 +260,18 @@ async fn the_overview_charts_match_the_api_and_refresh_themselves() {
             .unwrap_or_else(|| panic!("no parked message of {key}: {parked:?}"))
             .to_owned()
     };
-    let (b2, b3) = (id_of("b2"), id_of("b3"));
-    // b2 fixed by hand: resolved, and so the source of a rule draft.
+    let (r1, b3) = (id_of("r1"), id_of("b3"));
+    // r1 fixed by hand, the amount made a number: resolved, and so the source of a rule draft.
     let (status, body) = d
         .post(
-            &format!("/api/messages/{b2}/resubmit"),
+            &format!("/api/messages/{r1}/resubmit"),
             Some(mend_e2e::dashboard::OPERATOR_TOKEN),
-            &json!({"payload": {"key": "b2", "n": 0, "account": "acct-1", "amount": 10}}),
+            &json!({"payload": {"key": "r1", "n": 0, "account": "acct-1", "amount": 10.5}}),
         )
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
-    d.wait_status(&b2, "resolved", TEST_TIMEOUT).await.unwrap();
+    d.wait_status(&r1, "resolved", TEST_TIMEOUT).await.unwrap();
 
     // Earlier hours of another service, announced as the components announce them (repairs
     // among them: the example rules repair nothing of this app).
@@ -316,7 +325,7 @@ async fn the_overview_charts_match_the_api_and_refresh_themselves() {
             return Ok(None);
         };
         // `held` counts keys put on hold (b1 and b3), not the messages behind them.
-        let app_done = [("parked", 3), ("repaired", 0), ("resolved", 1), ("held", 2)]
+        let app_done = [("parked", 5), ("repaired", 0), ("resolved", 1), ("held", 2)]
             .iter()
             .all(|(k, n)| total(&app, k) == *n);
         let billing_done = [("parked", 4), ("repaired", 2), ("resolved", 1), ("held", 4)]
@@ -351,17 +360,32 @@ async fn the_overview_charts_match_the_api_and_refresh_themselves() {
             "billing {kind} {ago} hours ago: {o}"
         );
     }
-    let top = &o["top_groups"][0];
-    assert_eq!(top["service"], "app", "{o}");
-    assert_eq!(top["parked"], 2, "b1 and b3 parked now: {o}");
-    assert_eq!(top["trend"], "rising", "{o}");
-    let parkings: i64 = top["parkings_per_hour"]
+    // Two groups of two parked each: the unknown accounts (parked twice in the window) and the
+    // amounts as text (three times: r1 before its fix).
+    let mut groups: Vec<(i64, i64, String)> = o["top_groups"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|v| v.as_i64().unwrap())
-        .sum();
-    assert_eq!(parkings, 3, "b1, b2 and b3 were parked in the window: {o}");
+        .map(|g| {
+            let parkings = g["parkings_per_hour"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_i64().unwrap())
+                .sum();
+            (
+                g["parked"].as_i64().unwrap(),
+                parkings,
+                g["trend"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    groups.sort();
+    assert_eq!(
+        groups,
+        [(2, 2, "rising".to_owned()), (2, 3, "rising".to_owned())],
+        "{o}"
+    );
     assert_eq!(o["oldest_hold"]["service"], "app", "{o}");
 
     let (user, password, _) = USERS[0];
@@ -371,7 +395,8 @@ async fn the_overview_charts_match_the_api_and_refresh_themselves() {
         "password": password,
         "token": mend_e2e::dashboard::OPERATOR_TOKEN,
         "discard_id": b3,
-        "draft_id": b2,
+        "draft_id": r1,
+        "draft_contains": "double(payload.amount)",
         "service": "app",
         "screenshots": shots.display().to_string(),
         "timeout_ms": STEP_TIMEOUT.as_millis(),
@@ -387,7 +412,12 @@ async fn the_overview_charts_match_the_api_and_refresh_themselves() {
         })
         .await
         .unwrap();
-    for name in ["overview-charts", "rule-draft", "backlog-try"] {
+    for name in [
+        "overview-charts",
+        "fixed-message",
+        "rule-draft",
+        "backlog-try",
+    ] {
         let found = std::fs::read_dir(&shots).unwrap().flatten().any(|e| {
             let f = e.file_name().to_string_lossy().into_owned();
             f.ends_with(&format!("-{name}.png")) && e.metadata().is_ok_and(|m| m.len() > 1000)
