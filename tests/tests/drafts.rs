@@ -527,3 +527,264 @@ park = "never reached"
         assert!(a["took_ms"].as_u64().unwrap() <= 5_000 + 2_500, "{a}");
     }
 }
+
+/// The app of [`every_recognised_transform_drafts_a_rule_that_repairs_the_next_failure`]: a
+/// payload's `case` names what it insists on; anything else is answered with a problem whose code
+/// names the case (`bad_<case>`) and whose field is the member at fault.
+fn strict(d: &mend_e2e::app::Delivery) -> Reply {
+    let Some(p) = d.json.as_ref() else {
+        return Reply::Status(400);
+    };
+    let case = p["case"].as_str().unwrap_or_default();
+    let (ok, field) = match case {
+        "int" => (p["qty"].is_i64(), "/qty"),
+        "double" => (p["price"].is_f64(), "/price"),
+        "trim" => (
+            p["name"]
+                .as_str()
+                .is_some_and(|n| n == n.trim() && !n.is_empty()),
+            "/name",
+        ),
+        "lower" => (
+            p["email"]
+                .as_str()
+                .is_some_and(|e| e == e.to_ascii_lowercase()),
+            "/email",
+        ),
+        "upper" => (
+            p["currency"]
+                .as_str()
+                .is_some_and(|c| c == c.to_ascii_uppercase()),
+            "/currency",
+        ),
+        "constant" => (p["region"] == "eu", "/region"),
+        "remove" => (p.get("debug").is_none(), "/debug"),
+        "move" => (
+            p.get("acct").is_none() && p["customer"]["account"].is_string(),
+            "/acct",
+        ),
+        "literal" => (p["account"] != "nobody", "/account"),
+        _ => (true, ""),
+    };
+    if ok {
+        Reply::Ok
+    } else {
+        Reply::Problem(
+            422,
+            json!({"title": format!("{case} refused"), "code": format!("bad_{case}"), "field": field}),
+        )
+    }
+}
+
+#[tokio::test]
+async fn every_recognised_transform_drafts_a_rule_that_repairs_the_next_failure() {
+    use mend_e2e::world::KEY_HEADER;
+    let world = World::new().await.unwrap();
+    world.app.script(strict);
+    let _sidecar = world.sidecar(&world.keyed_config("app", "")).await.unwrap();
+    // The processor starts with one rule that never matches: every failure is parked.
+    let rules = tempfile::tempdir().unwrap();
+    std::fs::write(
+        rules.path().join("00-none.toml"),
+        "[[rule]]\nname = \"none\"\nwhen = 'false'\npark = \"never\"\n",
+    )
+    .unwrap();
+    let config = processor_config(&world.nats.url(), rules.path(), "");
+    let processor = MendProcess::start("processor", &config).await.unwrap();
+    processor.ready().await.unwrap();
+    let d = Dashboard::start(&world.nats.url(), "").await.unwrap();
+
+    // (case, what fails, the person's fix, the next failure, what it must become, in the draft)
+    let cases = [
+        (
+            "int",
+            json!({"qty": "7"}),
+            json!({"qty": 7}),
+            json!({"qty": "12"}),
+            json!({"qty": 12}),
+            "int(payload.qty)",
+        ),
+        (
+            "double",
+            json!({"price": "2.50"}),
+            json!({"price": 2.5}),
+            json!({"price": "0.75"}),
+            json!({"price": 0.75}),
+            "double(payload.price)",
+        ),
+        (
+            "trim",
+            json!({"name": "  bob "}),
+            json!({"name": "bob"}),
+            json!({"name": "\tann  "}),
+            json!({"name": "ann"}),
+            "trim()",
+        ),
+        (
+            "lower",
+            json!({"email": "Bob@X.COM"}),
+            json!({"email": "bob@x.com"}),
+            json!({"email": "Ann@Y.org"}),
+            json!({"email": "ann@y.org"}),
+            "lowerAscii()",
+        ),
+        (
+            "upper",
+            json!({"currency": "usd"}),
+            json!({"currency": "USD"}),
+            json!({"currency": "chf"}),
+            json!({"currency": "CHF"}),
+            "upperAscii()",
+        ),
+        (
+            "constant",
+            json!({"region": "?"}),
+            json!({"region": "eu"}),
+            json!({"region": "??"}),
+            json!({"region": "eu"}),
+            "\"eu\"",
+        ),
+        (
+            "remove",
+            json!({"debug": {"trace": true}}),
+            json!({}),
+            json!({"debug": [1, 2]}),
+            json!({}),
+            "op = \"remove\"",
+        ),
+        (
+            "move",
+            json!({"acct": "a1"}),
+            json!({"customer": {"account": "a1"}}),
+            json!({"acct": "b7"}),
+            json!({"customer": {"account": "b7"}}),
+            "op = \"move\"",
+        ),
+        (
+            "literal",
+            json!({"account": "nobody"}),
+            json!({"account": "acct-9"}),
+            json!({"account": "nobody"}),
+            json!({"account": "acct-9"}),
+            "specific to that message",
+        ),
+    ];
+    let body = |case: &str, key: &str, fields: &serde_json::Value| {
+        let mut b = json!({"case": case, "key": key});
+        b.as_object_mut()
+            .unwrap()
+            .extend(fields.as_object().unwrap().clone());
+        b
+    };
+    let out = |case: &str, key: &str, fields: &serde_json::Value| {
+        js::Out::keyed("app.created", KEY_HEADER, key, body(case, key, fields))
+    };
+
+    // Each first failure parked, fixed by hand, resolved; its draft into the rules folder.
+    js::publish_all(
+        &world.js,
+        cases
+            .iter()
+            .map(|(case, broken, ..)| out(case, &format!("{case}-1"), broken))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    let parked = d
+        .wait_messages("status=parked", cases.len(), TEST_TIMEOUT)
+        .await
+        .unwrap();
+    for (case, _, fixed, _, _, expected) in &cases {
+        let key = format!("{case}-1");
+        let id = parked
+            .iter()
+            .find(|m| m["key"] == key.as_str())
+            .and_then(|m| m["id"].as_str())
+            .unwrap()
+            .to_owned();
+        let (status, answer) = d
+            .post(
+                &format!("/api/messages/{id}/resubmit"),
+                Some(OPERATOR_TOKEN),
+                &json!({"payload": body(case, &key, fixed)}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::OK, "{case}: {answer}");
+        d.wait_status(&id, "resolved", TEST_TIMEOUT).await.unwrap();
+        let (status, text) = draft(&d, &id, OPERATOR_TOKEN).await;
+        assert_eq!(status, StatusCode::OK, "{case}: {text}");
+        assert!(text.contains(expected), "{case}: no {expected} in\n{text}");
+        assert!(
+            text.contains(&format!("error.code == \"bad_{case}\"")),
+            "{case}: {text}"
+        );
+        std::fs::write(rules.path().join(format!("{case}.toml")), &text).unwrap();
+    }
+
+    // Every draft passes `mend rules check`, and the processor takes them all.
+    let check = std::process::Command::new(mend_bin().unwrap())
+        .args(["rules", "check", &rules.path().display().to_string()])
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(check.status.success(), "{said}");
+    let metrics = format!("http://{}/metrics", mend_e2e::mend::listen_addr(&config));
+    let loaded = format!("mend_rules_loaded {}", cases.len() + 1);
+    mend_e2e::wait::until("every draft loaded", TEST_TIMEOUT, || {
+        let (metrics, loaded) = (metrics.clone(), loaded.clone());
+        async move {
+            let text = reqwest::get(&metrics).await?.text().await?;
+            Ok(text.lines().any(|l| l == loaded).then_some(()))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", processor.log()));
+
+    // The next failure of each kind: repaired by its draft, delivered as the app wants it, and
+    // never parked.
+    js::publish_all(
+        &world.js,
+        cases
+            .iter()
+            .map(|(case, _, _, next, ..)| out(case, &format!("{case}-2"), next))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    let log = world
+        .app
+        .wait_for(
+            "every second failure repaired and delivered",
+            TEST_TIMEOUT,
+            |log| {
+                cases.iter().all(|(case, ..)| {
+                    let key = format!("{case}-2");
+                    log.iter()
+                        .any(|x| x.ok() && x.field("key") == Some(&json!(key)))
+                })
+            },
+        )
+        .await
+        .unwrap();
+    for (case, _, _, _, repaired, _) in &cases {
+        let key = format!("{case}-2");
+        let got = log
+            .iter()
+            .find(|x| x.ok() && x.field("key") == Some(&json!(key)))
+            .unwrap();
+        assert_eq!(
+            got.json.as_ref(),
+            Some(&body(case, &key, repaired)),
+            "{case}"
+        );
+        let by = got.header("mend-repaired-by").unwrap_or_default();
+        assert_eq!(by, format!("fix-app-app-created-bad-{case}"), "{case}");
+    }
+    let parked = d.ok("/api/messages?status=parked").await.unwrap();
+    assert_eq!(parked["items"], json!([]), "{parked}");
+}
