@@ -12,36 +12,11 @@
 //    "screenshots": "<directory>", "timeout_ms": 30000}
 // Prints one line per step; exits 1 with the reason on the first failed expectation.
 
-import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { chromium } from 'playwright-core';
+import { Failed, expect, launch, run, screenshots, stepper } from './common.mjs';
 
-const CHROMIUM = '/usr/bin/chromium';
-const ARGS = [
-  '--headless',
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-];
 const XSS = '<script>alert(1)</script>';
-
-class Failed extends Error {}
-
-function expect(cond, what) {
-  if (!cond) throw new Failed(what);
-}
-
-const started = Date.now();
-let stepNo = 0;
-function step(text) {
-  stepNo += 1;
-  const secs = ((Date.now() - started) / 1000).toFixed(1);
-  console.log(`[browser ${secs}s] ${String(stepNo).padStart(2, '0')} ${text}`);
-}
+const step = stepper('browser');
 
 function parseConfig() {
   const raw = process.argv[2];
@@ -60,19 +35,10 @@ function messagePath(id) {
 
 async function main() {
   const cfg = parseConfig();
-  mkdirSync(cfg.screenshots, { recursive: true });
   const url = (path) => new URL(path, cfg.base_url).toString();
-  let shot = 0;
-  const screenshot = async (page, name) => {
-    shot += 1;
-    const file = join(cfg.screenshots, `${String(shot).padStart(2, '0')}-${name}.png`);
-    await page.screenshot({ path: file, fullPage: true });
-    step(`screenshot ${file}`);
-  };
+  const screenshot = screenshots(cfg.screenshots, step);
 
-  // chromium.launch runs the browser on a fresh temporary profile (user data dir) of its own,
-  // removed when the browser closes.
-  const browser = await chromium.launch({ executablePath: CHROMIUM, args: ARGS, headless: true });
+  const browser = await launch();
   let page;
   try {
     const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
@@ -354,14 +320,4 @@ async function main() {
   }
 }
 
-main().then(
-  () => process.exit(0),
-  (e) => {
-    if (e instanceof Failed) {
-      console.error(`[browser] FAILED at step ${stepNo + 1}: ${e.message}`);
-    } else {
-      console.error(`[browser] ERROR at step ${stepNo + 1}: ${e && e.stack ? e.stack : e}`);
-    }
-    process.exit(1);
-  },
-);
+run(main);

@@ -14,38 +14,12 @@
 //    "service": "app", "screenshots": "<directory>", "timeout_ms": 20000}
 // Prints one line per step; exits 1 with the reason on the first failed expectation.
 
-import { mkdirSync } from 'node:fs';
-import { join } from 'node:path';
-import { chromium } from 'playwright-core';
+import { Failed, expect, launch, run, screenshots, stepper } from './common.mjs';
 
-const CHROMIUM = '/usr/bin/chromium';
-const ARGS = [
-  '--headless',
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-];
 const SERIES = ['parked', 'repaired', 'resolved', 'held'];
 // The overview is asked to refresh itself this often (seconds).
 const REFRESH = 2;
-
-class Failed extends Error {}
-
-function expect(cond, what) {
-  if (!cond) throw new Failed(what);
-}
-
-const started = Date.now();
-let stepNo = 0;
-function step(text) {
-  stepNo += 1;
-  const secs = ((Date.now() - started) / 1000).toFixed(1);
-  console.log(`[overview ${secs}s] ${String(stepNo).padStart(2, '0')} ${text}`);
-}
+const step = stepper('overview');
 
 function parseConfig() {
   const raw = process.argv[2];
@@ -61,20 +35,13 @@ const same = (a, b) => JSON.stringify(a) === JSON.stringify(b);
 
 async function main() {
   const cfg = parseConfig();
-  mkdirSync(cfg.screenshots, { recursive: true });
   const url = (path) => new URL(path, cfg.base_url).toString();
   const api = async (path) => {
     const res = await fetch(url(path), { headers: { Authorization: `Bearer ${cfg.token}` } });
     expect(res.ok, `GET ${path} answered ${res.status}`);
     return res.json();
   };
-  let shot = 0;
-  const screenshot = async (page, name) => {
-    shot += 1;
-    const file = join(cfg.screenshots, `${String(shot).padStart(2, '0')}-${name}.png`);
-    await page.screenshot({ path: file, fullPage: true });
-    step(`screenshot ${file}`);
-  };
+  const screenshot = screenshots(cfg.screenshots, step);
   const login = async (page) => {
     await page.goto(url('/login'));
     await page.getByLabel('Name').fill(cfg.user);
@@ -85,7 +52,7 @@ async function main() {
     ]);
   };
 
-  const browser = await chromium.launch({ executablePath: CHROMIUM, args: ARGS, headless: true });
+  const browser = await launch();
   let page;
   try {
     const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
@@ -232,10 +199,7 @@ async function main() {
     expect(draft.includes('[[rule]]') && draft.includes('[[rule.test]]'), `the draft is "${draft}"`);
     if (cfg.draft_contains) expect(draft.includes(cfg.draft_contains), `the draft lacks ${cfg.draft_contains}: "${draft}"`);
     await screenshot(page, 'fixed-message');
-    shot += 1;
-    const draftShot = join(cfg.screenshots, `${String(shot).padStart(2, '0')}-rule-draft.png`);
-    await page.locator('#rule-draft').screenshot({ path: draftShot });
-    step(`screenshot ${draftShot}`);
+    await screenshot(page.locator('#rule-draft'), 'rule-draft', { element: true });
     await page.goto(url('/rules'));
     await page.getByLabel('the whole parked backlog').check();
     await page.getByLabel('of service').fill(cfg.service);
@@ -260,7 +224,4 @@ async function main() {
   }
 }
 
-main().catch((e) => {
-  console.error(e instanceof Failed ? `FAILED: ${e.message}` : e);
-  process.exit(1);
-});
+run(main);

@@ -428,3 +428,15 @@ pub fn announcement(service: &str, kind: &str, id: &str, at: std::time::SystemTi
         payload: event.to_string().into(),
     }
 }
+
+/// The id of the message of key `key` among `messages` (as the API lists them); panics when none
+/// has that key.
+#[allow(clippy::unwrap_used)]
+pub fn id_of_key(messages: &[Value], key: &str) -> String {
+    messages
+        .iter()
+        .find(|m| m["key"] == key)
+        .and_then(|m| m["id"].as_str())
+        .unwrap_or_else(|| panic!("no message of key {key} in {messages:?}"))
+        .to_owned()
+}

@@ -109,14 +109,7 @@ async fn a_person_fixes_a_parked_message_in_the_browser() {
         .wait_messages("status=parked", 2, TEST_TIMEOUT)
         .await
         .unwrap();
-    let id_of = |key: &str| {
-        parked
-            .iter()
-            .find(|m| m["key"] == key)
-            .and_then(|m| m["id"].as_str())
-            .unwrap_or_else(|| panic!("no parked message of {key}: {parked:?}"))
-            .to_owned()
-    };
+    let id_of = |key: &str| mend_e2e::dashboard::id_of_key(&parked, key);
     let (b1, x1) = (id_of("b1"), id_of("x1"));
     wait::until("b1 held with 3, x1 held", TEST_TIMEOUT, || async {
         let holds = d.ok("/api/holds").await?;
@@ -252,14 +245,7 @@ async fn the_overview_charts_match_the_api_and_refresh_themselves() {
         .wait_messages("status=parked", 5, TEST_TIMEOUT)
         .await
         .unwrap();
-    let id_of = |key: &str| {
-        parked
-            .iter()
-            .find(|m| m["key"] == key)
-            .and_then(|m| m["id"].as_str())
-            .unwrap_or_else(|| panic!("no parked message of {key}: {parked:?}"))
-            .to_owned()
-    };
+    let id_of = |key: &str| mend_e2e::dashboard::id_of_key(&parked, key);
     let (r1, b3) = (id_of("r1"), id_of("b3"));
     // r1 fixed by hand, the amount made a number: resolved, and so the source of a rule draft.
     let (status, body) = d

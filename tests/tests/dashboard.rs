@@ -153,14 +153,7 @@ async fn discarding_a_head_releases_its_key_and_release_gives_up_order() {
         .wait_messages("status=parked", 2, TEST_TIMEOUT)
         .await
         .unwrap();
-    let id_of = |key: &str| {
-        parked
-            .iter()
-            .find(|m| m["key"] == key)
-            .and_then(|m| m["id"].as_str())
-            .unwrap()
-            .to_owned()
-    };
+    let id_of = |key: &str| mend_e2e::dashboard::id_of_key(&parked, key);
     wait_held(d, "k3", 2).await.unwrap();
     wait_held(d, "k4", 2).await.unwrap();
 

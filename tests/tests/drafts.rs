@@ -696,12 +696,7 @@ async fn every_recognised_transform_drafts_a_rule_that_repairs_the_next_failure(
         .unwrap();
     for (case, _, fixed, _, _, expected) in &cases {
         let key = format!("{case}-1");
-        let id = parked
-            .iter()
-            .find(|m| m["key"] == key.as_str())
-            .and_then(|m| m["id"].as_str())
-            .unwrap()
-            .to_owned();
+        let id = mend_e2e::dashboard::id_of_key(&parked, &key);
         let (status, answer) = d
             .post(
                 &format!("/api/messages/{id}/resubmit"),
