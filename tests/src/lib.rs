@@ -23,6 +23,7 @@ pub mod dashboard;
 pub mod js;
 pub mod mend;
 pub mod nats;
+pub mod otlp;
 pub mod postgres;
 pub mod proxy;
 pub mod wait;

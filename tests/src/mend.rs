@@ -131,6 +131,9 @@ impl MendProcess {
                 std::env::var("MEND_LOG").unwrap_or_else(|_| "info".into()),
             )
             .env_remove("MEND_NATS_URL")
+            // Traces only where a test asks for them (its `env`), never from the caller's shell.
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

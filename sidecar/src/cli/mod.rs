@@ -137,13 +137,22 @@ pub async fn main() -> ExitCode {
     // Under `mend dev` the status lines are the output: logs show warnings and errors, without
     // the demo app's expected 503s (each a retry warning of the sidecar).
     let quiet = matches!(cli.command, Command::Dev { .. });
-    telemetry::init_logging(
+    let service = match &cli.command {
+        Command::Sidecar { .. } => "mend-sidecar",
+        Command::Processor { .. } => "mend-processor",
+        Command::Dashboard { .. } => "mend-dashboard",
+        Command::Dev { .. } => "mend-dev",
+        _ => "mend",
+    };
+    // Kept to the end of `main`: dropped, it exports the spans still queued.
+    let _traces = telemetry::init_logging(
         cli.log_format,
         if quiet {
             "warn,mend::consume=error"
         } else {
             "info"
         },
+        service,
     );
     match cli.command {
         Command::HashPassword => crate::dashboard::hash_password(),

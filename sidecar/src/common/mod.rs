@@ -9,6 +9,7 @@ pub mod envcfg;
 pub mod lease;
 pub mod nats;
 pub mod ops;
+pub mod otel;
 pub mod payloads;
 pub mod publish;
 pub mod role;

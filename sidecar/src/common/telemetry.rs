@@ -108,18 +108,77 @@ pub enum LogFormat {
     Json,
 }
 
-/// Starts logging to stderr; the filter comes from `MEND_LOG` (else `default`, e.g. `info`).
-pub fn init_logging(format: LogFormat, default: &str) {
-    let filter = EnvFilter::try_from_env("MEND_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+/// Starts logging to stderr (the filter from `MEND_LOG`, else `default`, e.g. `info`), and
+/// exporting traces over OTLP when the `OTEL_*` variables ask for it ([`super::otel`]; the
+/// service is `mend-<role>` unless `OTEL_SERVICE_NAME` says otherwise). The guard, kept until
+/// exit, exports what is still queued then.
+pub fn init_logging(format: LogFormat, default: &str, role: &str) -> Option<super::otel::Guard> {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+
+    let filter = || {
+        let filter =
+            EnvFilter::try_from_env("MEND_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+        // The exported spans are for the trace only, never in the log lines.
+        match format!("{}=off", super::otel::TARGET).parse() {
+            Ok(off) => filter.add_directive(off),
+            Err(_) => filter,
+        }
+    };
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut failed = None;
+    let traces = super::otel::settings(|k| std::env::var(k).ok()).and_then(|settings| {
+        // The metrics recorder first, so that the export's counters are there from the start.
+        let _ = metrics();
+        match super::otel::start(role, &settings) {
+            Ok(started) => Some(started),
+            Err(error) => {
+                failed = Some(error);
+                None
+            }
+        }
+    });
     // Colours only for a terminal: escape codes in a log file or collector are noise, and the fmt
     // layer writes every span's fields with them when the span is made (a message's span, in the
     // sidecar's hot path).
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Pretty => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let guard = match traces {
+        // Without traces, one global filter, as cheap as logging gets: a call site the filter
+        // refuses is never looked at again.
+        None => {
+            let builder = tracing_subscriber::fmt()
+                .with_env_filter(filter())
+                .with_ansi(ansi)
+                .with_writer(std::io::stderr);
+            let _ = match format {
+                LogFormat::Pretty => builder.try_init(),
+                LogFormat::Json => builder.json().flatten_event(true).try_init(),
+            };
+            None
+        }
+        // With them, a filter per layer: the log's, and the trace's (only [`super::otel::TARGET`]).
+        Some((tracer, guard)) => {
+            let fmt = tracing_subscriber::fmt::layer()
+                .with_ansi(ansi)
+                .with_writer(std::io::stderr);
+            let fmt = match format {
+                LogFormat::Pretty => fmt.with_filter(filter()).boxed(),
+                LogFormat::Json => fmt.json().flatten_event(true).with_filter(filter()).boxed(),
+            };
+            let only_ours = tracing_subscriber::filter::Targets::new()
+                .with_target(super::otel::TARGET, tracing::Level::TRACE);
+            let traces = tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_filter(only_ours);
+            let _ = tracing_subscriber::registry()
+                .with(fmt)
+                .with(traces)
+                .try_init();
+            Some(guard)
+        }
     };
+    if let Some(error) = failed {
+        tracing::error!(%error, "Traces are not exported.");
+    }
+    guard
 }

@@ -57,19 +57,26 @@ impl App {
     }
 
     /// POSTs one message and classifies the answer; a refused connection or a timeout is transient.
-    pub async fn call(&self, headers: HeaderMap, body: Bytes) -> Answer {
+    /// Also the answer's status, when there was one.
+    pub async fn call(&self, headers: HeaderMap, body: Bytes) -> (Option<u16>, Answer) {
         match self.post(headers, body, ERROR_BODY_LIMIT).await {
             Ok(Reply {
                 status,
                 unread: Some(cause),
                 ..
-            }) if !status.is_success() => Answer::Transient {
-                status: Some(status.as_u16()),
-                retry_after: None,
-                cause,
-            },
-            Ok(reply) => classify(reply.status, &reply.headers, &reply.body),
-            Err(answer) => answer,
+            }) if !status.is_success() => (
+                Some(status.as_u16()),
+                Answer::Transient {
+                    status: Some(status.as_u16()),
+                    retry_after: None,
+                    cause,
+                },
+            ),
+            Ok(reply) => (
+                Some(reply.status.as_u16()),
+                classify(reply.status, &reply.headers, &reply.body),
+            ),
+            Err(answer) => (None, answer),
         }
     }
 

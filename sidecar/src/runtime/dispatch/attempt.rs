@@ -13,6 +13,7 @@ use super::delegate;
 use super::delegate::Destination;
 use super::settle::Settle;
 use super::work::Delivery;
+use crate::common::otel;
 use crate::runtime::deliver::Answer;
 use crate::runtime::headers::{self};
 
@@ -110,10 +111,40 @@ async fn call(rt: &BindingRuntime, d: &Delivery, id: &str) -> Answer {
             batcher.call(id.to_owned(), entry).await
         }
         None => {
+            // The call as a client span of the message's trace (only when traces are exported).
+            let span = otel::child_of(
+                tracing::info_span!(
+                    target: otel::TARGET,
+                    "deliver",
+                    otel.kind = "client",
+                    otel.status_code = tracing::field::Empty,
+                    http.request.method = "POST",
+                    http.response.status_code = tracing::field::Empty,
+                    messaging.system = "nats",
+                    messaging.destination.name = %d.meta.subject,
+                    mend.id = id,
+                    mend.attempt = d.meta.attempt,
+                    mend.service = %d.meta.service,
+                ),
+                d.headers.as_ref(),
+            );
             // Built per try (retries are rare): reqwest takes the map, and a clone would cost as
             // much.
-            let headers = headers::app_request(&rt.fixed_headers, &d.meta, d.headers.as_ref());
-            rt.app.call(headers, d.payload.clone()).await
+            let mut headers = headers::app_request(&rt.fixed_headers, &d.meta, d.headers.as_ref());
+            otel::inject_http(&span, &mut headers);
+            let (status, answer) = rt
+                .app
+                .call(headers, d.payload.clone())
+                .instrument(span.clone())
+                .await;
+            if !span.is_disabled() {
+                if let Some(status) = status {
+                    span.record("http.response.status_code", status);
+                }
+                let ok = matches!(answer, Answer::Processed | Answer::Drop);
+                span.record("otel.status_code", if ok { "OK" } else { "ERROR" });
+            }
+            answer
         }
     }
 }

@@ -1,0 +1,244 @@
+//! Traces over OTLP (SPEC §11), seen by a real OTLP/HTTP receiver that decodes what mend sends
+//! with the official OpenTelemetry protobuf definitions: the sidecar's call of the app is a client
+//! span of the producer's trace, and the app is called as its child; without the `OTEL_*`
+//! variables nothing is started or sent.
+
+use mend_e2e::js::{self, Out};
+use mend_e2e::mend::MendProcess;
+use mend_e2e::otlp::Receiver;
+use mend_e2e::world::{KEY_HEADER, TEST_TIMEOUT, World};
+use serde_json::json;
+
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const PRODUCER_SPAN: &str = "00f067aa0ba902b7";
+
+/// A keyed order carrying the producer's trace context.
+fn traced(key: &str, n: u64, span: &str) -> Out {
+    let mut out = Out::keyed("app.created", KEY_HEADER, key, json!({"key": key, "n": n}));
+    out.headers
+        .insert("traceparent", format!("00-{TRACE}-{span}-01").as_str());
+    out.headers.insert("tracestate", "vendor=1");
+    out
+}
+
+/// The threads of process `pid`, by name.
+fn threads(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                .map(|c| c.trim().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn the_call_of_the_app_is_a_client_span_of_the_producers_trace() {
+    let receiver = Receiver::start().await.unwrap();
+    let world = World::new().await.unwrap();
+    let env = receiver.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let sidecar = MendProcess::start_with_env("sidecar", &world.keyed_config("app", ""), &env)
+        .await
+        .unwrap();
+    sidecar.ready().await.unwrap();
+    let pid = sidecar.pid().unwrap();
+    assert!(
+        threads(pid).iter().any(|t| t == "mend-otel"),
+        "{:?}",
+        threads(pid)
+    );
+
+    js::publish_all(&world.js, vec![traced("k1", 0, PRODUCER_SPAN)])
+        .await
+        .unwrap();
+    let spans = receiver
+        .wait_for("the delivery's span", TEST_TIMEOUT, |spans| {
+            spans.iter().any(|s| s.name == "deliver")
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", sidecar.log()));
+    let deliver = spans.iter().find(|s| s.name == "deliver").unwrap();
+    assert_eq!(deliver.service, "mend-sidecar");
+    assert_eq!(deliver.trace_id, TRACE, "{deliver:?}");
+    assert_eq!(deliver.parent_span_id, PRODUCER_SPAN, "{deliver:?}");
+    assert_eq!(deliver.kind, 3, "a client span: {deliver:?}");
+    assert_eq!(deliver.attr("http.response.status_code"), Some("200"));
+    assert_eq!(deliver.attr("http.request.method"), Some("POST"));
+    assert_eq!(
+        deliver.attr("messaging.destination.name"),
+        Some("app.created")
+    );
+    assert_eq!(deliver.attr("mend.attempt"), Some("1"));
+    assert!(
+        deliver
+            .attr("mend.id")
+            .is_some_and(|id| id.starts_with("APP:"))
+    );
+    assert_eq!(deliver.status, 1, "ok: {deliver:?}");
+
+    // The app was called as a child of that span, in the same trace, its trace state kept.
+    let log = world.app.log();
+    let got = log
+        .iter()
+        .find(|d| d.field("key") == Some(&json!("k1")))
+        .unwrap();
+    assert_eq!(
+        got.header("traceparent"),
+        Some(format!("00-{TRACE}-{}-01", deliver.span_id).as_str())
+    );
+    assert_eq!(got.header("tracestate"), Some("vendor=1"));
+}
+
+#[tokio::test]
+async fn without_the_otel_variables_nothing_is_started_or_sent() {
+    let receiver = Receiver::start().await.unwrap();
+    let world = World::new().await.unwrap();
+    // Everything but an endpoint: still off.
+    let env = [
+        ("OTEL_SERVICE_NAME", "not-exported"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+    let config = world.keyed_config("app", "");
+    let sidecar = MendProcess::start_with_env("sidecar", &config, &env)
+        .await
+        .unwrap();
+    sidecar.ready().await.unwrap();
+    js::publish_all(&world.js, vec![traced("k1", 0, PRODUCER_SPAN)])
+        .await
+        .unwrap();
+    world
+        .app
+        .wait_for("k1 delivered", TEST_TIMEOUT, |log| {
+            log.iter()
+                .any(|d| d.ok() && d.field("key") == Some(&json!("k1")))
+        })
+        .await
+        .unwrap();
+    let threads = threads(sidecar.pid().unwrap());
+    assert!(
+        !threads.iter().any(|t| t.starts_with("mend-otel")),
+        "{threads:?}"
+    );
+    // The message's own trace context reaches the app as it came.
+    let log = world.app.log();
+    let got = log
+        .iter()
+        .find(|d| d.field("key") == Some(&json!("k1")))
+        .unwrap();
+    assert_eq!(
+        got.header("traceparent"),
+        Some(format!("00-{TRACE}-{PRODUCER_SPAN}-01").as_str())
+    );
+    // No export counters either: the export was never set up.
+    let metrics = reqwest::get(format!(
+        "http://{}/metrics",
+        mend_e2e::mend::listen_addr(&config)
+    ))
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    assert!(!metrics.contains("mend_trace_spans"), "{metrics}");
+    assert_eq!(receiver.requests(), 0);
+}
+
+/// The value of counter `line` (name and labels) in a /metrics text, 0 when absent.
+fn counter(metrics: &str, line: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_collector_that_is_down_costs_only_counted_drops() {
+    let world = World::new().await.unwrap();
+    // A collector nothing listens on, and a small queue: every span is dropped, none waits.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let gone = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let config = world.keyed_config("app", "");
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", gone.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "8"),
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4"),
+    ];
+    let sidecar = MendProcess::start_with_env("sidecar", &config, &env)
+        .await
+        .unwrap();
+    sidecar.ready().await.unwrap();
+    let n = 300;
+    js::publish_all(
+        &world.js,
+        (0..n)
+            .map(|i| traced(&format!("k{}", i % 30), i, PRODUCER_SPAN))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    world
+        .app
+        .wait_for("every message delivered", TEST_TIMEOUT, |log| {
+            log.iter().filter(|d| d.ok()).count() >= n as usize
+        })
+        .await
+        .unwrap();
+    let url = format!("http://{}/metrics", mend_e2e::mend::listen_addr(&config));
+    let metrics = mend_e2e::wait::until("the drops counted", TEST_TIMEOUT, || async {
+        let m = reqwest::get(&url).await?.text().await?;
+        let dropped = counter(&m, "mend_trace_spans_dropped_total{reason=\"queue_full\"}")
+            + counter(
+                &m,
+                "mend_trace_spans_dropped_total{reason=\"export_failed\"}",
+            );
+        Ok((dropped >= n as f64).then_some(m))
+    })
+    .await
+    .unwrap();
+    assert!(
+        counter(
+            &metrics,
+            "mend_trace_spans_dropped_total{reason=\"queue_full\"}"
+        ) > 0.0,
+        "a queue of 8 overflows: {metrics}"
+    );
+    assert_eq!(counter(&metrics, "mend_trace_spans_exported_total"), 0.0);
+}
+
+#[tokio::test]
+async fn a_collector_that_refuses_costs_only_counted_drops() {
+    // A collector that answers 503: its exports fail and are counted.
+    let world = World::new().await.unwrap();
+    let receiver = Receiver::start().await.unwrap();
+    receiver.refuse(true);
+    let config = world.keyed_config("app", "");
+    let endpoint = receiver.endpoint();
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+    ];
+    let sidecar = MendProcess::start_with_env("sidecar", &config, &env)
+        .await
+        .unwrap();
+    sidecar.ready().await.unwrap();
+    js::publish_all(&world.js, vec![traced("z1", 0, PRODUCER_SPAN)])
+        .await
+        .unwrap();
+    let url = format!("http://{}/metrics", mend_e2e::mend::listen_addr(&config));
+    mend_e2e::wait::until("a refused export counted", TEST_TIMEOUT, || async {
+        let m = reqwest::get(&url).await?.text().await?;
+        Ok((counter(
+            &m,
+            "mend_trace_spans_dropped_total{reason=\"export_failed\"}",
+        ) >= 1.0)
+            .then_some(()))
+    })
+    .await
+    .unwrap();
+    assert!(receiver.requests() >= 1);
+    assert!(receiver.spans().is_empty());
+}
