@@ -242,3 +242,73 @@ async fn a_collector_that_refuses_costs_only_counted_drops() {
     assert!(receiver.requests() >= 1);
     assert!(receiver.spans().is_empty());
 }
+
+#[tokio::test]
+async fn a_repaired_failure_is_one_trace_across_sidecar_and_processor() {
+    let receiver = Receiver::start().await.unwrap();
+    let world = World::new().await.unwrap();
+    // The app refuses an order until it is marked fixed; a rule marks it.
+    world.app.script(|d| match d.json.as_ref() {
+        Some(o) if o["fixed"] == true => mend_e2e::app::Reply::Ok,
+        _ => mend_e2e::app::Reply::Problem(
+            422,
+            json!({"title": "not fixed", "code": "unfixed", "field": "/fixed"}),
+        ),
+    });
+    let rules = tempfile::tempdir().unwrap();
+    std::fs::write(
+        rules.path().join("fix.toml"),
+        "[[rule]]\nname = \"mark-fixed\"\nwhen = 'error.code == \"unfixed\"'\nset = { \"/fixed\" = 'true' }\n",
+    )
+    .unwrap();
+    let env = receiver.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let sidecar = MendProcess::start_with_env("sidecar", &world.keyed_config("app", ""), &env)
+        .await
+        .unwrap();
+    sidecar.ready().await.unwrap();
+    let processor = MendProcess::start_with_env(
+        "processor",
+        &mend_e2e::mend::processor_config(&world.nats.url(), rules.path(), ""),
+        &env,
+    )
+    .await
+    .unwrap();
+    processor.ready().await.unwrap();
+
+    js::publish_all(&world.js, vec![traced("k1", 0, PRODUCER_SPAN)])
+        .await
+        .unwrap();
+    let spans = receiver
+        .wait_for(
+            "two deliveries and a rule's decision",
+            TEST_TIMEOUT,
+            |spans| {
+                spans.iter().filter(|s| s.name == "deliver").count() >= 2
+                    && spans.iter().any(|s| s.name == "evaluate")
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", sidecar.log(), processor.log()));
+    assert!(
+        spans.iter().all(|s| s.trace_id == TRACE),
+        "one trace: {spans:#?}"
+    );
+    let first = spans
+        .iter()
+        .find(|s| s.name == "deliver" && s.attr("mend.attempt") == Some("1"))
+        .unwrap();
+    assert_eq!(first.attr("http.response.status_code"), Some("422"));
+    assert_eq!(first.status, 2, "an error: {first:?}");
+    let evaluate = spans.iter().find(|s| s.name == "evaluate").unwrap();
+    assert_eq!(evaluate.service, "mend-processor");
+    assert_eq!(evaluate.attr("mend.rule"), Some("mark-fixed"));
+    assert_eq!(evaluate.attr("mend.decision"), Some("repaired"));
+    assert_eq!(evaluate.attr("mend.id"), first.attr("mend.id"));
+    let second = spans
+        .iter()
+        .find(|s| s.name == "deliver" && s.attr("mend.attempt") == Some("2"))
+        .unwrap();
+    assert_eq!(second.attr("http.response.status_code"), Some("200"));
+    assert_eq!(second.attr("mend.id"), first.attr("mend.id"));
+}

@@ -33,40 +33,70 @@ pub const SPANS_DROPPED: &str = "mend_trace_spans_dropped_total";
 /// Spans exported.
 pub const SPANS_EXPORTED: &str = "mend_trace_spans_exported_total";
 
-/// The W3C trace context in a NATS message's headers (`traceparent`, `tracestate`), as the parent
-/// of a span; `None` without a valid one.
-pub fn parent_of(headers: Option<&async_nats::HeaderMap>) -> Option<opentelemetry::Context> {
+/// The W3C trace context `get` finds (`traceparent`, `tracestate`, by lower-case name), as the
+/// parent of a span; `None` without a valid one.
+pub fn parent_from<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Option<opentelemetry::Context> {
     use opentelemetry::propagation::TextMapPropagator as _;
     use opentelemetry::trace::TraceContextExt as _;
 
-    struct Nats<'a>(&'a async_nats::HeaderMap);
-    impl opentelemetry::propagation::Extractor for Nats<'_> {
+    struct Found<'a>([Option<&'a str>; 2]);
+    impl opentelemetry::propagation::Extractor for Found<'_> {
         fn get(&self, key: &str) -> Option<&str> {
-            self.0
-                .iter()
-                .find(|(name, _)| AsRef::<str>::as_ref(name).eq_ignore_ascii_case(key))
-                .and_then(|(_, values)| values.first())
-                .map(|v| v.as_str())
+            match key {
+                "traceparent" => self.0[0],
+                "tracestate" => self.0[1],
+                _ => None,
+            }
         }
         fn keys(&self) -> Vec<&str> {
-            self.0.iter().map(|(name, _)| name.as_ref()).collect()
+            vec!["traceparent", "tracestate"]
         }
     }
-    let headers = headers?;
+    let found = Found([Some(get("traceparent")?), get("tracestate")]);
     let cx = opentelemetry_sdk::propagation::TraceContextPropagator::new()
-        .extract_with_context(&opentelemetry::Context::new(), &Nats(headers));
+        .extract_with_context(&opentelemetry::Context::new(), &found);
     cx.span().span_context().is_valid().then_some(cx)
+}
+
+/// The trace context in a NATS message's headers.
+pub fn parent_of(headers: Option<&async_nats::HeaderMap>) -> Option<opentelemetry::Context> {
+    let headers = headers?;
+    parent_from(|key| {
+        headers
+            .iter()
+            .find(|(name, _)| AsRef::<str>::as_ref(name).eq_ignore_ascii_case(key))
+            .and_then(|(_, values)| values.first())
+            .map(|v| v.as_str())
+    })
+}
+
+/// The trace context in an envelope's copy of the message's headers.
+pub fn parent_in(
+    headers: &std::collections::BTreeMap<String, Vec<String>>,
+) -> Option<opentelemetry::Context> {
+    parent_from(|key| {
+        headers
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(key))
+            .and_then(|(_, values)| values.first())
+            .map(String::as_str)
+    })
+}
+
+/// Makes `parent` the parent of `span` (when tracing is on and there is one).
+pub fn set_parent(span: &tracing::Span, parent: impl FnOnce() -> Option<opentelemetry::Context>) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    if !span.is_disabled()
+        && let Some(parent) = parent()
+    {
+        let _ = span.set_parent(parent);
+    }
 }
 
 /// A span of [`TARGET`] whose parent is the trace context in `headers` when there is one (and
 /// tracing is on: a disabled span is left as it is, costing nothing).
 pub fn child_of(span: tracing::Span, headers: Option<&async_nats::HeaderMap>) -> tracing::Span {
-    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
-    if !span.is_disabled()
-        && let Some(parent) = parent_of(headers)
-    {
-        let _ = span.set_parent(parent);
-    }
+    set_parent(&span, || parent_of(headers));
     span
 }
 

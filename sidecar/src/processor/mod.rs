@@ -31,7 +31,7 @@ use crate::RunError;
 use crate::common::ack;
 use crate::common::publish::{self, NotStored, Published, to_bytes};
 use crate::common::rules_live::LiveRules;
-use crate::common::{nats, ops, role, telemetry};
+use crate::common::{nats, ops, otel, role, telemetry};
 use crate::processor::config::ProcessorConfig;
 
 struct Processor {
@@ -256,10 +256,26 @@ async fn handle(p: &Processor, msg: Message) {
             // processor measurable throughput. Logs that matter name the lineage themselves.
             let span =
                 tracing::debug_span!("failure", mend_id = %envelope.id, attempt = envelope.attempt);
+            // The rules' decision as a span of the message's trace (when traces are exported).
+            let traced = tracing::info_span!(
+                target: otel::TARGET,
+                "evaluate",
+                mend.id = %envelope.id,
+                mend.attempt = envelope.attempt,
+                mend.service = %envelope.service,
+                mend.rule = tracing::field::Empty,
+                mend.decision = tracing::field::Empty,
+                mend.reason = tracing::field::Empty,
+            );
+            otel::set_parent(&traced, || otel::parent_in(&envelope.headers));
             let work = async {
                 let decision = decide(p, &envelope).await;
+                if !traced.is_disabled() {
+                    record(&traced, &decision);
+                }
                 act(p, &envelope, decision).await
             };
+            let work = tracing::Instrument::instrument(work, traced.clone());
             tracing::Instrument::instrument(work, span).await
         }
         Err(error) => Box::pin(park_malformed(p, &msg, &error)).await,
@@ -273,6 +289,23 @@ async fn handle(p: &Processor, msg: Message) {
         Err(NotStored::Unpublishable) => {}
     }
     p.counters.latency.record(started.elapsed().as_secs_f64());
+}
+
+/// The decision's attributes on its span.
+fn record(span: &tracing::Span, decision: &Decision) {
+    match decision {
+        Decision::Repaired { rule, .. } => {
+            span.record("mend.rule", rule.as_str());
+            span.record("mend.decision", "repaired");
+        }
+        Decision::Park { rule, reason, .. } => {
+            if let Some(rule) = rule {
+                span.record("mend.rule", rule.as_str());
+            }
+            span.record("mend.decision", "parked");
+            span.record("mend.reason", reason.as_str());
+        }
+    }
 }
 
 /// The rules' decision. Rules whose cost is linear in their (bounded) input are evaluated in place;
