@@ -311,4 +311,23 @@ async fn a_repaired_failure_is_one_trace_across_sidecar_and_processor() {
         .unwrap();
     assert_eq!(second.attr("http.response.status_code"), Some("200"));
     assert_eq!(second.attr("mend.id"), first.attr("mend.id"));
+    // Who continues under whom: the producer's span → the sidecar's delegation (a producer span,
+    // beside the failed call) → the processor's decision → its publish of the retry (a producer
+    // span) → the sidecar's delivery of the retry.
+    let delegate = spans.iter().find(|s| s.name == "delegate").unwrap();
+    let publish = spans.iter().find(|s| s.name == "publish").unwrap();
+    assert_eq!(first.parent_span_id, PRODUCER_SPAN);
+    assert_eq!(delegate.parent_span_id, PRODUCER_SPAN, "{delegate:?}");
+    assert_eq!(delegate.kind, 4, "a producer span: {delegate:?}");
+    assert_eq!(delegate.attr("mend.error.code"), Some("unfixed"));
+    assert_eq!(
+        delegate.attr("messaging.destination.name"),
+        Some("mend.failed.app")
+    );
+    assert_eq!(evaluate.parent_span_id, delegate.span_id, "{evaluate:?}");
+    assert_eq!(publish.parent_span_id, evaluate.span_id, "{publish:?}");
+    assert_eq!(publish.kind, 4);
+    assert_eq!(publish.attr("mend.to"), Some("retry"));
+    assert_eq!(publish.attr("mend.attempt"), Some("2"));
+    assert_eq!(second.parent_span_id, publish.span_id, "{second:?}");
 }

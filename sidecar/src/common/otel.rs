@@ -100,6 +100,27 @@ pub fn child_of(span: tracing::Span, headers: Option<&async_nats::HeaderMap>) ->
     span
 }
 
+/// Writes `span`'s trace context as `traceparent` (and `tracestate`) into the NATS headers of a
+/// message mend publishes, replacing what was there: whoever takes the message next continues the
+/// trace under this span. Nothing when the span is disabled.
+pub fn inject_nats(span: &tracing::Span, headers: &mut async_nats::HeaderMap) {
+    use opentelemetry::propagation::TextMapPropagator as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+    struct Nats<'a>(&'a mut async_nats::HeaderMap);
+    impl opentelemetry::propagation::Injector for Nats<'_> {
+        fn set(&mut self, key: &str, value: String) {
+            self.0.insert(key, value.as_str());
+        }
+    }
+    if span.is_disabled() {
+        return;
+    }
+    let cx = span.context();
+    opentelemetry_sdk::propagation::TraceContextPropagator::new()
+        .inject_context(&cx, &mut Nats(headers));
+}
+
 /// Writes `span`'s trace context as `traceparent` (and `tracestate`) into `headers`, replacing
 /// what was there: the app's call is a child of mend's span. Nothing when the span is disabled.
 pub fn inject_http(span: &tracing::Span, headers: &mut reqwest::header::HeaderMap) {

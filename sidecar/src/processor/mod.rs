@@ -267,7 +267,11 @@ async fn handle(p: &Processor, msg: Message) {
                 mend.decision = tracing::field::Empty,
                 mend.reason = tracing::field::Empty,
             );
-            otel::set_parent(&traced, || otel::parent_in(&envelope.headers));
+            // Under the sidecar's delegation (the envelope's NATS headers), else the message's
+            // own trace context (its copy of the message's headers).
+            otel::set_parent(&traced, || {
+                otel::parent_of(msg.headers.as_ref()).or_else(|| otel::parent_in(&envelope.headers))
+            });
             let work = async {
                 let decision = decide(p, &envelope).await;
                 if !traced.is_disabled() {
@@ -289,6 +293,27 @@ async fn handle(p: &Processor, msg: Message) {
         Err(NotStored::Unpublishable) => {}
     }
     p.counters.latency.record(started.elapsed().as_secs_f64());
+}
+
+/// A producer span for a message the processor publishes (`what`: `retry`, `parked`), a child of
+/// the decision's span.
+fn publish_span(
+    subject: &str,
+    envelope: &FailureEnvelope,
+    attempt: u32,
+    what: &str,
+) -> tracing::Span {
+    tracing::info_span!(
+        target: otel::TARGET,
+        "publish",
+        otel.kind = "producer",
+        messaging.system = "nats",
+        messaging.destination.name = subject,
+        mend.id = %envelope.id,
+        mend.attempt = attempt,
+        mend.service = %envelope.service,
+        mend.to = what,
+    )
 }
 
 /// The decision's attributes on its span.
@@ -453,6 +478,8 @@ async fn retry(
     let repaired_by = repaired_by.join(",");
     // Built for each try rather than copied: the client takes the map it sends. Mend's names are
     // static, so they are neither checked nor copied again.
+    let subject = subjects::retry(&envelope.service);
+    let span = publish_span(&subject, envelope, attempt, "retry");
     let headers = || {
         let mut headers = async_nats::HeaderMap::new();
         for (name, values) in &envelope.headers {
@@ -476,11 +503,12 @@ async fn retry(
             history: Some(&history),
         }
         .write(|name, value| headers.insert(HeaderName::from_static(name), value));
+        // The sidecar delivers the retry under this span.
+        otel::inject_nats(&span, &mut headers);
         headers
     };
     let lineage = envelope.lineage();
     let msg_id = lineage.msg_id(attempt, "retry");
-    let subject = subjects::retry(&envelope.service);
     match publish::durably_on(
         &p.js,
         &p.client,
@@ -545,6 +573,8 @@ async fn park(
     headers.insert(h::MEND_SERVICE, envelope.service.as_str());
     let msg_id = lineage.msg_id(envelope.attempt, "parked");
     let subject = subjects::parked(&envelope.service);
+    let span = publish_span(&subject, envelope, envelope.attempt, "parked");
+    otel::inject_nats(&span, &mut headers);
     match publish::durably(
         &p.js,
         &p.shutdown,

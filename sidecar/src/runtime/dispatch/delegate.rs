@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 
 use super::binding::BindingRuntime;
 use super::work::Delivery;
+use crate::common::otel;
 use crate::common::publish::{self, NotStored, Published, to_bytes};
 
 /// Where a failure goes.
@@ -78,7 +79,26 @@ pub async fn failure(
     };
     let mut envelope = envelope(rt, d, error, what, reason);
     let msg_id = d.meta.lineage.msg_id(d.meta.attempt, what);
-    let headers = envelope_headers(d);
+    let mut headers = envelope_headers(d);
+    // The delegation as a producer span of the message's trace; the processor or the dashboard
+    // continues under it.
+    let span = otel::child_of(
+        tracing::info_span!(
+            target: otel::TARGET,
+            "delegate",
+            otel.kind = "producer",
+            messaging.system = "nats",
+            messaging.destination.name = %subject,
+            mend.id = %d.meta.lineage,
+            mend.attempt = d.meta.attempt,
+            mend.service = %rt.service,
+            mend.to = what,
+            mend.error.kind = envelope.error.kind.as_str(),
+            mend.error.code = envelope.error.code.as_deref().unwrap_or(""),
+        ),
+        d.headers.as_ref(),
+    );
+    otel::inject_nats(&span, &mut headers);
     let body = to_bytes(&envelope);
     match publish::durably(
         &rt.js,
