@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 use crate::app::{ApiError, AppState, Principal};
 use crate::auth::Role;
 use crate::store::{Audit, Changed, Claim, Message, Outgoing, Plan, Status, now_ms};
+use crate::trace;
 
 /// A new payload for a resubmission.
 #[derive(Debug, Clone)]
@@ -127,6 +128,22 @@ pub async fn resubmit(
         history: Some(&serde_json::to_string(&sent.history).unwrap_or_default()),
     }
     .write(|name, value| headers.insert(name, value));
+    // The resubmission as a producer span of the message's trace (the trace context its headers
+    // carried when it failed), days later or not; its delivery continues under it.
+    let span = tracing::info_span!(
+        target: trace::TARGET,
+        "resubmit",
+        otel.kind = "producer",
+        messaging.system = "nats",
+        messaging.destination.name = %subjects::retry(&env.service),
+        mend.id = %env.id,
+        mend.attempt = attempt,
+        mend.service = %env.service,
+        mend.by = %who.name,
+        mend.edited = edited.is_some(),
+    );
+    trace::set_parent(&span, || trace::parent_in(&env.headers));
+    trace::inject_nats(&span, &mut headers);
     let (headers, body) =
         by_reference_if_too_large(state, &lineage, attempt, headers, body).await?;
     let plan = Plan {
@@ -167,15 +184,26 @@ pub async fn discard(
     who.require(Role::Operator)?;
     let m = parked(state, id, seen_attempt).await?;
     let env = &m.envelope;
+    let span = tracing::info_span!(
+        target: trace::TARGET,
+        "discard",
+        mend.id = %env.id,
+        mend.attempt = m.attempt,
+        mend.service = %env.service,
+        mend.by = %who.name,
+    );
+    trace::set_parent(&span, || trace::parent_in(&env.headers));
     let publish = env.key.as_ref().map(|key| {
         let command = json!({
             "action": "discard", "key": key, "id": env.id, "binding": env.binding,
             "subject": env.subject, "by": who.name, "note": note,
         });
+        let mut headers = json_headers();
+        trace::inject_nats(&span, &mut headers);
         outgoing(
             subjects::control(&env.service),
             env.lineage().msg_id(m.attempt, "discard"),
-            &json_headers(),
+            &headers,
             command.to_string().as_bytes(),
         )
     });

@@ -86,7 +86,24 @@ pub async fn parked(consumer: PullConsumer, store: Store, shutdown: Cancellation
             }
         };
         let envelope = envelope_of(&msg);
-        match store.ingest_parked(&envelope, now_ms()).await {
+        // Taking it in as a span of its trace, under whoever parked it (the processor's publish).
+        let span = tracing::info_span!(
+            target: crate::trace::TARGET,
+            "ingest",
+            otel.kind = "consumer",
+            messaging.system = "nats",
+            messaging.destination.name = %msg.subject,
+            mend.id = %envelope.id,
+            mend.attempt = envelope.attempt,
+            mend.service = %envelope.service,
+        );
+        crate::trace::set_parent(&span, || {
+            crate::trace::parent_of(msg.headers.as_ref())
+                .or_else(|| crate::trace::parent_in(&envelope.headers))
+        });
+        let stored =
+            tracing::Instrument::instrument(store.ingest_parked(&envelope, now_ms()), span);
+        match stored.await {
             Ok(outcome) => {
                 tracing::debug!(mend_id = %envelope.id, ?outcome, "Parked failure stored.");
                 metrics::counter!("mend_dashboard_ingested_total", "what" => "parked").increment(1);

@@ -17,6 +17,7 @@ pub mod openapi;
 pub mod overview;
 pub mod payloads;
 pub mod store;
+pub mod trace;
 pub mod ui;
 
 use std::sync::Arc;

@@ -107,9 +107,19 @@ impl Dashboard {
 
     /// Starts a dashboard on `database_url`.
     pub async fn start_on(nats_url: &str, database_url: &str, extra: &str) -> anyhow::Result<Self> {
+        Self::start_with_env(nats_url, database_url, extra, &[]).await
+    }
+
+    /// Starts a dashboard on `database_url` with `env` added to its environment.
+    pub async fn start_with_env(
+        nats_url: &str,
+        database_url: &str,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let config = dashboard_config(nats_url, database_url, extra);
         let url = format!("http://{}", crate::mend::listen_addr(&config));
-        let process = MendProcess::start("dashboard", &config).await?;
+        let process = MendProcess::start_with_env("dashboard", &config, env).await?;
         process.ready().await?;
         Ok(Self {
             process,

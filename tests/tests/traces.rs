@@ -331,3 +331,104 @@ async fn a_repaired_failure_is_one_trace_across_sidecar_and_processor() {
     assert_eq!(publish.attr("mend.attempt"), Some("2"));
     assert_eq!(second.parent_span_id, publish.span_id, "{second:?}");
 }
+
+#[tokio::test]
+async fn a_parked_message_resubmitted_from_the_dashboard_continues_its_trace() {
+    use mend_e2e::dashboard::{Dashboard, OPERATOR_TOKEN};
+    let receiver = Receiver::start().await.unwrap();
+    let world = World::new().await.unwrap();
+    world
+        .app
+        .script(|d| mend_e2e::app::order_problem(d).unwrap_or(mend_e2e::app::Reply::Ok));
+    let env = receiver.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let sidecar = MendProcess::start_with_env("sidecar", &world.keyed_config("app", ""), &env)
+        .await
+        .unwrap();
+    sidecar.ready().await.unwrap();
+    let processor = MendProcess::start_with_env(
+        "processor",
+        &mend_e2e::mend::processor_config(&world.nats.url(), &mend_e2e::mend::example_rules(), ""),
+        &env,
+    )
+    .await
+    .unwrap();
+    processor.ready().await.unwrap();
+    let db = tempfile::tempdir().unwrap();
+    let d = Dashboard::start_with_env(
+        &world.nats.url(),
+        &format!("sqlite://{}", db.path().join("mend.db").display()),
+        "",
+        &env,
+    )
+    .await
+    .unwrap();
+
+    // An order for an account nobody knows: parked by the example rules.
+    let mut out = traced("b1", 0, PRODUCER_SPAN);
+    out.payload = json!({"key": "b1", "n": 0, "account": "nobody", "amount": 10})
+        .to_string()
+        .into();
+    js::publish_all(&world.js, vec![out]).await.unwrap();
+    let parked = d
+        .wait_messages("status=parked", 1, TEST_TIMEOUT)
+        .await
+        .unwrap();
+    let id = parked[0]["id"].as_str().unwrap().to_owned();
+    // A person fixes it, whenever that is.
+    let (status, body) = d
+        .post(
+            &format!("/api/messages/{id}/resubmit"),
+            Some(OPERATOR_TOKEN),
+            &json!({"payload": {"key": "b1", "n": 0, "account": "acct-1", "amount": 10}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    d.wait_status(&id, "resolved", TEST_TIMEOUT).await.unwrap();
+
+    let spans = receiver
+        .wait_for("the parked message's whole trip", TEST_TIMEOUT, |spans| {
+            ["ingest", "resubmit", "evaluate", "delegate"]
+                .iter()
+                .all(|n| spans.iter().any(|s| s.name == *n))
+                && spans
+                    .iter()
+                    .any(|s| s.name == "deliver" && s.attr("mend.attempt") == Some("2"))
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let ours: Vec<_> = spans
+        .iter()
+        .filter(|s| s.attr("mend.id") == Some(id.as_str()))
+        .collect();
+    assert!(
+        ours.iter().all(|s| s.trace_id == TRACE),
+        "one trace: {ours:#?}"
+    );
+    let find = |name: &str| *ours.iter().find(|s| s.name == name).unwrap();
+    let evaluate = find("evaluate");
+    assert_eq!(evaluate.attr("mend.decision"), Some("parked"));
+    assert_eq!(evaluate.attr("mend.rule"), Some("unknown-account"));
+    let park = ours
+        .iter()
+        .find(|s| s.name == "publish" && s.attr("mend.to") == Some("parked"))
+        .unwrap();
+    assert_eq!(park.parent_span_id, evaluate.span_id);
+    let ingest = find("ingest");
+    assert_eq!(ingest.service, "mend-dashboard");
+    assert_eq!(ingest.parent_span_id, park.span_id, "{ingest:?}");
+    let resubmit = find("resubmit");
+    assert_eq!(resubmit.service, "mend-dashboard");
+    assert_eq!(resubmit.kind, 4);
+    assert_eq!(resubmit.parent_span_id, PRODUCER_SPAN, "{resubmit:?}");
+    assert_eq!(resubmit.attr("mend.edited"), Some("true"));
+    assert_eq!(resubmit.attr("mend.by"), Some("token:ops"));
+    assert_eq!(resubmit.attr("mend.attempt"), Some("2"));
+    let second = ours
+        .iter()
+        .find(|s| s.name == "deliver" && s.attr("mend.attempt") == Some("2"))
+        .unwrap();
+    assert_eq!(second.parent_span_id, resubmit.span_id, "{second:?}");
+    assert_eq!(second.attr("http.response.status_code"), Some("200"));
+}
