@@ -11,6 +11,8 @@ use serde_json::json;
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PRODUCER_SPAN: &str = "00f067aa0ba902b7";
+const OTHER_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+const OTHER_SPAN: &str = "b7ad6b7169203331";
 
 /// A keyed order carrying the producer's trace context.
 fn traced(key: &str, n: u64, span: &str) -> Out {
@@ -365,13 +367,28 @@ async fn a_parked_message_resubmitted_from_the_dashboard_continues_its_trace() {
     .unwrap();
 
     // An order for an account nobody knows: parked by the example rules.
+    // A later order of the same key, of a trace of its own, is held behind it.
     let mut out = traced("b1", 0, PRODUCER_SPAN);
     out.payload = json!({"key": "b1", "n": 0, "account": "nobody", "amount": 10})
         .to_string()
         .into();
-    js::publish_all(&world.js, vec![out]).await.unwrap();
+    let mut later = traced("b1", 1, PRODUCER_SPAN);
+    later.payload = json!({"key": "b1", "n": 1, "account": "acct-1", "amount": 10})
+        .to_string()
+        .into();
+    later.headers.insert(
+        "traceparent",
+        format!("00-{OTHER_TRACE}-{OTHER_SPAN}-01").as_str(),
+    );
+    js::publish_all(&world.js, vec![out, later]).await.unwrap();
     let parked = d
         .wait_messages("status=parked", 1, TEST_TIMEOUT)
+        .await
+        .unwrap();
+    receiver
+        .wait_for("the later order held", TEST_TIMEOUT, |spans| {
+            spans.iter().any(|s| s.name == "hold")
+        })
         .await
         .unwrap();
     let id = parked[0]["id"].as_str().unwrap().to_owned();
@@ -389,9 +406,12 @@ async fn a_parked_message_resubmitted_from_the_dashboard_continues_its_trace() {
 
     let spans = receiver
         .wait_for("the parked message's whole trip", TEST_TIMEOUT, |spans| {
-            ["ingest", "resubmit", "evaluate", "delegate"]
+            ["ingest", "resubmit", "evaluate", "delegate", "release"]
                 .iter()
                 .all(|n| spans.iter().any(|s| s.name == *n))
+                && spans
+                    .iter()
+                    .any(|s| s.name == "deliver" && s.trace_id == OTHER_TRACE)
                 && spans
                     .iter()
                     .any(|s| s.name == "deliver" && s.attr("mend.attempt") == Some("2"))
@@ -431,4 +451,20 @@ async fn a_parked_message_resubmitted_from_the_dashboard_continues_its_trace() {
         .unwrap();
     assert_eq!(second.parent_span_id, resubmit.span_id, "{second:?}");
     assert_eq!(second.attr("http.response.status_code"), Some("200"));
+    // The key's release begins in the head's trace, under the resubmission; the held order, in
+    // its own trace, was held under its producer's span and delivered under its hold.
+    let release = find("release");
+    assert_eq!(release.parent_span_id, resubmit.span_id, "{release:?}");
+    assert_eq!(release.attr("mend.key"), Some("b1"));
+    assert_eq!(release.attr("mend.held"), Some("1"));
+    let hold = spans.iter().find(|s| s.name == "hold").unwrap();
+    assert_eq!(hold.trace_id, OTHER_TRACE);
+    assert_eq!(hold.parent_span_id, OTHER_SPAN);
+    assert_eq!(hold.attr("mend.head"), Some(id.as_str()));
+    let held = spans
+        .iter()
+        .find(|s| s.name == "deliver" && s.trace_id == OTHER_TRACE)
+        .unwrap();
+    assert_eq!(held.parent_span_id, hold.span_id, "{held:?}");
+    assert_eq!(held.attr("http.response.status_code"), Some("200"));
 }

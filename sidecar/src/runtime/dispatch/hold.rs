@@ -12,6 +12,7 @@ use super::binding::BindingRuntime;
 use super::delegate;
 use super::settle::Settle;
 use super::work::Delivery;
+use crate::common::otel;
 use crate::common::publish::{self};
 use crate::runtime::holds::{HoldError, Holds};
 
@@ -36,14 +37,26 @@ pub(crate) async fn hold_back(
     };
     // Both stored before the ack; at once, as neither depends on the other. (Should the append
     // fail, the message is not acked and comes back; the repeated announcement is a duplicate.)
-    let (appended, announced) = tokio::join!(
-        holds.append(
-            key,
-            &msg_id,
-            held_headers(d, hold.map(|h| h.since.as_str())),
-            d.payload.clone(),
-            Some(&object),
+    // Held back as a producer span of the message's trace: its delivery at the release continues
+    // under it (the copy's trace context).
+    let span = otel::child_of(
+        tracing::info_span!(
+            target: otel::TARGET,
+            "hold",
+            otel.kind = "producer",
+            messaging.system = "nats",
+            mend.id = %d.meta.lineage,
+            mend.attempt = d.meta.attempt,
+            mend.service = %rt.service,
+            mend.key = key.as_str(),
+            mend.head = hold.map_or("", |h| h.head.as_str()),
         ),
+        d.headers.as_ref(),
+    );
+    let mut headers = held_headers(d, hold.map(|h| h.since.as_str()));
+    otel::inject_nats(&span, &mut headers);
+    let (appended, announced) = tokio::join!(
+        holds.append(key, &msg_id, headers, d.payload.clone(), Some(&object)),
         announce,
     );
     if let Err(error) = appended {
@@ -90,6 +103,20 @@ pub(crate) async fn commit(
             held = holds.queued(key),
             "Head resolved; releasing the key's held messages."
         );
+        // The release begins in the head's trace, under its delivery's context.
+        let span = otel::child_of(
+            tracing::info_span!(
+                target: otel::TARGET,
+                "release",
+                mend.id = %d.meta.lineage,
+                mend.attempt = d.meta.attempt,
+                mend.service = %rt.service,
+                mend.key = key.as_str(),
+                mend.held = holds.queued(key),
+            ),
+            d.headers.as_ref(),
+        );
+        drop(span);
     }
     Ok(releasing)
 }
