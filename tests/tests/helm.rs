@@ -432,6 +432,64 @@ fn monitoring_objects_have_the_alerts() {
 }
 
 #[test]
+fn the_grafana_dashboard_is_a_configmap_grafana_finds_and_the_alerts_link_to_it() {
+    let yaml = render(&[
+        "-f",
+        &full_values(),
+        "--show-only",
+        "templates/grafana-dashboard.yaml",
+    ]);
+    let all = docs(&yaml);
+    let cm = find(&all, "ConfigMap", "t-mend-grafana-dashboard");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1", "{cm}");
+    assert_eq!(
+        cm["metadata"]["annotations"]["grafana_folder"], "mend",
+        "{cm}"
+    );
+    let json: Value = serde_json::from_str(cm["data"]["mend.json"].as_str().unwrap()).unwrap();
+    assert_eq!(json["uid"], "mend-overview");
+    let titles: Vec<&str> = json["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["title"].as_str().unwrap())
+        .collect();
+    for t in [
+        "Throughput",
+        "Failed app calls by kind",
+        "Parked",
+        "Hold age",
+        "Repairs per rule",
+        "App latency",
+    ] {
+        assert!(titles.contains(&t), "no panel {t}: {titles:?}");
+    }
+    // The file in the chart is the dashboard as it is shipped.
+    let file: Value = serde_json::from_str(
+        &std::fs::read_to_string(chart().join("dashboards/mend.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(file, json);
+
+    let rules = render(&[
+        "-f",
+        &full_values(),
+        "--show-only",
+        "templates/monitoring.yaml",
+    ]);
+    let all = docs(&rules);
+    let pr = find(&all, "PrometheusRule", "t-mend");
+    for r in pr["spec"]["groups"][0]["rules"].as_array().unwrap() {
+        assert_eq!(r["annotations"]["dashboard_uid"], "mend-overview", "{r}");
+        assert_eq!(
+            r["annotations"]["dashboard_url"], "https://grafana.example.com/d/mend-overview",
+            "{r}"
+        );
+    }
+    assert!(!render(&[]).contains("grafana_dashboard"), "off by default");
+}
+
+#[test]
 fn the_sidecar_snippet_renders_a_valid_deployment() {
     let yaml = render(&[
         "--set",

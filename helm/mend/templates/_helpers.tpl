@@ -391,3 +391,14 @@ role   = {{ include "mend.toml" .role }}
 sha256 = {{ include "mend.toml" .sha256 }}
 {{- end }}
 {{- end -}}
+
+{{/*
+An alert's link to the Grafana dashboard (uid mend-overview): `dashboard_uid` always, and
+`dashboard_url` when Grafana's address is set.
+*/}}
+{{- define "mend.dashboardLink" -}}
+dashboard_uid: mend-overview
+{{- if .url }}
+dashboard_url: {{ printf "%s/d/mend-overview" (trimSuffix "/" .url) | quote }}
+{{- end }}
+{{- end }}
