@@ -53,7 +53,9 @@ impl Span {
 struct Inner {
     spans: Vec<Span>,
     requests: usize,
+    bytes: usize,
     refusing: bool,
+    discarding: bool,
 }
 
 /// A receiver on a free loopback port, until dropped.
@@ -85,6 +87,16 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 async fn traces(State(inner): State<Arc<Mutex<Inner>>>, body: Bytes) -> impl IntoResponse {
+    if inner.lock().unwrap_or_else(|p| p.into_inner()).discarding {
+        // What a collector does first (read, take), without keeping anything.
+        let mut inner = inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.requests += 1;
+        inner.bytes += body.len();
+        return (
+            StatusCode::OK,
+            ExportTraceServiceResponse::default().encode_to_vec(),
+        );
+    }
     let Ok(request) = ExportTraceServiceRequest::decode(body) else {
         return (StatusCode::BAD_REQUEST, Vec::new());
     };
@@ -133,7 +145,26 @@ async fn traces(State(inner): State<Arc<Mutex<Inner>>>, body: Bytes) -> impl Int
 
 impl Receiver {
     pub async fn start() -> anyhow::Result<Self> {
-        let inner = Arc::new(Mutex::new(Inner::default()));
+        Self::start_with(Inner::default()).await
+    }
+
+    /// A receiver that takes every export and keeps nothing but counts (for benchmarks).
+    pub async fn start_discarding() -> anyhow::Result<Self> {
+        Self::start_with(Inner {
+            discarding: true,
+            ..Inner::default()
+        })
+        .await
+    }
+
+    /// Export requests and their bytes received so far.
+    pub fn received(&self) -> (usize, usize) {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        (inner.requests, inner.bytes)
+    }
+
+    async fn start_with(inner: Inner) -> anyhow::Result<Self> {
+        let inner = Arc::new(Mutex::new(inner));
         let app = Router::new()
             .route(
                 "/v1/traces",

@@ -167,8 +167,15 @@ pub fn init_logging(format: LogFormat, default: &str, role: &str) -> Option<supe
             };
             let only_ours = tracing_subscriber::filter::Targets::new()
                 .with_target(super::otel::TARGET, tracing::Level::TRACE);
+            // Only what mend puts on its spans: no source location, thread, level, target or
+            // busy/idle timing per span (each an attribute or clock reads on every poll).
             let traces = tracing_opentelemetry::layer()
                 .with_tracer(tracer)
+                .with_location(false)
+                .with_threads(false)
+                .with_level(false)
+                .with_target(false)
+                .with_tracked_inactivity(false)
                 .with_filter(only_ours);
             let _ = tracing_subscriber::registry()
                 .with(fmt)

@@ -63,6 +63,7 @@ async fn main() -> anyhow::Result<()> {
     let (mut n, mut keys, mut processor_rounds, mut holds_rounds, mut held_keys) =
         (200_000usize, 1000usize, 0usize, 0usize, 0usize);
     let mut batch_rounds = 0usize;
+    let mut traces_rounds = 0usize;
     while let Some(a) = args.next() {
         let v = args.next().context("a value after the flag")?.parse()?;
         match a.as_str() {
@@ -72,6 +73,7 @@ async fn main() -> anyhow::Result<()> {
             "--holds-only" => holds_rounds = v,
             "--held-keys" => held_keys = v,
             "--batch-only" => batch_rounds = v,
+            "--traces-only" => traces_rounds = v,
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
@@ -87,6 +89,9 @@ async fn main() -> anyhow::Result<()> {
     if batch_rounds > 0 {
         return batch_only(n, keys, batch_rounds).await;
     }
+    if traces_rounds > 0 {
+        return traces_only(n, keys, traces_rounds).await;
+    }
     let monitored = Monitored::start().await?;
     let nats = &monitored.server;
     let client = nats.client().await?;
@@ -100,7 +105,8 @@ async fn main() -> anyhow::Result<()> {
     let a = rate(n, raw(&js, n).await?);
     eprintln!("(a) raw pull + ack: {a:.0} msg/s");
     // (b) and (c) alternate, so drift on the machine hits both alike; medians are reported.
-    let (mut bs, mut cs, mut rss) = (Vec::new(), Vec::new(), 0u64);
+    let receiver = mend_e2e::otlp::Receiver::start_discarding().await?;
+    let (mut bs, mut cs, mut gs, mut rss) = (Vec::new(), Vec::new(), Vec::new(), 0u64);
     for round in 0..ROUNDS {
         let b = rate(
             n,
@@ -122,11 +128,16 @@ async fn main() -> anyhow::Result<()> {
             "(c) mend sidecar: {c:.0} msg/s, peak RSS {:.1} MiB",
             peak as f64 / 1024.0
         );
+        let (took, _) =
+            sidecar_traced(nats, &js, &app, &format!("traced{round}"), &receiver).await?;
+        let g = rate(n, took);
+        eprintln!("(g) mend sidecar, traces exported: {g:.0} msg/s");
         bs.push(b);
         cs.push(c);
+        gs.push(g);
         rss = rss.max(peak);
     }
-    let (b, c) = (median(&mut bs), median(&mut cs));
+    let (b, c, g) = (median(&mut bs), median(&mut cs), median(&mut gs));
     let n_d = n.min(20_000);
     let d = rate(
         n_d,
@@ -244,9 +255,13 @@ async fn main() -> anyhow::Result<()> {
         bulk.f
     );
     println!(
-        "\nc/b = {:.2} (target >= 0.8)   c/d = {:.1} (target >= 3)",
+        "| (g) mend sidecar as (c), a span per message exported over OTLP to a receiver on loopback | {g:.0} |"
+    );
+    println!(
+        "\nc/b = {:.2} (target >= 0.8)   c/d = {:.1} (target >= 3)   g/c = {:.2} (traces on against off, target >= 0.9)",
         c / b,
-        c / d
+        c / d,
+        g / c
     );
     bulk.print(a, c);
     println!(
@@ -299,6 +314,39 @@ async fn main() -> anyhow::Result<()> {
         "a 10000-message hold: appended at {append_rate:.0} msg/s, released at {release_rate:.0} msg/s"
     );
     holds_at_scale(100_000).await
+}
+
+/// `--traces-only R`: R alternating rounds of (c) and (g); the medians and their ratio.
+async fn traces_only(n: usize, keys: usize, rounds: usize) -> anyhow::Result<()> {
+    let monitored = Monitored::start().await?;
+    let nats = &monitored.server;
+    let js = jetstream::new(nats.client().await?);
+    let app = NoopApp::start().await?;
+    js::app_stream(&js, "BENCH", &["bench.>"]).await?;
+    js::publish_all(&js, messages("bench.m", n, keys)).await?;
+    let receiver = mend_e2e::otlp::Receiver::start_discarding().await?;
+    let (mut cs, mut gs) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let (took, _) = sidecar_run(nats, &js, &app, &format!("bench{round}")).await?;
+        cs.push(rate(n, took));
+        let (took, _) =
+            sidecar_traced(nats, &js, &app, &format!("traced{round}"), &receiver).await?;
+        gs.push(rate(n, took));
+        eprintln!(
+            "(c) {:.0} msg/s, (g) {:.0} msg/s",
+            cs[cs.len() - 1],
+            gs[gs.len() - 1]
+        );
+    }
+    let (c, g) = (median(&mut cs), median(&mut gs));
+    let (requests, bytes) = receiver.received();
+    println!(
+        "(c) {c:.0} msg/s, (g) traces exported {g:.0} msg/s: g/c = {:.2} (target >= 0.9); the \
+         receiver took {requests} exports, {:.1} MiB",
+        g / c,
+        bytes as f64 / (1024.0 * 1024.0)
+    );
+    Ok(())
 }
 
 /// `--batch-only R`: (a) once, R rounds of (c), then R alternating rounds of (e) and (f) and the
@@ -1312,6 +1360,41 @@ async fn sidecar_through(
     endpoint: &str,
     binding: &str,
 ) -> anyhow::Result<(Duration, u64)> {
+    sidecar_through_with(nats, js, app, service, endpoint, binding, &[]).await
+}
+
+/// (g): (c) with traces exported to `receiver` (a loopback OTLP receiver).
+async fn sidecar_traced(
+    nats: &NatsServer,
+    js: &jetstream::Context,
+    app: &NoopApp,
+    service: &str,
+    receiver: &mend_e2e::otlp::Receiver,
+) -> anyhow::Result<(Duration, u64)> {
+    let endpoint = receiver.endpoint();
+    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())];
+    sidecar_through_with(
+        nats,
+        js,
+        app,
+        service,
+        &app.url,
+        "key = { header = \"Account-Id\" }\nconcurrency = 64",
+        &env,
+    )
+    .await
+}
+
+/// [`sidecar_through`] with `env` added to the sidecar's environment.
+async fn sidecar_through_with(
+    nats: &NatsServer,
+    js: &jetstream::Context,
+    app: &NoopApp,
+    service: &str,
+    endpoint: &str,
+    binding: &str,
+    env: &[(&str, &str)],
+) -> anyhow::Result<(Duration, u64)> {
     let config = sidecar_config(
         service,
         &nats.url(),
@@ -1320,7 +1403,7 @@ async fn sidecar_through(
         endpoint,
         binding,
     );
-    let mut sidecar = MendProcess::start("sidecar", &config).await?;
+    let mut sidecar = MendProcess::start_with_env("sidecar", &config, env).await?;
     sidecar.ready().await?;
     let watch = CpuWatch::start([
         ("sidecar", sidecar.pid()),
