@@ -349,6 +349,14 @@ fn everything_turned_on_renders_valid_manifests() {
                 c["envFrom"][0]["secretRef"]["name"], "t-mend-nats",
                 "{d}: {c}"
             );
+            if d != "t-mend-example-app" {
+                // extraEnv: where traces go.
+                assert_eq!(
+                    env_value(c, "OTEL_EXPORTER_OTLP_ENDPOINT"),
+                    Some("http://otel-collector.monitoring:4318"),
+                    "{d}: {c}"
+                );
+            }
         }
     }
     let toml = find(&all, "Secret", "t-mend-dashboard")["stringData"]["dashboard.toml"]

@@ -203,6 +203,9 @@ env:
   - name: MEND_LOG_FORMAT
     value: {{ .Values.logFormat | quote }}
   {{- include "mend.natsFilesEnv" $files | nindent 2 }}
+  {{- with .Values.extraEnv }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
 {{- with include "mend.natsSecret" . }}
 envFrom:
   - secretRef:
