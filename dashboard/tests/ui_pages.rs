@@ -787,18 +787,21 @@ async fn group_of(d: &Dashboard, id: &str) -> String {
     d.store.get(id).await.unwrap().unwrap().group_id
 }
 
-/// The threads of this process that are running or ready to run now (state `R`): a thread
+/// The threads of this process that are running or ready to run now (state `R`), by id: a thread
 /// parked in the blocking pool, or waiting on SQLite, is not one of them.
-fn busy_threads() -> usize {
+fn busy_threads() -> Vec<String> {
     std::fs::read_dir("/proc/self/task")
         .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
-        .filter(|stat| {
+        .filter_map(|t| {
+            let t = t.ok()?;
+            let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
             // `pid (comm) S …`: the state follows the last `)`, as comm may hold anything.
-            stat.rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('R'))
+            let (_, rest) = stat.rsplit_once(')')?;
+            rest.trim_start()
+                .starts_with('R')
+                .then(|| t.file_name().to_string_lossy().into_owned())
         })
-        .count()
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -823,9 +826,19 @@ async fn dry_runs_of_a_costly_draft_at_once_keep_a_bounded_number_of_threads_at_
         })
     });
     let tries: Vec<_> = tries.collect();
+    // Threads at work for a while: running (or waiting for a core) in five samples in a row, 100
+    // ms. An evaluation's thread is busy for its whole two seconds; threads that only pass
+    // through the state (a worker, SQLite's, any thread waiting for a core of a loaded machine)
+    // are not, for that long.
+    let mut streaks: std::collections::HashMap<String, u32> = Default::default();
     let mut most = 0;
     while tries.iter().any(|t| !t.is_finished()) {
-        most = most.max(busy_threads());
+        let now = busy_threads();
+        streaks.retain(|tid, _| now.contains(tid));
+        for tid in now {
+            *streaks.entry(tid).or_default() += 1;
+        }
+        most = most.max(streaks.values().filter(|n| **n >= 5).count());
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let took = started.elapsed();
@@ -847,10 +860,10 @@ async fn dry_runs_of_a_costly_draft_at_once_keep_a_bounded_number_of_threads_at_
     );
     // Counted are the threads at work, not those the blocking pool keeps idle between two
     // evaluations (it may start a new one before the last one's thread is back in the pool): the
-    // evaluations, this test's own thread, the runtime's two workers, and two for threads passing
-    // through (SQLite's, one going back to the pool). Without the bound, 12 evaluations run at once.
+    // evaluations, and one more at most (an evaluation's thread finishing as the next starts).
+    // Without the bound, 12 evaluations run at once.
     assert!(
-        most <= mend_dashboard::api::DRY_RUNS_IN_FLIGHT + 5,
+        most <= mend_dashboard::api::DRY_RUNS_IN_FLIGHT + 1,
         "{most} threads at work at most during 12 dry-runs at once"
     );
 }

@@ -32,8 +32,24 @@ pub fn mend_bin() -> anyhow::Result<PathBuf> {
 /// handed out before: the port is only bound later by the process started with it, and the kernel
 /// may offer a just-released port again (a sidecar and a processor of one test once got the same).
 pub fn free_port() -> u16 {
+    use std::hash::BuildHasher as _;
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    // Below the kernel's ephemeral range (32768-60999 by default): a port the kernel handed out
+    // for `:0` is soon handed out again to another process's connection or listener (another
+    // test's), which then takes it before the process it was meant for binds it. Here only
+    // another test's pick can collide, at random among 12,000.
+    let random = std::collections::hash_map::RandomState::new();
+    for attempt in 0u64..2000 {
+        let port = 20_000 + (random.hash_one((std::process::id(), attempt)) % 12_000) as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
     loop {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
