@@ -35,6 +35,18 @@ fn threads(pid: u32) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// `mend <role>` with `config`, exporting its traces to `receiver`, once ready.
+#[allow(clippy::unwrap_used)]
+async fn traced_role(role: &str, config: &str, receiver: &Receiver) -> MendProcess {
+    let env = receiver.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let p = MendProcess::start_with_env(role, config, &env)
+        .await
+        .unwrap();
+    p.ready().await.unwrap();
+    p
+}
+
 #[tokio::test]
 async fn the_call_of_the_app_is_a_client_span_of_the_producers_trace() {
     let receiver = Receiver::start().await.unwrap();
@@ -263,20 +275,13 @@ async fn a_repaired_failure_is_one_trace_across_sidecar_and_processor() {
         "[[rule]]\nname = \"mark-fixed\"\nwhen = 'error.code == \"unfixed\"'\nset = { \"/fixed\" = 'true' }\n",
     )
     .unwrap();
-    let env = receiver.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let sidecar = MendProcess::start_with_env("sidecar", &world.keyed_config("app", ""), &env)
-        .await
-        .unwrap();
-    sidecar.ready().await.unwrap();
-    let processor = MendProcess::start_with_env(
+    let sidecar = traced_role("sidecar", &world.keyed_config("app", ""), &receiver).await;
+    let processor = traced_role(
         "processor",
         &mend_e2e::mend::processor_config(&world.nats.url(), rules.path(), ""),
-        &env,
+        &receiver,
     )
-    .await
-    .unwrap();
-    processor.ready().await.unwrap();
+    .await;
 
     js::publish_all(&world.js, vec![traced("k1", 0, PRODUCER_SPAN)])
         .await
@@ -342,20 +347,12 @@ async fn a_parked_message_resubmitted_from_the_dashboard_continues_its_trace() {
     world
         .app
         .script(|d| mend_e2e::app::order_problem(d).unwrap_or(mend_e2e::app::Reply::Ok));
+    let _sidecar = traced_role("sidecar", &world.keyed_config("app", ""), &receiver).await;
+    let rules = mend_e2e::mend::example_rules();
+    let config = mend_e2e::mend::processor_config(&world.nats.url(), &rules, "");
+    let _processor = traced_role("processor", &config, &receiver).await;
     let env = receiver.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let sidecar = MendProcess::start_with_env("sidecar", &world.keyed_config("app", ""), &env)
-        .await
-        .unwrap();
-    sidecar.ready().await.unwrap();
-    let processor = MendProcess::start_with_env(
-        "processor",
-        &mend_e2e::mend::processor_config(&world.nats.url(), &mend_e2e::mend::example_rules(), ""),
-        &env,
-    )
-    .await
-    .unwrap();
-    processor.ready().await.unwrap();
     let db = tempfile::tempdir().unwrap();
     let d = Dashboard::start_with_env(
         &world.nats.url(),
