@@ -465,3 +465,75 @@ async fn a_parked_message_resubmitted_from_the_dashboard_continues_its_trace() {
     assert_eq!(held.parent_span_id, hold.span_id, "{held:?}");
     assert_eq!(held.attr("http.response.status_code"), Some("200"));
 }
+
+#[tokio::test]
+async fn a_malformed_or_oversized_trace_context_starts_a_trace_of_its_own() {
+    let receiver = Receiver::start().await.unwrap();
+    let world = World::new().await.unwrap();
+    let _sidecar = traced_role("sidecar", &world.keyed_config("app", ""), &receiver).await;
+    // Not a traceparent, an all-zero one (invalid by W3C), one of a future version with junk,
+    // and a valid one with a 20 KB tracestate.
+    let bad = [
+        ("m1", "garbage".to_owned(), "x".to_owned()),
+        (
+            "m2",
+            "00-00000000000000000000000000000000-0000000000000000-01".to_owned(),
+            String::new(),
+        ),
+        (
+            "m3",
+            format!("ff-{TRACE}-{PRODUCER_SPAN}-01"),
+            String::new(),
+        ),
+        (
+            "m4",
+            format!("00-{TRACE}-{PRODUCER_SPAN}-01"),
+            format!("k={}", "v".repeat(20_000)),
+        ),
+    ];
+    let msgs = bad
+        .iter()
+        .map(|(key, parent, state)| {
+            let mut out = Out::keyed("app.created", KEY_HEADER, key, json!({"key": key}));
+            out.headers.insert("traceparent", parent.as_str());
+            if !state.is_empty() {
+                out.headers.insert("tracestate", state.as_str());
+            }
+            out
+        })
+        .collect();
+    js::publish_all(&world.js, msgs).await.unwrap();
+    let spans = receiver
+        .wait_for("four deliveries", TEST_TIMEOUT, |spans| {
+            spans.iter().filter(|s| s.name == "deliver").count() >= 4
+        })
+        .await
+        .unwrap();
+    let log = world.app.log();
+    for (key, ..) in &bad {
+        let got = log
+            .iter()
+            .find(|d| d.ok() && d.field("key") == Some(&json!(key)))
+            .unwrap_or_else(|| panic!("{key} not delivered"));
+        let span = spans
+            .iter()
+            .find(|s| got.mend_id() == s.attr("mend.id").unwrap_or_default())
+            .unwrap();
+        // The app is called with a valid trace context of the delivery's span.
+        let parent = got.header("traceparent").unwrap_or_default();
+        assert_eq!(
+            parent,
+            format!("00-{}-{}-01", span.trace_id, span.span_id),
+            "{key}"
+        );
+        if *key == "m4" {
+            // A valid parent is kept, whatever its state's size.
+            assert_eq!(span.trace_id, TRACE);
+            assert_eq!(span.parent_span_id, PRODUCER_SPAN);
+        } else {
+            // Anything else starts a trace of its own.
+            assert!(span.parent_span_id.is_empty(), "{key}: {span:?}");
+            assert_ne!(span.trace_id, "0".repeat(32), "{key}");
+        }
+    }
+}
