@@ -143,6 +143,21 @@ pub async fn resubmit(
         mend.edited = edited.is_some(),
     );
     trace::set_parent(&span, || trace::parent_in(&env.headers));
+    // Linked to the attempt it follows: the span that parked it.
+    if !span.is_disabled() {
+        match state.store.parking_trace(&env.id, m.attempt).await {
+            Ok(Some(parked)) => trace::link(
+                &span,
+                &parked,
+                vec![opentelemetry::KeyValue::new(
+                    "mend.attempt",
+                    i64::from(m.attempt),
+                )],
+            ),
+            Ok(None) => {}
+            Err(error) => tracing::debug!(%error, "The parked attempt's trace is not read."),
+        }
+    }
     trace::inject_nats(&span, &mut headers);
     let (headers, body) =
         by_reference_if_too_large(state, &lineage, attempt, headers, body).await?;

@@ -97,12 +97,14 @@ pub async fn parked(consumer: PullConsumer, store: Store, shutdown: Cancellation
             mend.attempt = envelope.attempt,
             mend.service = %envelope.service,
         );
+        // Whoever parked it (kept, valid only, for its resubmission's link to this attempt).
+        let parker = crate::trace::parent_of(msg.headers.as_ref());
+        let kept = parker.as_ref().map(crate::trace::traceparent);
         crate::trace::set_parent(&span, || {
-            crate::trace::parent_of(msg.headers.as_ref())
-                .or_else(|| crate::trace::parent_in(&envelope.headers))
+            parker.or_else(|| crate::trace::parent_in(&envelope.headers))
         });
-        let stored =
-            tracing::Instrument::instrument(store.ingest_parked(&envelope, now_ms()), span);
+        let stored = store.ingest_traced(&envelope, now_ms(), kept.as_deref());
+        let stored = tracing::Instrument::instrument(stored, span);
         match stored.await {
             Ok(outcome) => {
                 tracing::debug!(mend_id = %envelope.id, ?outcome, "Parked failure stored.");

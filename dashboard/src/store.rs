@@ -363,6 +363,23 @@ impl Store {
         self.backend
     }
 
+    /// The trace context parking `attempt` of message `id` came with, if one was kept.
+    pub async fn parking_trace(
+        &self,
+        id: &str,
+        attempt: u32,
+    ) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT trace_parent FROM parkings WHERE id = $1 AND attempt = $2")
+            .bind(clean(id))
+            .bind(i64::from(attempt))
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row
+            .map(|r| r.try_get::<Option<String>, _>(0))
+            .transpose()?
+            .flatten())
+    }
+
     /// Whether the database answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").fetch_one(&self.pool).await?;
@@ -379,15 +396,28 @@ impl Store {
         envelope: &FailureEnvelope,
         now: i64,
     ) -> Result<Ingested, StoreError> {
+        self.ingest_traced(envelope, now, None).await
+    }
+
+    /// [`Store::ingest_parked`], keeping the trace context the parking came with (a W3C
+    /// `traceparent` mend made valid) for the link of its resubmission.
+    pub async fn ingest_traced(
+        &self,
+        envelope: &FailureEnvelope,
+        now: i64,
+        trace_parent: Option<&str>,
+    ) -> Result<Ingested, StoreError> {
         let text = serde_json::to_string(envelope)
             .map_err(|e| StoreError::Corrupt(format!("envelope {}: {e}", envelope.id)))?;
         let mut tx = self.pool.begin().await?;
         let taken = sqlx::query(
-            "INSERT INTO parkings (id, attempt, parked_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            "INSERT INTO parkings (id, attempt, parked_at, trace_parent) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT DO NOTHING",
         )
         .bind(clean(&envelope.id))
         .bind(i64::from(envelope.attempt))
         .bind(now)
+        .bind(trace_parent.map(clean))
         .execute(&mut *tx)
         .await?;
         if taken.rows_affected() == 0 {

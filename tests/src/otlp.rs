@@ -232,10 +232,24 @@ impl Receiver {
         limit: Duration,
         check: impl Fn(&[Span]) -> bool,
     ) -> anyhow::Result<Vec<Span>> {
-        crate::wait::until(what, limit, || async {
+        let waited = crate::wait::until(what, limit, || async {
             let spans = self.spans();
             Ok(check(&spans).then_some(spans))
         })
-        .await
+        .await;
+        // On a timeout, what did come: each span's name, service, trace, ids and attributes.
+        waited.map_err(|e| {
+            let got: Vec<String> = self
+                .spans()
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{} ({}) trace {} span {} parent {} {:?}",
+                        s.name, s.service, s.trace_id, s.span_id, s.parent_span_id, s.attributes
+                    )
+                })
+                .collect();
+            e.context(format!("spans received:\n{}", got.join("\n")))
+        })
     }
 }

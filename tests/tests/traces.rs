@@ -1,11 +1,12 @@
 //! Traces over OTLP (SPEC §11), seen by a real OTLP/HTTP receiver that decodes what mend sends
-//! with the official OpenTelemetry protobuf definitions: the sidecar's call of the app is a client
-//! span of the producer's trace, and the app is called as its child; without the `OTEL_*`
-//! variables nothing is started or sent.
+//! with the official OpenTelemetry protobuf definitions: the sidecar's receive of a message is a
+//! consumer span of the producer's trace, each call of the app (each try, each batch entry) a
+//! client span under it, and the app is called as its child; a repaired or resubmitted message is
+//! one trace across every role; without the `OTEL_*` variables nothing is started or sent.
 
 use mend_e2e::js::{self, Out};
 use mend_e2e::mend::MendProcess;
-use mend_e2e::otlp::Receiver;
+use mend_e2e::otlp::{Receiver, Span};
 use mend_e2e::world::{KEY_HEADER, TEST_TIMEOUT, World};
 use serde_json::json;
 
@@ -47,6 +48,28 @@ async fn traced_role(role: &str, config: &str, receiver: &Receiver) -> MendProce
     p
 }
 
+/// The one span of `spans` that `what` describes.
+#[allow(clippy::unwrap_used)]
+fn one<'a>(spans: &'a [Span], what: &str, f: impl Fn(&Span) -> bool) -> &'a Span {
+    let found: Vec<&Span> = spans.iter().filter(|s| f(s)).collect();
+    assert_eq!(found.len(), 1, "one {what}: {spans:#?}");
+    found[0]
+}
+
+/// The one span named `name` whose parent is `parent`.
+fn under<'a>(spans: &'a [Span], parent: &Span, name: &str) -> &'a Span {
+    one(spans, &format!("{name} under {}", parent.name), |s| {
+        s.name == name && s.parent_span_id == parent.span_id
+    })
+}
+
+/// The sidecar's `receive` of attempt `attempt` of the message in trace `trace`.
+fn receive<'a>(spans: &'a [Span], trace: &str, attempt: &str) -> &'a Span {
+    one(spans, &format!("receive of attempt {attempt}"), |s| {
+        s.name == "receive" && s.trace_id == trace && s.attr("mend.attempt") == Some(attempt)
+    })
+}
+
 #[tokio::test]
 async fn the_call_of_the_app_is_a_client_span_of_the_producers_trace() {
     let receiver = Receiver::start().await.unwrap();
@@ -68,28 +91,35 @@ async fn the_call_of_the_app_is_a_client_span_of_the_producers_trace() {
         .await
         .unwrap();
     let spans = receiver
-        .wait_for("the delivery's span", TEST_TIMEOUT, |spans| {
-            spans.iter().any(|s| s.name == "deliver")
+        .wait_for("the message's receive", TEST_TIMEOUT, |spans| {
+            spans.iter().any(|s| s.name == "receive")
         })
         .await
         .unwrap_or_else(|e| panic!("{e:#}\n{}", sidecar.log()));
-    let deliver = spans.iter().find(|s| s.name == "deliver").unwrap();
-    assert_eq!(deliver.service, "mend-sidecar");
-    assert_eq!(deliver.trace_id, TRACE, "{deliver:?}");
-    assert_eq!(deliver.parent_span_id, PRODUCER_SPAN, "{deliver:?}");
-    assert_eq!(deliver.kind, 3, "a client span: {deliver:?}");
-    assert_eq!(deliver.attr("http.response.status_code"), Some("200"));
-    assert_eq!(deliver.attr("http.request.method"), Some("POST"));
+    // The message's receive, a consumer span under the producer's; the call a client span
+    // under it.
+    let received = receive(&spans, TRACE, "1");
+    assert_eq!(received.service, "mend-sidecar");
+    assert_eq!(received.parent_span_id, PRODUCER_SPAN, "{received:?}");
+    assert_eq!(received.kind, 5, "a consumer span: {received:?}");
     assert_eq!(
-        deliver.attr("messaging.destination.name"),
+        received.attr("messaging.destination.name"),
         Some("app.created")
     );
-    assert_eq!(deliver.attr("mend.attempt"), Some("1"));
+    assert_eq!(received.attr("messaging.system"), Some("nats"));
+    assert_eq!(received.attr("mend.key"), Some("k1"));
+    assert_eq!(received.attr("mend.service"), Some("app"));
     assert!(
-        deliver
+        received
             .attr("mend.id")
             .is_some_and(|id| id.starts_with("APP:"))
     );
+    let deliver = under(&spans, received, "deliver");
+    assert_eq!(deliver.trace_id, TRACE, "{deliver:?}");
+    assert_eq!(deliver.kind, 3, "a client span: {deliver:?}");
+    assert_eq!(deliver.attr("http.response.status_code"), Some("200"));
+    assert_eq!(deliver.attr("http.request.method"), Some("POST"));
+    assert_eq!(deliver.attr("mend.try"), Some("1"));
     assert_eq!(deliver.status, 1, "ok: {deliver:?}");
 
     // The app was called as a child of that span, in the same trace, its trace state kept.
@@ -291,7 +321,7 @@ async fn a_repaired_failure_is_one_trace_across_sidecar_and_processor() {
             "two deliveries and a rule's decision",
             TEST_TIMEOUT,
             |spans| {
-                spans.iter().filter(|s| s.name == "deliver").count() >= 2
+                spans.iter().filter(|s| s.name == "receive").count() >= 2
                     && spans.iter().any(|s| s.name == "evaluate")
             },
         )
@@ -301,30 +331,28 @@ async fn a_repaired_failure_is_one_trace_across_sidecar_and_processor() {
         spans.iter().all(|s| s.trace_id == TRACE),
         "one trace: {spans:#?}"
     );
-    let first = spans
-        .iter()
-        .find(|s| s.name == "deliver" && s.attr("mend.attempt") == Some("1"))
-        .unwrap();
+    let first_receive = receive(&spans, TRACE, "1");
+    let first = under(&spans, first_receive, "deliver");
     assert_eq!(first.attr("http.response.status_code"), Some("422"));
     assert_eq!(first.status, 2, "an error: {first:?}");
     let evaluate = spans.iter().find(|s| s.name == "evaluate").unwrap();
     assert_eq!(evaluate.service, "mend-processor");
     assert_eq!(evaluate.attr("mend.rule"), Some("mark-fixed"));
     assert_eq!(evaluate.attr("mend.decision"), Some("repaired"));
-    assert_eq!(evaluate.attr("mend.id"), first.attr("mend.id"));
-    let second = spans
-        .iter()
-        .find(|s| s.name == "deliver" && s.attr("mend.attempt") == Some("2"))
-        .unwrap();
+    assert_eq!(evaluate.attr("mend.id"), first_receive.attr("mend.id"));
+    let second_receive = receive(&spans, TRACE, "2");
+    let second = under(&spans, second_receive, "deliver");
     assert_eq!(second.attr("http.response.status_code"), Some("200"));
-    assert_eq!(second.attr("mend.id"), first.attr("mend.id"));
-    // Who continues under whom: the producer's span → the sidecar's delegation (a producer span,
-    // beside the failed call) → the processor's decision → its publish of the retry (a producer
-    // span) → the sidecar's delivery of the retry.
-    let delegate = spans.iter().find(|s| s.name == "delegate").unwrap();
+    assert_eq!(
+        second_receive.attr("mend.id"),
+        first_receive.attr("mend.id")
+    );
+    // Who continues under whom: the producer's span → the sidecar's receive → its delegation (a
+    // producer span, beside the failed call) → the processor's decision → its publish of the
+    // retry (a producer span) → the sidecar's receive of the retry → its call.
+    let delegate = under(&spans, first_receive, "delegate");
     let publish = spans.iter().find(|s| s.name == "publish").unwrap();
-    assert_eq!(first.parent_span_id, PRODUCER_SPAN);
-    assert_eq!(delegate.parent_span_id, PRODUCER_SPAN, "{delegate:?}");
+    assert_eq!(first_receive.parent_span_id, PRODUCER_SPAN);
     assert_eq!(delegate.kind, 4, "a producer span: {delegate:?}");
     assert_eq!(delegate.attr("mend.error.code"), Some("unfixed"));
     assert_eq!(
@@ -336,7 +364,141 @@ async fn a_repaired_failure_is_one_trace_across_sidecar_and_processor() {
     assert_eq!(publish.kind, 4);
     assert_eq!(publish.attr("mend.to"), Some("retry"));
     assert_eq!(publish.attr("mend.attempt"), Some("2"));
-    assert_eq!(second.parent_span_id, publish.span_id, "{second:?}");
+    assert_eq!(
+        second_receive.parent_span_id, publish.span_id,
+        "{second_receive:?}"
+    );
+}
+
+#[tokio::test]
+async fn transient_answers_are_tries_of_one_receive() {
+    let receiver = Receiver::start().await.unwrap();
+    let world = World::new().await.unwrap();
+    // Two 503s, then the app takes it.
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = calls.clone();
+    world.app.script(move |_| {
+        if counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 {
+            mend_e2e::app::Reply::Status(503)
+        } else {
+            mend_e2e::app::Reply::Ok
+        }
+    });
+    let config = world.keyed_config("app", "backoff_initial = \"10ms\"\n");
+    let sidecar = traced_role("sidecar", &config, &receiver).await;
+    js::publish_all(&world.js, vec![traced("t1", 0, PRODUCER_SPAN)])
+        .await
+        .unwrap();
+    let spans = receiver
+        .wait_for("three tries in a receive", TEST_TIMEOUT, |spans| {
+            spans.iter().any(|s| s.name == "receive")
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", sidecar.log()));
+    let received = receive(&spans, TRACE, "1");
+    assert_eq!(received.parent_span_id, PRODUCER_SPAN);
+    for (n, status, ok) in [("1", "503", 2), ("2", "503", 2), ("3", "200", 1)] {
+        let tried = one(&spans, &format!("try {n}"), |s| {
+            s.name == "deliver" && s.attr("mend.try") == Some(n)
+        });
+        assert_eq!(tried.parent_span_id, received.span_id, "{tried:?}");
+        assert_eq!(tried.attr("http.response.status_code"), Some(status));
+        assert_eq!(tried.status, ok, "{tried:?}");
+    }
+    // Each try was called with its own span as the app's parent.
+    let parents: Vec<String> = world
+        .app
+        .log()
+        .iter()
+        .filter_map(|d| d.header("traceparent").map(str::to_owned))
+        .collect();
+    assert_eq!(parents.len(), 3, "{parents:?}");
+    assert_eq!(
+        parents
+            .iter()
+            .collect::<std::collections::HashSet<_>>()
+            .len(),
+        3,
+        "{parents:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_batch_is_a_span_linked_with_each_entrys() {
+    let receiver = Receiver::start().await.unwrap();
+    let world = World::new().await.unwrap();
+    let config = mend_e2e::mend::sidecar_config(
+        "app",
+        &world.nats.url(),
+        mend_e2e::world::STREAM,
+        &["app.>"],
+        &world.app.batch_endpoint(),
+        &format!(
+            "key = {{ header = \"{KEY_HEADER}\" }}\nbatch = {{ max_messages = 10, max_wait = \"200ms\" }}"
+        ),
+    );
+    let sidecar = traced_role("sidecar", &config, &receiver).await;
+    let n = 6u64;
+    js::publish_all(
+        &world.js,
+        (0..n)
+            .map(|i| traced(&format!("b{i}"), i, PRODUCER_SPAN))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    let spans = receiver
+        .wait_for("every message's receive", TEST_TIMEOUT, |spans| {
+            spans.iter().filter(|s| s.name == "receive").count() >= n as usize
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", sidecar.log()));
+    let batches: Vec<&Span> = spans.iter().filter(|s| s.name == "deliver batch").collect();
+    for batch in &batches {
+        // A trace of its own (its entries are of many), the HTTP call's status on it.
+        assert!(batch.parent_span_id.is_empty(), "{batch:?}");
+        assert_ne!(batch.trace_id, TRACE);
+        assert_eq!(batch.kind, 3, "{batch:?}");
+        assert_eq!(batch.attr("http.response.status_code"), Some("200"));
+        assert_eq!(
+            batch.attr("messaging.batch.message_count"),
+            Some(batch.links.len().to_string().as_str())
+        );
+    }
+    let entries: Vec<&Span> = spans.iter().filter(|s| s.name == "deliver").collect();
+    assert_eq!(entries.len(), n as usize);
+    for entry in entries {
+        // Under its receive, in the producer's trace; it and its batch link to each other.
+        let received = spans
+            .iter()
+            .find(|s| s.span_id == entry.parent_span_id)
+            .unwrap();
+        assert_eq!(received.name, "receive");
+        assert_eq!(received.parent_span_id, PRODUCER_SPAN);
+        assert_eq!(entry.attr("mend.batched"), Some("true"));
+        assert_eq!(entry.status, 1, "{entry:?}");
+        let batch = batches
+            .iter()
+            .find(|b| entry.links == vec![(b.trace_id.clone(), b.span_id.clone())])
+            .unwrap_or_else(|| panic!("{entry:?} links to a batch: {batches:#?}"));
+        assert!(
+            batch
+                .links
+                .contains(&(entry.trace_id.clone(), entry.span_id.clone())),
+            "{batch:?}"
+        );
+    }
+    // The app's work on each entry continues under the entry's span (its CloudEvent's
+    // `traceparent`).
+    let log = world.app.log();
+    for entry in spans.iter().filter(|s| s.name == "deliver") {
+        let parent = format!("00-{}-{}-01", entry.trace_id, entry.span_id);
+        assert!(
+            log.iter()
+                .any(|d| d.header("traceparent") == Some(parent.as_str())),
+            "{parent}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -408,10 +570,12 @@ async fn a_parked_message_resubmitted_from_the_dashboard_continues_its_trace() {
                 .all(|n| spans.iter().any(|s| s.name == *n))
                 && spans
                     .iter()
-                    .any(|s| s.name == "deliver" && s.trace_id == OTHER_TRACE)
+                    .filter(|s| s.name == "receive" && s.trace_id == OTHER_TRACE)
+                    .count()
+                    >= 2
                 && spans
                     .iter()
-                    .any(|s| s.name == "deliver" && s.attr("mend.attempt") == Some("2"))
+                    .any(|s| s.name == "receive" && s.attr("mend.attempt") == Some("2"))
         })
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));
@@ -435,34 +599,37 @@ async fn a_parked_message_resubmitted_from_the_dashboard_continues_its_trace() {
     let ingest = find("ingest");
     assert_eq!(ingest.service, "mend-dashboard");
     assert_eq!(ingest.parent_span_id, park.span_id, "{ingest:?}");
+    // The resubmission continues the message's own trace, linked to the attempt it follows (the
+    // span that parked it).
     let resubmit = find("resubmit");
     assert_eq!(resubmit.service, "mend-dashboard");
     assert_eq!(resubmit.kind, 4);
     assert_eq!(resubmit.parent_span_id, PRODUCER_SPAN, "{resubmit:?}");
+    assert_eq!(
+        resubmit.links,
+        vec![(park.trace_id.clone(), park.span_id.clone())],
+        "{resubmit:?}"
+    );
     assert_eq!(resubmit.attr("mend.edited"), Some("true"));
     assert_eq!(resubmit.attr("mend.by"), Some("token:ops"));
     assert_eq!(resubmit.attr("mend.attempt"), Some("2"));
-    let second = ours
-        .iter()
-        .find(|s| s.name == "deliver" && s.attr("mend.attempt") == Some("2"))
-        .unwrap();
+    let second = receive(&spans, TRACE, "2");
     assert_eq!(second.parent_span_id, resubmit.span_id, "{second:?}");
-    assert_eq!(second.attr("http.response.status_code"), Some("200"));
-    // The key's release begins in the head's trace, under the resubmission; the held order, in
-    // its own trace, was held under its producer's span and delivered under its hold.
-    let release = find("release");
-    assert_eq!(release.parent_span_id, resubmit.span_id, "{release:?}");
-    assert_eq!(release.attr("mend.key"), Some("b1"));
+    let delivered = under(&spans, second, "deliver");
+    assert_eq!(delivered.attr("http.response.status_code"), Some("200"));
+    // The key's release begins in the head's trace, under the resubmission's receive; the held
+    // order, in its own trace, was held under its receive and delivered under its hold.
+    let release = under(&spans, second, "release");
+    assert_eq!(second.attr("mend.key"), Some("b1"));
     assert_eq!(release.attr("mend.held"), Some("1"));
-    let hold = spans.iter().find(|s| s.name == "hold").unwrap();
-    assert_eq!(hold.trace_id, OTHER_TRACE);
-    assert_eq!(hold.parent_span_id, OTHER_SPAN);
+    let held_back = one(&spans, "the held order's first receive", |s| {
+        s.name == "receive" && s.trace_id == OTHER_TRACE && s.parent_span_id == OTHER_SPAN
+    });
+    let hold = under(&spans, held_back, "hold");
+    assert_eq!(hold.kind, 4);
     assert_eq!(hold.attr("mend.head"), Some(id.as_str()));
-    let held = spans
-        .iter()
-        .find(|s| s.name == "deliver" && s.trace_id == OTHER_TRACE)
-        .unwrap();
-    assert_eq!(held.parent_span_id, hold.span_id, "{held:?}");
+    let released = under(&spans, hold, "receive");
+    let held = under(&spans, released, "deliver");
     assert_eq!(held.attr("http.response.status_code"), Some("200"));
 }
 
@@ -504,8 +671,8 @@ async fn a_malformed_or_oversized_trace_context_starts_a_trace_of_its_own() {
         .collect();
     js::publish_all(&world.js, msgs).await.unwrap();
     let spans = receiver
-        .wait_for("four deliveries", TEST_TIMEOUT, |spans| {
-            spans.iter().filter(|s| s.name == "deliver").count() >= 4
+        .wait_for("four receives", TEST_TIMEOUT, |spans| {
+            spans.iter().filter(|s| s.name == "receive").count() >= 4
         })
         .await
         .unwrap();
@@ -520,10 +687,11 @@ async fn a_malformed_or_oversized_trace_context_starts_a_trace_of_its_own() {
             .find(|s| got.mend_id() == s.attr("mend.id").unwrap_or_default())
             .unwrap();
         // The app is called with a valid trace context of the delivery's span.
+        let deliver = under(&spans, span, "deliver");
         let parent = got.header("traceparent").unwrap_or_default();
         assert_eq!(
             parent,
-            format!("00-{}-{}-01", span.trace_id, span.span_id),
+            format!("00-{}-{}-01", deliver.trace_id, deliver.span_id),
             "{key}"
         );
         if *key == "m4" {

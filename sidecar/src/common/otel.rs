@@ -26,7 +26,7 @@ use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter, SpanProcessor};
 
 pub use mend_dashboard::trace::{
-    TARGET, inject_nats, parent_from, parent_in, parent_of, set_parent,
+    KeyValue, Kind, Span, TARGET, inject_nats, parent_from, parent_in, parent_of, set_parent,
 };
 
 /// Spans dropped before export, by reason (`queue_full`, `export_failed`).
@@ -34,36 +34,38 @@ pub const SPANS_DROPPED: &str = "mend_trace_spans_dropped_total";
 /// Spans exported.
 pub const SPANS_EXPORTED: &str = "mend_trace_spans_exported_total";
 
-/// A span of [`TARGET`] whose parent is the trace context in `headers` when there is one (and
-/// tracing is on: a disabled span is left as it is, costing nothing).
-pub fn child_of(span: tracing::Span, headers: Option<&async_nats::HeaderMap>) -> tracing::Span {
-    set_parent(&span, || parent_of(headers));
-    span
-}
-
-/// Writes `span`'s trace context as `traceparent` (and `tracestate`) into `headers`, replacing
-/// what was there: the app's call is a child of mend's span. Nothing when the span is disabled.
-pub fn inject_http(span: &tracing::Span, headers: &mut reqwest::header::HeaderMap) {
-    use opentelemetry::propagation::TextMapPropagator as _;
-    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
-
-    struct Http<'a>(&'a mut reqwest::header::HeaderMap);
-    impl opentelemetry::propagation::Injector for Http<'_> {
-        fn set(&mut self, key: &str, value: String) {
-            if let (Ok(name), Ok(value)) = (
-                reqwest::header::HeaderName::from_bytes(key.as_bytes()),
-                reqwest::header::HeaderValue::from_str(&value),
-            ) {
-                self.0.insert(name, value);
-            }
+/// Writes `span`'s trace context as `traceparent` (and `tracestate`) into the headers of a call of
+/// the app, replacing what was there: the app's work is a child of mend's span. Nothing when the
+/// span is none.
+pub fn inject_http(span: &Span, headers: &mut reqwest::header::HeaderMap) {
+    use reqwest::header::{HeaderName, HeaderValue};
+    let Some((parent, state)) = span.traceparent() else {
+        return;
+    };
+    for (name, value) in [
+        ("traceparent", parent),
+        ("tracestate", state.unwrap_or_default()),
+    ] {
+        // Both are ASCII made by the SDK (the state from entries it accepted as valid).
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(HeaderName::from_static(name), value);
         }
     }
-    if span.is_disabled() {
-        return;
+}
+
+/// Longest text put in an attribute from a message (a key may be as long as a header is).
+pub const ATTRIBUTE_MAX: usize = 256;
+
+/// `text` cut to [`ATTRIBUTE_MAX`] bytes at a character boundary, with `…` when cut.
+pub fn clip(text: &str) -> String {
+    if text.len() <= ATTRIBUTE_MAX {
+        return text.to_owned();
     }
-    let cx = span.context();
-    opentelemetry_sdk::propagation::TraceContextPropagator::new()
-        .inject_context(&cx, &mut Http(headers));
+    let mut end = ATTRIBUTE_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
 }
 
 /// The OTLP settings mend takes from the environment.
@@ -138,6 +140,7 @@ pub fn start(
         .with_resource(resource)
         .build();
     let tracer = provider.tracer("mend");
+    mend_dashboard::trace::install(tracer.clone());
     Ok((tracer, Guard { provider }))
 }
 
@@ -333,6 +336,15 @@ mod tests {
                 None
             );
         }
+    }
+
+    #[test]
+    fn long_texts_are_clipped_at_a_character_boundary() {
+        assert_eq!(clip("k-1"), "k-1");
+        let long = "é".repeat(200);
+        let clipped = clip(&long);
+        assert!(clipped.len() <= ATTRIBUTE_MAX + '…'.len_utf8());
+        assert!(clipped.ends_with('…') && clipped.starts_with("éé"));
     }
 
     #[test]

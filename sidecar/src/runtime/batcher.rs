@@ -19,6 +19,7 @@ use repair_rules::batch::{self, EntryStatus};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use crate::common::otel;
 use crate::common::telemetry as t;
 use crate::runtime::config::BatchConfig;
 use crate::runtime::deliver::{self, Answer, App, Reply};
@@ -35,7 +36,10 @@ pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
 struct Pending {
     id: String,
     entry: String,
-    answer: oneshot::Sender<Answer>,
+    /// The context of the entry's `deliver` span (traces on): the batch's span links to it.
+    trace: Option<opentelemetry::Context>,
+    /// The entry's answer, and the context of the batch's span (traces on).
+    answer: oneshot::Sender<(Answer, Option<opentelemetry::Context>)>,
 }
 
 /// The batching side of one binding's app: entries in, one answer per entry out.
@@ -87,20 +91,31 @@ impl Batcher {
     }
 
     /// Sends the entry `entry` of the message with Mend-Id `id` in the next batch and returns what
-    /// the app answered for it.
-    pub async fn call(&self, id: String, entry: String) -> Answer {
+    /// the app answered for it. `trace`: the entry's span, which the batch's links to; the
+    /// batch's span context comes back with the answer, for the entry's span to link to.
+    pub async fn call(
+        &self,
+        id: String,
+        entry: String,
+        trace: Option<opentelemetry::Context>,
+    ) -> (Answer, Option<opentelemetry::Context>) {
         let (answer, answered) = oneshot::channel();
         if self
             .entries
-            .send(Pending { id, entry, answer })
+            .send(Pending {
+                id,
+                entry,
+                trace,
+                answer,
+            })
             .await
             .is_err()
         {
-            return transient("the binding's batching stopped".into());
+            return (transient("the binding's batching stopped".into()), None);
         }
         answered
             .await
-            .unwrap_or_else(|_| transient("the batch was given up".into()))
+            .unwrap_or_else(|_| (transient("the batch was given up".into()), None))
     }
 }
 
@@ -186,17 +201,57 @@ async fn next_entry(
 /// Sends one batch and hands each entry its answer.
 async fn send(app: &App, entries: Vec<Pending>, metrics: &BatchMetrics) {
     let body = batch::body(entries.iter().map(|p| p.entry.as_str()));
-    let mut headers = HeaderMap::with_capacity(1);
+    let mut headers = HeaderMap::with_capacity(3);
     headers.insert(CONTENT_TYPE, HeaderValue::from_static(batch::CONTENT_TYPE));
     metrics.size.record(entries.len() as f64);
+    // With traces on, the call is a client span of its own trace linked to each entry's `deliver`
+    // (a batch has no one parent: its entries are of many traces), and the app's work is under it.
+    // Links past the SDK's limit per span (`OTEL_SPAN_LINK_COUNT_LIMIT`, 128) are dropped; each
+    // entry's span links back to the batch's in any case.
+    let mut span = if entries.iter().any(|p| p.trace.is_some()) {
+        otel::Span::start(
+            "deliver batch",
+            otel::Kind::Client,
+            || None,
+            || {
+                vec![
+                    otel::KeyValue::new("http.request.method", "POST"),
+                    otel::KeyValue::new("messaging.batch.message_count", entries.len() as i64),
+                ]
+            },
+        )
+    } else {
+        otel::Span::none()
+    };
+    let batch_cx = span.context();
+    for p in &entries {
+        if let Some(cx) = &p.trace {
+            span.link(cx, vec![otel::KeyValue::new("mend.id", p.id.clone())]);
+        }
+    }
+    otel::inject_http(&span, &mut headers);
     let started = Instant::now();
     let reply = app.post(headers, Bytes::from(body), ANSWER_LIMIT).await;
     metrics.latency.record(started.elapsed().as_secs_f64());
+    if span.is_some() {
+        match &reply {
+            Ok(reply) => {
+                let status = reply.status.as_u16();
+                span.set(otel::KeyValue::new(
+                    "http.response.status_code",
+                    i64::from(status),
+                ));
+                span.status(reply.status.is_success(), "the app's answer is not a 2xx");
+            }
+            Err(answer) => span.status(false, answer.kind()),
+        }
+    }
+    drop(span);
     let mut answers = match answers(&reply, entries.len()) {
         Ok(answers) => answers,
         Err(all) => {
             for p in entries {
-                let _ = p.answer.send((*all).clone());
+                let _ = p.answer.send(((*all).clone(), batch_cx.clone()));
             }
             return;
         }
@@ -223,7 +278,7 @@ async fn send(app: &App, entries: Vec<Pending>, metrics: &BatchMetrics) {
                 transient("the app's answer had no status for it".into())
             }
         };
-        let _ = p.answer.send(answer);
+        let _ = p.answer.send((answer, batch_cx.clone()));
     }
     if missing > 0 {
         tracing::warn!(
@@ -380,7 +435,11 @@ batch    = {{ max_messages = {max}, max_wait = "50ms" }}
             let outcome = rt.block_on(async {
                 let (endpoint, seen) = recording_app().await;
                 let batcher = batcher(&endpoint, 4);
-                let call = |id: &str| batcher.call(id.to_owned(), format!(r#"{{"id":"{id}"}}"#));
+                let call = |id: &'static str| {
+                    let entry = format!(r#"{{"id":"{id}"}}"#);
+                    let call = batcher.call(id.to_owned(), entry, None);
+                    async move { call.await.0 }
+                };
                 let answers =
                     futures::future::join_all([call("S:1"), call("S:1"), call("S:2"), call("S:3")])
                         .await;

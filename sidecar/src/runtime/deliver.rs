@@ -34,6 +34,24 @@ pub enum Answer {
     Park(FailureError),
 }
 
+impl Answer {
+    /// Whether the app is done with the message (processed, or asked to drop it).
+    pub fn is_success(&self) -> bool {
+        matches!(self, Answer::Processed | Answer::Drop)
+    }
+
+    /// What it is, in a word (a span's status description).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Answer::Processed => "processed",
+            Answer::Transient { .. } => "transient",
+            Answer::Rejected(_) => "rejected",
+            Answer::Drop => "drop",
+            Answer::Park(_) => "park",
+        }
+    }
+}
+
 /// The HTTP client of one binding: pooled keep-alive connections to one endpoint.
 #[derive(Debug, Clone)]
 pub struct App {

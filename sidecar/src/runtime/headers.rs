@@ -56,13 +56,15 @@ impl BindingHeaders {
 
 /// The message with Mend-Id `id` as one entry of a bulk delivery (SPEC §4 "Bulk delivery"): a structured-mode
 /// CloudEvent with the attributes of the binary-mode headers of [`app_request`] and the message's
-/// W3C trace context. Its other NATS headers are not carried.
+/// W3C trace context, or `trace` instead when given (the entry's span, with traces on). Its other
+/// NATS headers are not carried.
 pub fn batch_entry(
     fixed: &BindingHeaders,
     id: &str,
     meta: &DeliveryMeta,
     nats: Option<&async_nats::HeaderMap>,
     payload: &[u8],
+    trace: Option<(&str, Option<&str>)>,
 ) -> String {
     // The three headers an entry carries, found in one pass over the message's headers.
     let [mut content_type, mut traceparent, mut tracestate] = [None::<&str>; 3];
@@ -80,6 +82,9 @@ pub fn batch_entry(
         if slot.is_none() {
             *slot = values.first().map(|v| v.as_str());
         }
+    }
+    if let Some((parent, state)) = trace {
+        (traceparent, tracestate) = (Some(parent), state);
     }
     let time = humantime::format_rfc3339_millis(meta.published).to_string();
     repair_rules::batch::entry(

@@ -30,12 +30,15 @@ pub(crate) async fn deliver(
         return Box::pin(unreadable(rt, d).instrument(d.span())).await;
     }
     let mut tries = 0;
+    // Calls made (each try's span says which it was).
+    let mut tried = 0u32;
     let mut pause = rt.cfg.backoff_initial;
     // Made at the first transient answer: what follows logs.
     let mut span = None;
     loop {
         let started = Instant::now();
-        let answer = call(rt, d, id).await;
+        tried += 1;
+        let answer = call(rt, d, id, tried).await;
         rt.metrics.latency.record(started.elapsed().as_secs_f64());
         let (status, retry_after, cause) = match answer {
             Answer::Transient {
@@ -102,47 +105,53 @@ async fn unreadable(rt: &BindingRuntime, d: &Delivery) -> Result<Outcome, Settle
     Ok(Outcome::Unresolved)
 }
 
-/// One call of the app for `d` (Mend-Id `id`): its own request, or its entry in the next batch.
-async fn call(rt: &BindingRuntime, d: &Delivery, id: &str) -> Answer {
+/// One call of the app for `d` (Mend-Id `id`), its `tried`th: its own request, or its entry in
+/// the next batch.
+async fn call(rt: &BindingRuntime, d: &Delivery, id: &str, tried: u32) -> Answer {
     match &rt.batcher {
         Some(batcher) => {
+            // The entry's part of the batch as a client span under its `receive`, linked from the
+            // batch's own span (which carries the HTTP status).
+            let mut span = d.child("deliver", otel::Kind::Client, || {
+                vec![
+                    otel::KeyValue::new("mend.try", i64::from(tried)),
+                    otel::KeyValue::new("mend.batched", true),
+                ]
+            });
             let (nats, payload) = (d.headers.as_ref(), &d.payload);
-            let entry = headers::batch_entry(&rt.fixed_headers, id, &d.meta, nats, payload);
-            batcher.call(id.to_owned(), entry).await
+            // The app's work on the entry continues under the entry's span.
+            let trace = span.traceparent();
+            let trace = trace.as_ref().map(|(p, s)| (p.as_str(), s.as_deref()));
+            let entry = headers::batch_entry(&rt.fixed_headers, id, &d.meta, nats, payload, trace);
+            let (answer, batch) = batcher.call(id.to_owned(), entry, span.context()).await;
+            if let Some(batch) = batch {
+                span.link(&batch, Vec::new());
+            }
+            span.status(answer.is_success(), answer.kind());
+            answer
         }
         None => {
-            // The call as a client span of the message's trace (only when traces are exported).
-            let span = otel::child_of(
-                tracing::info_span!(
-                    target: otel::TARGET,
-                    "deliver",
-                    otel.kind = "client",
-                    otel.status_code = tracing::field::Empty,
-                    http.request.method = "POST",
-                    http.response.status_code = tracing::field::Empty,
-                    messaging.system = "nats",
-                    messaging.destination.name = %d.meta.subject,
-                    mend.id = id,
-                    mend.attempt = d.meta.attempt,
-                    mend.service = %d.meta.service,
-                ),
-                d.headers.as_ref(),
-            );
+            // The call as a client span under the message's `receive` (when traces are on), the
+            // app's work under it.
+            let mut span = d.child("deliver", otel::Kind::Client, || {
+                vec![
+                    otel::KeyValue::new("http.request.method", "POST"),
+                    otel::KeyValue::new("mend.try", i64::from(tried)),
+                ]
+            });
             // Built per try (retries are rare): reqwest takes the map, and a clone would cost as
             // much.
             let mut headers = headers::app_request(&rt.fixed_headers, &d.meta, d.headers.as_ref());
             otel::inject_http(&span, &mut headers);
-            let (status, answer) = rt
-                .app
-                .call(headers, d.payload.clone())
-                .instrument(span.clone())
-                .await;
-            if !span.is_disabled() {
+            let (status, answer) = rt.app.call(headers, d.payload.clone()).await;
+            if span.is_some() {
                 if let Some(status) = status {
-                    span.record("http.response.status_code", status);
+                    span.set(otel::KeyValue::new(
+                        "http.response.status_code",
+                        i64::from(status),
+                    ));
                 }
-                let ok = matches!(answer, Answer::Processed | Answer::Drop);
-                span.record("otel.status_code", if ok { "OK" } else { "ERROR" });
+                span.status(answer.is_success(), answer.kind());
             }
             answer
         }

@@ -82,23 +82,19 @@ pub async fn failure(
     let mut headers = envelope_headers(d);
     // The delegation as a producer span of the message's trace; the processor or the dashboard
     // continues under it.
-    let span = otel::child_of(
-        tracing::info_span!(
-            target: otel::TARGET,
-            "delegate",
-            otel.kind = "producer",
-            messaging.system = "nats",
-            messaging.destination.name = %subject,
-            mend.id = %d.meta.lineage,
-            mend.attempt = d.meta.attempt,
-            mend.service = %rt.service,
-            mend.to = what,
-            mend.error.kind = envelope.error.kind.as_str(),
-            mend.error.code = envelope.error.code.as_deref().unwrap_or(""),
-        ),
-        d.headers.as_ref(),
-    );
-    otel::inject_nats(&span, &mut headers);
+    let span = d.child("delegate", otel::Kind::Producer, || {
+        vec![
+            otel::KeyValue::new("messaging.system", "nats"),
+            otel::KeyValue::new("messaging.destination.name", subject.clone()),
+            otel::KeyValue::new("mend.to", what),
+            otel::KeyValue::new("mend.error.kind", envelope.error.kind.as_str()),
+            otel::KeyValue::new(
+                "mend.error.code",
+                otel::clip(envelope.error.code.as_deref().unwrap_or("")),
+            ),
+        ]
+    });
+    span.inject_nats(&mut headers);
     let body = to_bytes(&envelope);
     match publish::durably(
         &rt.js,

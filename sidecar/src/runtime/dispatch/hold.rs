@@ -39,22 +39,17 @@ pub(crate) async fn hold_back(
     // fail, the message is not acked and comes back; the repeated announcement is a duplicate.)
     // Held back as a producer span of the message's trace: its delivery at the release continues
     // under it (the copy's trace context).
-    let span = otel::child_of(
-        tracing::info_span!(
-            target: otel::TARGET,
-            "hold",
-            otel.kind = "producer",
-            messaging.system = "nats",
-            mend.id = %d.meta.lineage,
-            mend.attempt = d.meta.attempt,
-            mend.service = %rt.service,
-            mend.key = key.as_str(),
-            mend.head = hold.map_or("", |h| h.head.as_str()),
-        ),
-        d.headers.as_ref(),
-    );
+    let span = d.child("hold", otel::Kind::Producer, || {
+        vec![
+            otel::KeyValue::new("messaging.system", "nats"),
+            otel::KeyValue::new(
+                "mend.head",
+                hold.map_or(String::new(), |h| h.head.to_string()),
+            ),
+        ]
+    });
     let mut headers = held_headers(d, hold.map(|h| h.since.as_str()));
-    otel::inject_nats(&span, &mut headers);
+    span.inject_nats(&mut headers);
     let (appended, announced) = tokio::join!(
         holds.append(key, &msg_id, headers, d.payload.clone(), Some(&object)),
         announce,
@@ -97,26 +92,23 @@ pub(crate) async fn commit(
     if releasing || (d.is_retry() && outcome == Outcome::Done) {
         resolved(rt, d, Some(holds.queued(key))).await?;
     }
-    holds.apply(key, change).await.map_err(Settle::from)?;
+    // The release begins in the head's trace, under its `receive`: storing the change that
+    // begins it (the held messages' own deliveries are in their traces, under their holds).
+    let mut span = if releasing {
+        d.child("release", otel::Kind::Internal, || {
+            vec![otel::KeyValue::new("mend.held", holds.queued(key) as i64)]
+        })
+    } else {
+        otel::Span::none()
+    };
+    let applied = holds.apply(key, change).await;
+    span.status(applied.is_ok(), "the hold's change was not stored");
+    applied.map_err(Settle::from)?;
     if releasing {
         tracing::info!(
             held = holds.queued(key),
             "Head resolved; releasing the key's held messages."
         );
-        // The release begins in the head's trace, under its delivery's context.
-        let span = otel::child_of(
-            tracing::info_span!(
-                target: otel::TARGET,
-                "release",
-                mend.id = %d.meta.lineage,
-                mend.attempt = d.meta.attempt,
-                mend.service = %rt.service,
-                mend.key = key.as_str(),
-                mend.held = holds.queued(key),
-            ),
-            d.headers.as_ref(),
-        );
-        drop(span);
     }
     Ok(releasing)
 }

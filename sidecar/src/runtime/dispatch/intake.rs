@@ -11,7 +11,7 @@ use super::binding::BindingRuntime;
 use super::holdback::{Quarantine, end_hold_back};
 use super::lost::Lost;
 use super::work::{Delivery, Held, HeldId, Inlet, Source, Work, key_of, meta_from};
-use crate::common::ack;
+use crate::common::{ack, otel};
 use crate::runtime::headers::DeliveryMeta;
 use crate::runtime::lanes::Lanes;
 use crate::runtime::router::Inbound;
@@ -98,6 +98,7 @@ pub(crate) fn admit(
         source: Source::Consumer { id: held_id, reply },
         unreadable: None,
         payload_object: None,
+        trace: otel::Span::none(),
     };
     let redelivery = delivered > 1;
     enter(rt, d, redelivery, lanes, quarantine);
@@ -196,6 +197,7 @@ pub(crate) fn admit_routed(
                 source: Source::Consumer { id, reply },
                 unreadable: None,
                 payload_object,
+                trace: otel::Span::none(),
             };
             // A retry may be its held key's head: it goes before the key's newer messages (which
             // would only be held behind it) and ahead of other keys' turns.

@@ -14,7 +14,7 @@ use super::binding::BindingRuntime;
 use super::holdback::Quarantine;
 use super::pull::{FLUSH_TIMEOUT, Puller};
 use super::work::{Delivery, Held, HeldId, Inlet, Source};
-use crate::common::ack;
+use crate::common::{ack, otel};
 use crate::runtime::headers::DeliveryMeta;
 use crate::runtime::rescue;
 
@@ -189,6 +189,7 @@ pub(crate) async fn search(
             },
             unreadable,
             payload_object: None,
+            trace: otel::Span::none(),
         });
     }
     found

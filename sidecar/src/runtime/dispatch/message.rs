@@ -63,9 +63,10 @@ pub(crate) async fn process(rt: Arc<BindingRuntime>, key: Option<MessageKey>, wo
 /// order: it is parked for a person.
 async fn park_unkeyable(
     rt: &BindingRuntime,
-    d: Delivery,
+    mut d: Delivery,
     why: String,
 ) -> Result<Option<Work>, StopBinding> {
+    d.receive();
     tracing::warn!(mend_id = %d.meta.lineage, why, "Key unreadable; parking the message.");
     let mut error = FailureError::bare(ErrorKind::Message, None);
     error.code = Some(UNREADABLE_KEY.to_owned());
@@ -97,8 +98,9 @@ async fn park(
 async fn message(
     rt: &BindingRuntime,
     key: Option<&MessageKey>,
-    d: Delivery,
+    mut d: Delivery,
 ) -> Result<Option<Work>, StopBinding> {
+    d.receive();
     let d = if d.payload_object.is_some() && d.payload.is_empty() {
         let span = d.span();
         match Box::pin(referenced_payload(rt, d).instrument(span)).await? {

@@ -141,7 +141,8 @@ pub(crate) async fn release_next(
             let Some(msg) = first else {
                 return Ok(None);
             };
-            let d = queued(rt, msg).await?;
+            let mut d = queued(rt, msg).await?;
+            d.receive();
             let lineage = d.meta.lineage.to_string();
             let (outcome, ()) = tokio::join!(deliver(rt, &d, &lineage), holds.prefetch(key, seq));
             let outcome = outcome?;
@@ -196,7 +197,8 @@ pub(crate) async fn head_retry(
             attempt,
             "The head's retry waited in its own queue; delivering it."
         );
-        let d = queued(rt, msg).await?;
+        let mut d = queued(rt, msg).await?;
+        d.receive();
         let outcome = deliver(rt, &d, &d.meta.lineage.to_string()).await?;
         let change = protocol::after_delivery(Some(hold), Origin::Retry, &lineage, outcome, || {
             holds.fresh(key)

@@ -13,7 +13,7 @@ use repair_rules::identity::streams;
 use repair_rules::{HistoryEntry, LineageId, MessageKey};
 
 use super::binding::BindingRuntime;
-use crate::common::ack;
+use crate::common::{ack, otel};
 use crate::runtime::config::KeySource;
 use crate::runtime::headers::DeliveryMeta;
 
@@ -31,6 +31,8 @@ pub struct Delivery {
     /// The object of [`buckets::PAYLOADS`] its payload was read from (a message
     /// too large for its hold queue's copy): an envelope refers to it rather than store it again.
     pub payload_object: Option<String>,
+    /// Its `receive` span while it is worked on ([`Delivery::receive`]); none with traces off.
+    pub trace: otel::Span,
 }
 
 /// Where a delivery came from, which says how it is settled.
@@ -67,6 +69,46 @@ impl Delivery {
             key = self.meta.key.as_ref().map(|k| k.as_str()),
             attempt = self.meta.attempt,
         )
+    }
+
+    /// Starts its `receive` span (a consumer span under the message's own trace context, a new
+    /// trace without one), which the delivery, delegation and holding back are children of and
+    /// which ends when the message is settled. Nothing with traces off.
+    pub(crate) fn receive(&mut self) {
+        let (meta, headers) = (&self.meta, self.headers.as_ref());
+        self.trace = otel::Span::start(
+            "receive",
+            otel::Kind::Consumer,
+            || otel::parent_of(headers),
+            || {
+                let mut attributes = vec![
+                    otel::KeyValue::new("messaging.system", "nats"),
+                    otel::KeyValue::new("messaging.operation.type", "process"),
+                    otel::KeyValue::new("messaging.destination.name", meta.subject.clone()),
+                    otel::KeyValue::new("mend.id", meta.lineage.to_string()),
+                    otel::KeyValue::new("mend.attempt", i64::from(meta.attempt)),
+                    otel::KeyValue::new("mend.service", meta.service.clone()),
+                ];
+                if let Some(key) = &meta.key {
+                    attributes.push(otel::KeyValue::new("mend.key", otel::clip(key.as_str())));
+                }
+                attributes
+            },
+        );
+    }
+
+    /// A span of its trace: under its `receive`, else under the message's own trace context.
+    pub(crate) fn child(
+        &self,
+        name: &'static str,
+        kind: otel::Kind,
+        attributes: impl FnOnce() -> Vec<otel::KeyValue>,
+    ) -> otel::Span {
+        if self.trace.is_some() {
+            return self.trace.child(name, kind, attributes);
+        }
+        let headers = self.headers.as_ref();
+        otel::Span::start(name, kind, || otel::parent_of(headers), attributes)
     }
 
     /// Whether its headers are mend's copy rather than the app's original (a retry, or a message of
@@ -326,6 +368,7 @@ pub(crate) fn queued_with(
         source: Source::Queue { seq: msg.sequence },
         unreadable,
         payload_object,
+        trace: otel::Span::none(),
     }
 }
 
