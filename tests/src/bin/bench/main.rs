@@ -255,7 +255,7 @@ async fn main() -> anyhow::Result<()> {
         bulk.f
     );
     println!(
-        "| (g) mend sidecar as (c), a span per message exported over OTLP to a receiver on loopback | {g:.0} |"
+        "| (g) mend sidecar as (c), its spans (a receive and a deliver per message) exported over OTLP to a receiver on loopback | {g:.0} |"
     );
     println!(
         "\nc/b = {:.2} (target >= 0.8)   c/d = {:.1} (target >= 3)   g/c = {:.2} (traces on against off, target >= 0.9)",
