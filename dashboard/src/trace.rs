@@ -35,8 +35,10 @@ pub fn parent_from<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Option<opentele
 /// `cx`'s span context as a W3C `traceparent` (version 00).
 pub fn traceparent(cx: &opentelemetry::Context) -> String {
     use opentelemetry::trace::TraceContextExt as _;
-    let span = cx.span();
-    let sc = span.span_context();
+    w3c(cx.span().span_context())
+}
+
+fn w3c(sc: &opentelemetry::trace::SpanContext) -> String {
     format!(
         "00-{}-{}-{:02x}",
         sc.trace_id(),
@@ -196,11 +198,10 @@ impl Span {
 
     /// Its trace context as W3C `traceparent` (and `tracestate` when there is one).
     pub fn traceparent(&self) -> Option<(String, Option<String>)> {
-        use opentelemetry::trace::{Span as _, TraceContextExt as _};
+        use opentelemetry::trace::Span as _;
         let sc = self.0.as_deref()?.span_context();
         let state = sc.trace_state().header();
-        let cx = opentelemetry::Context::new().with_remote_span_context(sc.clone());
-        Some((traceparent(&cx), (!state.is_empty()).then_some(state)))
+        Some((w3c(sc), (!state.is_empty()).then_some(state)))
     }
 
     /// Sets an attribute.

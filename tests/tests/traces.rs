@@ -658,24 +658,38 @@ async fn a_malformed_or_oversized_trace_context_starts_a_trace_of_its_own() {
             format!("k={}", "v".repeat(20_000)),
         ),
     ];
-    let msgs = bad
-        .iter()
-        .map(|(key, parent, state)| {
-            let mut out = Out::keyed("app.created", KEY_HEADER, key, json!({"key": key}));
-            out.headers.insert("traceparent", parent.as_str());
-            if !state.is_empty() {
-                out.headers.insert("tracestate", state.as_str());
-            }
-            out
-        })
-        .collect();
+    // And a key of 10,000 characters: its span's attribute is cut short, the export goes through.
+    let long = format!("m5{}", "é".repeat(5_000));
+    let mut msgs: Vec<Out> = vec![Out::keyed(
+        "app.created",
+        KEY_HEADER,
+        &long,
+        json!({"key": long}),
+    )];
+    msgs.extend(bad.iter().map(|(key, parent, state)| {
+        let mut out = Out::keyed("app.created", KEY_HEADER, key, json!({"key": key}));
+        out.headers.insert("traceparent", parent.as_str());
+        if !state.is_empty() {
+            out.headers.insert("tracestate", state.as_str());
+        }
+        out
+    }));
     js::publish_all(&world.js, msgs).await.unwrap();
     let spans = receiver
-        .wait_for("four receives", TEST_TIMEOUT, |spans| {
-            spans.iter().filter(|s| s.name == "receive").count() >= 4
+        .wait_for("five receives", TEST_TIMEOUT, |spans| {
+            spans.iter().filter(|s| s.name == "receive").count() >= 5
         })
         .await
         .unwrap();
+    let clipped = one(&spans, "the long key's receive", |s| {
+        s.attr("mend.key").is_some_and(|k| k.starts_with("m5"))
+    })
+    .attr("mend.key")
+    .unwrap_or_default();
+    assert!(
+        clipped.len() <= 256 + 3 && clipped.ends_with('…'),
+        "{clipped}"
+    );
     let log = world.app.log();
     for (key, ..) in &bad {
         let got = log
@@ -699,8 +713,9 @@ async fn a_malformed_or_oversized_trace_context_starts_a_trace_of_its_own() {
             assert_eq!(span.trace_id, TRACE);
             assert_eq!(span.parent_span_id, PRODUCER_SPAN);
         } else {
-            // Anything else starts a trace of its own.
+            // Anything else starts a trace of its own, without the state that came beside it.
             assert!(span.parent_span_id.is_empty(), "{key}: {span:?}");
+            assert_eq!(got.header("tracestate"), None, "{key}");
             assert_ne!(span.trace_id, "0".repeat(32), "{key}");
         }
     }

@@ -42,13 +42,17 @@ pub fn inject_http(span: &Span, headers: &mut reqwest::header::HeaderMap) {
     let Some((parent, state)) = span.traceparent() else {
         return;
     };
-    for (name, value) in [
-        ("traceparent", parent),
-        ("tracestate", state.unwrap_or_default()),
-    ] {
-        // Both are ASCII made by the SDK (the state from entries it accepted as valid).
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            headers.insert(HeaderName::from_static(name), value);
+    // Both are ASCII made by the SDK (the state from entries it accepted as valid). A state the
+    // message carried beside a context that was not kept (a new trace) goes.
+    if let Ok(value) = HeaderValue::from_str(&parent) {
+        headers.insert(HeaderName::from_static("traceparent"), value);
+    }
+    match state.map(|s| HeaderValue::from_str(&s)) {
+        Some(Ok(value)) => {
+            headers.insert(HeaderName::from_static("tracestate"), value);
+        }
+        _ => {
+            headers.remove("tracestate");
         }
     }
 }

@@ -83,7 +83,6 @@ impl Delivery {
             || {
                 let mut attributes = vec![
                     otel::KeyValue::new("messaging.system", "nats"),
-                    otel::KeyValue::new("messaging.operation.type", "process"),
                     otel::KeyValue::new("messaging.destination.name", meta.subject.clone()),
                     otel::KeyValue::new("mend.id", meta.lineage.to_string()),
                     otel::KeyValue::new("mend.attempt", i64::from(meta.attempt)),
