@@ -131,7 +131,7 @@ pub fn install(tracer: opentelemetry_sdk::trace::Tracer) {
 /// [`Span::start`] reads one static and builds nothing, not even the attributes.
 ///
 /// It ends when dropped.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Span(Option<Box<opentelemetry_sdk::trace::Span>>);
 
 /// An attribute.
@@ -143,11 +143,6 @@ impl Span {
     /// No span (traces off, or nothing to trace).
     pub fn none() -> Self {
         Self(None)
-    }
-
-    /// Whether traces are on (a tracer is installed).
-    pub fn on() -> bool {
-        TRACER.get().is_some()
     }
 
     /// Starts the span `name` of `kind` under `parent` (a new trace when it has none), with the

@@ -375,6 +375,16 @@ pub async fn park_directly(
     n: u64,
     payload: impl Fn(u64) -> Value,
 ) -> anyhow::Result<()> {
+    park_directly_with(world, n, payload, |_| async_nats::HeaderMap::new()).await
+}
+
+/// [`park_directly`], each parking with the NATS headers `headers` gives for its seq.
+pub async fn park_directly_with(
+    world: &World,
+    n: u64,
+    payload: impl Fn(u64) -> Value,
+    headers: impl Fn(u64) -> async_nats::HeaderMap,
+) -> anyhow::Result<()> {
     let outs = (1..=n)
         .map(|seq| {
             let envelope = serde_json::json!({
@@ -387,7 +397,7 @@ pub async fn park_directly(
             });
             Out {
                 subject: "mend.parked.orders".into(),
-                headers: Default::default(),
+                headers: headers(seq),
                 payload: bytes::Bytes::from(envelope.to_string()),
             }
         })

@@ -74,12 +74,7 @@ fn receive<'a>(spans: &'a [Span], trace: &str, attempt: &str) -> &'a Span {
 async fn the_call_of_the_app_is_a_client_span_of_the_producers_trace() {
     let receiver = Receiver::start().await.unwrap();
     let world = World::new().await.unwrap();
-    let env = receiver.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let sidecar = MendProcess::start_with_env("sidecar", &world.keyed_config("app", ""), &env)
-        .await
-        .unwrap();
-    sidecar.ready().await.unwrap();
+    let sidecar = traced_role("sidecar", &world.keyed_config("app", ""), &receiver).await;
     let pid = sidecar.pid().unwrap();
     assert!(
         threads(pid).iter().any(|t| t == "mend-otel"),
@@ -717,6 +712,94 @@ async fn a_malformed_or_oversized_trace_context_starts_a_trace_of_its_own() {
             assert!(span.parent_span_id.is_empty(), "{key}: {span:?}");
             assert_eq!(got.header("tracestate"), None, "{key}");
             assert_ne!(span.trace_id, "0".repeat(32), "{key}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_parking_with_a_hostile_trace_context_is_taken_in_and_linked_only_when_valid() {
+    use mend_e2e::dashboard::{Dashboard, OPERATOR_TOKEN, park_directly_with};
+    let receiver = Receiver::start().await.unwrap();
+    let world = World::new().await.unwrap();
+    let env = receiver.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let db = tempfile::tempdir().unwrap();
+    let d = Dashboard::start_with_env(
+        &world.nats.url(),
+        &format!("sqlite://{}", db.path().join("mend.db").display()),
+        "",
+        &env,
+    )
+    .await
+    .unwrap();
+    // Parkings whose NATS trace context is garbage, all zero, or valid with a 20 KB state.
+    let contexts = [
+        ("garbage".to_owned(), "x".to_owned()),
+        (
+            "00-00000000000000000000000000000000-0000000000000000-01".to_owned(),
+            String::new(),
+        ),
+        (
+            format!("00-{TRACE}-{PRODUCER_SPAN}-01"),
+            format!("k={}", "v".repeat(20_000)),
+        ),
+    ];
+    let headers = |seq: u64| {
+        let (parent, state) = &contexts[usize::try_from(seq - 1).unwrap()];
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("traceparent", parent.as_str());
+        if !state.is_empty() {
+            h.insert("tracestate", state.as_str());
+        }
+        h
+    };
+    park_directly_with(&world, 3, |seq| json!({"n": seq}), headers)
+        .await
+        .unwrap();
+    d.wait_messages("status=parked", 3, TEST_TIMEOUT)
+        .await
+        .unwrap();
+    for seq in 1..=3 {
+        let (status, body) = d
+            .post(
+                &format!("/api/messages/ORDERS:{seq}/resubmit"),
+                Some(OPERATOR_TOKEN),
+                &json!({}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    let spans = receiver
+        .wait_for(
+            "three ingests and three resubmissions",
+            TEST_TIMEOUT,
+            |spans| {
+                spans.iter().filter(|s| s.name == "resubmit").count() >= 3
+                    && spans.iter().filter(|s| s.name == "ingest").count() >= 3
+            },
+        )
+        .await
+        .unwrap();
+    for seq in 1..=3 {
+        let id = format!("ORDERS:{seq}");
+        let of = |name: &str| {
+            one(&spans, &format!("{name} of {id}"), |s| {
+                s.name == name && s.attr("mend.id") == Some(id.as_str())
+            })
+        };
+        let (ingest, resubmit) = (of("ingest"), of("resubmit"));
+        if seq == 3 {
+            // A valid context: the ingest is under it, the resubmission linked to it.
+            assert_eq!(ingest.parent_span_id, PRODUCER_SPAN, "{ingest:?}");
+            assert_eq!(
+                resubmit.links,
+                vec![(TRACE.to_owned(), PRODUCER_SPAN.to_owned())]
+            );
+        } else {
+            // Anything else: taken in all the same, a trace of its own, nothing linked.
+            assert!(ingest.parent_span_id.is_empty(), "{ingest:?}");
+            assert!(resubmit.links.is_empty(), "{resubmit:?}");
         }
     }
 }

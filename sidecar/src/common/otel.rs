@@ -26,7 +26,7 @@ use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter, SpanProcessor};
 
 pub use mend_dashboard::trace::{
-    KeyValue, Kind, Span, TARGET, inject_nats, parent_from, parent_in, parent_of, set_parent,
+    KeyValue, Kind, Span, TARGET, inject_nats, parent_in, parent_of, set_parent,
 };
 
 /// Spans dropped before export, by reason (`queue_full`, `export_failed`).

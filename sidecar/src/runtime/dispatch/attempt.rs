@@ -112,7 +112,7 @@ async fn call(rt: &BindingRuntime, d: &Delivery, id: &str, tried: u32) -> Answer
         Some(batcher) => {
             // The entry's part of the batch as a client span under its `receive`, linked from the
             // batch's own span (which carries the HTTP status).
-            let mut span = d.child("deliver", otel::Kind::Client, || {
+            let mut span = d.trace.child("deliver", otel::Kind::Client, || {
                 vec![
                     otel::KeyValue::new("mend.try", i64::from(tried)),
                     otel::KeyValue::new("mend.batched", true),
@@ -133,7 +133,7 @@ async fn call(rt: &BindingRuntime, d: &Delivery, id: &str, tried: u32) -> Answer
         None => {
             // The call as a client span under the message's `receive` (when traces are on), the
             // app's work under it.
-            let mut span = d.child("deliver", otel::Kind::Client, || {
+            let mut span = d.trace.child("deliver", otel::Kind::Client, || {
                 vec![
                     otel::KeyValue::new("http.request.method", "POST"),
                     otel::KeyValue::new("mend.try", i64::from(tried)),

@@ -82,7 +82,7 @@ pub async fn failure(
     let mut headers = envelope_headers(d);
     // The delegation as a producer span of the message's trace; the processor or the dashboard
     // continues under it.
-    let span = d.child("delegate", otel::Kind::Producer, || {
+    let span = d.trace.child("delegate", otel::Kind::Producer, || {
         vec![
             otel::KeyValue::new("messaging.system", "nats"),
             otel::KeyValue::new("messaging.destination.name", subject.clone()),

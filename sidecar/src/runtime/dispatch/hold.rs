@@ -39,7 +39,7 @@ pub(crate) async fn hold_back(
     // fail, the message is not acked and comes back; the repeated announcement is a duplicate.)
     // Held back as a producer span of the message's trace: its delivery at the release continues
     // under it (the copy's trace context).
-    let span = d.child("hold", otel::Kind::Producer, || {
+    let span = d.trace.child("hold", otel::Kind::Producer, || {
         vec![
             otel::KeyValue::new("messaging.system", "nats"),
             otel::KeyValue::new(
@@ -95,7 +95,7 @@ pub(crate) async fn commit(
     // The release begins in the head's trace, under its `receive`: storing the change that
     // begins it (the held messages' own deliveries are in their traces, under their holds).
     let mut span = if releasing {
-        d.child("release", otel::Kind::Internal, || {
+        d.trace.child("release", otel::Kind::Internal, || {
             vec![otel::KeyValue::new("mend.held", holds.queued(key) as i64)]
         })
     } else {

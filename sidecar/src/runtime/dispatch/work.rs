@@ -96,20 +96,6 @@ impl Delivery {
         );
     }
 
-    /// A span of its trace: under its `receive`, else under the message's own trace context.
-    pub(crate) fn child(
-        &self,
-        name: &'static str,
-        kind: otel::Kind,
-        attributes: impl FnOnce() -> Vec<otel::KeyValue>,
-    ) -> otel::Span {
-        if self.trace.is_some() {
-            return self.trace.child(name, kind, attributes);
-        }
-        let headers = self.headers.as_ref();
-        otel::Span::start(name, kind, || otel::parent_of(headers), attributes)
-    }
-
     /// Whether its headers are mend's copy rather than the app's original (a retry, or a message of
     /// a hold queue): mend's own headers in them are not the message's.
     pub fn is_retry(&self) -> bool {

@@ -51,6 +51,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 
 const IN_FLIGHT: usize = 64;
+/// The binding keys of the sidecar runs: keyed by account, [`IN_FLIGHT`] messages at once.
+const KEYED: &str = "key = { header = \"Account-Id\" }\nconcurrency = 64";
 const LATENCY_SAMPLES: usize = 1000;
 /// Alternating rounds of (b) and (c).
 const ROUNDS: usize = 3;
@@ -484,7 +486,7 @@ async fn holds_at_scale(k: usize) -> anyhow::Result<()> {
         "HELD",
         &["held.>"],
         &app.url,
-        "key = { header = \"Account-Id\" }\nconcurrency = 64",
+        KEYED,
     );
     let started = Instant::now();
     let sidecar = MendProcess::start("sidecar", &config).await?;
@@ -670,7 +672,7 @@ async fn holds_run(
         &if batched {
             batch::batch_binding()
         } else {
-            "key = { header = \"Account-Id\" }\nconcurrency = 64".to_owned()
+            KEYED.to_owned()
         },
     );
     let mut sidecar = MendProcess::start("sidecar", &config).await?;
@@ -986,7 +988,7 @@ async fn big_hold(
         "BIGHOLD",
         &["bighold.>"],
         &app.url,
-        "key = { header = \"Account-Id\" }\nconcurrency = 64",
+        KEYED,
     );
     let mut sidecar = MendProcess::start("sidecar", &config).await?;
     sidecar.ready().await?;
@@ -1352,15 +1354,7 @@ async fn sidecar_run(
     app: &NoopApp,
     service: &str,
 ) -> anyhow::Result<(Duration, u64)> {
-    sidecar_through(
-        nats,
-        js,
-        app,
-        service,
-        &app.url,
-        "key = { header = \"Account-Id\" }\nconcurrency = 64",
-    )
-    .await
+    sidecar_through(nats, js, app, service, &app.url, KEYED).await
 }
 
 /// A sidecar of `service` over stream BENCH delivering to `endpoint` with binding keys `binding`:
@@ -1416,16 +1410,7 @@ async fn sidecar_traced(
 ) -> anyhow::Result<(Duration, u64)> {
     let endpoint = receiver.endpoint();
     let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())];
-    sidecar_through_with(
-        nats,
-        js,
-        app,
-        service,
-        &app.url,
-        "key = { header = \"Account-Id\" }\nconcurrency = 64",
-        &env,
-    )
-    .await
+    sidecar_through_with(nats, js, app, service, &app.url, KEYED, &env).await
 }
 
 /// [`sidecar_through`] with `env` added to the sidecar's environment.
